@@ -1,0 +1,322 @@
+"""Generation: one jitted program that prefills a ragged batch and decodes in a `lax.while_loop`.
+
+Two layers:
+- `generate_tokens(params, prompts, prompt_lengths, sampling, max_new_tokens, stop_ids, seeds, *, cfg,
+  ...)`: pure and jittable (no host callbacks, no Python state), so it runs inside a user's own
+  `jax.jit`; `generate_jit` is it under `jax.jit` with the static arguments marked.
+- `generate(model, prompts, ...)`: the host-side API. It validates input (clear ValueErrors before any
+  compilation), pads to shape buckets, and calls `generate_jit`. Any prompts within one bucket and any
+  knob values reuse one compiled program.
+
+Buckets: prompt length rounds up to PROMPT_BUCKETS, batch to BATCH_BUCKETS, max_new_tokens to
+NEW_TOKEN_BUCKETS; the cache holds prompt bucket + new-token bucket positions (capped at the model's
+max_seq_len). Padding rows are done from the start and cost one prefill row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxgen import sampling as smp
+from jaxgen.cache import KVCache, init_cache
+from jaxgen.config import ModelConfig
+from jaxgen.model import Params, forward_hidden, unembed
+
+PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+STOP, LENGTH = 1, 2  # finish codes; 0 = still running
+FINISH_REASONS = {STOP: "stop", LENGTH: "length"}
+
+
+@struct.dataclass
+class DecodeState:
+    step: jax.Array  # [] int32 tokens generated so far (== next column of `tokens`)
+    tokens: jax.Array  # [B, M] int32 generated ids; pad_id after a row's end
+    logprobs: jax.Array  # [B, M] f32 log-probability of each chosen token under the raw model
+    top_ids: jax.Array  # [B, M, n] int32 top-n alternatives per step (n = top_logprobs, may be 0)
+    top_logprobs: jax.Array  # [B, M, n] f32
+    last: jax.Array  # [B] int32 last chosen token (the next decode input)
+    done: jax.Array  # [B] bool
+    finish: jax.Array  # [B] int32 STOP / LENGTH once done, else 0
+    num_new: jax.Array  # [B] int32 tokens generated per row (a stop token counts)
+    seen: jax.Array  # [B, V] bool token seen in prompt or output (repetition penalty)
+    counts: jax.Array  # [B, V] int32 generated-token counts (presence / frequency penalties)
+    cache: KVCache
+
+
+@struct.dataclass
+class GenerateOutput:
+    tokens: jax.Array  # [B, M] int32 new ids (pad_id past each row's num_new)
+    num_new: jax.Array  # [B] int32
+    finish: jax.Array  # [B] int32 STOP or LENGTH (0 only for padding rows)
+    logprobs: jax.Array  # [B, M] f32
+    top_ids: jax.Array  # [B, M, n] int32
+    top_logprobs: jax.Array  # [B, M, n] f32
+    steps: jax.Array  # [] int32 decode-loop iterations run (+1 for the token sampled after prefill)
+
+
+def _record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, candidates, pad_id):
+    """Sample one token per row from logits [B, V], write it at column s.step, update done flags."""
+    B = logits.shape[0]
+    rows = jnp.arange(B)
+    tok = smp.sample(logits, smp.row_keys(seeds, s.step), sp, s.seen, s.counts, candidates)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, V]
+    active = ~s.done
+    tok = jnp.where(active, tok, pad_id)
+    num_new = s.num_new + active
+    hit_stop = active & jnp.any(tok[:, None] == stop_ids, axis=-1)
+    hit_len = active & ~hit_stop & (num_new >= max_new_tokens)
+    finish = jnp.where(hit_stop, STOP, jnp.where(hit_len, LENGTH, s.finish))
+    col = lambda buf, val: jax.lax.dynamic_update_index_in_dim(buf, val.astype(buf.dtype), s.step, 1)
+    top_lp, top_ids = jax.lax.top_k(logp, top_n) if top_n else (s.top_logprobs[:, 0], s.top_ids[:, 0])
+    return s.replace(
+        step=s.step + 1,
+        tokens=col(s.tokens, tok),
+        logprobs=col(s.logprobs, jnp.where(active, logp[rows, tok], 0.0)),
+        top_ids=col(s.top_ids, top_ids), top_logprobs=col(s.top_logprobs, top_lp),
+        last=tok, done=s.done | hit_stop | hit_len, finish=finish, num_new=num_new,
+        seen=s.seen.at[rows, tok].set(s.seen[rows, tok] | active),
+        counts=s.counts.at[rows, tok].add(active.astype(jnp.int32)))
+
+
+def generate_tokens(params: Params, prompts: jax.Array, prompt_lengths: jax.Array,
+                    sp: smp.SamplingParams, max_new_tokens: jax.Array, stop_ids: jax.Array,
+                    seeds: jax.Array, *, cfg: ModelConfig, max_new: int, cache_len: int,
+                    top_logprobs: int = 0, candidates: int = smp.DEFAULT_CANDIDATES,
+                    pad_id: int = 0) -> GenerateOutput:
+    """Prefill right-padded prompts [B, T] in one pass, then decode up to `max_new` tokens per row.
+
+    Traced: params, prompts [B, T] int32, prompt_lengths [B] int32 (0 = padding row), sp (per-row
+    knobs), max_new_tokens [B] int32 (<= max_new), stop_ids [B, NS] int32 (-1 = unused), seeds [B].
+    Static: cfg, max_new (the token buffer M), cache_len, top_logprobs, candidates, pad_id.
+    The loop exits as soon as every row is done.
+    """
+    B, T = prompts.shape
+    V = cfg.vocab_size
+    rows = jnp.arange(B)
+    idx = jnp.arange(T)[None, :]
+    positions = jnp.where(idx < prompt_lengths[:, None], idx, -1).astype(jnp.int32)  # [B, T]
+    cache = init_cache(cfg, B, cache_len, params.embed.dtype)
+    h, cache = forward_hidden(params, prompts, positions, cache, cfg)  # [B, T, D]
+    h_last = h[rows, jnp.maximum(prompt_lengths - 1, 0)]  # [B, D]
+    logits = unembed(params, h_last, cfg)  # [B, V]
+
+    seen = jnp.zeros((B, V), bool).at[rows[:, None], jnp.where(positions >= 0, prompts, V)].set(True, mode="drop")
+    n = top_logprobs
+    state = DecodeState(
+        step=jnp.zeros((), jnp.int32), tokens=jnp.full((B, max_new), pad_id, jnp.int32),
+        logprobs=jnp.zeros((B, max_new), jnp.float32),
+        top_ids=jnp.zeros((B, max_new, n), jnp.int32), top_logprobs=jnp.zeros((B, max_new, n), jnp.float32),
+        last=jnp.zeros((B,), jnp.int32), done=(prompt_lengths <= 0) | (max_new_tokens <= 0),
+        finish=jnp.zeros((B,), jnp.int32), num_new=jnp.zeros((B,), jnp.int32),
+        seen=seen, counts=jnp.zeros((B, V), jnp.int32), cache=cache)
+    record = functools.partial(_record, sp=sp, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                               seeds=seeds, top_n=n, candidates=candidates, pad_id=pad_id)
+    state = record(state, logits)
+
+    def cond(s: DecodeState):
+        return (s.step < max_new) & ~jnp.all(s.done)
+
+    def body(s: DecodeState):
+        pos = jnp.where(s.done, -1, s.cache.lengths)[:, None]  # finished rows write nothing
+        h, cache = forward_hidden(params, s.last[:, None], pos, s.cache, cfg)
+        return record(s.replace(cache=cache), unembed(params, h[:, 0], cfg))
+
+    state = jax.lax.while_loop(cond, body, state)
+    return GenerateOutput(tokens=state.tokens, num_new=state.num_new, finish=state.finish,
+                          logprobs=state.logprobs, top_ids=state.top_ids,
+                          top_logprobs=state.top_logprobs, steps=state.step)
+
+
+generate_jit = jax.jit(generate_tokens, static_argnames=(
+    "cfg", "max_new", "cache_len", "top_logprobs", "candidates", "pad_id"))
+
+
+# ---- host side: buckets, validation, the high-level API ----------------------------------------
+def bucket(n: int, buckets: Sequence[int], what: str) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{what} {n} exceeds the largest bucket {buckets[-1]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """What `generate` needs: a config, params and (optionally) a tokenizer for text in/out."""
+    cfg: ModelConfig
+    params: Params
+    tokenizer: Any = None
+
+
+@dataclasses.dataclass
+class Completion:
+    tokens: list[int]  # new ids (a stop token, if hit, is the last one)
+    finish_reason: str  # "stop" or "length"
+    logprobs: list[float]  # raw-model log-probability of each new token
+    text: str | None = None  # detokenized new tokens (stop token excluded), when a tokenizer is set
+    prompt: str | list[int] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per step (id, logprob) pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Shapes of one generate call: which compiled program it uses."""
+    batch: int  # B bucket
+    prompt_len: int  # T bucket
+    max_new: int  # M bucket
+    cache_len: int  # S
+    stop_slots: int  # NS
+    bias_slots: int  # NB
+
+
+def plan(cfg: ModelConfig, batch: int, prompt_len: int, max_new: int, stop_slots: int = 4,
+         bias_slots: int = 1) -> Plan:
+    """The bucketed shapes for a request of this size (raises if it cannot fit the model)."""
+    if max_new <= 0:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+    t = bucket(prompt_len, PROMPT_BUCKETS, "prompt length")
+    m = bucket(max_new, NEW_TOKEN_BUCKETS, "max_new_tokens")
+    if prompt_len + max_new > cfg.max_seq_len:
+        raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new} exceeds {cfg.name}'s "
+                         f"context of {cfg.max_seq_len} tokens")
+    return Plan(batch=bucket(batch, BATCH_BUCKETS, "batch size"), prompt_len=min(t, cfg.max_seq_len),
+                max_new=m, cache_len=min(t + m, cfg.max_seq_len), stop_slots=stop_slots,
+                bias_slots=bias_slots)
+
+
+def _encode_prompts(model: Model, prompts) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+        raise ValueError("prompts must be a list of prompts (strings or lists of token ids), "
+                         "not a single prompt; wrap it in a list")
+    if not len(prompts):
+        raise ValueError("no prompts given")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if model.tokenizer is None:
+                raise ValueError("text prompts need a model with a tokenizer; pass token ids instead")
+            ids = model.tokenizer.encode(p)
+        else:
+            ids = [int(t) for t in p]
+        if not ids:
+            raise ValueError(f"prompt {i} is empty (no tokens)")
+        bad = [t for t in ids if not 0 <= t < model.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside [0, {model.cfg.vocab_size}): {bad[:5]}")
+        out.append(ids)
+    return out
+
+
+def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0,
+            candidates: int = smp.DEFAULT_CANDIDATES, **knobs):
+    """Validate and pad a request into the numpy arguments of `generate_jit` and its Plan."""
+    ids = _encode_prompts(model, prompts)
+    n = len(ids)
+    mnt = smp._per_row("max_new_tokens", max_new_tokens, n, np.int32)
+    if np.any(mnt <= 0):
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+    longest = max(len(x) for x in ids)
+    for i, x in enumerate(ids):
+        if len(x) + mnt[i] > model.cfg.max_seq_len:
+            raise ValueError(f"prompt {i}: {len(x)} tokens + max_new_tokens {mnt[i]} exceeds "
+                             f"{model.cfg.name}'s context of {model.cfg.max_seq_len} tokens")
+    if stop_ids is None:
+        stop_ids = list(getattr(model.tokenizer, "stop_ids", ()) or ())
+    per_row_stops = len(stop_ids) > 0 and isinstance(stop_ids[0], (list, tuple))
+    stops = [list(stop_ids[i]) if per_row_stops else list(stop_ids) for i in range(n)]
+    if per_row_stops and len(stop_ids) != n:
+        raise ValueError(f"stop_ids has {len(stop_ids)} rows but there are {n} prompts")
+    most = max(len(s) for s in stops)
+    sp = smp.make_sampling_params(n, vocab_size=model.cfg.vocab_size, candidates=candidates, **knobs)
+    p = plan(model.cfg, n, longest, int(mnt.max()), stop_slots=max(4, 1 << max(most - 1, 0).bit_length()),
+             bias_slots=sp.bias_ids.shape[1])
+    if np.isscalar(seed) or np.ndim(seed) == 0:
+        # Row i of a scalar seed s uses s * 1_000_003 + i; pass one seed per row to make a row's
+        # samples independent of its place in the batch.
+        seeds = (int(seed) * 1_000_003 + np.arange(n)) % (2 ** 31)
+    else:
+        seeds = smp._per_row("seed", seed, n, np.int64)
+    B, T = p.batch, p.prompt_len
+    pad = lambda a, fill: np.concatenate([a, np.full((B - n,) + a.shape[1:], fill, a.dtype)])
+    tok = np.zeros((B, T), np.int32)
+    for i, x in enumerate(ids):
+        tok[i, :len(x)] = x
+    stop_arr = np.full((B, p.stop_slots), -1, np.int32)
+    for i, s in enumerate(stops):
+        stop_arr[i, :len(s)] = s
+    sp = jax.tree.map(lambda a: pad(a, a[0] if a.ndim == 1 else (-1 if a.dtype == np.int32 else 0)), sp)
+    args = dict(prompts=tok, prompt_lengths=pad(np.array([len(x) for x in ids], np.int32), 0), sp=sp,
+                max_new_tokens=pad(mnt, 0), stop_ids=stop_arr,
+                seeds=pad(np.asarray(seeds, np.uint32), 0))
+    return ids, args, p
+
+
+def generate(model: Model, prompts, *, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
+             min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+             logit_bias=None, banned_ids=None, stop_ids=None, seed=0, top_logprobs: int = 0,
+             candidates: int = smp.DEFAULT_CANDIDATES) -> list[Completion]:
+    """Generate continuations for a list of prompts (strings, or lists of token ids).
+
+    Every knob is a scalar or one value per prompt. temperature 0 (the default) is greedy decoding;
+    see `jaxgen.sampling` for each transform's exact semantics and order. stop_ids defaults to the
+    tokenizer's end-of-sequence ids. Returns one Completion per prompt, in order.
+    """
+    ids, args, p = prepare(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, seed=seed,
+                           candidates=candidates, temperature=temperature, top_k=top_k, top_p=top_p,
+                           min_p=min_p, repetition_penalty=repetition_penalty,
+                           presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                           logit_bias=logit_bias, banned_ids=banned_ids)
+    if top_logprobs < 0 or top_logprobs > model.cfg.vocab_size:
+        raise ValueError(f"top_logprobs must be in [0, {model.cfg.vocab_size}], got {top_logprobs}")
+    out = jax.device_get(run(model, args, p, top_logprobs, candidates))
+    return to_completions(model, prompts, out, len(ids))
+
+
+def run(model: Model, args: dict, p: Plan, top_logprobs: int = 0,
+        candidates: int = smp.DEFAULT_CANDIDATES) -> GenerateOutput:
+    """Call the compiled program on `prepare`d arguments (always by keyword: jit keys its cache on
+    how arguments are passed, so every caller goes through here)."""
+    return generate_jit(model.params, **args, cfg=model.cfg, max_new=p.max_new, cache_len=p.cache_len,
+                        top_logprobs=top_logprobs, candidates=candidates)
+
+
+def to_completions(model: Model, prompts, out: GenerateOutput, n: int) -> list[Completion]:
+    results = []
+    for i in range(n):
+        k = int(out.num_new[i])
+        toks = [int(t) for t in out.tokens[i, :k]]
+        finish = FINISH_REASONS.get(int(out.finish[i]), "length")
+        text = None
+        if model.tokenizer is not None:
+            body = toks[:-1] if finish == "stop" else toks
+            text = model.tokenizer.decode(body)
+        top = None
+        if out.top_ids.shape[-1]:
+            top = [[(int(a), float(b)) for a, b in zip(out.top_ids[i, j], out.top_logprobs[i, j])]
+                   for j in range(k)]
+        results.append(Completion(tokens=toks, finish_reason=finish,
+                                  logprobs=[float(x) for x in out.logprobs[i, :k]], text=text,
+                                  prompt=prompts[i], top_logprobs=top))
+    return results
+
+
+def precompile(model: Model, batch: int, prompt_len: int, max_new_tokens: int, *, top_logprobs: int = 0,
+               candidates: int = smp.DEFAULT_CANDIDATES, stop_slots: int = 4, bias_slots: int = 1):
+    """Compile the generate program for one bucket ahead of time, by running it once on a dummy
+    request of that bucket whose rows are all padding (the loop exits at once); later requests that
+    round to the same bucket reuse it. Returns the Plan."""
+    p = plan(model.cfg, batch, prompt_len, max_new_tokens, stop_slots, bias_slots)
+    B = p.batch
+    args = dict(prompts=np.zeros((B, p.prompt_len), np.int32), prompt_lengths=np.zeros((B,), np.int32),
+                sp=smp.make_sampling_params(B, candidates=candidates, bias_slots=bias_slots),
+                max_new_tokens=np.zeros((B,), np.int32), stop_ids=np.full((B, stop_slots), -1, np.int32),
+                seeds=np.zeros((B,), np.uint32))
+    jax.block_until_ready(run(model, args, p, top_logprobs, candidates))
+    return p

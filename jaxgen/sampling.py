@@ -1,0 +1,219 @@
+"""Sampling: pure, per-row logits transforms and a PRNG-keyed `sample`.
+
+Every knob is a traced per-row array, so one batch can mix greedy and sampled rows and changing a knob
+never recompiles. The transforms apply in this order (HF transformers' order for the shared ones):
+
+ 1. repetition penalty (HF / CTRL): for every token seen in the prompt or output so far,
+    logit / r if logit > 0 else logit * r;
+ 2. presence and frequency penalties (OpenAI / vLLM), over generated tokens only:
+    logit - presence * [count > 0] - frequency * count;
+ 3. logit bias and banned ids (a ban is a bias of -inf, so nothing later can revive it);
+ 4. temperature: rows with temperature 0 take the argmax here (greedy) and skip the rest;
+ 5. top-k: keep logits >= the k-th largest (ties with it are kept, as HF does);
+ 6. top-p (nucleus), on the distribution renormalized after top-k: keep the smallest set of most
+    likely tokens whose mass reaches top_p (a token is kept iff the mass strictly above it is < top_p;
+    ties with the last kept token are kept);
+ 7. min-p, relative to the most likely token: keep p >= min_p * p_max.
+
+Top-k and top-p do not sort the vocabulary: `lax.top_k` takes a bounded candidate set (`candidates`,
+static, 256 by default); top_k must be <= candidates. A row whose nucleus is larger than the candidate
+set (a flat distribution with top-k off) falls back to a bisection on the logit threshold over the full
+vocabulary (30 halvings, then snapped to the nearest real logit), run only when some row needs it.
+
+The draw itself is an inverse-CDF lookup with one uniform per row, keyed by fold_in(key(seed_row), step):
+a row's token depends only on its own logits, seed and step, never on the rest of the batch.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+DEFAULT_CANDIDATES = 256
+
+
+@struct.dataclass
+class SamplingParams:  # every field is per row
+    temperature: jax.Array  # [B] f32; 0 = greedy
+    top_k: jax.Array  # [B] int32; 0 = off
+    top_p: jax.Array  # [B] f32 in (0, 1]; 1 = off
+    min_p: jax.Array  # [B] f32 in [0, 1]; 0 = off
+    repetition_penalty: jax.Array  # [B] f32 > 0; 1 = off
+    presence_penalty: jax.Array  # [B] f32; 0 = off
+    frequency_penalty: jax.Array  # [B] f32; 0 = off
+    bias_ids: jax.Array  # [B, NB] int32 token ids to bias; -1 = unused slot
+    bias_values: jax.Array  # [B, NB] f32 added to those logits; -inf bans the token
+
+
+def _per_row(name, value, batch, dtype):
+    a = np.asarray(value, dtype=dtype)
+    if a.ndim == 0:
+        a = np.full((batch,), a, dtype)
+    if a.shape != (batch,):
+        raise ValueError(f"{name} must be a scalar or have one value per prompt ({batch}), got shape {a.shape}")
+    if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return a
+
+
+def make_sampling_params(batch: int, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                         repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                         logit_bias=None, banned_ids=None, vocab_size: int | None = None,
+                         candidates: int = DEFAULT_CANDIDATES, bias_slots: int | None = None
+                         ) -> SamplingParams:
+    """Validated host-side (numpy) SamplingParams; scalars broadcast to every row. The defaults are
+    greedy decoding with every transform off, as in `generate`.
+
+    logit_bias: {token_id: bias} for all rows, or a list of such dicts (one per row).
+    banned_ids: ids banned for all rows, or a list of lists (one per row).
+    Raises ValueError naming the bad knob before anything is compiled.
+    """
+    f32, i32 = np.float32, np.int32
+    t = _per_row("temperature", temperature, batch, f32)
+    k = _per_row("top_k", top_k, batch, i32)
+    p = _per_row("top_p", top_p, batch, f32)
+    mp = _per_row("min_p", min_p, batch, f32)
+    rp = _per_row("repetition_penalty", repetition_penalty, batch, f32)
+    if np.any(t < 0):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if np.any(k < 0):
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k!r}")
+    if np.any(k > candidates):
+        raise ValueError(f"top_k must be <= {candidates} (the candidate set; raise `candidates` to "
+                         f"allow more), got {top_k!r}")
+    if np.any((p <= 0) | (p > 1)):
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    if np.any((mp < 0) | (mp > 1)):
+        raise ValueError(f"min_p must be in [0, 1] (0 = off), got {min_p!r}")
+    if np.any(rp <= 0):
+        raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty!r}")
+
+    rows = [dict() for _ in range(batch)]
+    for name, spec, as_dict in (("logit_bias", logit_bias, True), ("banned_ids", banned_ids, False)):
+        if spec is None:
+            continue
+        per_row = isinstance(spec, (list, tuple)) and len(spec) > 0 and isinstance(spec[0], (dict, list, tuple))
+        if per_row and len(spec) != batch:
+            raise ValueError(f"{name} has {len(spec)} entries but there are {batch} prompts")
+        for r in range(batch):
+            entry = spec[r] if per_row else spec
+            items = entry.items() if as_dict else ((i, -np.inf) for i in entry)
+            for tok, val in items:
+                tok = int(tok)
+                if tok < 0 or (vocab_size is not None and tok >= vocab_size):
+                    raise ValueError(f"{name}: token id {tok} is outside the vocabulary [0, {vocab_size})")
+                rows[r][tok] = -np.inf if val == -np.inf else rows[r].get(tok, 0.0) + float(val)
+    most = max((len(r) for r in rows), default=0)
+    nb = bias_slots or (1 if most <= 1 else 1 << (most - 1).bit_length())  # a bucket: few compilations
+    if any(len(r) > nb for r in rows):
+        raise ValueError(f"at most {nb} biased/banned ids per row, got {max(len(r) for r in rows)}")
+    bias_ids = np.full((batch, nb), -1, i32)
+    bias_values = np.zeros((batch, nb), f32)
+    for r, d in enumerate(rows):
+        bias_ids[r, :len(d)] = list(d.keys())
+        bias_values[r, :len(d)] = list(d.values())
+    return SamplingParams(
+        temperature=t, top_k=k, top_p=p, min_p=mp, repetition_penalty=rp,
+        presence_penalty=_per_row("presence_penalty", presence_penalty, batch, f32),
+        frequency_penalty=_per_row("frequency_penalty", frequency_penalty, batch, f32),
+        bias_ids=bias_ids, bias_values=bias_values)
+
+
+# ---- transforms (pure, [B, V] f32 -> [B, V] f32) --------------------------------------------------
+def apply_penalties(logits, seen, counts, sp: SamplingParams):
+    """seen [B, V] bool (prompt or output so far); counts [B, V] int32 (generated tokens only)."""
+    r = sp.repetition_penalty[:, None]
+    penalized = jnp.where(logits > 0, logits / r, logits * r)
+    logits = jnp.where(seen, penalized, logits)
+    c = counts.astype(jnp.float32)
+    return logits - sp.presence_penalty[:, None] * (c > 0) - sp.frequency_penalty[:, None] * c
+
+
+def apply_bias(logits, sp: SamplingParams):
+    rows = jnp.arange(logits.shape[0])[:, None]
+    ids = jnp.where(sp.bias_ids >= 0, sp.bias_ids, logits.shape[1])  # unused slots -> dropped
+    return logits.at[rows, ids].add(sp.bias_values, mode="drop")
+
+
+def apply_temperature(logits, sp: SamplingParams):
+    t = jnp.where(sp.temperature > 0, sp.temperature, 1.0)
+    return logits / t[:, None]
+
+
+def _nucleus_bisect(logits, lse, top_p, hi, iters: int = 30):
+    """Largest logit threshold tau with mass(logits >= tau) >= top_p, over the full vocabulary."""
+    lo = jnp.min(jnp.where(jnp.isfinite(logits), logits, jnp.inf), axis=-1)
+
+    def mass(tau):
+        return jnp.sum(jnp.where(logits >= tau[:, None], jnp.exp(logits - lse[:, None]), 0.0), -1)
+
+    def step(_, lohi):
+        lo, hi = lohi
+        mid = 0.5 * (lo + hi)
+        ok = mass(mid) >= top_p
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, iters, step, (lo, hi))
+    # Snap to the smallest real logit >= lo, so the kept set is exactly {logit >= that value}.
+    return jnp.min(jnp.where(logits >= lo[:, None], logits, jnp.inf), axis=-1)
+
+
+def keep_threshold(logits, sp: SamplingParams, candidates: int = DEFAULT_CANDIDATES):
+    """[B] logit threshold from top-k, top-p and min-p (keep logits >= it) on temperature-scaled logits."""
+    B, V = logits.shape
+    C = min(candidates, V)
+    cand, _ = jax.lax.top_k(logits, C)  # [B, C] sorted descending
+    neg = jnp.full((B,), -jnp.inf)
+    k = sp.top_k
+    kth = jnp.take_along_axis(cand, jnp.clip(k - 1, 0, C - 1)[:, None], axis=1)[:, 0]
+    thr_k = jnp.where(k > 0, kth, neg)
+
+    # top-p on the distribution renormalized after top-k.
+    masked = jnp.where(logits >= thr_k[:, None], logits, -jnp.inf)
+    lse = jax.nn.logsumexp(masked, axis=-1)  # [B]
+    cand = jnp.where(cand >= thr_k[:, None], cand, -jnp.inf)
+    pc = jnp.exp(cand - lse[:, None])  # [B, C]
+    before = jnp.cumsum(pc, axis=-1) - pc  # mass strictly above each candidate
+    n_keep = jnp.sum(before < sp.top_p[:, None], axis=-1)  # >= 1
+    thr_p = jnp.take_along_axis(cand, (n_keep - 1)[:, None], axis=1)[:, 0]
+    resolved = (sp.top_p >= 1.0) | (n_keep < C) | (jnp.sum(pc, -1) >= sp.top_p)
+    thr_p = jax.lax.cond(jnp.all(resolved), lambda: thr_p,
+                         lambda: jnp.where(resolved, thr_p, _nucleus_bisect(masked, lse, sp.top_p, cand[:, -1])))
+    thr_p = jnp.where(sp.top_p >= 1.0, neg, thr_p)
+
+    thr_min = jnp.where(sp.min_p > 0, cand[:, 0] + jnp.log(jnp.maximum(sp.min_p, 1e-38)), neg)
+    return jnp.maximum(jnp.maximum(thr_k, thr_p), thr_min)
+
+
+def row_keys(seeds: jax.Array, step) -> jax.Array:
+    """[B] typed keys for one step: fold_in(key(seed_row), step), independent of the batch."""
+    return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds)
+
+
+def categorical(keys, logits):
+    """One draw per row from softmax(logits) by inverse CDF; -inf logits are never drawn."""
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.exp(logits - m)  # [B, V]
+    cdf = jnp.cumsum(p, axis=-1)
+    total = cdf[:, -1]
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys) * total
+    u = jnp.minimum(u, jnp.nextafter(total, 0.0))  # u < total, so the pick has p > 0
+    return jnp.sum(cdf <= u[:, None], axis=-1).astype(jnp.int32)
+
+
+def sample(logits, keys, sp: SamplingParams, seen=None, counts=None,
+           candidates: int = DEFAULT_CANDIDATES) -> jax.Array:
+    """Token ids [B] from raw logits [B, V] after every transform in the module docstring's order.
+
+    keys: [B] typed PRNG keys (see `row_keys`). seen/counts feed the penalties (None = no history).
+    """
+    logits = logits.astype(jnp.float32)
+    if seen is not None:
+        logits = apply_penalties(logits, seen, counts, sp)
+    logits = apply_bias(logits, sp)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = apply_temperature(logits, sp)
+    thr = keep_threshold(scaled, sp, candidates)
+    drawn = categorical(keys, jnp.where(scaled >= thr[:, None], scaled, -jnp.inf))
+    return jnp.where(sp.temperature > 0, drawn, greedy)

@@ -1,0 +1,78 @@
+"""Test setup: 8 fake CPU devices (for the sharding tests) and tiny random configs for speed."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxgen.config import ModelConfig  # noqa: E402
+from jaxgen.generate import Model  # noqa: E402
+from jaxgen.model import init_params  # noqa: E402
+
+# Gemma-3-like: GQA, q/k norm, sandwich norms, GeGLU, tied scaled embeddings, 2 local : 1 global with
+# a 5-token window (shorter than the test sequences, so the ring buffers wrap), and 2 trailing local
+# layers after the last global one (as in Gemma 3 1B's 26 = 4 x 6 + 2 layers).
+TINY_GEMMA = ModelConfig(
+    name="tiny-gemma", vocab_size=64, d_model=32, n_layers=8, n_heads=4, n_kv_heads=2, head_dim=16,
+    d_ff=64, max_seq_len=512, activation="gelu_tanh", rope_theta=1e6, rope_local_theta=1e4,
+    sliding_window=5, global_every=3, query_pre_attn_scalar=16.0, qk_norm=True, sandwich_norm=True,
+    embed_scale=True)
+# Qwen2-like: SwiGLU, QKV bias, untied output, all-global.
+TINY_QWEN = ModelConfig(
+    name="tiny-qwen", vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=1, head_dim=8,
+    d_ff=48, max_seq_len=512, activation="silu", rope_theta=1e4, qkv_bias=True, tie_embeddings=False)
+CONFIGS = {"gemma": TINY_GEMMA, "qwen": TINY_QWEN}
+
+
+def random_params(cfg, seed=0):
+    """init_params, with norms and biases perturbed so that a wrong norm or bias would show."""
+    params = init_params(cfg, jax.random.key(seed))
+    leaves, treedef = jax.tree.flatten_with_path(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    out = []
+    for (path, x), k in zip(leaves, keys):
+        name = path[-1].name
+        if "norm" in name or name.startswith("b"):
+            x = x + 0.3 * jax.random.normal(k, x.shape, x.dtype)
+        out.append(x)
+    return jax.tree.unflatten(treedef, out)
+
+
+@pytest.fixture(scope="session", params=sorted(CONFIGS))
+def tiny_model(request):
+    cfg = CONFIGS[request.param]
+    return Model(cfg, random_params(cfg))
+
+
+@pytest.fixture(scope="session")
+def gemma_model():
+    return Model(TINY_GEMMA, random_params(TINY_GEMMA))
+
+
+class CompileCounter:
+    """Records every real XLA backend compilation (jax.monitoring event) with its function name."""
+
+    def __init__(self):
+        self.names = []
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event, duration, fun_name=None, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.names.append(fun_name)
+
+    def count(self, name=None):
+        return sum(1 for n in self.names if name is None or n == name)
+
+
+_COUNTER = None
+
+
+@pytest.fixture(scope="session")
+def compile_counter():
+    global _COUNTER
+    if _COUNTER is None:
+        _COUNTER = CompileCounter()
+    return _COUNTER

@@ -1,0 +1,60 @@
+import dataclasses
+
+import pytest
+
+from jaxgen.config import FIELDS, ModelConfig, config_from_dict, load_config, preset_names
+
+
+def test_every_preset_loads_and_is_hashable():
+    names = preset_names()
+    assert {"gemma3-270m", "smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"} <= set(names)
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.name == name
+        hash(cfg)  # a static jit argument must hash
+        assert cfg == load_config(name)
+
+
+def test_gemma3_270m_layer_pattern():
+    cfg = load_config("gemma3-270m")
+    assert [i for i, g in enumerate(cfg.layer_kinds) if g] == [5, 11, 17]
+    assert (cfg.n_local, cfg.n_global) == (15, 3)
+    assert cfg.attn_scale == pytest.approx(256 ** -0.5)
+    assert cfg.embed_multiplier == pytest.approx(640 ** 0.5)
+
+
+def test_all_global_when_no_window():
+    cfg = load_config("smollm2-135m")
+    assert cfg.n_local == 0 and cfg.n_global == 30
+
+
+def test_preset_files_name_every_field():
+    # one file per preset, fields 1:1 with the dataclass
+    import tomllib
+    from jaxgen.config import CONFIG_DIR
+    for path in CONFIG_DIR.glob("*.toml"):
+        with open(path, "rb") as f:
+            assert set(tomllib.load(f)) == set(FIELDS), path.name
+
+
+def test_unknown_field_is_named():
+    d = dataclasses.asdict(load_config("smollm2-135m"))
+    d["n_layer"] = 3
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['n_layer'\]"):
+        config_from_dict(d)
+
+
+def test_missing_and_bad_fields():
+    d = dataclasses.asdict(load_config("smollm2-135m"))
+    del d["d_model"]
+    with pytest.raises(ValueError, match="missing config field"):
+        config_from_dict(d)
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        load_config("smollm2-135m").replace(n_kv_heads=4)
+    with pytest.raises(ValueError, match="activation"):
+        load_config("smollm2-135m").replace(activation="relu")
+
+
+def test_unknown_preset_lists_known():
+    with pytest.raises(ValueError, match="gemma3-270m"):
+        load_config("gemma-7b")

@@ -1,0 +1,171 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxgen
+from jaxgen.cache import init_cache
+from jaxgen.generate import Model, generate, generate_jit, plan, precompile, run
+from jaxgen.model import forward
+from tests.conftest import TINY_GEMMA, TINY_QWEN, random_params
+
+_forward = jax.jit(lambda p, t, cfg: forward(p, t, jnp.arange(t.shape[1])[None], init_cache(cfg, 1, t.shape[1]), cfg)[0],
+                   static_argnames="cfg")
+
+
+def _full(params, tokens, cfg, width=32):
+    """Logits of a full forward pass from an empty cache. Right-padding to a fixed width changes no
+    logit of the real positions (causal attention) and keeps this to one compilation."""
+    n = tokens.shape[1]
+    return _forward(params, jnp.pad(tokens, ((0, 0), (0, width - n))), cfg)[:, :n]
+
+
+def reference_greedy(model, prompt, n):
+    """Plain Python loop that recomputes the full forward pass over the whole sequence every step."""
+    seq = list(prompt)
+    for _ in range(n):
+        logits = _full(model.params, jnp.asarray([seq], jnp.int32), model.cfg)
+        seq.append(int(jnp.argmax(logits[0, -1])))
+    return seq[len(prompt):]
+
+
+PROMPTS = [[5, 9, 2, 33, 7, 1, 8, 8, 21, 40, 3], [17, 4], [60, 2, 2, 9, 11, 12, 13]]
+
+
+def test_greedy_equals_reference_loop(tiny_model):
+    out = generate(tiny_model, PROMPTS, max_new_tokens=14)
+    for prompt, c in zip(PROMPTS, out):
+        assert c.tokens == reference_greedy(tiny_model, prompt, 14)
+        assert c.finish_reason == "length" and len(c.logprobs) == 14
+
+
+def test_logprobs_and_top_logprobs(gemma_model):
+    out = generate(gemma_model, PROMPTS[:2], max_new_tokens=6, top_logprobs=3)
+    for prompt, c in zip(PROMPTS, out):
+        seq = prompt + c.tokens
+        logits = _full(gemma_model.params, jnp.asarray([seq]), gemma_model.cfg)[0]
+        logp = jax.nn.log_softmax(logits, -1)
+        for j, tok in enumerate(c.tokens):
+            want = logp[len(prompt) - 1 + j]
+            assert c.logprobs[j] == pytest.approx(float(want[tok]), abs=1e-4)
+            ids = [i for i, _ in c.top_logprobs[j]]
+            assert ids == list(np.argsort(-np.asarray(want))[:3])
+            assert ids[0] == tok  # greedy picks the top-1
+
+
+def test_one_compilation_per_bucket(compile_counter):
+    # a fresh config name, so no earlier test has compiled this program
+    cfg = TINY_QWEN.replace(name="tiny-qwen-compile-count")
+    model = Model(cfg, random_params(cfg))
+    name = "jit(generate_tokens)"
+    before = compile_counter.count(name)
+    generate(model, [[1, 2, 3], [4]], max_new_tokens=5)  # bucket: batch 2, prompt 16, new 16
+    assert compile_counter.count(name) == before + 1
+    requests = [
+        dict(prompts=[[1] * 9, [2, 3]], max_new_tokens=16, temperature=0.7, top_k=4, seed=1),
+        dict(prompts=[[4] * 15, [1]], max_new_tokens=[11, 2], temperature=1.3, top_p=0.5, min_p=0.1, seed=[7, 8]),
+        dict(prompts=[[5, 6], [7] * 16], max_new_tokens=3, repetition_penalty=1.3, presence_penalty=0.2,
+             frequency_penalty=0.4, stop_ids=[1, 2, 3], seed=99),
+        dict(prompts=[[9] * 16, [3, 3]], max_new_tokens=12, temperature=[0.0, 2.0], banned_ids=[3]),
+    ]
+    for r in requests:
+        generate(model, **r)
+    assert compile_counter.count(name) == before + 1, "a knob or a prompt within the bucket retraced"
+    assert generate_jit._cache_size() >= 1
+    # a new bucket compiles once more, and precompile makes the next call in it free
+    precompile(model, batch=4, prompt_len=40, max_new_tokens=20)
+    assert compile_counter.count(name) == before + 2
+    generate(model, [[1] * 33, [2] * 40, [3]], max_new_tokens=20, temperature=0.5)
+    assert compile_counter.count(name) == before + 2
+
+
+def test_row_tokens_independent_of_batch(gemma_model):
+    prompts = PROMPTS + [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
+    seeds = [101, 202, 303, 404]
+    knobs = dict(max_new_tokens=10, temperature=1.0, top_p=0.95, top_k=20, seed=seeds)
+    full = generate(gemma_model, prompts, **knobs)
+    alone = generate(gemma_model, [prompts[1]], **{**knobs, "seed": [seeds[1]]})
+    assert alone[0].tokens == full[1].tokens
+    order = [3, 1, 0, 2]
+    shuffled = generate(gemma_model, [prompts[i] for i in order], **{**knobs, "seed": [seeds[i] for i in order]})
+    for j, i in enumerate(order):
+        assert shuffled[j].tokens == full[i].tokens
+    assert len({tuple(c.tokens) for c in full}) > 1
+
+
+def test_stops_per_row(gemma_model):
+    free = generate(gemma_model, PROMPTS, max_new_tokens=12)
+    # each row stops on a token it emits at a different step
+    stops, expect = [], []
+    for c, at in zip(free, (1, 4, 7)):
+        tok = c.tokens[at]
+        stops.append([tok])
+        expect.append(c.tokens[:c.tokens.index(tok) + 1])
+    out = generate(gemma_model, PROMPTS, max_new_tokens=12, stop_ids=stops)
+    for c, e in zip(out, expect):
+        assert c.tokens == e and c.finish_reason == "stop"
+    # the low-level output also says the loop ran only as long as the longest row
+    from jaxgen.generate import prepare
+    _, args, p = prepare(gemma_model, PROMPTS, max_new_tokens=12, stop_ids=stops)
+    low = run(gemma_model, args, p)
+    assert int(low.steps) == max(len(e) for e in expect)
+
+
+def test_stop_id_inside_prompt_does_not_stop(gemma_model):
+    prompt = PROMPTS[0]
+    free = generate(gemma_model, [prompt], max_new_tokens=8)[0]
+    stop = next(t for t in prompt if t not in free.tokens)
+    out = generate(gemma_model, [prompt], max_new_tokens=8, stop_ids=[stop])[0]
+    assert out.tokens == free.tokens and out.finish_reason == "length"
+
+
+def test_max_new_tokens_per_row(gemma_model):
+    out = generate(gemma_model, PROMPTS, max_new_tokens=[3, 1, 9])
+    assert [len(c.tokens) for c in out] == [3, 1, 9]
+    assert all(c.finish_reason == "length" for c in out)
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(prompts=[[]]), "prompt 0 is empty"),
+    (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
+    (dict(prompts=[]), "no prompts"),
+    (dict(prompts=[1, 2, 3]), "not a single prompt"),
+    (dict(prompts=[[1, 99999]]), "outside"),
+    (dict(prompts=[[1] * 600]), "exceeds"),
+    (dict(prompts=[[1] * 500], max_new_tokens=100), "context of 512"),
+    (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(prompts=[[1]], max_new_tokens=-3), "max_new_tokens must be >= 1"),
+    (dict(prompts=[[1]], temperature=-1.0), "temperature must be >= 0"),
+    (dict(prompts=[[1]], top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(prompts=[[1]], top_p=1.01), r"top_p must be in \(0, 1\]"),
+    (dict(prompts=[[1]], top_k=-2), "top_k must be >= 0"),
+    (dict(prompts=["hello"]), "need a model with a tokenizer"),
+])
+def test_bad_input_is_a_clear_error_before_compiling(gemma_model, compile_counter, kwargs, msg):
+    before = compile_counter.count()
+    with pytest.raises(ValueError, match=msg):
+        generate(gemma_model, **kwargs)
+    assert compile_counter.count() == before
+
+
+def test_plan_buckets():
+    p = plan(TINY_GEMMA, batch=3, prompt_len=17, max_new=20)
+    assert (p.batch, p.prompt_len, p.max_new, p.cache_len) == (4, 32, 32, 64)
+    with pytest.raises(ValueError, match="context"):
+        plan(TINY_GEMMA, 1, 500, 100)
+
+
+def test_inside_user_jit(gemma_model):
+    """The low-level function composes with a user's own jit (no host callbacks, no Python state)."""
+    from jaxgen.generate import generate_tokens, prepare
+    _, args, p = prepare(gemma_model, PROMPTS, max_new_tokens=5)
+
+    @jax.jit
+    def user_step(params, args):
+        out = generate_tokens(params, **args, cfg=gemma_model.cfg, max_new=p.max_new, cache_len=p.cache_len)
+        return out.tokens, jnp.sum(out.logprobs)
+
+    toks, _ = user_step(gemma_model.params, args)
+    ref = generate(gemma_model, PROMPTS, max_new_tokens=5)
+    for i, c in enumerate(ref):
+        assert list(np.asarray(toks[i, :5])) == c.tokens

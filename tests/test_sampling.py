@@ -1,0 +1,166 @@
+"""Each sampler's empirical distribution over many seeds matches an independent numpy reference of the
+documented semantics (sort-based, as HF transformers does it)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from jaxgen import sampling as smp
+
+V = 24
+N = 40_000  # draws per distribution test
+
+
+def reference_probs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+                    presence_penalty=0.0, frequency_penalty=0.0, seen=None, counts=None, bias=None):
+    l = np.asarray(logits, np.float64).copy()
+    if seen is not None:
+        pen = np.where(l > 0, l / repetition_penalty, l * repetition_penalty)
+        l = np.where(seen, pen, l)
+        l = l - presence_penalty * (counts > 0) - frequency_penalty * counts
+    if bias is not None:
+        for i, b in bias.items():
+            l[i] += b
+    l = l / temperature
+    if top_k:
+        kth = np.sort(l)[::-1][top_k - 1]
+        l = np.where(l < kth, -np.inf, l)
+    if top_p < 1:
+        p = np.exp(l - l.max()); p /= p.sum()
+        order = np.argsort(-p, kind="stable")
+        before = np.cumsum(p[order]) - p[order]
+        drop = order[before >= top_p]
+        l[drop] = -np.inf
+    if min_p:
+        p = np.exp(l - l.max()); p /= p.sum()
+        l = np.where(p < min_p * p.max(), -np.inf, l)
+    p = np.exp(l - l.max())
+    return p / p.sum()
+
+
+def draw(logits, n=N, seen=None, counts=None, candidates=smp.DEFAULT_CANDIDATES, **knobs):
+    knobs.setdefault("temperature", 1.0)
+    sp = smp.make_sampling_params(n, vocab_size=V, candidates=candidates, **knobs)
+    keys = smp.row_keys(jnp.arange(n, dtype=jnp.uint32), 7)
+    lg = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, V))
+    if seen is not None:
+        seen, counts = (jnp.broadcast_to(jnp.asarray(a), (n, V)) for a in (seen, counts))
+    f = jax.jit(smp.sample, static_argnames="candidates")
+    return np.asarray(f(lg, keys, sp, seen, counts, candidates=candidates))
+
+
+def assert_matches(samples, probs):
+    obs = np.bincount(samples, minlength=V)
+    assert obs[probs == 0].sum() == 0, f"drew tokens of probability 0: {np.nonzero(obs * (probs == 0))}"
+    support = probs > 0
+    if support.sum() == 1:
+        return
+    exp = probs[support] * len(samples)
+    chi2 = ((obs[support] - exp) ** 2 / exp).sum()
+    p_value = stats.chi2.sf(chi2, support.sum() - 1)
+    assert p_value > 1e-3, f"chi2={chi2:.1f} p={p_value:.2g}\nobs={obs}\nexp={np.round(probs * len(samples))}"
+
+
+LOGITS = np.random.default_rng(0).normal(size=V).astype(np.float32) * 1.5
+
+CASES = {
+    "temperature-1": dict(),
+    "temperature-0.7": dict(temperature=0.7),
+    "temperature-2": dict(temperature=2.0),
+    "top_k-5": dict(top_k=5),
+    "top_p-0.8": dict(top_p=0.8),
+    "top_p-0.3-temp-1.5": dict(top_p=0.3, temperature=1.5),
+    "min_p-0.1": dict(min_p=0.1),
+    "top_k-top_p-min_p": dict(top_k=10, top_p=0.9, min_p=0.05, temperature=1.3),
+    "bias-and-ban": dict(logit_bias={3: 2.0, 5: -1.0}, banned_ids=[int(np.argmax(LOGITS))]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_distribution_matches_reference(case):
+    knobs = dict(CASES[case])
+    bias = dict(knobs.get("logit_bias", {}))
+    for i in knobs.get("banned_ids", []):
+        bias[i] = -np.inf
+    ref_knobs = {k: v for k, v in knobs.items() if k not in ("logit_bias", "banned_ids")}
+    probs = reference_probs(LOGITS, bias=bias or None, **ref_knobs)
+    assert_matches(draw(LOGITS, **knobs), probs)
+
+
+def test_default_is_greedy():
+    assert np.all(draw(LOGITS, n=100, temperature=0.0) == np.argmax(LOGITS))
+    assert np.all(np.asarray(smp.make_sampling_params(2).temperature) == 0.0)
+
+
+def test_penalties_distribution():
+    rng = np.random.default_rng(1)
+    seen = rng.random(V) < 0.4
+    counts = np.where(seen & (rng.random(V) < 0.5), rng.integers(1, 4, V), 0).astype(np.int32)
+    knobs = dict(repetition_penalty=1.7, presence_penalty=0.5, frequency_penalty=0.3)
+    probs = reference_probs(LOGITS, seen=seen, counts=counts, **knobs)
+    assert_matches(draw(LOGITS, seen=seen, counts=counts, **knobs), probs)
+    # and the penalties really moved the distribution
+    assert np.abs(probs - reference_probs(LOGITS)).max() > 0.02
+
+
+def test_nucleus_larger_than_candidate_set_uses_exact_fallback():
+    """A flat distribution whose nucleus needs more tokens than the 4 candidates: the bisection path."""
+    flat = np.linspace(0.0, 1.0, V).astype(np.float32)
+    for top_p in (0.5, 0.9, 0.97):
+        probs = reference_probs(flat, top_p=top_p)
+        assert (probs > 0).sum() > 4
+        sp = smp.make_sampling_params(1, temperature=1.0, top_p=top_p, candidates=4)
+        thr = smp.keep_threshold(jnp.asarray(flat)[None], sp, candidates=4)
+        np.testing.assert_array_equal(flat >= np.asarray(thr)[0], probs > 0)
+    assert_matches(draw(flat, top_p=0.9, candidates=4), reference_probs(flat, top_p=0.9))
+
+
+def test_mixed_rows_in_one_batch():
+    """Per-row knobs: greedy, top-k and top-p rows side by side in one call."""
+    n = 3 * 8000
+    temp = np.repeat([0.0, 1.0, 1.0], n // 3)
+    top_k = np.repeat([0, 3, 0], n // 3)
+    top_p = np.repeat([1.0, 1.0, 0.6], n // 3)
+    s = draw(LOGITS, n=n, temperature=temp, top_k=top_k, top_p=top_p)
+    a, b, c = np.split(s, 3)
+    assert np.all(a == np.argmax(LOGITS))
+    assert_matches(b, reference_probs(LOGITS, top_k=3))
+    assert_matches(c, reference_probs(LOGITS, top_p=0.6))
+
+
+def test_top1_and_tiny_temperature_equal_greedy():
+    logits = jax.random.normal(jax.random.key(3), (500, V)) * 3
+    keys = smp.row_keys(jnp.arange(500, dtype=jnp.uint32), 0)
+    greedy = np.argmax(np.asarray(logits), axis=-1)
+    for knobs in (dict(top_k=1, temperature=1.0), dict(temperature=1e-4), dict(temperature=0.0, top_p=0.5, top_k=7)):
+        sp = smp.make_sampling_params(500, **knobs)
+        np.testing.assert_array_equal(smp.sample(logits, keys, sp), greedy, err_msg=str(knobs))
+
+
+def test_row_sample_independent_of_batch():
+    logits = jax.random.normal(jax.random.key(4), (6, V))
+    seeds = jnp.array([11, 22, 33, 44, 55, 66], jnp.uint32)
+    sp = smp.make_sampling_params(6, temperature=1.0, top_p=0.9)
+    full = np.asarray(smp.sample(logits, smp.row_keys(seeds, 5), sp))
+    perm = np.array([4, 0, 5, 2])
+    sub = smp.make_sampling_params(4, temperature=1.0, top_p=0.9)
+    part = np.asarray(smp.sample(logits[perm], smp.row_keys(seeds[perm], 5), sub))
+    np.testing.assert_array_equal(part, full[perm])
+
+
+@pytest.mark.parametrize("knobs,msg", [
+    (dict(temperature=-0.5), "temperature must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(top_k=-1), "top_k must be >= 0"),
+    (dict(top_k=300), "top_k must be <= 256"),
+    (dict(min_p=2.0), r"min_p must be in \[0, 1\]"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+    (dict(temperature=float("nan")), "temperature must be finite"),
+    (dict(temperature=[1.0, 2.0]), "one value per prompt"),
+    (dict(banned_ids=[V + 3]), "outside the vocabulary"),
+])
+def test_bad_knobs(knobs, msg):
+    with pytest.raises(ValueError, match=msg):
+        smp.make_sampling_params(3, vocab_size=V, **knobs)
