@@ -86,18 +86,11 @@ def _record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, 
         counts=s.counts.at[rows, tok].add(active.astype(jnp.int32)))
 
 
-def generate_tokens(params: Params, prompts: jax.Array, prompt_lengths: jax.Array,
-                    sp: smp.SamplingParams, max_new_tokens: jax.Array, stop_ids: jax.Array,
-                    seeds: jax.Array, *, cfg: ModelConfig, max_new: int, cache_len: int,
-                    top_logprobs: int = 0, candidates: int = smp.DEFAULT_CANDIDATES,
-                    pad_id: int = 0) -> GenerateOutput:
-    """Prefill right-padded prompts [B, T] in one pass, then decode up to `max_new` tokens per row.
-
-    Traced: params, prompts [B, T] int32, prompt_lengths [B] int32 (0 = padding row), sp (per-row
-    knobs), max_new_tokens [B] int32 (<= max_new), stop_ids [B, NS] int32 (-1 = unused), seeds [B].
-    Static: cfg, max_new (the token buffer M), cache_len, top_logprobs, candidates, pad_id.
-    The loop exits as soon as every row is done.
-    """
+def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: smp.SamplingParams,
+            max_new_tokens: jax.Array, stop_ids: jax.Array, seeds: jax.Array, *, cfg: ModelConfig,
+            max_new: int, cache_len: int, top_logprobs: int = 0,
+            candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0) -> DecodeState:
+    """Prefill right-padded prompts [B, T] in one forward pass and sample the first new token."""
     B, T = prompts.shape
     V = cfg.vocab_size
     rows = jnp.arange(B)
@@ -117,26 +110,64 @@ def generate_tokens(params: Params, prompts: jax.Array, prompt_lengths: jax.Arra
         last=jnp.zeros((B,), jnp.int32), done=(prompt_lengths <= 0) | (max_new_tokens <= 0),
         finish=jnp.zeros((B,), jnp.int32), num_new=jnp.zeros((B,), jnp.int32),
         seen=seen, counts=jnp.zeros((B, V), jnp.int32), cache=cache)
-    record = functools.partial(_record, sp=sp, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                               seeds=seeds, top_n=n, candidates=candidates, pad_id=pad_id)
-    state = record(state, logits)
+    return _record(state, logits, sp, max_new_tokens, stop_ids, seeds, n, candidates, pad_id)
+
+
+def decode(params: Params, state: DecodeState, sp: smp.SamplingParams, max_new_tokens: jax.Array,
+           stop_ids: jax.Array, seeds: jax.Array, until: jax.Array, *, cfg: ModelConfig,
+           candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0) -> DecodeState:
+    """Decode one token per row per step while step < until (traced) and some row is not done.
+
+    Running it to `until = M` at once or in chunks gives the same tokens: each step depends only on
+    the state, the row's seed and the step index."""
+    top_n = state.top_ids.shape[-1]
+    max_new = state.tokens.shape[1]
 
     def cond(s: DecodeState):
-        return (s.step < max_new) & ~jnp.all(s.done)
+        return (s.step < jnp.minimum(until, max_new)) & ~jnp.all(s.done)
 
     def body(s: DecodeState):
         pos = jnp.where(s.done, -1, s.cache.lengths)[:, None]  # finished rows write nothing
         h, cache = forward_hidden(params, s.last[:, None], pos, s.cache, cfg)
-        return record(s.replace(cache=cache), unembed(params, h[:, 0], cfg))
+        logits = unembed(params, h[:, 0], cfg)
+        return _record(s.replace(cache=cache), logits, sp, max_new_tokens, stop_ids, seeds, top_n,
+                       candidates, pad_id)
 
-    state = jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(cond, body, state)
+
+
+def output(state: DecodeState) -> GenerateOutput:
     return GenerateOutput(tokens=state.tokens, num_new=state.num_new, finish=state.finish,
                           logprobs=state.logprobs, top_ids=state.top_ids,
                           top_logprobs=state.top_logprobs, steps=state.step)
 
 
-generate_jit = jax.jit(generate_tokens, static_argnames=(
-    "cfg", "max_new", "cache_len", "top_logprobs", "candidates", "pad_id"))
+def generate_tokens(params: Params, prompts: jax.Array, prompt_lengths: jax.Array,
+                    sp: smp.SamplingParams, max_new_tokens: jax.Array, stop_ids: jax.Array,
+                    seeds: jax.Array, *, cfg: ModelConfig, max_new: int, cache_len: int,
+                    top_logprobs: int = 0, candidates: int = smp.DEFAULT_CANDIDATES,
+                    pad_id: int = 0) -> GenerateOutput:
+    """Prefill right-padded prompts [B, T] in one pass, then decode up to `max_new` tokens per row.
+
+    Traced: params, prompts [B, T] int32, prompt_lengths [B] int32 (0 = padding row), sp (per-row
+    knobs), max_new_tokens [B] int32 (<= max_new), stop_ids [B, NS] int32 (-1 = unused), seeds [B].
+    Static: cfg, max_new (the token buffer M), cache_len, top_logprobs, candidates, pad_id.
+    The loop exits as soon as every row is done.
+    """
+    state = prefill(params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
+                    max_new=max_new, cache_len=cache_len, top_logprobs=top_logprobs,
+                    candidates=candidates, pad_id=pad_id)
+    state = decode(params, state, sp, max_new_tokens, stop_ids, seeds, jnp.int32(max_new), cfg=cfg,
+                   candidates=candidates, pad_id=pad_id)
+    return output(state)
+
+
+_STATIC = ("cfg", "max_new", "cache_len", "top_logprobs", "candidates", "pad_id")
+generate_jit = jax.jit(generate_tokens, static_argnames=_STATIC)
+# The streaming pair: the same two phases as separate programs, so a caller can read tokens between
+# chunks of decode steps. The state is donated: each chunk updates the cache in place.
+prefill_jit = jax.jit(prefill, static_argnames=_STATIC)
+decode_jit = jax.jit(decode, static_argnames=("cfg", "candidates", "pad_id"), donate_argnames="state")
 
 
 # ---- host side: buckets, validation, the high-level API ----------------------------------------
@@ -305,6 +336,46 @@ def to_completions(model: Model, prompts, out: GenerateOutput, n: int) -> list[C
                                   logprobs=[float(x) for x in out.logprobs[i, :k]], text=text,
                                   prompt=prompts[i], top_logprobs=top))
     return results
+
+
+def stream(model: Model, prompts, *, chunk_steps: int = 8, top_logprobs: int = 0,
+           candidates: int = smp.DEFAULT_CANDIDATES, timings: dict | None = None, **request):
+    """Generate like `generate`, yielding a host copy of the GenerateOutput after the prefill and
+    after every `chunk_steps` decode steps, so callers can show tokens as they are produced.
+
+    The tokens equal `generate`'s: both run the same prefill and decode steps (here as two compiled
+    programs, with the decode loop stopped and resumed between chunks). If `timings` is a dict it
+    receives compile_s, prefill_s and decode_s (device-synchronized) and new_tokens.
+    """
+    import time
+
+    if chunk_steps < 1:
+        raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
+    ids, args, p = prepare(model, prompts, candidates=candidates, **request)
+    statics = dict(cfg=model.cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=top_logprobs,
+                   candidates=candidates)
+    loop_args = {k: args[k] for k in ("sp", "max_new_tokens", "stop_ids", "seeds")}
+    t0 = time.perf_counter()
+    state_shape = jax.eval_shape(functools.partial(prefill, **statics), model.params, **args)
+    prefill_c = prefill_jit.lower(model.params, **args, **statics).compile()
+    decode_c = decode_jit.lower(model.params, state_shape, **loop_args, until=np.int32(0), cfg=model.cfg,
+                                candidates=candidates).compile()
+    t1 = time.perf_counter()
+    state = jax.block_until_ready(prefill_c(model.params, **args))
+    t2 = time.perf_counter()
+    decode_s = 0.0
+    while True:
+        out = jax.device_get(output(state))
+        yield out
+        if int(out.steps) >= p.max_new or bool(np.all(out.finish[:len(ids)] > 0)):
+            break
+        t = time.perf_counter()
+        state = jax.block_until_ready(decode_c(model.params, state, **loop_args,
+                                               until=np.int32(int(out.steps) + chunk_steps)))
+        decode_s += time.perf_counter() - t
+    if timings is not None:
+        timings.update(compile_s=t1 - t0, prefill_s=t2 - t1, decode_s=decode_s,
+                       new_tokens=int(out.num_new[:len(ids)].sum()))
 
 
 def precompile(model: Model, batch: int, prompt_len: int, max_new_tokens: int, *, top_logprobs: int = 0,
