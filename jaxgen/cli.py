@@ -1,0 +1,170 @@
+"""Command line: `jaxgen generate` (streams text, or --json) and `jaxgen convert` (GGUF -> Orbax)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser):
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jaxgen.checkpoint import DEFAULT_MODEL, MODELS
+
+    ap = argparse.ArgumentParser(prog="jaxgen", description="Autoregressive generation in JAX.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate continuations of prompts")
+    g.add_argument("prompts", nargs="*", help="prompts; if none, read stdin (one per line)")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a registry name ({', '.join(sorted(MODELS))}) or a .gguf / Orbax path")
+    g.add_argument("--config", default=None, help="preset name or .toml for a .gguf no preset matches")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _add_sampling_flags(g)
+    g.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    g.add_argument("--system", default=None, help="system message for --chat")
+    g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    g.add_argument("--json-input", action="store_true", help="stdin lines are JSON strings")
+    g.add_argument("--ignore-stop", action="store_true", help="run every row to --max-new-tokens")
+    g.add_argument("--top-logprobs", type=int, default=0)
+    g.add_argument("--chunk-steps", type=int, default=4, help="decode steps between streamed outputs")
+
+    c = sub.add_parser("convert", help="write a model as an Orbax checkpoint (params + config + tokenizer)")
+    c.add_argument("src", help="registry name or .gguf path")
+    c.add_argument("dst", help="new directory")
+    c.add_argument("--config", default=None, help="preset name or .toml for a .gguf no preset matches")
+    return ap
+
+
+def _read_prompts(args) -> list[str]:
+    if args.prompts:
+        return list(args.prompts)
+    if sys.stdin is None or sys.stdin.isatty():
+        raise SystemExit("jaxgen generate: give a prompt, or pipe prompts on stdin (one per line)")
+    prompts = []
+    for n, line in enumerate(sys.stdin, 1):
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if args.json_input:
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"jaxgen generate: stdin line {n} is not valid JSON ({e.msg})")
+            if not isinstance(value, str):
+                raise SystemExit(f"jaxgen generate: stdin line {n} must be a JSON string, got {type(value).__name__}")
+            line = value
+        prompts.append(line)
+    if not prompts:
+        raise SystemExit("jaxgen generate: no prompts on stdin")
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    import jax.numpy as jnp
+
+    from jaxgen.checkpoint import load
+    from jaxgen.generate import FINISH_REASONS, stream
+
+    from jaxgen.sampling import make_sampling_params
+
+    prompts = _read_prompts(args)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    knobs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                 repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                 frequency_penalty=args.frequency_penalty)
+    make_sampling_params(len(prompts), **knobs)  # bad knobs fail here, before the model loads
+    timings: dict = {}
+    model = load(args.model, jnp.dtype(args.dtype), config=args.config, timings=timings)
+    tok = model.tokenizer
+    texts = prompts
+    if args.chat:
+        msgs = lambda p: ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": p}]
+        texts = [tok.apply_chat_template(msgs(p)) for p in prompts]
+    request = dict(max_new_tokens=args.max_new_tokens, seed=args.seed,
+                   stop_ids=[] if args.ignore_stop else None, **knobs)
+    n = len(prompts)
+    streaming = not args.json
+    decoders = [tok.stream_decoder() for _ in range(n)]
+    sent = [0] * n
+    printed_done = [False] * n
+    out = None
+    for out in stream(model, texts, chunk_steps=args.chunk_steps if streaming else 1 << 30,
+                      top_logprobs=args.top_logprobs, timings=timings, **request):
+        if not streaming:
+            continue
+        for i in range(n):
+            k = int(out.num_new[i])
+            done = int(out.finish[i]) > 0
+            body_end = k - 1 if int(out.finish[i]) == 1 else k  # the stop token is not text
+            new = decoders[i].push(out.tokens[i, sent[i]:body_end]) if body_end > sent[i] else ""
+            sent[i] = max(sent[i], body_end)
+            if n == 1:
+                sys.stdout.write(new)
+                if done:
+                    sys.stdout.write(decoders[i].flush() + "\n")
+                sys.stdout.flush()
+            elif done and not printed_done[i]:  # several prompts: each is printed when it finishes
+                printed_done[i] = True
+                text = tok.decode(out.tokens[i, :body_end])
+                sys.stdout.write(f"--- [{i}] {prompts[i]!r}\n{text}\n")
+                sys.stdout.flush()
+    if streaming:
+        if n == 1 and int(out.finish[0]) == 0:
+            sys.stdout.write(decoders[0].flush() + "\n")
+        for i in range(n):
+            if n > 1 and not printed_done[i]:
+                sys.stdout.write(f"--- [{i}] {prompts[i]!r}\n{tok.decode(out.tokens[i, :int(out.num_new[i])])}\n")
+        print(f"[{timings['new_tokens']} tokens; load {timings['load_s']:.2f}s, compile {timings['compile_s']:.2f}s, "
+              f"prefill {timings['prefill_s']:.3f}s, decode {timings['decode_s']:.2f}s]", file=sys.stderr)
+        return 0
+    for i in range(n):
+        k = int(out.num_new[i])
+        finish = FINISH_REASONS.get(int(out.finish[i]), "length")
+        toks = [int(t) for t in out.tokens[i, :k]]
+        obj = {"prompt": prompts[i], "text": tok.decode(toks[:-1] if finish == "stop" else toks),
+               "tokens": toks, "finish_reason": finish,
+               "logprobs": [float(x) for x in np.asarray(out.logprobs[i, :k])],
+               "timing": {key: timings[key] for key in ("load_s", "compile_s", "prefill_s", "decode_s", "new_tokens")}}
+        if args.top_logprobs:
+            obj["top_logprobs"] = [[[int(a), float(b)] for a, b in zip(out.top_ids[i, j], out.top_logprobs[i, j])]
+                                   for j in range(k)]
+        print(json.dumps(obj, ensure_ascii=False))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from jaxgen.checkpoint import load
+    from jaxgen.checkpoint.orbax import save
+
+    model = load(args.src, config=args.config, use_cache=False)
+    path = save(args.dst, model.cfg, model.params, model.tokenizer)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "convert": cmd_convert}[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        # Bad input is reported as one line naming the problem, not a traceback.
+        print(f"jaxgen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The `jaxgen` command line, run in-process on a tiny llama GGUF written by test_checkpoint's writer."""
+import io
+import json
+import sys
+
+import pytest
+
+from jaxgen import cli
+from jaxgen.checkpoint import orbax as O
+from jaxgen.checkpoint import registry
+
+from .conftest import random_params
+from .test_checkpoint import TINY_LLAMA, write_gguf
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny model as a .gguf, its preset .toml, and an Orbax checkpoint made by `jaxgen convert`."""
+    d = tmp_path_factory.mktemp("cli")
+    gguf_path = write_gguf(d / "tiny.gguf", TINY_LLAMA, random_params(TINY_LLAMA, seed=7))
+    toml = d / "tiny.toml"
+    toml.write_text(O._toml(TINY_LLAMA))
+    assert cli.main(["convert", str(gguf_path), str(d / "ck"), "--config", str(toml)]) == 0
+    return gguf_path, toml, d / "ck"
+
+
+def run(capsys, argv, stdin=None, monkeypatch=None):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    rc = cli.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_convert_round_trip(ckpt):
+    gguf_path, toml, ck = ckpt
+    a = registry.load(str(gguf_path), config=str(toml))
+    b = registry.load(str(ck))
+    assert a.cfg == b.cfg == TINY_LLAMA
+    import jax
+    import numpy as np
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, a.params), jax.tree.map(np.asarray, b.params))
+
+
+def test_json_output_fields(ckpt, capsys):
+    _, _, ck = ckpt
+    rc, out, err = run(capsys, ["generate", "the cat", "a", "--model", str(ck), "--json", "--ignore-stop",
+                                "--max-new-tokens", "7", "--top-logprobs", "3"])
+    assert rc == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["the cat", "a"]
+    tok = registry.load(str(ck)).tokenizer
+    for r in rows:
+        assert set(r) == {"prompt", "text", "tokens", "finish_reason", "logprobs", "timing", "top_logprobs"}
+        assert len(r["tokens"]) == len(r["logprobs"]) == len(r["top_logprobs"]) == 7
+        assert r["finish_reason"] == "length" and r["text"] == tok.decode(r["tokens"])
+        assert all(lp <= 0 for lp in r["logprobs"])
+        # greedy: the chosen token is the top alternative, with the same logprob
+        assert [t[0][0] for t in r["top_logprobs"]] == r["tokens"]
+        assert set(r["timing"]) == {"load_s", "compile_s", "prefill_s", "decode_s", "new_tokens"}
+        assert r["timing"]["new_tokens"] == 14
+
+
+def test_stream_prints_the_same_text_as_json(ckpt, capsys):
+    _, _, ck = ckpt
+    common = ["--model", str(ck), "--ignore-stop", "--max-new-tokens", "9", "--temperature", "0.8", "--seed", "3"]
+    rc, out, _ = run(capsys, ["generate", "the tea", "--json", *common])
+    text = json.loads(out)["text"]
+    rc2, streamed, err = run(capsys, ["generate", "the tea", "--chunk-steps", "2", *common])
+    assert rc == rc2 == 0
+    assert streamed == text + "\n" and "9 tokens" in err
+
+
+def test_prompts_from_stdin(ckpt, capsys, monkeypatch):
+    _, _, ck = ckpt
+    args = ["generate", "--model", str(ck), "--json", "--max-new-tokens", "2"]
+    rc, out, _ = run(capsys, args, stdin="first\n\nsecond line\n", monkeypatch=monkeypatch)
+    assert rc == 0 and [json.loads(x)["prompt"] for x in out.splitlines()] == ["first", "second line"]
+    rc, out, _ = run(capsys, args + ["--json-input"], stdin='"a\\nb"\n', monkeypatch=monkeypatch)
+    assert rc == 0 and json.loads(out)["prompt"] == "a\nb"
+    with pytest.raises(SystemExit, match="stdin line 1 is not valid JSON"):
+        run(capsys, args + ["--json-input"], stdin="not json\n", monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "1.5"], "top_p"),
+    (["--max-new-tokens", "0"], "max-new-tokens must be >= 1"),
+    (["--model", "gpt-9"], "unknown model 'gpt-9'; known models: "),
+])
+def test_bad_input_is_one_line_rc2(capsys, flags, message):
+    rc, out, err = run(capsys, ["generate", "hi", *flags])
+    assert rc == 2 and out == ""
+    assert err.startswith("jaxgen generate: error: ") and message in err and err.count("\n") == 1
+
+
+def test_prompt_longer_than_context(ckpt, capsys):
+    _, _, ck = ckpt
+    rc, _, err = run(capsys, ["generate", "x" * 200, "--model", str(ck)])
+    assert rc == 2 and "exceeds tiny-llama's context of 128 tokens" in err
