@@ -27,6 +27,24 @@ TINY_QWEN = ModelConfig(
 CONFIGS = {"gemma": TINY_GEMMA, "qwen": TINY_QWEN}
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-qwen", action="store_true",
+                     help="also run the Qwen2.5-Coder parity tests (needs the 0.5 GB model packages)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "qwen: Qwen2.5-Coder real-model tests, opt-in with --run-qwen")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-qwen"):
+        return
+    skip = pytest.mark.skip(reason="Qwen real-model test: opt in with --run-qwen")
+    for item in items:
+        if item.get_closest_marker("qwen") is not None:
+            item.add_marker(skip)
+
+
 def random_params(cfg, seed=0):
     """init_params, with norms and biases perturbed so that a wrong norm or bias would show."""
     params = init_params(cfg, jax.random.key(seed))
