@@ -67,8 +67,10 @@ def restore(path, dtype=jnp.float32, shardings=None):
     stored = ocp.StandardCheckpointer().metadata(path / "params")
     stored_dtype = jax.tree.leaves(stored.item_metadata if hasattr(stored, "item_metadata") else stored)[0].dtype
     target = param_shapes(cfg, stored_dtype)
-    if shardings is not None:
-        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target, shardings)
+    if shardings is None:  # without a sharding Orbax hands back host numpy arrays: place them on device
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: one, target)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target, shardings)
     params = ocp.StandardCheckpointer().restore(path / "params", target)
     if params.embed.dtype != jnp.dtype(dtype):
         params = jax.tree.map(lambda a: a.astype(dtype), params)
