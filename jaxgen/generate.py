@@ -67,7 +67,8 @@ def _record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, 
     B = logits.shape[0]
     rows = jnp.arange(B)
     tok = smp.sample(logits, smp.row_keys(seeds, s.step), sp, s.seen, s.counts, candidates)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, V]
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [B]; no [B, V] log-softmax is materialized
     active = ~s.done
     tok = jnp.where(active, tok, pad_id)
     num_new = s.num_new + active
@@ -75,11 +76,15 @@ def _record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, 
     hit_len = active & ~hit_stop & (num_new >= max_new_tokens)
     finish = jnp.where(hit_stop, STOP, jnp.where(hit_len, LENGTH, s.finish))
     col = lambda buf, val: jax.lax.dynamic_update_index_in_dim(buf, val.astype(buf.dtype), s.step, 1)
-    top_lp, top_ids = jax.lax.top_k(logp, top_n) if top_n else (s.top_logprobs[:, 0], s.top_ids[:, 0])
+    if top_n:
+        top_lp, top_ids = jax.lax.top_k(logits, top_n)
+        top_lp = top_lp - lse[:, None]
+    else:
+        top_lp, top_ids = s.top_logprobs[:, 0], s.top_ids[:, 0]
     return s.replace(
         step=s.step + 1,
         tokens=col(s.tokens, tok),
-        logprobs=col(s.logprobs, jnp.where(active, logp[rows, tok], 0.0)),
+        logprobs=col(s.logprobs, jnp.where(active, logits[rows, tok] - lse, 0.0)),
         top_ids=col(s.top_ids, top_ids), top_logprobs=col(s.top_logprobs, top_lp),
         last=tok, done=s.done | hit_stop | hit_len, finish=finish, num_new=num_new,
         seen=s.seen.at[rows, tok].set(s.seen[rows, tok] | active),

@@ -191,15 +191,31 @@ def row_keys(seeds: jax.Array, step) -> jax.Array:
     return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds)
 
 
-def categorical(keys, logits):
-    """One draw per row from softmax(logits) by inverse CDF; -inf logits are never drawn."""
+def categorical(keys, logits, block: int = 512):
+    """One draw per row from softmax(logits) by inverse CDF; -inf logits are never drawn.
+
+    Two-level, to avoid a cumulative sum over the whole vocabulary (slow on CPU at V = 262k): pick the
+    block of `block` ids whose cumulative mass first exceeds u, then the id inside that block."""
+    B, V = logits.shape
+    nb = -(-V // block)
     m = jnp.max(logits, axis=-1, keepdims=True)
     p = jnp.exp(logits - m)  # [B, V]
-    cdf = jnp.cumsum(p, axis=-1)
-    total = cdf[:, -1]
+    p = jnp.pad(p, ((0, 0), (0, nb * block - V))).reshape(B, nb, block)  # [B, nb, block]
+    block_cdf = jnp.cumsum(jnp.sum(p, axis=-1), axis=-1)  # [B, nb]
+    total = block_cdf[:, -1]
     u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys) * total
-    u = jnp.minimum(u, jnp.nextafter(total, 0.0))  # u < total, so the pick has p > 0
-    return jnp.sum(cdf <= u[:, None], axis=-1).astype(jnp.int32)
+    u = jnp.minimum(u, jnp.nextafter(total, 0.0))  # u < total
+    b = jnp.minimum(jnp.sum(block_cdf <= u[:, None], axis=-1), nb - 1)  # [B] chosen block
+    before = jnp.take_along_axis(block_cdf, b[:, None], axis=1)[:, 0] - jnp.take_along_axis(
+        jnp.sum(p, axis=-1), b[:, None], axis=1)[:, 0]  # mass of the blocks before b
+    inner = jnp.take_along_axis(p, b[:, None, None], axis=1)[:, 0]  # [B, block]
+    cdf = before[:, None] + jnp.cumsum(inner, axis=-1)
+    i = jnp.sum(cdf <= u[:, None], axis=-1)
+    # Rounding may leave u at or past the block's last cumulative value: take its last nonzero id.
+    last = block - 1 - jnp.argmax((inner > 0)[:, ::-1], axis=-1)
+    i = jnp.where(i >= block, last, i)
+    i = jnp.where(jnp.take_along_axis(inner, jnp.minimum(i, block - 1)[:, None], 1)[:, 0] > 0, i, last)
+    return (b * block + i).astype(jnp.int32)
 
 
 def sample(logits, keys, sp: SamplingParams, seen=None, counts=None,
@@ -208,12 +224,21 @@ def sample(logits, keys, sp: SamplingParams, seen=None, counts=None,
 
     keys: [B] typed PRNG keys (see `row_keys`). seen/counts feed the penalties (None = no history).
     """
+    # Each stage runs only when some row uses it (a traced `cond`, so no recompilation): a greedy
+    # batch pays for one argmax, not for penalties, top-k candidates and a draw over 262k ids.
     logits = logits.astype(jnp.float32)
     if seen is not None:
-        logits = apply_penalties(logits, seen, counts, sp)
+        use = jnp.any((sp.repetition_penalty != 1.0) | (sp.presence_penalty != 0.0) | (sp.frequency_penalty != 0.0))
+        logits = jax.lax.cond(use, lambda x: apply_penalties(x, seen, counts, sp), lambda x: x, logits)
     logits = apply_bias(logits, sp)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = apply_temperature(logits, sp)
-    thr = keep_threshold(scaled, sp, candidates)
-    drawn = categorical(keys, jnp.where(scaled >= thr[:, None], scaled, -jnp.inf))
+
+    def draw(logits):
+        scaled = apply_temperature(logits, sp)
+        filtered = (sp.top_k > 0) | (sp.top_p < 1.0) | (sp.min_p > 0.0)
+        thr = jax.lax.cond(jnp.any(filtered), lambda x: keep_threshold(x, sp, candidates),
+                           lambda x: jnp.full(x.shape[:1], -jnp.inf), scaled)
+        return categorical(keys, jnp.where(scaled >= thr[:, None], scaled, -jnp.inf))
+
+    drawn = jax.lax.cond(jnp.any(sp.temperature > 0), draw, lambda x: greedy, logits)
     return jnp.where(sp.temperature > 0, drawn, greedy)
