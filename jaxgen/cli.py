@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a registry name ({', '.join(sorted(MODELS))}) or a .gguf / Orbax path")
     g.add_argument("--config", default=None, help="preset name or .toml for a .gguf no preset matches")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: float32 on CPU (faster there), bfloat16 on GPU/TPU")
     _add_sampling_flags(g)
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
     g.add_argument("--system", default=None, help="system message for --chat")
@@ -72,7 +73,6 @@ def _read_prompts(args) -> list[str]:
 
 
 def cmd_generate(args) -> int:
-    import jax.numpy as jnp
 
     from jaxgen.checkpoint import load
     from jaxgen.generate import FINISH_REASONS, stream
@@ -87,7 +87,7 @@ def cmd_generate(args) -> int:
                  frequency_penalty=args.frequency_penalty)
     make_sampling_params(len(prompts), **knobs)  # bad knobs fail here, before the model loads
     timings: dict = {}
-    model = load(args.model, jnp.dtype(args.dtype), config=args.config, timings=timings)
+    model = load(args.model, args.dtype, config=args.config, timings=timings)
     tok = model.tokenizer
     texts = prompts
     if args.chat:

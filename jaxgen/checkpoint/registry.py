@@ -109,7 +109,16 @@ def gguf_path(name: str) -> pathlib.Path:
     return target
 
 
-def load(name_or_path: str = DEFAULT_MODEL, dtype=jnp.float32, *, config=None, use_cache: bool = True,
+def resolve_dtype(dtype) -> jnp.dtype:
+    """"auto" is the fastest dtype that keeps quality: float32 on CPU (XLA:CPU's bfloat16 matmuls are
+    3-10x slower than float32 at decode batch sizes, measured; float32 also reproduces the reference
+    fixtures exactly) and bfloat16 on GPU/TPU (half the bytes per decode step)."""
+    if isinstance(dtype, str) and dtype == "auto":
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    return jnp.dtype(dtype)
+
+
+def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_cache: bool = True,
          shardings=None, timings: dict | None = None):
     """A ready `Model` (config, params on device, tokenizer) from a registry name, a .gguf path or an
     Orbax checkpoint directory. `config` (a ModelConfig, preset name or .toml path) is for a .gguf that
@@ -120,7 +129,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype=jnp.float32, *, config=None, u
     from jaxgen.tokenizer import from_gguf_fields
 
     t0 = time.perf_counter()
-    dtype = jnp.dtype(dtype)
+    dtype = resolve_dtype(dtype)
     path = pathlib.Path(name_or_path)
     if config is not None and (name_or_path in MODELS or path.suffix != ".gguf"):
         raise ValueError("config= applies only to a .gguf path (registry models and Orbax checkpoints carry "

@@ -1,0 +1,46 @@
+"""jaxgen on the benchmark protocol (see common.py). Runs in jaxgen's own environment."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import clock, decode_rates, report, spec  # noqa: E402
+
+
+def main():
+    s = spec()
+    import jax
+
+    import jaxgen
+
+    model = jaxgen.load(s.get("jaxgen_model") or s["gguf"], s["dtype"])  # the registry name uses the Orbax cache
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda e, d, **kw: compiles.append(kw.get("fun_name")) if e == "/jax/core/compile/backend_compile_duration" else None)
+
+    seen = set()
+
+    def run(batch, n, ids=s["prompt_ids"]):
+        key, before = (batch, n, len(ids)), len(compiles)
+        out = jaxgen.generate(model, [ids] * batch, max_new_tokens=n, stop_ids=[])
+        assert all(len(o.tokens) == n for o in out)
+        if key in seen:  # a shape seen before must not compile again
+            assert len(compiles) == before, f"recompiled for {key}: {compiles[before:]}"
+        seen.add(key)
+
+    t = clock()
+    run(1, s["new_tokens"])
+    first = clock() - t
+    t = clock()
+    run(1, 1, s["prefill_ids"])
+    run(1, 1, s["prefill_ids"])  # compiled now
+    t = clock()
+    run(1, 1, s["prefill_ids"])
+    prefill = len(s["prefill_ids"]) / (clock() - t)
+    decode = {}
+    for b in s["batches"]:
+        decode[b] = decode_rates(run, b, s["new_tokens"], s["inner"])
+    report("jaxgen", s, first_call_s=first, prefill_tps=prefill, decode_tps=decode, compiles=len(compiles))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Side-by-side benchmark: jaxgen and its peers on the same GGUF file, prompts and settings, in one run,
+alternating the systems round by round.  python -m benchmarks.run [--quick] [--systems ...]
+
+Each system runs as a subprocess in its own virtualenv (benchmarks/setup_peers.sh makes them under
+.benchmarks/); jaxgen runs in this interpreter's environment. Before each round the machine's memory
+bandwidth is measured (two numpy threads summing 1 GiB), so every figure comes with its roofline:
+decode at batch 1 reads every weight once per token, so tokens/s <= bandwidth / weight bytes.
+Writes benchmarks/results/<machine>-<date>.json, a PNG plot beside it and the README table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PEERS = {"jaxgen": "peer_jaxgen.py", "hf": "peer_hf.py", "gemma": "peer_gemma.py", "llamacpp": "peer_llamacpp.py"}
+PROMPT = "The capital of France is"
+LONG = ("The history of the city begins with a small settlement on an island in the river, where fishermen "
+        "and traders met to exchange goods. Over the centuries the settlement grew into a town, then a city, "
+        "with walls, bridges, markets, churches and palaces. ")
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def bandwidth_gbs(gib: float = 1.0, threads: int = 2, reps: int = 5) -> float:
+    """Median GB/s of `threads` numpy threads each summing its share of `gib` GiB (numpy releases the GIL)."""
+    a = np.ones(int(gib * (1 << 30)) // 4, np.float32)
+    parts = np.array_split(a, threads)
+    out = []
+    for _ in range(reps + 1):
+        ts = [threading.Thread(target=p.sum) for p in parts]
+        t = time.perf_counter()
+        [x.start() for x in ts], [x.join() for x in ts]
+        out.append(a.nbytes / (time.perf_counter() - t) / 1e9)
+    return statistics.median(out[1:])  # the first pass faults pages in
+
+
+def python_for(system: str) -> str | None:
+    if system == "jaxgen":
+        return sys.executable
+    py = ROOT / ".benchmarks" / system / "bin" / "python"
+    return str(py) if (py.parent.parent / ".ok").exists() else None
+
+
+def run_peer(system: str, spec: dict, timeout: int) -> dict:
+    py = python_for(system)
+    cmd = [py, str(ROOT / "benchmarks" / PEERS[system]), json.dumps(spec)]
+    # jaxgen and the gemma peer (which borrows jaxgen's GGUF reader) see the repository.
+    env = dict(os.environ, PYTHONPATH=str(ROOT) if system in ("jaxgen", "gemma") else "", TF_CPP_MIN_LOG_LEVEL="3")
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    if p.returncode != 0:
+        raise RuntimeError(f"{system} {spec['dtype']} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    res["wall_s"] = time.perf_counter() - t
+    return res
+
+
+def weight_bytes(dtype: str, gguf_path: str) -> dict:
+    """Bytes read per decode step: every parameter once (the tied embedding as the unembedding)."""
+    import jax
+
+    from jaxgen.checkpoint import gguf
+    from jaxgen.config import load_config
+    from jaxgen.model import param_shapes
+
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes(load_config("gemma3-270m"))))
+    r = gguf.open_gguf(gguf_path)
+    q_bytes = sum(int(t.n_bytes) for t in r.tensors)
+    return {"params": n, "float32": 4 * n, "bfloat16": 2 * n, "gguf": q_bytes}
+
+
+def summarize(rows: list[dict], bws: list[float], wb: dict) -> dict:
+    bw = statistics.median(bws)
+    out = {}
+    for r in rows:
+        key = f"{r['system']}/{r['dtype']}"
+        s = out.setdefault(key, {"system": r["system"], "dtype": r["dtype"], "first_call_s": [], "prefill_tps": [],
+                                 "peak_rss_mb": [], "decode_tps": {}})
+        for f in ("first_call_s", "prefill_tps", "peak_rss_mb"):
+            s[f].append(r[f])
+        for b, v in r["decode_tps"].items():
+            s["decode_tps"].setdefault(str(b), []).extend(v)
+    for s in out.values():
+        nbytes = wb["gguf"] if s["system"] == "llamacpp" else wb[s["dtype"]]
+        roof = bw * 1e9 / nbytes
+        stat = lambda xs: {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+        for f in ("first_call_s", "prefill_tps", "peak_rss_mb"):
+            s[f] = stat(s[f])
+        s["decode_tps"] = {b: stat(v) for b, v in s["decode_tps"].items()}
+        s["roofline_tps_b1"] = roof
+        s["weight_bytes"] = nbytes
+        if "1" in s["decode_tps"]:
+            s["roofline_fraction_b1"] = s["decode_tps"]["1"]["median"] / roof
+    return out
+
+
+def ratios(rows: list[dict]) -> dict:
+    """jaxgen / peer, computed pair by pair: per round, same dtype, the medians of that round."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["round"], r["dtype"]), {})[r["system"]] = r
+    out = {}
+    for (rnd, dtype), systems in by.items():
+        j = systems.get("jaxgen")
+        if j is None:
+            continue
+        for name, p in systems.items():
+            if name == "jaxgen":
+                continue
+            key = f"jaxgen/{name}/{dtype}"
+            d = out.setdefault(key, {})
+            for b in j["decode_tps"]:
+                if b in p["decode_tps"]:
+                    d.setdefault(f"decode_b{b}", []).append(
+                        statistics.median(j["decode_tps"][b]) / statistics.median(p["decode_tps"][b]))
+            d.setdefault("prefill", []).append(j["prefill_tps"] / p["prefill_tps"])
+            d.setdefault("first_call", []).append(j["first_call_s"] / p["first_call_s"])
+    return {k: {m: statistics.median(v) for m, v in d.items()} for k, d in out.items()}
+
+
+def table(summary: dict, bw: float) -> str:
+    batches = sorted({int(b) for s in summary.values() for b in s["decode_tps"]})
+    head = ["system", "dtype"] + [f"decode tok/s B={b}" for b in batches] + [
+        "% of roofline (B=1)", "prefill tok/s (512)", "first call s", "peak RSS MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in sorted(summary.values(), key=lambda s: (s["dtype"], s["system"] != "jaxgen", s["system"])):
+        cells = [s["system"], s["dtype"]]
+        for b in batches:
+            d = s["decode_tps"].get(str(b))
+            cells.append(f"{d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f})" if d else "-")
+        frac = s.get("roofline_fraction_b1")
+        cells += [f"{100 * frac:.0f}%" if frac is not None else "-", f"{s['prefill_tps']['median']:.0f}",
+                  f"{s['first_call_s']['median']:.1f}", f"{s['peak_rss_mb']['median']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\nMemory bandwidth in the same run: {bw:.1f} GB/s (median; two numpy threads over 1 GiB). "
+                 "Medians with min-max over rounds x repeats.")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, bw: float, path: pathlib.Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in summary.values():
+        bs = sorted(int(b) for b in s["decode_tps"])
+        ys = [s["decode_tps"][str(b)]["median"] for b in bs]
+        ax.plot(bs, ys, marker="o", label=f"{s['system']} {s['dtype']}")
+    for dtype, style in (("float32", ":"), ("bfloat16", "--")):
+        if any(s["dtype"] == dtype for s in summary.values()):
+            roof = next(s["roofline_tps_b1"] for s in summary.values() if s["dtype"] == dtype and s["system"] != "llamacpp")
+            ax.axhline(roof, color="gray", linestyle=style, linewidth=1, label=f"B=1 roofline {dtype} ({roof:.0f})")
+    ax.set_xscale("log", base=2), ax.set_yscale("log")
+    ax.set_xlabel("batch size"), ax.set_ylabel("decode tokens/s (all rows)")
+    ax.set_title(f"Gemma 3 270M decode on {platform.machine()} x{os.cpu_count()} ({bw:.0f} GB/s)")
+    ax.legend(fontsize=7), ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout(), fig.savefig(path, dpi=120)
+
+
+def update_readme(text: str):
+    readme = ROOT / "README.md"
+    s = readme.read_text()
+    if README_START not in s:
+        raise SystemExit("README.md has no benchmark markers")
+    a, b = s.index(README_START) + len(README_START), s.index(README_END)
+    readme.write_text(s[:a] + "\n" + text + "\n" + s[b:])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="jaxgen alone, small settings (CI keeps the harness working)")
+    ap.add_argument("--systems", default="jaxgen,hf,gemma")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--new-tokens", type=int, default=33)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--inner", type=int, default=2)
+    ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--no-readme", action="store_true")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.systems, a.dtypes, a.batches, a.new_tokens, a.rounds, a.inner = "jaxgen", "float32", "1,2", 9, 1, 1
+    systems, dtypes = a.systems.split(","), a.dtypes.split(",")
+    for s in systems:
+        if s not in PEERS:
+            raise SystemExit(f"unknown system {s!r}; known: {sorted(PEERS)}")
+        if python_for(s) is None:
+            raise SystemExit(f"{s}: no environment; run `bash benchmarks/setup_peers.sh {s}` first")
+
+    import jaxgen
+    from jaxgen.checkpoint import gguf_path
+
+    path = str(gguf_path("gemma3-270m"))
+    tok = jaxgen.load("gemma3-270m").tokenizer
+    prefill = tok.encode(LONG * 40)[:512]
+    sp_model = pathlib.Path(a.out) / ".gemma3-270m.spm"  # the SentencePiece model built from the GGUF
+    sp_model.parent.mkdir(parents=True, exist_ok=True)
+    sp_model.write_bytes(tok.proto)
+    spec = {"gguf": path, "sp_model": str(sp_model), "jaxgen_model": "gemma3-270m", "prompt_ids": tok.encode(PROMPT), "prefill_ids": prefill,
+            "batches": [int(b) for b in a.batches.split(",")], "new_tokens": a.new_tokens, "inner": a.inner}
+    rows, bws = [], []
+    for rnd in range(a.rounds):
+        bws.append(bandwidth_gbs())
+        order = systems[rnd % len(systems):] + systems[:rnd % len(systems)]  # alternate who goes first
+        for system in order:
+            for dtype in dtypes:
+                r = run_peer(system, dict(spec, dtype=dtype), a.timeout)
+                r["round"] = rnd
+                rows.append(r)
+                print(f"round {rnd} {system} {dtype}: decode {({b: round(statistics.median(v), 1) for b, v in r['decode_tps'].items()})} "
+                      f"prefill {r['prefill_tps']:.0f} first {r['first_call_s']:.1f}s rss {r['peak_rss_mb']:.0f}MB "
+                      f"(bw {bws[-1]:.1f} GB/s)", file=sys.stderr, flush=True)
+    bws.append(bandwidth_gbs())
+    wb = weight_bytes("float32", path)
+    summary = summarize(rows, bws, wb)
+    result = {"machine": f"{platform.machine()}-{os.cpu_count()}cpu", "date": datetime.date.today().isoformat(),
+              "model": "gemma3-270m", "gguf": pathlib.Path(path).name, "settings": {k: v for k, v in vars(a).items()},
+              "prompt_tokens": len(spec["prompt_ids"]), "bandwidth_gbs": bws, "weight_bytes": wb,
+              "summary": summary, "ratios": ratios(rows), "runs": rows}
+    out = pathlib.Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{result['machine']}-{result['date']}" + ("-quick" if a.quick else "")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    bw = statistics.median(bws)
+    text = table(summary, bw)
+    print(text)
+    if not a.quick:
+        plot(summary, bw, out / f"{stem}.png")
+        if not a.no_readme:
+            update_readme(text + f"\n\n![decode tokens/s](benchmarks/results/{stem}.png)\n"
+                          f"Raw figures: `benchmarks/results/{stem}.json`.")
+    return result
+
+
+if __name__ == "__main__":
+    main()
