@@ -94,8 +94,9 @@ def _record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, 
 def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: smp.SamplingParams,
             max_new_tokens: jax.Array, stop_ids: jax.Array, seeds: jax.Array, *, cfg: ModelConfig,
             max_new: int, cache_len: int, top_logprobs: int = 0,
-            candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0) -> DecodeState:
-    """Prefill right-padded prompts [B, T] in one forward pass and sample the first new token."""
+            candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0, mesh=None) -> DecodeState:
+    """Prefill right-padded prompts [B, T] in one forward pass and sample the first new token.
+    With a `mesh`, the returned state is constrained to `sharding.state_shardings`."""
     B, T = prompts.shape
     V = cfg.vocab_size
     rows = jnp.arange(B)
@@ -115,12 +116,22 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
         last=jnp.zeros((B,), jnp.int32), done=(prompt_lengths <= 0) | (max_new_tokens <= 0),
         finish=jnp.zeros((B,), jnp.int32), num_new=jnp.zeros((B,), jnp.int32),
         seen=seen, counts=jnp.zeros((B, V), jnp.int32), cache=cache)
-    return _record(state, logits, sp, max_new_tokens, stop_ids, seeds, n, candidates, pad_id)
+    return _constrain(_record(state, logits, sp, max_new_tokens, stop_ids, seeds, n, candidates, pad_id), mesh)
+
+
+def _constrain(state: DecodeState, mesh) -> DecodeState:
+    """Pin the loop carry to fixed shardings (rows on `data`, cache as the rules say), so the
+    while_loop neither reshards nor lets GSPMD pick a different layout per iteration."""
+    if mesh is None:
+        return state
+    from jaxgen.sharding import state_shardings
+
+    return jax.lax.with_sharding_constraint(state, state_shardings(jax.eval_shape(lambda: state), mesh))
 
 
 def decode(params: Params, state: DecodeState, sp: smp.SamplingParams, max_new_tokens: jax.Array,
            stop_ids: jax.Array, seeds: jax.Array, until: jax.Array, *, cfg: ModelConfig,
-           candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0) -> DecodeState:
+           candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0, mesh=None) -> DecodeState:
     """Decode one token per row per step while step < until (traced) and some row is not done.
 
     Running it to `until = M` at once or in chunks gives the same tokens: each step depends only on
@@ -135,8 +146,8 @@ def decode(params: Params, state: DecodeState, sp: smp.SamplingParams, max_new_t
         pos = jnp.where(s.done, -1, s.cache.lengths)[:, None]  # finished rows write nothing
         h, cache = forward_hidden(params, s.last[:, None], pos, s.cache, cfg)
         logits = unembed(params, h[:, 0], cfg)
-        return _record(s.replace(cache=cache), logits, sp, max_new_tokens, stop_ids, seeds, top_n,
-                       candidates, pad_id)
+        return _constrain(_record(s.replace(cache=cache), logits, sp, max_new_tokens, stop_ids, seeds, top_n,
+                                  candidates, pad_id), mesh)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -151,28 +162,29 @@ def generate_tokens(params: Params, prompts: jax.Array, prompt_lengths: jax.Arra
                     sp: smp.SamplingParams, max_new_tokens: jax.Array, stop_ids: jax.Array,
                     seeds: jax.Array, *, cfg: ModelConfig, max_new: int, cache_len: int,
                     top_logprobs: int = 0, candidates: int = smp.DEFAULT_CANDIDATES,
-                    pad_id: int = 0) -> GenerateOutput:
+                    pad_id: int = 0, mesh=None) -> GenerateOutput:
     """Prefill right-padded prompts [B, T] in one pass, then decode up to `max_new` tokens per row.
 
     Traced: params, prompts [B, T] int32, prompt_lengths [B] int32 (0 = padding row), sp (per-row
     knobs), max_new_tokens [B] int32 (<= max_new), stop_ids [B, NS] int32 (-1 = unused), seeds [B].
-    Static: cfg, max_new (the token buffer M), cache_len, top_logprobs, candidates, pad_id.
+    Static: cfg, max_new (the token buffer M), cache_len, top_logprobs, candidates, pad_id, mesh
+    (a jax.sharding.Mesh: the decode state is then kept on `jaxgen.sharding`'s shardings).
     The loop exits as soon as every row is done.
     """
     state = prefill(params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
                     max_new=max_new, cache_len=cache_len, top_logprobs=top_logprobs,
-                    candidates=candidates, pad_id=pad_id)
+                    candidates=candidates, pad_id=pad_id, mesh=mesh)
     state = decode(params, state, sp, max_new_tokens, stop_ids, seeds, jnp.int32(max_new), cfg=cfg,
-                   candidates=candidates, pad_id=pad_id)
+                   candidates=candidates, pad_id=pad_id, mesh=mesh)
     return output(state)
 
 
-_STATIC = ("cfg", "max_new", "cache_len", "top_logprobs", "candidates", "pad_id")
+_STATIC = ("cfg", "max_new", "cache_len", "top_logprobs", "candidates", "pad_id", "mesh")
 generate_jit = jax.jit(generate_tokens, static_argnames=_STATIC)
 # The streaming pair: the same two phases as separate programs, so a caller can read tokens between
 # chunks of decode steps. The state is donated: each chunk updates the cache in place.
 prefill_jit = jax.jit(prefill, static_argnames=_STATIC)
-decode_jit = jax.jit(decode, static_argnames=("cfg", "candidates", "pad_id"), donate_argnames="state")
+decode_jit = jax.jit(decode, static_argnames=("cfg", "candidates", "pad_id", "mesh"), donate_argnames="state")
 
 
 # ---- host side: buckets, validation, the high-level API ----------------------------------------
@@ -189,6 +201,7 @@ class Model:
     cfg: ModelConfig
     params: Params
     tokenizer: Any = None
+    mesh: Any = None  # a jax.sharding.Mesh when params are sharded (see jaxgen.sharding)
 
 
 @dataclasses.dataclass
@@ -279,6 +292,9 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0,
         seeds = (int(seed) * 1_000_003 + np.arange(n)) % (2 ** 31)
     else:
         seeds = smp._per_row("seed", seed, n, np.int64)
+    if model.mesh is not None:  # rows split evenly over the data axis
+        d = model.mesh.shape["data"]
+        p = dataclasses.replace(p, batch=-(-p.batch // d) * d)
     B, T = p.batch, p.prompt_len
     pad = lambda a, fill: np.concatenate([a, np.full((B - n,) + a.shape[1:], fill, a.dtype)])
     tok = np.zeros((B, T), np.int32)
@@ -311,7 +327,7 @@ def generate(model: Model, prompts, *, max_new_tokens=64, temperature=0.0, top_k
                            logit_bias=logit_bias, banned_ids=banned_ids)
     if top_logprobs < 0 or top_logprobs > model.cfg.vocab_size:
         raise ValueError(f"top_logprobs must be in [0, {model.cfg.vocab_size}], got {top_logprobs}")
-    out = jax.device_get(run(model, args, p, top_logprobs, candidates))
+    out = fetch(run(model, args, p, top_logprobs, candidates))
     return to_completions(model, prompts, out, len(ids))
 
 
@@ -319,8 +335,28 @@ def run(model: Model, args: dict, p: Plan, top_logprobs: int = 0,
         candidates: int = smp.DEFAULT_CANDIDATES) -> GenerateOutput:
     """Call the compiled program on `prepare`d arguments (always by keyword: jit keys its cache on
     how arguments are passed, so every caller goes through here)."""
-    return generate_jit(model.params, **args, cfg=model.cfg, max_new=p.max_new, cache_len=p.cache_len,
-                        top_logprobs=top_logprobs, candidates=candidates)
+    return generate_jit(model.params, **place(model, args), cfg=model.cfg, max_new=p.max_new,
+                        cache_len=p.cache_len, top_logprobs=top_logprobs, candidates=candidates, mesh=model.mesh)
+
+
+def place(model: Model, args: dict) -> dict:
+    """With a mesh, put every per-row argument on the `data` axis (each process holds the whole
+    host batch; device_put keeps the rows of its own devices)."""
+    if model.mesh is None:
+        return args
+    from jaxgen.sharding import batch_sharding
+
+    return jax.tree.map(lambda a: jax.device_put(a, batch_sharding(model.mesh, np.ndim(a))), args)
+
+
+def fetch(tree):
+    """Host numpy copy of a (possibly multi-process) result."""
+    leaves = jax.tree.leaves(tree)
+    if all(getattr(x, "is_fully_addressable", True) for x in leaves):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def to_completions(model: Model, prompts, out: GenerateOutput, n: int) -> list[Completion]:
@@ -358,19 +394,25 @@ def stream(model: Model, prompts, *, chunk_steps: int = 8, top_logprobs: int = 0
         raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
     ids, args, p = prepare(model, prompts, candidates=candidates, **request)
     statics = dict(cfg=model.cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=top_logprobs,
-                   candidates=candidates)
+                   candidates=candidates, mesh=model.mesh)
+    args = place(model, args)
     loop_args = {k: args[k] for k in ("sp", "max_new_tokens", "stop_ids", "seeds")}
     t0 = time.perf_counter()
     state_shape = jax.eval_shape(functools.partial(prefill, **statics), model.params, **args)
+    if model.mesh is not None:
+        from jaxgen.sharding import state_shardings
+
+        state_shape = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                   state_shape, state_shardings(state_shape, model.mesh))
     prefill_c = prefill_jit.lower(model.params, **args, **statics).compile()
     decode_c = decode_jit.lower(model.params, state_shape, **loop_args, until=np.int32(0), cfg=model.cfg,
-                                candidates=candidates).compile()
+                                candidates=candidates, mesh=model.mesh).compile()
     t1 = time.perf_counter()
     state = jax.block_until_ready(prefill_c(model.params, **args))
     t2 = time.perf_counter()
     decode_s = 0.0
     while True:
-        out = jax.device_get(output(state))
+        out = fetch(output(state))
         yield out
         if int(out.steps) >= p.max_new or bool(np.all(out.finish[:len(ids)] > 0)):
             break
