@@ -41,6 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-logprobs", type=int, default=0)
     g.add_argument("--chunk-steps", type=int, default=4, help="decode steps between streamed outputs")
 
+    b = sub.add_parser("batch", help="generate for a JSONL file of prompts (resumable, sharded)")
+    b.add_argument("--input", required=True, help="JSONL: {id, prompt | messages, overrides...} per line")
+    b.add_argument("--output", required=True, help="JSONL results, appended; rerun to resume")
+    b.add_argument("--model", default=DEFAULT_MODEL)
+    b.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    b.add_argument("--mesh", default=None, help="e.g. data=2,model=4 (default: all local devices on data)")
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--memory-gb", type=float, default=None, help="cap on the KV cache of one batch")
+    _add_sampling_flags(b)
+    b.add_argument("--chat", action="store_true", help="apply the chat template to 'prompt' rows")
+    b.add_argument("--ignore-stop", action="store_true")
+    b.add_argument("--top-logprobs", type=int, default=0)
+    b.add_argument("--on-error", choices=["fail", "skip"], default="fail", help="on a malformed input line")
+    b.add_argument("--dry-run", action="store_true", help="print the batch plan and compiled programs only")
+
     c = sub.add_parser("convert", help="write a model as an Orbax checkpoint (params + config + tokenizer)")
     c.add_argument("src", help="registry name or .gguf path")
     c.add_argument("dst", help="new directory")
@@ -146,6 +161,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from jaxgen import batch
+    from jaxgen.sampling import make_sampling_params
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    make_sampling_params(1, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                         repetition_penalty=args.repetition_penalty)  # bad knobs fail before loading
+    return batch.main(args)
+
+
 def cmd_convert(args) -> int:
     from jaxgen.checkpoint import load
     from jaxgen.checkpoint.orbax import save
@@ -159,7 +185,7 @@ def cmd_convert(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "convert": cmd_convert}[args.command](args)
+        return {"generate": cmd_generate, "convert": cmd_convert, "batch": cmd_batch}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         # Bad input is reported as one line naming the problem, not a traceback.
         print(f"jaxgen {args.command}: error: {e}", file=sys.stderr)

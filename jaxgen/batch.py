@@ -1,0 +1,232 @@
+"""`jaxgen batch`: generate for a JSONL file of prompts, resumably and losslessly.
+
+Input lines: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]} (chat template), with
+optional per-row overrides of max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+presence_penalty, frequency_penalty and seed. Output: one JSON line per input id, appended and flushed
+(fsync) as each batch finishes: {"id", "text", "tokens", "finish_reason", "logprobs"?, "timing"} or
+{"id", "error"} for a row that cannot run (e.g. too long), which never stops the others.
+
+Restarting with the same output file skips ids already written; a torn last line (the process was
+killed mid-write) is cut off first, so a run killed at any moment and restarted ends with exactly one
+complete line per id. A row's seed is derived from (--seed, id), so its tokens do not depend on batch
+size, order or mesh. Rows are sorted by prompt length so each batch pads little and few programs
+compile (`--dry-run` lists them).
+
+Multi-host: after `jax.distributed.initialize()`, each process takes every process_count-th row and
+writes OUTPUT.process-<i>-of-<n> over its local devices.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import zlib
+
+OVERRIDES = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+             "presence_penalty", "frequency_penalty", "seed")
+
+
+class InputError(ValueError):
+    pass
+
+
+def read_requests(path: str, on_error: str = "fail") -> tuple[list[dict], list[dict]]:
+    """(requests, errors). Each request: {"id", "text"|"messages", "line", overrides...}."""
+    rows, errors, seen = [], [], set()
+
+    def bad(n, msg, rid=None):
+        if on_error == "fail":
+            raise InputError(f"{path}:{n}: {msg}")
+        print(f"jaxgen batch: skipping {path}:{n}: {msg}", file=sys.stderr)
+        if rid is not None and rid not in seen:
+            errors.append({"id": rid, "error": msg})
+            seen.add(rid)
+
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad(n, f"not valid JSON ({e.msg})")
+                continue
+            if not isinstance(obj, dict) or "id" not in obj:
+                bad(n, "each line must be a JSON object with an 'id'")
+                continue
+            rid = obj["id"]
+            if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+                bad(n, f"id must be a string or integer, got {rid!r}")
+                continue
+            if rid in seen:
+                bad(n, f"duplicate id {rid!r}")
+                continue
+            if ("prompt" in obj) == ("messages" in obj):
+                bad(n, "give exactly one of 'prompt' or 'messages'", rid)
+                continue
+            unknown = set(obj) - {"id", "prompt", "messages", *OVERRIDES}
+            if unknown:
+                bad(n, f"unknown fields {sorted(unknown)}", rid)
+                continue
+            seen.add(rid)
+            rows.append({**obj, "line": n})
+    return rows, errors
+
+
+def done_ids(path: str) -> set:
+    """Ids already in the output; a torn last line is truncated away first."""
+    if not os.path.exists(path):
+        return set()
+    ids, good = set(), 0
+    with open(path, "rb") as f:
+        data = f.read()
+    for raw in data.splitlines(keepends=True):
+        if not raw.endswith(b"\n"):
+            break
+        try:
+            ids.add(json.loads(raw)["id"])
+        except (ValueError, KeyError, TypeError):
+            break  # a corrupt line: everything from here is rewritten
+        good += len(raw)
+    if good != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return ids
+
+
+def row_seed(seed: int, rid) -> int:
+    return zlib.crc32(f"{seed}:{rid}".encode()) & 0x7FFFFFFF
+
+
+def plan_batches(model, rows: list[dict], batch_size: int, memory_bytes: int | None):
+    """Sort by length; cut into batches of <= batch_size rows whose cache fits memory_bytes."""
+    from jaxgen.cache import cache_bytes
+    from jaxgen.generate import plan
+
+    rows = sorted(rows, key=lambda r: (len(r["ids"]), str(r["id"])))
+    batches, cur = [], []
+    for r in rows:
+        trial = cur + [r]
+        p = plan(model.cfg, len(trial), max(len(x["ids"]) for x in trial), max(x["max_new"] for x in trial))
+        fits = memory_bytes is None or cache_bytes(model.cfg, p.batch, p.cache_len, model.params.embed.dtype) <= memory_bytes
+        if cur and (len(trial) > batch_size or not fits):
+            batches.append(cur)
+            cur = [r]
+        else:
+            cur = trial
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def run_batch(model, rows: list[dict], defaults: dict, top_logprobs: int) -> list[dict]:
+    import jaxgen
+
+    n = len(rows)
+    knobs = {}
+    for k in OVERRIDES:
+        if k in ("max_new_tokens", "seed"):
+            continue
+        vals = [r.get(k, defaults[k]) for r in rows]
+        knobs[k] = vals[0] if len(set(vals)) == 1 else vals
+    t = time.perf_counter()
+    out = jaxgen.generate(model, [r["ids"] for r in rows], max_new_tokens=[r["max_new"] for r in rows],
+                          seed=[r["seed"] for r in rows], stop_ids=defaults["stop_ids"],
+                          top_logprobs=top_logprobs, **knobs)
+    dt = time.perf_counter() - t
+    lines = []
+    for r, o in zip(rows, out):
+        obj = {"id": r["id"], "text": o.text if o.text is not None else None, "tokens": o.tokens,
+               "finish_reason": o.finish_reason, "logprobs": o.logprobs,
+               "timing": {"batch_s": round(dt, 4), "batch_size": n}}
+        if top_logprobs:
+            obj["top_logprobs"] = o.top_logprobs
+        lines.append(obj)
+    return lines
+
+
+def append(f, objs: list[dict]):
+    """One write per line, flushed and fsynced: a kill leaves at most one torn last line."""
+    for obj in objs:
+        f.write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def main(args) -> int:
+    import jax
+
+    from jaxgen.checkpoint import load
+    from jaxgen.sharding import make_mesh
+
+    rows, errors = read_requests(args.input, args.on_error)
+    output = args.output
+    if jax.process_count() > 1:
+        rows = rows[jax.process_index()::jax.process_count()]
+        errors = errors[jax.process_index()::jax.process_count()]
+        output = f"{output}.process-{jax.process_index()}-of-{jax.process_count()}"
+    done = done_ids(output)
+    todo = [r for r in rows if r["id"] not in done]
+    errors = [e for e in errors if e["id"] not in done]
+
+    mesh = make_mesh(args.mesh, jax.local_devices()) if (args.mesh or jax.local_device_count() > 1) else None
+    timings: dict = {}
+    if mesh is not None:
+        from jaxgen.generate import Model
+        from jaxgen.sharding import shard_params
+
+        m = load(args.model, args.dtype, timings=timings)
+        model = Model(m.cfg, shard_params(m.params, m.cfg, mesh), m.tokenizer, mesh)
+    else:
+        model = load(args.model, args.dtype, timings=timings)
+    tok = model.tokenizer
+    defaults = {k: getattr(args, k) for k in OVERRIDES}
+    defaults["stop_ids"] = [] if args.ignore_stop else None
+    for r in todo:
+        text = r.get("prompt")
+        if "messages" in r:
+            text = tok.apply_chat_template(r["messages"])
+        elif args.chat:
+            text = tok.apply_chat_template([{"role": "user", "content": text}])
+        r["ids"] = tok.encode(text)
+        r["max_new"] = int(r.get("max_new_tokens", args.max_new_tokens))
+        r["seed"] = row_seed(int(r.get("seed", args.seed)), r["id"])
+    ok, too_long = [], []
+    for r in todo:
+        if not r["ids"] or len(r["ids"]) + r["max_new"] > model.cfg.max_seq_len or r["max_new"] < 1:
+            too_long.append({"id": r["id"], "error": f"prompt of {len(r['ids'])} tokens + max_new_tokens "
+                             f"{r['max_new']} does not fit {model.cfg.name}'s context of {model.cfg.max_seq_len}"})
+        else:
+            ok.append(r)
+    memory = int(args.memory_gb * (1 << 30)) if args.memory_gb else None
+    batches = plan_batches(model, ok, args.batch_size, memory)
+    if args.dry_run:
+        from jaxgen.generate import plan
+
+        shapes = {}
+        for b in batches:
+            p = plan(model.cfg, len(b), max(len(r["ids"]) for r in b), max(r["max_new"] for r in b))
+            shapes.setdefault((p.batch, p.prompt_len, p.max_new), 0)
+            shapes[(p.batch, p.prompt_len, p.max_new)] += 1
+        print(json.dumps({"rows": len(ok), "skipped_done": len(done), "errors": len(errors) + len(too_long),
+                          "batches": len(batches), "programs": [
+                              {"batch": b, "prompt_len": t, "max_new": m, "batches": c} for (b, t, m), c in sorted(shapes.items())]}))
+        return 0
+    t0, n_done, n_tok = time.perf_counter(), 0, 0
+    total = len(ok)
+    with open(output, "ab") as f:
+        append(f, errors + too_long)
+        for b in batches:
+            lines = run_batch(model, b, defaults, args.top_logprobs)
+            append(f, lines)
+            n_done += len(b)
+            n_tok += sum(len(x["tokens"]) for x in lines)
+            el = time.perf_counter() - t0
+            eta = el / n_done * (total - n_done)
+            print(f"\r[{n_done}/{total}] {n_tok / el:.1f} tok/s, ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
+    el = time.perf_counter() - t0
+    print(f"\ndone: {n_done} rows, {n_tok} tokens in {el:.1f}s ({n_tok / max(el, 1e-9):.1f} tok/s); "
+          f"{len(errors) + len(too_long)} errors; {len(done)} already done; load {timings.get('load_s', 0):.1f}s",
+          file=sys.stderr)
+    return 0
