@@ -9,8 +9,9 @@ presence_penalty, frequency_penalty and seed. Output: one JSON line per input id
 Restarting with the same output file skips ids already written; a torn last line (the process was
 killed mid-write) is cut off first, so a run killed at any moment and restarted ends with exactly one
 complete line per id. A row's seed is derived from (--seed, id), so its tokens do not depend on batch
-size, order or mesh. Rows are sorted by prompt length so each batch pads little and few programs
-compile (`--dry-run` lists them).
+size, order, refilling or mesh. Rows are sorted by prompt length so each batch pads little and few
+programs compile (`--dry-run` lists them). With `--refill`, finished rows are replaced by waiting
+prompts between chunks of decode steps (continuous batching) instead of waiting for the longest row.
 
 Multi-host: after `jax.distributed.initialize()`, each process takes every process_count-th row and
 writes OUTPUT.process-<i>-of-<n> over its local devices.
@@ -146,6 +147,98 @@ def run_batch(model, rows: list[dict], defaults: dict, top_logprobs: int) -> lis
     return lines
 
 
+def _row_line(r, o, top_logprobs, extra):
+    from jaxgen.generate import FINISH_REASONS
+
+    k = int(o["num_new"])
+    toks = [int(t) for t in o["tokens"][:k]]
+    finish = FINISH_REASONS.get(int(o["finish"]), "length")
+    obj = {"id": r["id"], "text": o["decode"](toks[:-1] if finish == "stop" else toks), "tokens": toks,
+           "finish_reason": finish, "logprobs": [float(x) for x in o["logprobs"][:k]], "timing": extra}
+    if top_logprobs:
+        obj["top_logprobs"] = [[(int(a), float(b)) for a, b in zip(o["top_ids"][j], o["top_logprobs"][j])]
+                               for j in range(k)]
+    return obj
+
+
+def run_refill(model, rows: list[dict], defaults: dict, slots: int, chunk: int, top_logprobs: int, emit):
+    """Continuous batching: `slots` rows decode together; when rows finish, waiting prompts are
+    prefilled and inserted into their slots between chunks of `chunk` decode steps, instead of the
+    batch waiting for its longest row. One running-state shape for the whole run (cache sized for
+    the longest prompt + max_new_tokens), so the programs are: decode, insert, and one prefill per
+    (new-row bucket, prompt bucket)."""
+    import jax
+    import numpy as np
+
+    from jaxgen import sampling as smp
+    from jaxgen.generate import (NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, bucket, decode_jit, fetch, insert_jit,
+                                 place, prefill_jit, prepare)
+
+    cfg = model.cfg
+    M = bucket(max(r["max_new"] for r in rows), NEW_TOKEN_BUCKETS, "max_new_tokens")
+    T = bucket(max(len(r["ids"]) for r in rows), PROMPT_BUCKETS, "prompt length")
+    S = min(T + M, cfg.max_seq_len)
+    d = model.mesh.shape["data"] if model.mesh is not None else 1
+    B = -(-slots // d) * d
+    NS = 4
+    knob_names = [k for k in OVERRIDES if k not in ("max_new_tokens", "seed")]
+    statics = dict(cfg=cfg, max_new=M, cache_len=S, top_logprobs=top_logprobs, mesh=model.mesh)
+
+    def request(batch_rows):
+        knobs = {k: [r.get(k, defaults[k]) for r in batch_rows] for k in knob_names}
+        stops = defaults["stop_ids"]
+        _, args, _ = prepare(model, [r["ids"] for r in batch_rows], max_new_tokens=[r["max_new"] for r in batch_rows],
+                             seed=[r["seed"] for r in batch_rows], stop_ids=stops, **knobs)
+        st = args["stop_ids"][:, :NS]
+        args["stop_ids"] = np.pad(st, ((0, 0), (0, NS - st.shape[1])), constant_values=-1)
+        return args
+
+    # The running batch starts as all-padding rows (done); host copies of its per-row arguments.
+    empty = dict(prompts=np.zeros((B, 16), np.int32), prompt_lengths=np.zeros((B,), np.int32),
+                 sp=smp.make_sampling_params(B), max_new_tokens=np.zeros((B,), np.int32),
+                 stop_ids=np.full((B, NS), -1, np.int32), seeds=np.zeros((B,), np.uint32))
+    state = prefill_jit(model.params, **place(model, empty), **statics)
+    host = {k: empty[k] for k in ("sp", "max_new_tokens", "stop_ids", "seeds")}
+    slot_row = [None] * B
+    pending = list(rows)
+    decode_text = model.tokenizer.decode
+    t0 = time.perf_counter()
+    while pending or any(r is not None for r in slot_row):
+        free = [i for i, r in enumerate(slot_row) if r is None]
+        take, pending = pending[:len(free)], pending[len(free):]
+        if take:
+            args = request(take)
+            new = prefill_jit(model.params, **place(model, args), **statics)
+            b = args["prompts"].shape[0]
+            dest = np.array(free[:len(take)] + [B] * (b - len(take)), np.int32)  # padding rows dropped
+            state = insert_jit(state, new, dest)
+            for key in host:
+                src = args[key]
+                host[key] = jax.tree.map(lambda h, a: _set_rows(h, dest[:len(take)], a[:len(take)]), host[key], src)
+            for i, r in zip(dest, take):
+                slot_row[int(i)] = r
+        state = decode_jit(model.params, state, **place(model, host), until=np.int32(int(state.step) + chunk),
+                           cfg=cfg, mesh=model.mesh)
+        o = fetch({"done": state.done, "num_new": state.num_new, "finish": state.finish})
+        finished = [i for i, r in enumerate(slot_row) if r is not None and bool(o["done"][i])]
+        if finished:
+            full = fetch({"tokens": state.tokens, "logprobs": state.logprobs, "top_ids": state.top_ids,
+                          "top_logprobs": state.top_logprobs})
+            lines = []
+            for i in finished:
+                row = {k: v[i] for k, v in full.items()} | {k: v[i] for k, v in o.items()} | {"decode": decode_text}
+                lines.append(_row_line(slot_row[i], row, top_logprobs,
+                                       {"elapsed_s": round(time.perf_counter() - t0, 4), "slots": B}))
+                slot_row[i] = None
+            emit(lines)
+
+
+def _set_rows(h, dest, a):
+    h = h.copy()
+    h[dest] = a
+    return h
+
+
 def append(f, objs: list[dict]):
     """One write per line, flushed and fsynced: a kill leaves at most one torn last line."""
     for obj in objs:
@@ -217,14 +310,22 @@ def main(args) -> int:
     total = len(ok)
     with open(output, "ab") as f:
         append(f, errors + too_long)
-        for b in batches:
-            lines = run_batch(model, b, defaults, args.top_logprobs)
+
+        def emit(lines):
+            nonlocal n_done, n_tok
             append(f, lines)
-            n_done += len(b)
+            n_done += len(lines)
             n_tok += sum(len(x["tokens"]) for x in lines)
             el = time.perf_counter() - t0
             eta = el / n_done * (total - n_done)
             print(f"\r[{n_done}/{total}] {n_tok / el:.1f} tok/s, ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
+
+        if args.refill and ok:
+            run_refill(model, sorted(ok, key=lambda r: -len(r["ids"])), defaults, args.batch_size,
+                       args.chunk_steps, args.top_logprobs, emit)
+        else:
+            for b in batches:
+                emit(run_batch(model, b, defaults, args.top_logprobs))
     el = time.perf_counter() - t0
     print(f"\ndone: {n_done} rows, {n_tok} tokens in {el:.1f}s ({n_tok / max(el, 1e-9):.1f} tok/s); "
           f"{len(errors) + len(too_long)} errors; {len(done)} already done; load {timings.get('load_s', 0):.1f}s",

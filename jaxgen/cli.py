@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"a registry name ({', '.join(sorted(MODELS))}) or a .gguf / Orbax path")
     g.add_argument("--config", default=None, help="preset name or .toml for a .gguf no preset matches")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto: float32 on CPU (faster there), bfloat16 on GPU/TPU")
+                   help="auto: float32 on CPU (exact reference text), bfloat16 on GPU/TPU")
     _add_sampling_flags(g)
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
     g.add_argument("--system", default=None, help="system message for --chat")
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--top-logprobs", type=int, default=0)
     b.add_argument("--on-error", choices=["fail", "skip"], default="fail", help="on a malformed input line")
     b.add_argument("--dry-run", action="store_true", help="print the batch plan and compiled programs only")
+    b.add_argument("--refill", action=argparse.BooleanOptionalAction, default=True,
+                   help="continuous batching: refill finished slots between decode chunks (default on)")
+    b.add_argument("--chunk-steps", type=int, default=8, help="decode steps between refills")
 
     c = sub.add_parser("convert", help="write a model as an Orbax checkpoint (params + config + tokenizer)")
     c.add_argument("src", help="registry name or .gguf path")
@@ -165,8 +168,8 @@ def cmd_batch(args) -> int:
     from jaxgen import batch
     from jaxgen.sampling import make_sampling_params
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.batch_size < 1 or args.chunk_steps < 1:
+        raise ValueError(f"--batch-size and --chunk-steps must be >= 1, got {args.batch_size}, {args.chunk_steps}")
     make_sampling_params(1, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                          repetition_penalty=args.repetition_penalty)  # bad knobs fail before loading
     return batch.main(args)

@@ -63,10 +63,12 @@ class GenerateOutput:
 
 
 def _record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, candidates, pad_id):
-    """Sample one token per row from logits [B, V], write it at column s.step, update done flags."""
+    """Sample one token per row from logits [B, V], write it at the row's next column (num_new),
+    update done flags. Keyed by (seed, num_new): rows are independent of their neighbours and of
+    the step at which they joined the batch."""
     B = logits.shape[0]
     rows = jnp.arange(B)
-    tok = smp.sample(logits, smp.row_keys(seeds, s.step), sp, s.seen, s.counts, candidates)
+    tok = smp.sample(logits, smp.row_keys(seeds, s.num_new), sp, s.seen, s.counts, candidates)
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B]; no [B, V] log-softmax is materialized
     active = ~s.done
@@ -75,7 +77,8 @@ def _record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, 
     hit_stop = active & jnp.any(tok[:, None] == stop_ids, axis=-1)
     hit_len = active & ~hit_stop & (num_new >= max_new_tokens)
     finish = jnp.where(hit_stop, STOP, jnp.where(hit_len, LENGTH, s.finish))
-    col = lambda buf, val: jax.lax.dynamic_update_index_in_dim(buf, val.astype(buf.dtype), s.step, 1)
+    idx = jnp.where(active, s.num_new, s.tokens.shape[1])  # done rows write nothing (dropped)
+    col = lambda buf, val: buf.at[rows, idx].set(val.astype(buf.dtype), mode="drop")
     if top_n:
         top_lp, top_ids = jax.lax.top_k(logits, top_n)
         top_lp = top_lp - lse[:, None]
@@ -137,10 +140,9 @@ def decode(params: Params, state: DecodeState, sp: smp.SamplingParams, max_new_t
     Running it to `until = M` at once or in chunks gives the same tokens: each step depends only on
     the state, the row's seed and the step index."""
     top_n = state.top_ids.shape[-1]
-    max_new = state.tokens.shape[1]
 
-    def cond(s: DecodeState):
-        return (s.step < jnp.minimum(until, max_new)) & ~jnp.all(s.done)
+    def cond(s: DecodeState):  # every row stops by its max_new_tokens <= M, so `until` bounds chunks only
+        return (s.step < until) & ~jnp.all(s.done)
 
     def body(s: DecodeState):
         pos = jnp.where(s.done, -1, s.cache.lengths)[:, None]  # finished rows write nothing
@@ -150,6 +152,20 @@ def decode(params: Params, state: DecodeState, sp: smp.SamplingParams, max_new_t
                                   candidates, pad_id), mesh)
 
     return jax.lax.while_loop(cond, body, state)
+
+
+def insert(state: DecodeState, new: DecodeState, slots: jax.Array) -> DecodeState:
+    """Continuous batching: put the rows of `new` (a prefilled state with the same M and cache
+    shapes) into rows `slots` [b] of a running state; a slot >= B drops that row. The running
+    state's step counter is kept; each row carries its own position and token count."""
+    put = lambda a, b, axis=0: a.at[(slice(None),) * axis + (slots,)].set(b, mode="drop")
+    c, n = state.cache, new.cache
+    cache = c.replace(k_local=put(c.k_local, n.k_local, 1), v_local=put(c.v_local, n.v_local, 1),
+                      k_global=put(c.k_global, n.k_global, 1), v_global=put(c.v_global, n.v_global, 1),
+                      pos_local=put(c.pos_local, n.pos_local), pos_global=put(c.pos_global, n.pos_global),
+                      lengths=put(c.lengths, n.lengths))
+    rows = ("tokens", "logprobs", "top_ids", "top_logprobs", "last", "done", "finish", "num_new", "seen", "counts")
+    return state.replace(cache=cache, **{f: put(getattr(state, f), getattr(new, f)) for f in rows})
 
 
 def output(state: DecodeState) -> GenerateOutput:
@@ -184,6 +200,7 @@ generate_jit = jax.jit(generate_tokens, static_argnames=_STATIC)
 # The streaming pair: the same two phases as separate programs, so a caller can read tokens between
 # chunks of decode steps. The state is donated: each chunk updates the cache in place.
 prefill_jit = jax.jit(prefill, static_argnames=_STATIC)
+insert_jit = jax.jit(insert, donate_argnames="state")
 decode_jit = jax.jit(decode, static_argnames=("cfg", "candidates", "pad_id", "mesh"), donate_argnames="state")
 
 

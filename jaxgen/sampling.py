@@ -187,8 +187,11 @@ def keep_threshold(logits, sp: SamplingParams, candidates: int = DEFAULT_CANDIDA
 
 
 def row_keys(seeds: jax.Array, step) -> jax.Array:
-    """[B] typed keys for one step: fold_in(key(seed_row), step), independent of the batch."""
-    return jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seeds)
+    """[B] typed keys: fold_in(key(seed_row), step_row), independent of the batch. `step` is a scalar
+    or one value per row (generate passes each row's count of tokens so far, so a row's draws do not
+    depend on when it joined a running batch)."""
+    steps = jnp.broadcast_to(jnp.asarray(step, jnp.uint32), jnp.shape(seeds))
+    return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
 
 
 def categorical(keys, logits, block: int = 512):

@@ -10,23 +10,16 @@ import time
 import pytest
 
 from jaxgen import cli
-from jaxgen.checkpoint import orbax as O
 from jaxgen.checkpoint import registry
 
-from .conftest import random_params
-from .test_checkpoint import TINY_LLAMA, write_gguf
+from .test_cli import ckpt  # noqa: F401  (the module-scoped tiny checkpoint fixture)
 
 WORDS = ["the", "tea", "is", "hot", "and", "the", "cat", "sat", "on", "a", "mat", "today"]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("batch")
-    path = write_gguf(d / "tiny.gguf", TINY_LLAMA, random_params(TINY_LLAMA, seed=5))
-    toml = d / "tiny.toml"
-    toml.write_text(O._toml(TINY_LLAMA))
-    m = registry.load(str(path), config=str(toml))
-    return str(O.save(d / "ck", m.cfg, m.params, m.tokenizer))
+def model_dir(ckpt):
+    return str(ckpt[2])  # test_cli's tiny model, converted to Orbax by `jaxgen convert`
 
 
 def write_input(path, n, **extra):
@@ -133,3 +126,23 @@ def test_dry_run_lists_programs(model_dir, tmp_path, capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["rows"] == 10 and plan["batches"] == 3
     assert sum(p["batches"] for p in plan["programs"]) == 3 and not (tmp_path / "out.jsonl").exists()
+
+
+def test_refill_equals_static_batches(model_dir, tmp_path):
+    """Mixed output lengths: continuous batching (rows joining a running batch) gives each id the
+    same tokens as static batches, and the same as each row alone."""
+    inp = tmp_path / "in.jsonl"
+    with open(inp, "w") as f:
+        for i in range(11):
+            f.write(json.dumps({"id": i, "prompt": " ".join(WORDS[: 1 + i % 7]), "max_new_tokens": 1 + (i * 7) % 12}) + "\n")
+    knobs = ["--temperature", "0.8", "--seed", "2", "--batch-size", "3", "--max-new-tokens", "12"]
+    args = lambda out, *extra: ["batch", "--input", str(inp), "--output", str(tmp_path / out), "--model", model_dir,
+                                "--ignore-stop", *knobs, *extra]
+    assert cli.main(args("refill.jsonl", "--refill", "--chunk-steps", "2")) == 0
+    assert cli.main(args("static.jsonl", "--no-refill")) == 0
+    a, b = read_output(tmp_path / "refill.jsonl"), read_output(tmp_path / "static.jsonl")
+    assert sorted(a) == list(range(11))
+    for i in range(11):
+        assert len(a[i]["tokens"]) == 1 + (i * 7) % 12
+        assert a[i]["tokens"] == b[i]["tokens"] and a[i]["text"] == b[i]["text"]
+        assert a[i]["logprobs"] == pytest.approx(b[i]["logprobs"], abs=1e-5)

@@ -173,7 +173,7 @@ def test_orbax_round_trip_with_tokenizer(tiny_file, tmp_path):
     O.save(tmp_path / "ck", TINY_LLAMA, params, tok)
     with pytest.raises(FileExistsError):
         O.save(tmp_path / "ck", TINY_LLAMA, params, tok)  # never overwrite a checkpoint
-    model = registry.load(str(tmp_path / "ck"))
+    model = registry.load(str(tmp_path / "ck"), "float32")
     assert model.cfg == TINY_LLAMA
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(model.params))  # on device, not numpy
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, model.params))

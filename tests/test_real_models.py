@@ -22,7 +22,7 @@ class Real:
     def __init__(self, name):
         self.name = name
         self.fixture = json.loads((FIXTURES / f"{name}.json").read_text())
-        self.model = load(name)
+        self.model = load(name, "float32")  # the references are float32
         cases = self.fixture["cases"]
         n_new = self.fixture["meta"]["new_tokens"]
         kw = dict(max_new_tokens=n_new, stop_ids=[], top_logprobs=10)
