@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--refill", action=argparse.BooleanOptionalAction, default=True,
                    help="continuous batching: refill finished slots between decode chunks (default on)")
     b.add_argument("--chunk-steps", type=int, default=8, help="decode steps between refills")
+    b.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host: run on every host)")
 
     c = sub.add_parser("convert", help="write a model as an Orbax checkpoint (params + config + tokenizer)")
     c.add_argument("src", help="registry name or .gguf path")
@@ -172,6 +174,10 @@ def cmd_batch(args) -> int:
         raise ValueError(f"--batch-size and --chunk-steps must be >= 1, got {args.batch_size}, {args.chunk_steps}")
     make_sampling_params(1, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                          repetition_penalty=args.repetition_penalty)  # bad knobs fail before loading
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()  # TPU pods / SLURM / coordinator env vars: no arguments needed
     return batch.main(args)
 
 
