@@ -4,10 +4,10 @@ from jaxgen.config import ModelConfig, config_from_dict, load_config, preset_nam
 from jaxgen.generate import (Completion, GenerateOutput, Model, generate, generate_jit, generate_tokens,
                              plan, precompile, stream)
 from jaxgen.checkpoint import load
-from jaxgen.model import Params, forward, init_params
+from jaxgen.model import Params, forward, init_params, score
 from jaxgen.sampling import SamplingParams, make_sampling_params, sample
 
 __all__ = ["KVCache", "cache_bytes", "init_cache", "ModelConfig", "config_from_dict", "load_config",
            "preset_names", "Completion", "GenerateOutput", "Model", "generate", "generate_jit",
-           "generate_tokens", "plan", "precompile", "stream", "load", "Params", "forward", "init_params", "SamplingParams",
+           "generate_tokens", "plan", "precompile", "stream", "load", "Params", "forward", "init_params", "score", "SamplingParams",
            "make_sampling_params", "sample"]

@@ -291,3 +291,21 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
     """
     h, cache = forward_hidden(params, tokens, positions, cache, cfg)
     return unembed(params, h, cfg), cache
+
+
+def score(params: Params, tokens: jax.Array, lengths: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Teacher-forced log-probabilities [B, T-1] of tokens[:, 1:] given the tokens before them, for
+    right-padded sequences tokens [B, T] of per-row lengths [B] (0 past a row's end).
+
+    Pure and differentiable in params (policy-gradient losses take grad of it); it equals the
+    `logprobs` generate reports for the tokens it sampled (raw model, before sampling transforms)."""
+    from jaxgen.cache import init_cache
+
+    B, T = tokens.shape
+    idx = jnp.arange(T)[None, :]
+    positions = jnp.where(idx < lengths[:, None], idx, -1).astype(jnp.int32)  # [B, T]
+    h, _ = forward_hidden(params, tokens, positions, init_cache(cfg, B, T, params.embed.dtype), cfg)
+    logits = unembed(params, h[:, :-1], cfg)  # [B, T-1, V] predicting tokens[:, 1:]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
+    return jnp.where(idx[:, 1:] < lengths[:, None], picked, 0.0)
