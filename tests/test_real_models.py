@@ -15,7 +15,8 @@ from jaxgen.checkpoint import load
 from jaxgen.generate import stream
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-MODELS = ["gemma3-270m", "smollm2-135m", pytest.param("qwen2.5-coder-0.5b", marks=pytest.mark.qwen)]
+MODELS = ["gemma3-270m", "smollm2-135m", pytest.param("qwen2.5-coder-0.5b", marks=pytest.mark.qwen),
+          pytest.param("qwen2.5-coder-1.5b", marks=pytest.mark.qwen)]
 
 
 class Real:

