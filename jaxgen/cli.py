@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: float32 on CPU (exact reference text), bfloat16 on GPU/TPU")
     _add_sampling_flags(g)
+    g.add_argument("--mesh", default=None, help="shard over devices, e.g. data=2,model=4 (default: one device)")
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
     g.add_argument("--system", default=None, help="system message for --chat")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -107,7 +108,17 @@ def cmd_generate(args) -> int:
                  frequency_penalty=args.frequency_penalty)
     make_sampling_params(len(prompts), **knobs)  # bad knobs fail here, before the model loads
     timings: dict = {}
+    mesh = None
+    if args.mesh:
+        from jaxgen.sharding import make_mesh
+
+        mesh = make_mesh(args.mesh)  # a bad mesh fails here, before the model loads
     model = load(args.model, args.dtype, config=args.config, timings=timings)
+    if mesh is not None:
+        from jaxgen.generate import Model
+        from jaxgen.sharding import shard_params
+
+        model = Model(model.cfg, shard_params(model.params, model.cfg, mesh), model.tokenizer, mesh)
     tok = model.tokenizer
     texts = prompts
     if args.chat:

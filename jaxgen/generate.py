@@ -416,12 +416,10 @@ def stream(model: Model, prompts, *, chunk_steps: int = 8, top_logprobs: int = 0
     loop_args = {k: args[k] for k in ("sp", "max_new_tokens", "stop_ids", "seeds")}
     t0 = time.perf_counter()
     state_shape = jax.eval_shape(functools.partial(prefill, **statics), model.params, **args)
-    if model.mesh is not None:
-        from jaxgen.sharding import state_shardings
-
-        state_shape = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                   state_shape, state_shardings(state_shape, model.mesh))
     prefill_c = prefill_jit.lower(model.params, **args, **statics).compile()
+    if model.mesh is not None:  # decode takes the state exactly as prefill lays it out
+        state_shape = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                   state_shape, prefill_c.output_shardings)
     decode_c = decode_jit.lower(model.params, state_shape, **loop_args, until=np.int32(0), cfg=model.cfg,
                                 candidates=candidates, mesh=model.mesh).compile()
     t1 = time.perf_counter()

@@ -98,3 +98,24 @@ def test_prompt_longer_than_context(ckpt, capsys):
     _, _, ck = ckpt
     rc, _, err = run(capsys, ["generate", "x" * 200, "--model", str(ck)])
     assert rc == 2 and "exceeds tiny-llama's context of 128 tokens" in err
+
+
+def test_mesh_flag_gives_the_same_tokens(ckpt, capsys):
+    _, _, ck = ckpt
+    common = ["generate", "the cat", "a", "the tea is", "--model", str(ck), "--json", "--ignore-stop",
+              "--max-new-tokens", "6", "--temperature", "0.8", "--seed", "2"]
+    rc, one, _ = run(capsys, common)
+    rc2, sharded, _ = run(capsys, common + ["--mesh", "data=2,model=4"])
+    assert rc == rc2 == 0
+    assert [json.loads(x)["tokens"] for x in one.splitlines()] == [json.loads(x)["tokens"] for x in sharded.splitlines()]
+    rc, _, err = run(capsys, common + ["--mesh", "data=3"])
+    assert rc == 2 and "does not divide the 8 devices" in err
+
+
+def test_mesh_streaming_in_chunks(ckpt, capsys):
+    _, _, ck = ckpt
+    common = ["generate", "the tea", "--model", str(ck), "--ignore-stop", "--max-new-tokens", "7", "--temperature",
+              "0.8", "--seed", "3", "--mesh", "data=2,model=4"]
+    rc, out, _ = run(capsys, common + ["--json"])
+    rc2, streamed, _ = run(capsys, common + ["--chunk-steps", "2"])
+    assert rc == rc2 == 0 and streamed == json.loads(out)["text"] + "\n"
