@@ -20,8 +20,9 @@ static, 256 by default); top_k must be <= candidates. A row whose nucleus is lar
 set (a flat distribution with top-k off) falls back to a bisection on the logit threshold over the full
 vocabulary (30 halvings, then snapped to the nearest real logit), run only when some row needs it.
 
-The draw itself is an inverse-CDF lookup with one uniform per row, keyed by fold_in(key(seed_row), step):
-a row's token depends only on its own logits, seed and step, never on the rest of the batch.
+The draw itself is an inverse-CDF lookup with one uniform per row, keyed by fold_in(key(seed_row), step)
+where generate's step is the row's count of tokens so far: a row's token depends only on its own logits,
+seed and step, never on the rest of the batch or on when the row joined it.
 """
 from __future__ import annotations
 
