@@ -136,29 +136,26 @@ def run_batch(model, rows: list[dict], defaults: dict, top_logprobs: int) -> lis
                           seed=[r["seed"] for r in rows], stop_ids=defaults["stop_ids"],
                           top_logprobs=top_logprobs, **knobs)
     dt = time.perf_counter() - t
-    lines = []
-    for r, o in zip(rows, out):
-        obj = {"id": r["id"], "text": o.text if o.text is not None else None, "tokens": o.tokens,
-               "finish_reason": o.finish_reason, "logprobs": o.logprobs,
-               "timing": {"batch_s": round(dt, 4), "batch_size": n}}
-        if top_logprobs:
-            obj["top_logprobs"] = o.top_logprobs
-        lines.append(obj)
-    return lines
+    return [_line(r, o, top_logprobs, {"batch_s": round(dt, 4), "batch_size": n}) for r, o in zip(rows, out)]
 
 
-def _row_line(r, o, top_logprobs, extra):
-    from jaxgen.generate import FINISH_REASONS
-
-    k = int(o["num_new"])
-    toks = [int(t) for t in o["tokens"][:k]]
-    finish = FINISH_REASONS.get(int(o["finish"]), "length")
-    obj = {"id": r["id"], "text": o["decode"](toks[:-1] if finish == "stop" else toks), "tokens": toks,
-           "finish_reason": finish, "logprobs": [float(x) for x in o["logprobs"][:k]], "timing": extra}
+def _line(r: dict, c, top_logprobs: int, timing: dict) -> dict:
+    """The output line of input row r from its generate.Completion c."""
+    obj = {"id": r["id"], "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason,
+           "logprobs": c.logprobs, "timing": timing}
     if top_logprobs:
-        obj["top_logprobs"] = [[(int(a), float(b)) for a, b in zip(o["top_ids"][j], o["top_logprobs"][j])]
-                               for j in range(k)]
+        obj["top_logprobs"] = c.top_logprobs
     return obj
+
+
+def refill_shape(model, rows: list[dict], slots: int) -> tuple[int, int, int]:
+    """(rows B, cache length S, token buffer M) of the one running state a refill run uses."""
+    from jaxgen.generate import NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, bucket
+
+    M = bucket(max(r["max_new"] for r in rows), NEW_TOKEN_BUCKETS, "max_new_tokens")
+    T = bucket(max(len(r["ids"]) for r in rows), PROMPT_BUCKETS, "prompt length")
+    d = model.mesh.shape["data"] if model.mesh is not None else 1
+    return -(-slots // d) * d, min(T + M, model.cfg.max_seq_len), M
 
 
 def run_refill(model, rows: list[dict], defaults: dict, slots: int, chunk: int, top_logprobs: int, emit):
@@ -171,15 +168,10 @@ def run_refill(model, rows: list[dict], defaults: dict, slots: int, chunk: int, 
     import numpy as np
 
     from jaxgen import sampling as smp
-    from jaxgen.generate import (NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, bucket, decode_jit, fetch, insert_jit,
-                                 place, prefill_jit, prepare)
+    from jaxgen.generate import decode_jit, fetch, insert_jit, output, place, prefill_jit, prepare, to_completions
 
     cfg = model.cfg
-    M = bucket(max(r["max_new"] for r in rows), NEW_TOKEN_BUCKETS, "max_new_tokens")
-    T = bucket(max(len(r["ids"]) for r in rows), PROMPT_BUCKETS, "prompt length")
-    S = min(T + M, cfg.max_seq_len)
-    d = model.mesh.shape["data"] if model.mesh is not None else 1
-    B = -(-slots // d) * d
+    B, S, M = refill_shape(model, rows, slots)
     NS = 4
     knob_names = [k for k in OVERRIDES if k not in ("max_new_tokens", "seed")]
     statics = dict(cfg=cfg, max_new=M, cache_len=S, top_logprobs=top_logprobs, mesh=model.mesh)
@@ -201,7 +193,6 @@ def run_refill(model, rows: list[dict], defaults: dict, slots: int, chunk: int, 
     host = {k: empty[k] for k in ("sp", "max_new_tokens", "stop_ids", "seeds")}
     slot_row = [None] * B
     pending = list(rows)
-    decode_text = model.tokenizer.decode
     t0 = time.perf_counter()
     while pending or any(r is not None for r in slot_row):
         free = [i for i, r in enumerate(slot_row) if r is None]
@@ -219,18 +210,17 @@ def run_refill(model, rows: list[dict], defaults: dict, slots: int, chunk: int, 
                 slot_row[int(i)] = r
         state = decode_jit(model.params, state, **place(model, host), until=np.int32(int(state.step) + chunk),
                            cfg=cfg, mesh=model.mesh)
-        o = fetch({"done": state.done, "num_new": state.num_new, "finish": state.finish})
-        finished = [i for i, r in enumerate(slot_row) if r is not None and bool(o["done"][i])]
+        done = fetch(state.done)
+        finished = [i for i, r in enumerate(slot_row) if r is not None and bool(done[i])]
         if finished:
-            full = fetch({"tokens": state.tokens, "logprobs": state.logprobs, "top_ids": state.top_ids,
-                          "top_logprobs": state.top_logprobs})
-            lines = []
+            out = fetch(output(state))
+            out = out.replace(**{f: getattr(out, f)[finished] for f in
+                                 ("tokens", "num_new", "finish", "logprobs", "top_ids", "top_logprobs")})
+            timing = {"elapsed_s": round(time.perf_counter() - t0, 4), "slots": B}
+            emit([_line(slot_row[i], c, top_logprobs, timing)
+                  for i, c in zip(finished, to_completions(model, [None] * len(finished), out, len(finished)))])
             for i in finished:
-                row = {k: v[i] for k, v in full.items()} | {k: v[i] for k, v in o.items()} | {"decode": decode_text}
-                lines.append(_row_line(slot_row[i], row, top_logprobs,
-                                       {"elapsed_s": round(time.perf_counter() - t0, 4), "slots": B}))
                 slot_row[i] = None
-            emit(lines)
 
 
 def _set_rows(h, dest, a):
@@ -265,14 +255,7 @@ def main(args) -> int:
 
     mesh = make_mesh(args.mesh, jax.local_devices()) if (args.mesh or jax.local_device_count() > 1) else None
     timings: dict = {}
-    if mesh is not None:
-        from jaxgen.generate import Model
-        from jaxgen.sharding import shard_params
-
-        m = load(args.model, args.dtype, timings=timings)
-        model = Model(m.cfg, shard_params(m.params, m.cfg, mesh), m.tokenizer, mesh)
-    else:
-        model = load(args.model, args.dtype, timings=timings)
+    model = load(args.model, args.dtype, mesh=mesh, timings=timings)
     tok = model.tokenizer
     defaults = {k: getattr(args, k) for k in OVERRIDES}
     defaults["stop_ids"] = [] if args.ignore_stop else None
@@ -304,7 +287,11 @@ def main(args) -> int:
             shapes[(p.batch, p.prompt_len, p.max_new)] += 1
         print(json.dumps({"rows": len(ok), "skipped_done": len(done), "errors": len(errors) + len(too_long),
                           "batches": len(batches), "programs": [
-                              {"batch": b, "prompt_len": t, "max_new": m, "batches": c} for (b, t, m), c in sorted(shapes.items())]}))
+                              {"batch": b, "prompt_len": t, "max_new": m, "batches": c} for (b, t, m), c in sorted(shapes.items())],
+                          # with --refill (the default) the batches above are not used: one running state
+                          # of this shape decodes, and waiting rows are prefilled into its free slots
+                          "refill": dict(zip(("slots", "cache_len", "max_new"), refill_shape(model, ok, args.batch_size)))
+                          if args.refill and ok else None}))
         return 0
     t0, n_done, n_tok = time.perf_counter(), 0, 0
     total = len(ok)

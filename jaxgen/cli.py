@@ -113,12 +113,7 @@ def cmd_generate(args) -> int:
         from jaxgen.sharding import make_mesh
 
         mesh = make_mesh(args.mesh)  # a bad mesh fails here, before the model loads
-    model = load(args.model, args.dtype, config=args.config, timings=timings)
-    if mesh is not None:
-        from jaxgen.generate import Model
-        from jaxgen.sharding import shard_params
-
-        model = Model(model.cfg, shard_params(model.params, model.cfg, mesh), model.tokenizer, mesh)
+    model = load(args.model, args.dtype, config=args.config, mesh=mesh, timings=timings)
     tok = model.tokenizer
     texts = prompts
     if args.chat:

@@ -15,7 +15,6 @@ max_seq_len). Padding rows are done from the start and cost one prefill row.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Sequence
 
 import jax
@@ -415,11 +414,11 @@ def stream(model: Model, prompts, *, chunk_steps: int = 8, top_logprobs: int = 0
     args = place(model, args)
     loop_args = {k: args[k] for k in ("sp", "max_new_tokens", "stop_ids", "seeds")}
     t0 = time.perf_counter()
-    state_shape = jax.eval_shape(functools.partial(prefill, **statics), model.params, **args)
-    prefill_c = prefill_jit.lower(model.params, **args, **statics).compile()
-    if model.mesh is not None:  # decode takes the state exactly as prefill lays it out
-        state_shape = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                   state_shape, prefill_c.output_shardings)
+    lowered = prefill_jit.lower(model.params, **args, **statics)
+    prefill_c = lowered.compile()
+    # decode takes the state exactly as prefill lays it out (shapes, and shardings on a mesh)
+    state_shape = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                               lowered.out_info, prefill_c.output_shardings)
     decode_c = decode_jit.lower(model.params, state_shape, **loop_args, until=np.int32(0), cfg=model.cfg,
                                 candidates=candidates, mesh=model.mesh).compile()
     t1 = time.perf_counter()

@@ -126,6 +126,8 @@ def test_dry_run_lists_programs(model_dir, tmp_path, capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["rows"] == 10 and plan["batches"] == 3
     assert sum(p["batches"] for p in plan["programs"]) == 3 and not (tmp_path / "out.jsonl").exists()
+    # refill is the default mode; 4 slots round up to the 8 (fake) devices of the data axis
+    assert plan["refill"] == {"slots": 8, "cache_len": 64 + 16, "max_new": 16}  # byte-level prompts <= 64
 
 
 def test_refill_equals_static_batches(model_dir, tmp_path):

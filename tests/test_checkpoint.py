@@ -193,3 +193,20 @@ def test_orbax_restore_onto_sharding(tiny_file, tmp_path):
     cfg, got, tok = O.restore(tmp_path / "ck", shardings=shardings)
     assert tok is None and got.embed.sharding == shardings.embed
     np.testing.assert_array_equal(np.asarray(got.embed), np.asarray(params.embed))
+
+
+def test_load_onto_a_mesh(tiny_file, tmp_path):
+    from jaxgen import sharding
+
+    path, params = tiny_file
+    O.save(tmp_path / "ck", TINY_LLAMA, params)
+    mesh = sharding.make_mesh("data=2,model=4")
+    model = registry.load(str(tmp_path / "ck"), "float32", mesh=mesh)
+    assert model.mesh is mesh
+    want = sharding.param_shardings(TINY_LLAMA, mesh)
+    assert all(a.sharding == w for a, w in zip(jax.tree.leaves(model.params), jax.tree.leaves(want)))
+    np.testing.assert_array_equal(np.asarray(model.params.layers.wq), np.asarray(params.layers.wq))
+    with pytest.raises(ValueError, match="mesh= or shardings=, not both"):
+        registry.load(str(tmp_path / "ck"), mesh=mesh, shardings=want)
+    with pytest.raises(ValueError, match="is not a jaxgen Orbax checkpoint"):
+        registry.load(str(tmp_path))

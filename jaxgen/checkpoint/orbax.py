@@ -45,6 +45,8 @@ def save(path, cfg: ModelConfig, params, tokenizer=None) -> pathlib.Path:
 
 
 def load_config(path) -> ModelConfig:
+    if not is_checkpoint(path):
+        raise ValueError(f"{pathlib.Path(path).absolute()} is not a jaxgen Orbax checkpoint (no config.toml + params/)")
     try:
         import tomllib
     except ModuleNotFoundError:  # pragma: no cover
@@ -61,9 +63,7 @@ def restore(path, dtype=jnp.float32, shardings=None):
     from jaxgen.model import param_shapes
 
     path = pathlib.Path(path).absolute()
-    if not is_checkpoint(path):
-        raise ValueError(f"{path} is not a jaxgen Orbax checkpoint (no config.toml + params/)")
-    cfg = load_config(path)
+    cfg = load_config(path)  # raises if `path` is not a checkpoint
     stored = ocp.StandardCheckpointer().metadata(path / "params")
     stored_dtype = jax.tree.leaves(stored.item_metadata if hasattr(stored, "item_metadata") else stored)[0].dtype
     target = param_shapes(cfg, stored_dtype)

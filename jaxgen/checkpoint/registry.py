@@ -121,10 +121,12 @@ def resolve_dtype(dtype) -> jnp.dtype:
 
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_cache: bool = True,
-         shardings=None, timings: dict | None = None):
+         shardings=None, mesh=None, timings: dict | None = None):
     """A ready `Model` (config, params on device, tokenizer) from a registry name, a .gguf path or an
     Orbax checkpoint directory. `config` (a ModelConfig, preset name or .toml path) is for a .gguf that
-    no preset matches; the file's header is still checked against it."""
+    no preset matches; the file's header is still checked against it. `mesh`: place params on
+    `jaxgen.sharding`'s rules for it (Orbax restores straight onto them) and return a sharded Model;
+    `shardings` instead gives an explicit Params tree of shardings."""
     from jaxgen.checkpoint import gguf, orbax
     from jaxgen.config import ModelConfig, load_config
     from jaxgen.generate import Model
@@ -136,14 +138,21 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
     if config is not None and (name_or_path in MODELS or path.suffix != ".gguf"):
         raise ValueError("config= applies only to a .gguf path (registry models and Orbax checkpoints carry "
                          "their own)")
-    if name_or_path not in MODELS and path.is_dir():
-        cfg, params, tok = orbax.restore(path, dtype, shardings)
-        return _done(Model(cfg, params, tok), t0, timings)
+    if mesh is not None and shardings is not None:
+        raise ValueError("give mesh= or shardings=, not both")
+
+    def rules(cfg):  # the shardings to place params on
+        from jaxgen.sharding import param_shardings
+
+        return param_shardings(cfg, mesh) if mesh is not None else shardings
+
+    ckpt = path if name_or_path not in MODELS and path.is_dir() else None
+    if name_or_path in MODELS and use_cache and orbax.is_checkpoint(_converted_dir(name_or_path)):
+        ckpt = _converted_dir(name_or_path)
+    if ckpt is not None:
+        cfg, params, tok = orbax.restore(ckpt, dtype, rules(orbax.load_config(ckpt)))
+        return _done(Model(cfg, params, tok, mesh), t0, timings)
     if name_or_path in MODELS:
-        converted = _converted_dir(name_or_path)
-        if use_cache and orbax.is_checkpoint(converted):
-            cfg, params, tok = orbax.restore(converted, dtype, shardings)
-            return _done(Model(cfg, params, tok), t0, timings)
         path, cfg = gguf_path(name_or_path), load_config(MODELS[name_or_path].preset)
     elif path.suffix == ".gguf":
         reader = gguf.open_gguf(path)
@@ -168,9 +177,9 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype), host)
-    if shardings is not None:
-        params = jax.device_put(params, shardings)
-    return _done(Model(cfg, params, tok), t0, timings)
+    if rules(cfg) is not None:
+        params = jax.device_put(params, rules(cfg))
+    return _done(Model(cfg, params, tok, mesh), t0, timings)
 
 
 def _converted_dir(name: str) -> pathlib.Path:
