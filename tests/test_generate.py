@@ -3,7 +3,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxgen
 from jaxgen.cache import init_cache
 from jaxgen.generate import Model, generate, generate_jit, plan, precompile, run
 from jaxgen.model import forward

@@ -6,8 +6,6 @@ One loaded model and one set of generate calls per model (module scope), shared 
 import json
 import pathlib
 
-import jax
-import numpy as np
 import pytest
 
 import jaxgen

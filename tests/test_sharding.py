@@ -1,6 +1,5 @@
 """Sharded generation equals single-device generation bit for bit, on meshes of the 8 fake CPU
 devices; every param and cache leaf has the sharding the rules give; no recompilation on a rerun."""
-import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
