@@ -110,7 +110,8 @@ def plan_batches(model, rows: list[dict], batch_size: int, memory_bytes: int | N
     for r in rows:
         trial = cur + [r]
         p = plan(model.cfg, len(trial), max(len(x["ids"]) for x in trial), max(x["max_new"] for x in trial))
-        fits = memory_bytes is None or cache_bytes(model.cfg, p.batch, p.cache_len, model.params.embed.dtype) <= memory_bytes
+        need = cache_bytes(model.cfg, p.batch, p.cache_len, model.params.embed.dtype, kv_quant=model.kv_quant)
+        fits = memory_bytes is None or need <= memory_bytes
         if cur and (len(trial) > batch_size or not fits):
             batches.append(cur)
             cur = [r]
@@ -174,7 +175,8 @@ def run_refill(model, rows: list[dict], defaults: dict, slots: int, chunk: int, 
     B, S, M = refill_shape(model, rows, slots)
     NS = 4
     knob_names = [k for k in OVERRIDES if k not in ("max_new_tokens", "seed")]
-    statics = dict(cfg=cfg, max_new=M, cache_len=S, top_logprobs=top_logprobs, mesh=model.mesh)
+    statics = dict(cfg=cfg, max_new=M, cache_len=S, top_logprobs=top_logprobs, mesh=model.mesh,
+                   kv_quant=model.kv_quant)
 
     def request(batch_rows):
         knobs = {k: [r.get(k, defaults[k]) for r in batch_rows] for k in knob_names}
@@ -255,7 +257,7 @@ def main(args) -> int:
 
     mesh = make_mesh(args.mesh, jax.local_devices()) if (args.mesh or jax.local_device_count() > 1) else None
     timings: dict = {}
-    model = load(args.model, args.dtype, mesh=mesh, timings=timings)
+    model = load(args.model, args.dtype, mesh=mesh, timings=timings, quant=args.quant, kv_quant=args.kv_quant)
     tok = model.tokenizer
     defaults = {k: getattr(args, k) for k in OVERRIDES}
     defaults["stop_ids"] = [] if args.ignore_stop else None

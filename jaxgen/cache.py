@@ -9,6 +9,11 @@ Every layer kind keeps a ring buffer of key/value slots plus, per row, the posit
   full-length buffer for every layer. `extra` slots let a caller roll back up to `extra` tokens
   (speculative decoding) without losing keys that are still inside the window.
 
+With `kv_quant="int8"` keys and values are stored as int8 with one f32 scale per (row, slot, kv head)
+(`jaxgen.quant.quantize_kv`): 1 byte per value plus 4 per head vector instead of 4 (f32) or 2 (bf16).
+Attention applies the key scales to the scores and the value scales to the probabilities, so no
+dequantized copy of the cache is made.
+
 Storing the slot positions (`pos_*`, -1 = empty) makes the attention mask a pure function of query and
 key positions: key p is visible to query q iff 0 <= p <= q and (global or q - p < window).
 """
@@ -33,6 +38,11 @@ class KVCache:
     v_global: jax.Array  # [Lg, B, S, K, H]
     pos_global: jax.Array  # [B, S] int32
     lengths: jax.Array  # [B] int32 tokens written per row == the next position
+    # int8 cache only (kv_quant="int8"): one scale per stored head vector
+    k_local_scale: jax.Array | None = None  # [Ll, B, W, K] f32
+    v_local_scale: jax.Array | None = None  # [Ll, B, W, K]
+    k_global_scale: jax.Array | None = None  # [Lg, B, S, K]
+    v_global_scale: jax.Array | None = None  # [Lg, B, S, K]
 
     @property
     def max_len(self) -> int:
@@ -42,6 +52,26 @@ class KVCache:
     def window_slots(self) -> int:
         return self.pos_local.shape[1]
 
+    @property
+    def quantized(self) -> bool:
+        return self.k_global_scale is not None
+
+    def stacks(self) -> tuple:
+        """(k_local, v_local, k_global, v_global), each an array or, when quantized, (int8, scale)."""
+        names = ("k_local", "v_local", "k_global", "v_global")
+        if not self.quantized:
+            return tuple(getattr(self, n) for n in names)
+        return tuple((getattr(self, n), getattr(self, n + "_scale")) for n in names)
+
+    def with_stacks(self, stacks, **changes) -> "KVCache":
+        names = ("k_local", "v_local", "k_global", "v_global")
+        for n, st in zip(names, stacks):
+            if isinstance(st, tuple):
+                changes[n], changes[n + "_scale"] = st
+            else:
+                changes[n] = st
+        return self.replace(**changes)
+
 
 def ring_size(cfg: ModelConfig, max_len: int, extra: int = 0) -> int:
     """Slots of a sliding-window layer's ring buffer (0 when the model has no local layers)."""
@@ -50,33 +80,42 @@ def ring_size(cfg: ModelConfig, max_len: int, extra: int = 0) -> int:
     return min(cfg.sliding_window + extra, max_len)
 
 
-def cache_shapes(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, extra: int = 0):
+KV_QUANT = (None, "int8")
+
+
+def cache_shapes(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, extra: int = 0,
+                 kv_quant: str | None = None):
     """ShapeDtypeStructs of a cache, for sizing and ahead-of-time compilation without allocating."""
+    if kv_quant not in KV_QUANT:
+        raise ValueError(f"unknown KV cache quantization {kv_quant!r}; choose one of {KV_QUANT}")
     w = ring_size(cfg, max_len, extra)
-    kv = lambda n, s: jax.ShapeDtypeStruct((n, batch, s, cfg.n_kv_heads, cfg.head_dim), dtype)
+    vdt = jnp.int8 if kv_quant == "int8" else dtype
+    kv = lambda n, s: jax.ShapeDtypeStruct((n, batch, s, cfg.n_kv_heads, cfg.head_dim), vdt)
+    sc = lambda n, s: jax.ShapeDtypeStruct((n, batch, s, cfg.n_kv_heads), jnp.float32) if kv_quant else None
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
     return KVCache(k_local=kv(cfg.n_local, w), v_local=kv(cfg.n_local, w), pos_local=i32(batch, w),
                    k_global=kv(cfg.n_global, max_len), v_global=kv(cfg.n_global, max_len),
-                   pos_global=i32(batch, max_len), lengths=i32(batch))
+                   pos_global=i32(batch, max_len), lengths=i32(batch),
+                   k_local_scale=sc(cfg.n_local, w), v_local_scale=sc(cfg.n_local, w),
+                   k_global_scale=sc(cfg.n_global, max_len), v_global_scale=sc(cfg.n_global, max_len))
 
 
-def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, extra: int = 0) -> int:
+def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, extra: int = 0,
+                kv_quant: str | None = None) -> int:
     """Bytes a cache for `batch` rows of up to `max_len` tokens will take; call it before allocating."""
-    leaves = jax.tree.leaves(cache_shapes(cfg, batch, max_len, dtype, extra))
+    leaves = jax.tree.leaves(cache_shapes(cfg, batch, max_len, dtype, extra, kv_quant))
     return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves))
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, extra: int = 0) -> KVCache:
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, extra: int = 0,
+               kv_quant: str | None = None) -> KVCache:
     """An empty cache: zero keys/values, every slot empty, every row of length 0."""
     if max_len > cfg.max_seq_len:
         raise ValueError(f"cache length {max_len} exceeds {cfg.name}'s max_seq_len {cfg.max_seq_len}")
-    shapes = cache_shapes(cfg, batch, max_len, dtype, extra)
-    return KVCache(
-        k_local=jnp.zeros(shapes.k_local.shape, dtype), v_local=jnp.zeros(shapes.v_local.shape, dtype),
-        pos_local=jnp.full(shapes.pos_local.shape, -1, jnp.int32),
-        k_global=jnp.zeros(shapes.k_global.shape, dtype), v_global=jnp.zeros(shapes.v_global.shape, dtype),
-        pos_global=jnp.full(shapes.pos_global.shape, -1, jnp.int32),
-        lengths=jnp.zeros((batch,), jnp.int32))
+    shapes = cache_shapes(cfg, batch, max_len, dtype, extra, kv_quant)
+    fill = {"pos_local": -1, "pos_global": -1}
+    return jax.tree_util.tree_map_with_path(lambda path, s: jnp.full(s.shape, fill.get(path[0].name, 0), s.dtype),
+                                            shapes)
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -93,9 +132,21 @@ def slots_for(positions: jax.Array, lengths: jax.Array, size: int) -> jax.Array:
 
 
 def write(buf: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
-    """Scatter new [B, T, ...] into buf [B, W, ...] at slots [B, T]; out-of-range slots are dropped."""
+    """Scatter new [B, T, ...] into buf [B, W, ...] at slots [B, T]; out-of-range slots are dropped.
+    A quantized buffer is an (int8, scale) pair; `new` is then quantized first."""
+    if isinstance(buf, tuple):
+        return tuple(write(b, n, slots) for b, n in zip(buf, quantize_kv(new)))
     rows = jnp.arange(buf.shape[0])[:, None]
     return buf.at[rows, slots].set(new.astype(buf.dtype), mode="drop")
+
+
+def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., H] -> (int8 [..., H], f32 scale [...]): one symmetric scale per head vector (per row,
+    position and kv head), so a large key at one position does not coarsen the others."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0
+    safe = jnp.where(scale > 0, scale, 1.0)
+    return jnp.clip(jnp.round(x32 / safe[..., None]), -127, 127).astype(jnp.int8), scale
 
 
 # ---- masking ------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: float32 on CPU (exact reference text), bfloat16 on GPU/TPU")
     _add_sampling_flags(g)
     g.add_argument("--mesh", default=None, help="shard over devices, e.g. data=2,model=4 (default: one device)")
+    _quant_args(g)
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
     g.add_argument("--system", default=None, help="system message for --chat")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default=DEFAULT_MODEL)
     b.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     b.add_argument("--mesh", default=None, help="e.g. data=2,model=4 (default: all local devices on data)")
+    _quant_args(b)
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--memory-gb", type=float, default=None, help="cap on the KV cache of one batch")
     _add_sampling_flags(b)
@@ -66,7 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="registry name or .gguf path")
     c.add_argument("dst", help="new directory")
     c.add_argument("--config", default=None, help="preset name or .toml for a .gguf no preset matches")
+    c.add_argument("--quant", default=None, choices=["int8", "int4"],
+                   help="write weight-only quantized params (int8 per channel, int4 groups of 32)")
     return ap
+
+
+def _quant_args(p):
+    p.add_argument("--quant", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization: int8 per output channel, int4 in groups of 32 (default: none)")
+    p.add_argument("--kv-quant", default=None, choices=["int8"], help="store the KV cache in int8 (default: dtype)")
 
 
 def _read_prompts(args) -> list[str]:
@@ -113,7 +123,8 @@ def cmd_generate(args) -> int:
         from jaxgen.sharding import make_mesh
 
         mesh = make_mesh(args.mesh)  # a bad mesh fails here, before the model loads
-    model = load(args.model, args.dtype, config=args.config, mesh=mesh, timings=timings)
+    model = load(args.model, args.dtype, config=args.config, mesh=mesh, timings=timings, quant=args.quant,
+                 kv_quant=args.kv_quant)
     tok = model.tokenizer
     texts = prompts
     if args.chat:
@@ -191,7 +202,7 @@ def cmd_convert(args) -> int:
     from jaxgen.checkpoint import load
     from jaxgen.checkpoint.orbax import save
 
-    model = load(args.src, config=args.config, use_cache=False)
+    model = load(args.src, config=args.config, use_cache=False, quant=args.quant)
     path = save(args.dst, model.cfg, model.params, model.tokenizer)
     print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -96,15 +96,17 @@ def _record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, 
 def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: smp.SamplingParams,
             max_new_tokens: jax.Array, stop_ids: jax.Array, seeds: jax.Array, *, cfg: ModelConfig,
             max_new: int, cache_len: int, top_logprobs: int = 0,
-            candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0, mesh=None) -> DecodeState:
+            candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0, mesh=None,
+            kv_quant: str | None = None) -> DecodeState:
     """Prefill right-padded prompts [B, T] in one forward pass and sample the first new token.
-    With a `mesh`, the returned state is constrained to `sharding.state_shardings`."""
+    With a `mesh`, the returned state is constrained to `sharding.state_shardings`; kv_quant="int8"
+    keeps the KV cache in int8 (see jaxgen.cache)."""
     B, T = prompts.shape
     V = cfg.vocab_size
     rows = jnp.arange(B)
     idx = jnp.arange(T)[None, :]
     positions = jnp.where(idx < prompt_lengths[:, None], idx, -1).astype(jnp.int32)  # [B, T]
-    cache = init_cache(cfg, B, cache_len, params.embed.dtype)
+    cache = init_cache(cfg, B, cache_len, params.embed.dtype, kv_quant=kv_quant)
     h, cache = forward_hidden(params, prompts, positions, cache, cfg)  # [B, T, D]
     h_last = h[rows, jnp.maximum(prompt_lengths - 1, 0)]  # [B, D]
     logits = unembed(params, h_last, cfg)  # [B, V]
@@ -159,10 +161,9 @@ def insert(state: DecodeState, new: DecodeState, slots: jax.Array) -> DecodeStat
     state's step counter is kept; each row carries its own position and token count."""
     put = lambda a, b, axis=0: a.at[(slice(None),) * axis + (slots,)].set(b, mode="drop")
     c, n = state.cache, new.cache
-    cache = c.replace(k_local=put(c.k_local, n.k_local, 1), v_local=put(c.v_local, n.v_local, 1),
-                      k_global=put(c.k_global, n.k_global, 1), v_global=put(c.v_global, n.v_global, 1),
-                      pos_local=put(c.pos_local, n.pos_local), pos_global=put(c.pos_global, n.pos_global),
-                      lengths=put(c.lengths, n.lengths))
+    stacks = jax.tree.map(lambda a, b: put(a, b, 1), c.stacks(), n.stacks())  # rows are axis 1: [L, B, ...]
+    cache = c.with_stacks(stacks, pos_local=put(c.pos_local, n.pos_local), pos_global=put(c.pos_global, n.pos_global),
+                          lengths=put(c.lengths, n.lengths))
     rows = ("tokens", "logprobs", "top_ids", "top_logprobs", "last", "done", "finish", "num_new", "seen", "counts")
     return state.replace(cache=cache, **{f: put(getattr(state, f), getattr(new, f)) for f in rows})
 
@@ -177,24 +178,24 @@ def generate_tokens(params: Params, prompts: jax.Array, prompt_lengths: jax.Arra
                     sp: smp.SamplingParams, max_new_tokens: jax.Array, stop_ids: jax.Array,
                     seeds: jax.Array, *, cfg: ModelConfig, max_new: int, cache_len: int,
                     top_logprobs: int = 0, candidates: int = smp.DEFAULT_CANDIDATES,
-                    pad_id: int = 0, mesh=None) -> GenerateOutput:
+                    pad_id: int = 0, mesh=None, kv_quant: str | None = None) -> GenerateOutput:
     """Prefill right-padded prompts [B, T] in one pass, then decode up to `max_new` tokens per row.
 
     Traced: params, prompts [B, T] int32, prompt_lengths [B] int32 (0 = padding row), sp (per-row
     knobs), max_new_tokens [B] int32 (<= max_new), stop_ids [B, NS] int32 (-1 = unused), seeds [B].
     Static: cfg, max_new (the token buffer M), cache_len, top_logprobs, candidates, pad_id, mesh
-    (a jax.sharding.Mesh: the decode state is then kept on `jaxgen.sharding`'s shardings).
-    The loop exits as soon as every row is done.
+    (a jax.sharding.Mesh: the decode state is then kept on `jaxgen.sharding`'s shardings), kv_quant
+    (None or "int8": the KV cache's storage). The loop exits as soon as every row is done.
     """
     state = prefill(params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
                     max_new=max_new, cache_len=cache_len, top_logprobs=top_logprobs,
-                    candidates=candidates, pad_id=pad_id, mesh=mesh)
+                    candidates=candidates, pad_id=pad_id, mesh=mesh, kv_quant=kv_quant)
     state = decode(params, state, sp, max_new_tokens, stop_ids, seeds, jnp.int32(max_new), cfg=cfg,
                    candidates=candidates, pad_id=pad_id, mesh=mesh)
     return output(state)
 
 
-_STATIC = ("cfg", "max_new", "cache_len", "top_logprobs", "candidates", "pad_id", "mesh")
+_STATIC = ("cfg", "max_new", "cache_len", "top_logprobs", "candidates", "pad_id", "mesh", "kv_quant")
 generate_jit = jax.jit(generate_tokens, static_argnames=_STATIC)
 # The streaming pair: the same two phases as separate programs, so a caller can read tokens between
 # chunks of decode steps. The state is donated: each chunk updates the cache in place.
@@ -218,6 +219,7 @@ class Model:
     params: Params
     tokenizer: Any = None
     mesh: Any = None  # a jax.sharding.Mesh when params are sharded (see jaxgen.sharding)
+    kv_quant: str | None = None  # None (cache in the params' dtype) or "int8" (see jaxgen.cache)
 
 
 @dataclasses.dataclass
@@ -352,7 +354,8 @@ def run(model: Model, args: dict, p: Plan, top_logprobs: int = 0,
     """Call the compiled program on `prepare`d arguments (always by keyword: jit keys its cache on
     how arguments are passed, so every caller goes through here)."""
     return generate_jit(model.params, **place(model, args), cfg=model.cfg, max_new=p.max_new,
-                        cache_len=p.cache_len, top_logprobs=top_logprobs, candidates=candidates, mesh=model.mesh)
+                        cache_len=p.cache_len, top_logprobs=top_logprobs, candidates=candidates, mesh=model.mesh,
+                        kv_quant=model.kv_quant)
 
 
 def place(model: Model, args: dict) -> dict:
@@ -410,7 +413,7 @@ def stream(model: Model, prompts, *, chunk_steps: int = 8, top_logprobs: int = 0
         raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
     ids, args, p = prepare(model, prompts, candidates=candidates, **request)
     statics = dict(cfg=model.cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=top_logprobs,
-                   candidates=candidates, mesh=model.mesh)
+                   candidates=candidates, mesh=model.mesh, kv_quant=model.kv_quant)
     args = place(model, args)
     loop_args = {k: args[k] for k in ("sp", "max_new_tokens", "stop_ids", "seeds")}
     t0 = time.perf_counter()

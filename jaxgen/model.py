@@ -16,6 +16,7 @@ import numpy as np
 from flax import struct
 
 from jaxgen import cache as kvc
+from jaxgen import quant
 from jaxgen.cache import KVCache
 from jaxgen.config import ModelConfig
 
@@ -106,15 +107,25 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]; softmax in f32."""
+def attend(q: jax.Array, k, v, mask: jax.Array, scale: float) -> jax.Array:
+    """q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]; softmax in f32.
+    k / v may be int8 cache pairs (values [B, S, K, H], scales [B, S, K]): the key scale multiplies
+    the scores and the value scale the probabilities, so the cache is never dequantized whole."""
     B, T, N, H = q.shape
+    k_scale = v_scale = None
+    if isinstance(k, tuple):
+        (k, k_scale), (v, v_scale) = k, v
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
     K = k.shape[2]
     q = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if k_scale is not None:
+        scores = scores * k_scale.transpose(0, 2, 1)[:, :, None, None, :]  # [B, K, 1, 1, S]
     scores = jnp.where(mask[:, None, None], scores, kvc.NEG_INF)  # [B, K, G, T, S]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if v_scale is not None:
+        probs = probs * v_scale.transpose(0, 2, 1)[:, :, None, None, :]
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(B, T, N, H).astype(q.dtype)
 
 
@@ -124,17 +135,20 @@ def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return jax.nn.silu(x)
 
 
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., I] @ w [I, O] as one plain 2-D dot. Why not einsum over split head axes: XLA:CPU then
-    picks layouts that transpose the weight matrix on every call (measured: a copy of wq and wo per
-    layer per decode step)."""
+def _matmul(x: jax.Array, w) -> jax.Array:
+    """x [..., I] @ w [I, O] as one plain 2-D dot (or a quantized QMatrix's dequantizing matmul).
+    Why not einsum over split head axes: XLA:CPU then picks layouts that transpose the weight matrix
+    on every call (measured: a copy of wq and wo per layer per decode step)."""
+    if isinstance(w, quant.QMatrix):
+        return quant.matmul(x, w)
     return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
 
 
-def _proj(h: jax.Array, w: jax.Array) -> jax.Array:
-    """h [B, T, D] @ w [D, heads, H] -> [B, T, heads, H]."""
-    D, n, H = w.shape
-    return _matmul(h, w.reshape(D, n * H)).reshape(*h.shape[:2], n, H)
+def _proj(h: jax.Array, w, heads: int) -> jax.Array:
+    """h [B, T, D] @ w [D, heads, H] (or its quantized 2-D form [D, heads * H]) -> [B, T, heads, H]."""
+    if not isinstance(w, quant.QMatrix):
+        w = w.reshape(w.shape[0], -1)  # [D, heads * H]
+    return _matmul(h, w).reshape(*h.shape[:2], heads, -1)
 
 
 def _write_layer(stack, layer, new, slots, enabled):
@@ -142,9 +156,24 @@ def _write_layer(stack, layer, new, slots, enabled):
     (the layer is of the other kind) drops every slot. One scatter straight into the carried stack is
     done in place; slicing the layer out, scattering and putting it back copied the slice twice
     (measured at batch 32: 67 ms against 0.04 ms per step for 18 layers)."""
+    if isinstance(stack, tuple):  # int8 cache: (values, scales), each written the same way
+        return tuple(_write_layer(s, layer, n, slots, enabled) for s, n in zip(stack, kvc.quantize_kv(new)))
     slots = jnp.where(enabled, slots, stack.shape[2])  # out of range -> dropped
     rows = jnp.arange(stack.shape[1])[:, None]
     return stack.at[layer, rows, slots].set(new.astype(stack.dtype), mode="drop")
+
+
+def _index(stack, i):
+    """Layer i of a cache stack (an array or an int8 (values, scales) pair)."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stack)
+
+
+def _concat_chunk(buf, new):
+    """The ring buffer [B, W, ...] followed by a chunk's keys or values [B, T, ...] (quantized like
+    the buffer, so a chunk attends to itself as later steps will see it)."""
+    if isinstance(buf, tuple):
+        return tuple(jnp.concatenate([b, n], axis=1) for b, n in zip(buf, kvc.quantize_kv(new)))
+    return jnp.concatenate([buf, new.astype(buf.dtype)], axis=1)
 
 
 def _layer(cfg: ModelConfig, carry, xs, ctx):
@@ -154,9 +183,9 @@ def _layer(cfg: ModelConfig, carry, xs, ctx):
     lp, is_global, li, gi = xs
     eps = cfg.norm_eps
     h = rms_norm(x, lp.attn_norm, eps)
-    q = _proj(h, lp.wq)  # [B, T, N, H]
-    k = _proj(h, lp.wk)  # [B, T, K, H]
-    v = _proj(h, lp.wv)  # [B, T, K, H]
+    q = _proj(h, lp.wq, cfg.n_heads)  # [B, T, N, H]
+    k = _proj(h, lp.wk, cfg.n_kv_heads)  # [B, T, K, H]
+    v = _proj(h, lp.wv, cfg.n_kv_heads)  # [B, T, K, H]
     if cfg.qkv_bias:
         q, k, v = q + lp.bq, k + lp.bk, v + lp.bv
     if cfg.qk_norm:
@@ -184,20 +213,17 @@ def _layer(cfg: ModelConfig, carry, xs, ctx):
 
     def local(kl, vl, kg, vg):
         q_l, k_l = rot["local"]
-        k_buf = jax.lax.dynamic_index_in_dim(kl, li, keepdims=False)  # [B, W, K, H]
-        v_buf = jax.lax.dynamic_index_in_dim(vl, li, keepdims=False)
+        k_buf, v_buf = _index(kl, li), _index(vl, li)  # [B, W, K, H]
         if T == 1:  # already written
             return attend(q_l, k_buf, v_buf, ctx["mask_local"], cfg.attn_scale)
         # A multi-token chunk may wrap the ring past keys its early queries need: attend over the
         # old ring plus the chunk (the write comes after).
-        keys = jnp.concatenate([k_buf, k_l.astype(k_buf.dtype)], axis=1)  # [B, W + T, K, H]
-        vals = jnp.concatenate([v_buf, v.astype(v_buf.dtype)], axis=1)
+        keys, vals = _concat_chunk(k_buf, k_l), _concat_chunk(v_buf, v)  # [B, W + T, K, H]
         return attend(q_l, keys, vals, ctx["mask_local_chunk"], cfg.attn_scale)
 
     def global_(kl, vl, kg, vg):
         q_g, k_g = rot["global"]
-        k_buf = jax.lax.dynamic_index_in_dim(kg, gi, keepdims=False)  # [B, S, K, H]
-        v_buf = jax.lax.dynamic_index_in_dim(vg, gi, keepdims=False)
+        k_buf, v_buf = _index(kg, gi), _index(vg, gi)  # [B, S, K, H]
         if T > 1:  # the write comes after: attend over a written copy of this layer's slice
             k_buf, v_buf = kvc.write(k_buf, k_g, ctx["slots_global"]), kvc.write(v_buf, v, ctx["slots_global"])
         return attend(q_g, k_buf, v_buf, ctx["mask_global"], cfg.attn_scale)
@@ -211,7 +237,8 @@ def _layer(cfg: ModelConfig, carry, xs, ctx):
     if T > 1:
         kl, vl, kg, vg = write(kl, vl, kg, vg)
     B, _, N, H = o.shape
-    o = _matmul(o.reshape(B, T, N * H), lp.wo.reshape(N * H, -1))  # [B, T, D]
+    wo = lp.wo if isinstance(lp.wo, quant.QMatrix) else lp.wo.reshape(N * H, -1)  # [N * H, D]
+    o = _matmul(o.reshape(B, T, N * H), wo)  # [B, T, D]
     if cfg.sandwich_norm:
         o = rms_norm(o, lp.post_attn_norm, eps)
     x = x + o
@@ -238,7 +265,10 @@ def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
     The layer kind (local ring / global cache) is then data, chosen by `lax.cond`.
     """
     B, T = tokens.shape
-    x = params.embed[tokens]  # [B, T, D]
+    if isinstance(params.embed, quant.QMatrix):  # stored as the [D, V] unembedding: take columns
+        x = quant.take_columns(params.embed, tokens)  # [B, T, D]
+    else:
+        x = params.embed[tokens]  # [B, T, D]
     x = x * jnp.asarray(cfg.embed_multiplier, x.dtype) if cfg.embed_scale else x
 
     lengths = kvc.new_lengths(cache.lengths, positions)  # [B]
@@ -263,21 +293,23 @@ def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
     global_index = np.maximum(np.cumsum(kinds) - 1, 0)
     xs = (params.layers, jnp.asarray(kinds), jnp.asarray(local_index, jnp.int32),
           jnp.asarray(global_index, jnp.int32))
-    carry = (x, cache.k_local, cache.v_local, cache.k_global, cache.v_global)
-    (x, k_local, v_local, k_global, v_global), _ = jax.lax.scan(
-        lambda c, xs: _layer(cfg, c, xs, ctx), carry, xs)
+    carry = (x, *cache.stacks())
+    (x, *stacks), _ = jax.lax.scan(lambda c, xs: _layer(cfg, c, xs, ctx), carry, xs)
 
     x = rms_norm(x, params.final_norm, cfg.norm_eps)
-    cache = KVCache(k_local=k_local, v_local=v_local, pos_local=pos_local, k_global=k_global,
-                    v_global=v_global, pos_global=pos_global, lengths=lengths)
+    cache = cache.with_stacks(stacks, pos_local=pos_local, pos_global=pos_global, lengths=lengths)
     return x, cache
 
 
 def unembed(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Logits [..., V] in f32 from hidden states [..., D]. The einsum contracts D of the [V, D]
-    table directly, so no transposed copy of the 262k x 640 embedding is made per step."""
+    table directly, so no transposed copy of the 262k x 640 embedding is made per step (a quantized
+    table is stored as [D, V] and goes through quant.matmul)."""
     table = params.embed if cfg.tie_embeddings else params.unembed
-    logits = jnp.einsum("...d,vd->...v", h, table, preferred_element_type=jnp.float32)
+    if isinstance(table, quant.QMatrix):  # [D, V]
+        logits = quant.matmul(h.astype(jnp.float32), table)
+    else:
+        logits = jnp.einsum("...d,vd->...v", h, table, preferred_element_type=jnp.float32)
     if cfg.final_logit_softcap:
         logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
     return logits

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxgen.cache import KVCache
 from jaxgen.config import ModelConfig
 from jaxgen.model import LayerParams, Params, param_shapes
+from jaxgen.quant import LAYER_MATS as _QUANT_LAYER_MATS, QMatrix
 
 AXES = ("data", "model")
 RULES = {"batch": "data", "heads": "model", "kv_heads": "model", "ffn": "model", "vocab": "model"}
@@ -85,7 +86,9 @@ _LAYER_AXES = LayerParams(
 _CACHE_AXES = KVCache(
     k_local=("layers", "batch", "seq", "kv_heads", "head_dim"), v_local=("layers", "batch", "seq", "kv_heads", "head_dim"),
     pos_local=("batch", "seq"), k_global=("layers", "batch", "seq", "kv_heads", "head_dim"),
-    v_global=("layers", "batch", "seq", "kv_heads", "head_dim"), pos_global=("batch", "seq"), lengths=("batch",))
+    v_global=("layers", "batch", "seq", "kv_heads", "head_dim"), pos_global=("batch", "seq"), lengths=("batch",),
+    k_local_scale=("layers", "batch", "seq", "kv_heads"), v_local_scale=("layers", "batch", "seq", "kv_heads"),
+    k_global_scale=("layers", "batch", "seq", "kv_heads"), v_global_scale=("layers", "batch", "seq", "kv_heads"))
 
 
 def _axes_tree(tree_axes, shapes, mesh, rules):
@@ -93,17 +96,46 @@ def _axes_tree(tree_axes, shapes, mesh, rules):
                         is_leaf=lambda x: isinstance(x, tuple))
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict = RULES) -> Params:
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict = RULES, params=None) -> Params:
+    """NamedShardings of the params. `params` (arrays or ShapeDtypeStructs) is needed for quantized
+    params: a QMatrix leaf (jaxgen.quant) takes the split of the float matrix it replaces, for its
+    integers and its scales alike (wq [L, D, N, H] split on N -> q [L, D, N*H] and scale [L, D/g, N*H]
+    split on the merged axis; the embedding [V, D] split on V -> q and scale [., V] split on V)."""
     shapes = param_shapes(cfg)
     layer_axes = LayerParams(**{f.name: getattr(_LAYER_AXES, f.name) if getattr(shapes.layers, f.name) is not None else None
                                 for f in dataclasses.fields(LayerParams)})
     axes = Params(embed=("vocab", "embed"), layers=layer_axes, final_norm=("embed",),
                   unembed=("vocab", "embed") if shapes.unembed is not None else None)
-    return _axes_tree(axes, shapes, mesh, rules)
+    out = _axes_tree(axes, shapes, mesh, rules)
+    if params is None or not isinstance(params.embed, QMatrix):
+        return out
+
+    def q(float_sharding, qm, name):
+        fs = tuple(float_sharding.spec) + (None,) * (len(shapes.embed.shape) + 2)
+        if name in ("embed", "unembed"):  # [V, D] -> [D, V]
+            i_ax, o_ax = fs[1], fs[0]
+            lead = ()
+        elif name == "wo":  # [L, N, H, D] -> [L, N*H, D]
+            lead, i_ax, o_ax = (None,), fs[1], fs[3]
+        else:  # [L, D, ...out] -> [L, D, prod(out)]
+            lead, i_ax, o_ax = (None,), fs[1], next((a for a in fs[2:] if a), None)
+
+        def sh(arr):
+            dims = arr.shape[len(lead):]
+            ok = lambda ax, d: ax if ax and d % mesh.shape[ax] == 0 else None
+            return NamedSharding(mesh, P(*lead, ok(i_ax, dims[0]), ok(o_ax, dims[1])))
+        return QMatrix(q=sh(qm.q), scale=sh(qm.scale), bits=qm.bits)
+
+    layers = out.layers.replace(**{n: q(getattr(out.layers, n), getattr(params.layers, n), n)
+                                   for n in _QUANT_LAYER_MATS})
+    unembed = None if out.unembed is None else q(out.unembed, params.unembed, "unembed")
+    return out.replace(embed=q(out.embed, params.embed, "embed"), layers=layers, unembed=unembed)
 
 
 def cache_shardings(cache_shape: KVCache, mesh: Mesh, rules: dict = RULES) -> KVCache:
-    return _axes_tree(_CACHE_AXES, cache_shape, mesh, rules)
+    axes = _CACHE_AXES.replace(**{f: None for f in ("k_local_scale", "v_local_scale", "k_global_scale",
+                                                    "v_global_scale") if getattr(cache_shape, f) is None})
+    return _axes_tree(axes, cache_shape, mesh, rules)
 
 
 def state_shardings(state_shape, mesh: Mesh, rules: dict = RULES):
@@ -116,8 +148,9 @@ def state_shardings(state_shape, mesh: Mesh, rules: dict = RULES):
 
 
 def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh, rules: dict = RULES) -> Params:
-    """Place params on their shardings (for Orbax, pass `param_shardings` to restore instead)."""
-    return jax.device_put(params, param_shardings(cfg, mesh, rules))
+    """Place params (float or quantized) on their shardings (for Orbax, pass `param_shardings` to
+    restore instead)."""
+    return jax.device_put(params, param_shardings(cfg, mesh, rules, params))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

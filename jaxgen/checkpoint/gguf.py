@@ -117,8 +117,13 @@ def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, h // 2, 2, d_in).swapaxes(1, 2).reshape(out, d_in)
 
 
-def load_params(reader, cfg: ModelConfig, dtype=np.float32):
-    """Params (numpy leaves, in `dtype`) from a GGUF reader, with key and shape assertions."""
+def load_params(reader, cfg: ModelConfig, dtype=np.float32, quant: str | None = None):
+    """Params (numpy leaves, in `dtype`) from a GGUF reader, with key and shape assertions.
+
+    quant "int8" / "int4": the projection matrices and embeddings come out as jaxgen.quant QMatrix
+    leaves, quantized tensor by tensor (only one layer's matrix is ever in float), and with "int8" a
+    Q8_0 embedding / output table is taken as its int8 values and groups of 32 with no float step."""
+    from jaxgen import quant as qmod
     from jaxgen.model import LayerParams, Params, param_shapes
 
     arch = architecture(reader)
@@ -171,17 +176,36 @@ def load_params(reader, cfg: ModelConfig, dtype=np.float32):
         shape = getattr(expect.layers, field_name).shape[1:]
         return get(name, shape)
 
+    bits = {"int8": 8, "int4": 4}.get(quant) if quant else None
+    if quant and bits is None:
+        raise ValueError(f"unknown quantization {quant!r}; choose one of {qmod.MODES}")
     layers = {}
     for f in fields:
+        if bits and f in qmod.LAYER_MATS:  # quantized one layer at a time, then stacked on L
+            per = [qmod.quantize(qmod.as_matrix(f, layer_tensor(f, i)[None])[0], bits, qmod.DEFAULT_GROUP[quant], dtype)
+                   for i in range(L)]
+            layers[f] = qmod.QMatrix(q=np.stack([p.q for p in per]), scale=np.stack([p.scale for p in per]), bits=bits)
+            continue
         shape = getattr(expect.layers, f).shape
         buf = np.empty(shape, dtype)  # filled layer by layer: peak memory stays near the model size
         for i in range(L):
             buf[i] = layer_tensor(f, i)
         layers[f] = buf
     V = cfg.vocab_size
-    return Params(embed=get("token_embd.weight", (V, D)), layers=LayerParams(**layers),
+
+    def table(name):  # [V, D]; quantized as the [D, V] unembedding
+        if not bits:
+            return get(name, (V, D))
+        if bits == 8 and tensors[name].tensor_type.name == "Q8_0":
+            values, scales = q8_0_int8(reader, name)  # [V, D], [V, D/32]
+            assert values.shape == (V, D), (name, values.shape)
+            # T:in_out: the unembedding contracts D, so D is the input axis of the QMatrix
+            return qmod.QMatrix(q=np.ascontiguousarray(values.T), scale=scales.T.astype(dtype), bits=8)
+        return qmod.quantize(np.ascontiguousarray(get(name, (V, D)).T), bits, qmod.DEFAULT_GROUP[quant], dtype)
+
+    return Params(embed=table("token_embd.weight"), layers=LayerParams(**layers),
                   final_norm=get("output_norm.weight", (D,)),
-                  unembed=None if cfg.tie_embeddings else get("output.weight", (V, D)))
+                  unembed=None if cfg.tie_embeddings else table("output.weight"))
 
 
 def q8_0_int8(reader, name: str):

@@ -35,9 +35,13 @@ def save(path, cfg: ModelConfig, params, tokenizer=None) -> pathlib.Path:
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path} exists and is not empty; choose a new directory")
     path.mkdir(parents=True, exist_ok=True)
+    from jaxgen import quant
+
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(path / "params", params)
     ckpt.wait_until_finished()
+    if quant.is_quantized(params):  # how to rebuild the QMatrix leaves at restore
+        (path / "quant.json").write_text(json.dumps({"mode": quant.quant_mode(params), "groups": quant.groups_of(params)}))
     if tokenizer is not None:
         (path / "tokenizer.json").write_text(json.dumps(tokenizer.to_dict()))
     (path / "config.toml").write_text(_toml(cfg))  # written last: its presence marks a complete save
@@ -55,25 +59,36 @@ def load_config(path) -> ModelConfig:
         return config_from_dict(tomllib.load(f))
 
 
-def restore(path, dtype=jnp.float32, shardings=None):
-    """(cfg, params, tokenizer or None) from an Orbax checkpoint directory, params cast to `dtype`."""
+def restore(path, dtype=jnp.float32, shardings=None, mesh=None):
+    """(cfg, params, tokenizer or None) from an Orbax checkpoint directory, params cast to `dtype`
+    (a quantized checkpoint keeps its integers; its scales and norms are cast)."""
     import orbax.checkpoint as ocp
 
+    from jaxgen import quant
     from jaxgen import tokenizer as tok_mod
     from jaxgen.model import param_shapes
 
     path = pathlib.Path(path).absolute()
     cfg = load_config(path)  # raises if `path` is not a checkpoint
     stored = ocp.StandardCheckpointer().metadata(path / "params")
-    stored_dtype = jax.tree.leaves(stored.item_metadata if hasattr(stored, "item_metadata") else stored)[0].dtype
+    stored_dtype = max((x.dtype for x in jax.tree.leaves(stored.item_metadata if hasattr(stored, "item_metadata") else stored)),
+                       key=lambda d: jnp.dtype(d).kind == "f")  # a float leaf (norms are never quantized)
     target = param_shapes(cfg, stored_dtype)
+    qfile = path / "quant.json"
+    if qfile.exists():
+        spec = json.loads(qfile.read_text())
+        target = quant.quantized_shapes(target, spec["mode"], spec["groups"])
+    if mesh is not None:  # jaxgen.sharding's rules for these (float or quantized) params
+        from jaxgen.sharding import param_shardings
+
+        shardings = param_shardings(cfg, mesh, params=target)
     if shardings is None:  # without a sharding Orbax hands back host numpy arrays: place them on device
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: one, target)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target, shardings)
     params = ocp.StandardCheckpointer().restore(path / "params", target)
     if params.embed.dtype != jnp.dtype(dtype):
-        params = jax.tree.map(lambda a: a.astype(dtype), params)
+        params = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
     tokenizer = None
     if (path / "tokenizer.json").exists():
         tokenizer = tok_mod.from_dict(json.loads((path / "tokenizer.json").read_text()))

@@ -121,12 +121,18 @@ def resolve_dtype(dtype) -> jnp.dtype:
 
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_cache: bool = True,
-         shardings=None, mesh=None, timings: dict | None = None):
+         shardings=None, mesh=None, timings: dict | None = None, quant: str | None = None,
+         kv_quant: str | None = None):
     """A ready `Model` (config, params on device, tokenizer) from a registry name, a .gguf path or an
     Orbax checkpoint directory. `config` (a ModelConfig, preset name or .toml path) is for a .gguf that
     no preset matches; the file's header is still checked against it. `mesh`: place params on
     `jaxgen.sharding`'s rules for it (Orbax restores straight onto them) and return a sharded Model;
-    `shardings` instead gives an explicit Params tree of shardings."""
+    `shardings` instead gives an explicit Params tree of shardings.
+
+    quant "int8" / "int4": weight-only quantized params (jaxgen.quant), converted from the GGUF tensor
+    by tensor (and cached per mode for registry models); an Orbax checkpoint written by
+    `jaxgen convert --quant` is quantized already. kv_quant "int8": the KV cache is stored in int8."""
+    from jaxgen import quant as qmod
     from jaxgen.checkpoint import gguf, orbax
     from jaxgen.config import ModelConfig, load_config
     from jaxgen.generate import Model
@@ -140,18 +146,29 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
                          "their own)")
     if mesh is not None and shardings is not None:
         raise ValueError("give mesh= or shardings=, not both")
+    if quant not in (None,) + qmod.MODES:
+        raise ValueError(f"unknown quantization {quant!r}; choose one of {qmod.MODES}")
 
-    def rules(cfg):  # the shardings to place params on
+    def rules(cfg, params):  # the shardings to place params on
         from jaxgen.sharding import param_shardings
 
-        return param_shardings(cfg, mesh) if mesh is not None else shardings
+        return param_shardings(cfg, mesh, params=params) if mesh is not None else shardings
+
+    def model(cfg, params, tok):
+        if quant and not qmod.is_quantized(params):  # e.g. a float Orbax checkpoint
+            params = qmod.quantize_params(params, quant)
+            if rules(cfg, params) is not None:
+                params = jax.device_put(params, rules(cfg, params))
+        elif quant and qmod.quant_mode(params) != quant:
+            raise ValueError(f"{name_or_path} is quantized as {qmod.quant_mode(params)}, not {quant}")
+        return _done(Model(cfg, params, tok, mesh, kv_quant=kv_quant), t0, timings)
 
     ckpt = path if name_or_path not in MODELS and path.is_dir() else None
-    if name_or_path in MODELS and use_cache and orbax.is_checkpoint(_converted_dir(name_or_path)):
-        ckpt = _converted_dir(name_or_path)
+    if name_or_path in MODELS and use_cache and orbax.is_checkpoint(_converted_dir(name_or_path, quant)):
+        ckpt = _converted_dir(name_or_path, quant)
     if ckpt is not None:
-        cfg, params, tok = orbax.restore(ckpt, dtype, rules(orbax.load_config(ckpt)))
-        return _done(Model(cfg, params, tok, mesh), t0, timings)
+        cfg, params, tok = orbax.restore(ckpt, dtype, shardings, mesh=mesh)
+        return model(cfg, params, tok)
     if name_or_path in MODELS:
         path, cfg = gguf_path(name_or_path), load_config(MODELS[name_or_path].preset)
     elif path.suffix == ".gguf":
@@ -165,25 +182,25 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
         raise ValueError(f"unknown model {name_or_path!r}; known models: {sorted(MODELS)}, or a path to a "
                          f".gguf file or an Orbax checkpoint directory")
     reader = gguf.open_gguf(path)
-    host = gguf.load_params(reader, cfg, np.float32)
+    host = gguf.load_params(reader, cfg, np.float32, quant=quant)
     tok = from_gguf_fields(gguf.tokenizer_fields(reader))
     if name_or_path in MODELS and use_cache:
-        # Keep the full-precision conversion; other dtypes are a cast at restore time.
-        final = _converted_dir(name_or_path)
+        # Keep the full-precision (or quantized) conversion; other dtypes are a cast at restore time.
+        final = _converted_dir(name_or_path, quant)
         tmp = final.parent / f".{final.name}.{os.getpid()}.partial"
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
         orbax.save(tmp, cfg, host, tok)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), host)
-    if rules(cfg) is not None:
-        params = jax.device_put(params, rules(cfg))
-    return _done(Model(cfg, params, tok, mesh), t0, timings)
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype if a.dtype.kind == "f" else a.dtype), host)
+    if rules(cfg, params) is not None:
+        params = jax.device_put(params, rules(cfg, params))
+    return model(cfg, params, tok)
 
 
-def _converted_dir(name: str) -> pathlib.Path:
-    return cache_dir() / "orbax" / f"{name}.v{CONVERT_VERSION}"
+def _converted_dir(name: str, quant: str | None = None) -> pathlib.Path:
+    return cache_dir() / "orbax" / (f"{name}.v{CONVERT_VERSION}" + (f".{quant}" if quant else ""))
 
 
 def _config_for_file(reader, arch, path):

@@ -1,0 +1,233 @@
+"""Weight-only quantization (int8 / int4) and the int8 KV cache's quantizer, as pure functions.
+
+A quantized weight is a `QMatrix`: the matrix w [..., I, O] of `y = x @ w` stored as integers plus one
+scale per group of `group` consecutive inputs and per output column (symmetric, no zero point):
+
+  w[i, o] ~= q[i, o] * scale[i // group, o]
+
+group == I is per-output-channel (the int8 default); int4 uses groups of 32 or 64 inputs, packed two per
+byte along I (row 2i in the low nibble, 2i+1 in the high one, both stored as value + 8). GGUF Q8_0 is
+exactly int8 with groups of 32 along the input axis, so it loads as a QMatrix without a float round trip.
+
+Params keep their structure: `quantize_params` swaps the big matrices for QMatrix leaves (the projection
+matrices in their 2-D [in, out] form, the embedding as its [D, V] unembedding orientation, whose per-V
+scales also serve the embedding lookup). `model.py` dispatches on the leaf type; the matmul dequantizes
+on the fly with f32 accumulation. Scales are stored in the model's compute dtype.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+MODES = ("int8", "int4")
+DEFAULT_GROUP = {"int8": 0, "int4": 32}  # 0 = per output channel (group = I)
+# Outputs per block of the CPU matmul: XLA:CPU does not fuse an int8->float convert into its dot, so a
+# whole dequantized 262k x 640 unembedding would be written and read back in f32 every step; column
+# blocks keep each dequantized block in cache.
+CPU_BLOCK = 2048
+
+
+@struct.dataclass
+class QMatrix:
+    q: jax.Array  # int8 [..., I, O]; int4: uint8 [..., I/2, O] (two inputs per byte)
+    scale: jax.Array  # [..., I/group, O] compute dtype
+    bits: int = struct.field(pytree_node=False, default=8)
+
+    @property
+    def shape(self) -> tuple:
+        *lead, i, o = self.q.shape
+        return (*lead, i * (2 if self.bits == 4 else 1), o)
+
+    @property
+    def group(self) -> int:
+        return self.shape[-2] // self.scale.shape[-2]
+
+    @property
+    def dtype(self):  # the compute dtype (what the float weight it replaces would have had)
+        return self.scale.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.q.size * self.q.dtype.itemsize + self.scale.size * self.scale.dtype.itemsize)
+
+
+def group_for(I: int, group: int, bits: int) -> int:
+    """The group actually used for an input dim I: `group` (0 = I) or, when it does not divide I, the
+    largest divisor of I below it (even for int4, which packs pairs of inputs)."""
+    g = group or I
+    for cand in range(min(g, I), 0, -1):
+        if I % cand == 0 and (bits == 8 or cand % 2 == 0):
+            return cand
+    raise ValueError(f"quantize: int4 needs an even input dim, got {I}")
+
+
+def quantize(w, bits: int = 8, group: int = 0, dtype=None) -> QMatrix:
+    """QMatrix of w [..., I, O] (numpy or jax; numpy stays on the host). group 0 = per output channel."""
+    xp = np if isinstance(w, np.ndarray) else jnp
+    if xp is np and w.shape[-1] > 16384:  # in column chunks: the f32 temporaries stay small
+        parts = [quantize(w[..., i:i + 16384], bits, group, dtype) for i in range(0, w.shape[-1], 16384)]
+        return QMatrix(q=np.concatenate([p.q for p in parts], -1), scale=np.concatenate([p.scale for p in parts], -1),
+                       bits=bits)
+    *lead, I, O = w.shape
+    if bits not in (4, 8):
+        raise ValueError(f"quantize: bits must be 4 or 8, got {bits}")
+    g = group_for(I, group, bits)
+    qmax = 127 if bits == 8 else 7
+    wg = w.astype(xp.float32).reshape(*lead, I // g, g, O)
+    scale = xp.max(xp.abs(wg), axis=-2) / xp.float32(qmax)  # [..., I/g, O]
+    safe = xp.where(scale > 0, scale, xp.float32(1))[..., None, :]
+    # Division, not a multiply by 1/scale: exact in IEEE on host and device, so both round alike.
+    q = xp.clip(xp.round(wg / safe), -qmax, qmax).reshape(*lead, I, O)
+    if bits == 8:
+        q = q.astype(xp.int8)
+    else:
+        u = (q + 8).astype(xp.uint8)
+        q = u[..., 0::2, :] | (u[..., 1::2, :] << 4)  # [..., I/2, O]
+    dtype = dtype or (w.dtype if w.dtype != xp.int8 else xp.float32)
+    return QMatrix(q=q, scale=scale.astype(dtype), bits=bits)
+
+
+def _values(w: QMatrix, dtype):
+    """The integer values of w.q as `dtype` [..., I, O] (int4 unpacked)."""
+    if w.bits == 8:
+        return w.q.astype(dtype)
+    lo = (w.q & 15).astype(dtype) - 8
+    hi = (w.q >> 4).astype(dtype) - 8
+    *lead, half, o = w.q.shape
+    return jnp.stack([lo, hi], axis=-2).reshape(*lead, 2 * half, o)  # rows 2i, 2i+1
+
+
+def dequantize(w: QMatrix, dtype=None) -> jax.Array:
+    """The float matrix [..., I, O] a QMatrix stands for."""
+    dtype = dtype or w.dtype
+    v = _values(w, jnp.float32)
+    *lead, I, O = v.shape
+    g = w.group
+    out = v.reshape(*lead, I // g, g, O) * w.scale.astype(jnp.float32)[..., None, :]
+    return out.reshape(*lead, I, O).astype(dtype)
+
+
+def _dot_block(x2: jax.Array, w: QMatrix) -> jax.Array:
+    """x2 [M, I] @ w [I, O] in f32. Per-channel int8 scales the output (one multiply per output);
+    grouped scales are applied to the weights before the dot."""
+    if w.group == w.shape[-2]:
+        y = jnp.dot(x2.astype(jnp.float32), _values(w, jnp.float32), preferred_element_type=jnp.float32)
+        return y * w.scale[0].astype(jnp.float32)
+    return jnp.dot(x2.astype(jnp.float32), dequantize(w, jnp.float32), preferred_element_type=jnp.float32)
+
+
+def matmul(x: jax.Array, w: QMatrix) -> jax.Array:
+    """x [..., I] @ w [I, O] -> [..., O] in x.dtype, dequantizing on the fly (f32 accumulation).
+
+    On CPU a matrix with many outputs runs as a loop over column blocks (see CPU_BLOCK); on GPU/TPU
+    XLA fuses the dequantization into the dot, so it is one dot."""
+    I, O = w.shape
+    x2 = x.reshape(-1, x.shape[-1])
+    nb = O // CPU_BLOCK if jax.default_backend() == "cpu" and O % CPU_BLOCK == 0 else 1
+    if nb <= 1:
+        y = _dot_block(x2, w)
+    else:
+        blocks = jax.tree.map(lambda a: a.reshape(a.shape[0], nb, CPU_BLOCK).swapaxes(0, 1), w)
+        y = jax.lax.map(lambda b: _dot_block(x2, b), blocks)  # [nb, M, CPU_BLOCK]
+        y = y.swapaxes(0, 1).reshape(x2.shape[0], O)
+    return y.reshape(*x.shape[:-1], O).astype(x.dtype)
+
+
+def take_columns(w: QMatrix, idx: jax.Array) -> jax.Array:
+    """Dequantized columns w[:, idx] as [*idx.shape, I]: the embedding lookup from the [D, V] table."""
+    cols = QMatrix(q=jnp.take(w.q, idx.reshape(-1), axis=-1), scale=jnp.take(w.scale, idx.reshape(-1), axis=-1),
+                   bits=w.bits)  # [I', n]
+    return dequantize(cols).T.reshape(*idx.shape, w.shape[-2])
+
+
+# ---- params --------------------------------------------------------------------------------------
+LAYER_MATS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def as_matrix(name: str, w):
+    """A layer weight [L, ...] in its 2-D matmul form [L, I, O] (wq [L, D, N, H] -> [L, D, N*H];
+    wo [L, N, H, D] -> [L, N*H, D]); the model reshapes the outputs back to heads."""
+    L = w.shape[0]
+    if name == "wo":
+        return w.reshape(L, -1, w.shape[-1])
+    return w.reshape(L, w.shape[1], -1)
+
+
+def quantize_params(params, mode: str = "int8", group: int | None = None):
+    """Params with every projection matrix and the embedding (tied unembedding) as QMatrix leaves.
+    Norms and biases stay float. Works on host numpy params (nothing is placed on a device) or on
+    device arrays. mode: "int8" (per output channel unless `group`) or "int4" (group 32 by default)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization {mode!r}; choose one of {MODES}")
+    bits = 8 if mode == "int8" else 4
+    group = DEFAULT_GROUP[mode] if group is None else group
+    layers = params.layers.replace(**{n: quantize(as_matrix(n, getattr(params.layers, n)), bits, group)
+                                      for n in LAYER_MATS})
+    embed = params.embed if isinstance(params.embed, QMatrix) else quantize(params.embed.T, bits, group)
+    unembed = params.unembed
+    if unembed is not None and not isinstance(unembed, QMatrix):
+        unembed = quantize(unembed.T, bits, group)
+    return params.replace(embed=embed, layers=layers, unembed=unembed)
+
+
+def is_quantized(params) -> bool:
+    return isinstance(params.embed, QMatrix)
+
+
+def quant_mode(params) -> str | None:
+    """"int8" / "int4" for quantized params, None for float ones."""
+    if not is_quantized(params):
+        return None
+    return "int8" if params.layers.wq.bits == 8 else "int4"
+
+
+def param_bytes(params) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))
+
+
+def groups_of(params) -> dict:
+    """{matrix name: group} of quantized params (0 = per output channel), for `quantized_shapes`."""
+    mats = {n: getattr(params.layers, n) for n in LAYER_MATS}
+    mats["embed"] = params.embed
+    if params.unembed is not None:
+        mats["unembed"] = params.unembed
+    return {n: (0 if m.group == m.shape[-2] else m.group) for n, m in mats.items()}
+
+
+def quantized_shapes(shapes, mode: str, groups: dict | None = None):
+    """ShapeDtypeStructs of quantized params for float param shapes (for Orbax restore targets).
+    groups: {matrix name: group} where it differs from the mode's default (a GGUF Q8_0 tensor keeps
+    its groups of 32)."""
+    dt = shapes.embed.dtype
+    bits = 8 if mode == "int8" else 4
+    groups = groups or {}
+    group = DEFAULT_GROUP[mode]
+
+    def qshape(shape, group=group):  # shape of the [.., I, O] matrix
+        *lead, I, O = shape
+        g = group_for(I, group, bits)
+        return QMatrix(q=jax.ShapeDtypeStruct((*lead, I // (2 if bits == 4 else 1), O), jnp.int8 if bits == 8 else jnp.uint8),
+                       scale=jax.ShapeDtypeStruct((*lead, I // g, O), dt), bits=bits)
+
+    def layer_mat(name, s):
+        g = groups.get(name, group)
+        if name == "wo":
+            return qshape((s.shape[0], int(np.prod(s.shape[1:-1])), s.shape[-1]), g)
+        return qshape((s.shape[0], s.shape[1], int(np.prod(s.shape[2:]))), g)
+
+    layers = shapes.layers.replace(**{n: layer_mat(n, getattr(shapes.layers, n)) for n in LAYER_MATS})
+    V, D = shapes.embed.shape
+    unembed = None if shapes.unembed is None else qshape((D, V), groups.get("unembed", group))
+    return shapes.replace(embed=qshape((D, V), groups.get("embed", group)), layers=layers, unembed=unembed)
+
+
+def describe(params) -> dict:
+    """Bytes by kind, for reports: {"mode", "param_bytes", "quantized_bytes", "float_bytes"}."""
+    qbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QMatrix))
+                 if isinstance(leaf, QMatrix))
+    total = param_bytes(params)
+    return {"mode": quant_mode(params) or str(jnp.dtype(params.embed.dtype)), "param_bytes": total,
+            "quantized_bytes": qbytes, "float_bytes": total - qbytes}
+
