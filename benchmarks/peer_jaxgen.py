@@ -1,4 +1,7 @@
-"""jaxgen on the benchmark protocol (see common.py). Runs in jaxgen's own environment."""
+"""jaxgen on the benchmark protocol (see common.py). Runs in jaxgen's own environment.
+
+The spec's dtype may also name a quantized variant (float32 compute): int8 / int4 weights, or int8kv
+(float32 weights, int8 KV cache)."""
 import os
 import sys
 
@@ -12,7 +15,15 @@ def main():
 
     import jaxgen
 
-    model = jaxgen.load(s.get("jaxgen_model") or s["gguf"], s["dtype"])  # the registry name uses the Orbax cache
+    from jaxgen import quant
+    from jaxgen.cache import cache_bytes
+
+    variant = s["dtype"]
+    dtype = variant if variant in ("float32", "bfloat16") else "float32"
+    q = variant if variant in ("int8", "int4") else None
+    kvq = "int8" if variant == "int8kv" else None
+    # the registry name uses the Orbax cache (per quantization mode)
+    model = jaxgen.load(s.get("jaxgen_model") or s["gguf"], dtype, quant=q, kv_quant=kvq)
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda e, d, **kw: compiles.append(kw.get("fun_name")) if e == "/jax/core/compile/backend_compile_duration" else None)
@@ -39,7 +50,9 @@ def main():
     decode = {}
     for b in s["batches"]:
         decode[b] = decode_rates(run, b, s["new_tokens"], s["inner"])
-    report("jaxgen", s, first_call_s=first, prefill_tps=prefill, decode_tps=decode, compiles=len(compiles))
+    report("jaxgen", s, first_call_s=first, prefill_tps=prefill, decode_tps=decode, compiles=len(compiles),
+           weight_bytes=quant.param_bytes(model.params),
+           cache_bytes_b1_s1024=cache_bytes(model.cfg, 1, 1024, model.params.embed.dtype, kv_quant=kvq))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ PROMPT = "The capital of France is"
 LONG = ("The history of the city begins with a small settlement on an island in the river, where fishermen "
         "and traders met to exchange goods. Over the centuries the settlement grew into a town, then a city, "
         "with walls, bridges, markets, churches and palaces. ")
+FLOAT_DTYPES = ("float32", "bfloat16")
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -91,8 +92,9 @@ def summarize(rows: list[dict], bws: list[float], wb: dict) -> dict:
             s[f].append(r[f])
         for b, v in r["decode_tps"].items():
             s["decode_tps"].setdefault(str(b), []).extend(v)
-    for s in out.values():
-        nbytes = wb["gguf"] if s["system"] == "llamacpp" else wb[s["dtype"]]
+    byts = {f"{r['system']}/{r['dtype']}": r.get("weight_bytes") for r in rows}
+    for key, s in out.items():
+        nbytes = wb["gguf"] if s["system"] == "llamacpp" else (byts.get(key) or wb[s["dtype"]])
         roof = bw * 1e9 / nbytes
         stat = lambda xs: {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
         for f in ("first_call_s", "prefill_tps", "peak_rss_mb"):
@@ -115,7 +117,10 @@ def ratios(rows: list[dict]) -> dict:
         j = systems.get("jaxgen")
         if j is None:
             continue
-        for name, p in systems.items():
+        peers = dict(systems)
+        if (rnd, "q4_k_m") in by:  # llama.cpp runs its own format: compare every jaxgen variant with it
+            peers.update(by[(rnd, "q4_k_m")])
+        for name, p in peers.items():
             if name == "jaxgen":
                 continue
             key = f"jaxgen/{name}/{dtype}"
@@ -159,10 +164,10 @@ def plot(summary: dict, bw: float, path: pathlib.Path):
         bs = sorted(int(b) for b in s["decode_tps"])
         ys = [s["decode_tps"][str(b)]["median"] for b in bs]
         ax.plot(bs, ys, marker="o", label=f"{s['system']} {s['dtype']}")
-    for dtype, style in (("float32", ":"), ("bfloat16", "--")):
-        if any(s["dtype"] == dtype for s in summary.values()):
-            roof = next(s["roofline_tps_b1"] for s in summary.values() if s["dtype"] == dtype and s["system"] != "llamacpp")
-            ax.axhline(roof, color="gray", linestyle=style, linewidth=1, label=f"B=1 roofline {dtype} ({roof:.0f})")
+    styles = iter([":", "--", "-.", (0, (1, 3)), (0, (5, 5))])
+    for dtype in dict.fromkeys(s["dtype"] for s in summary.values() if s["system"] != "llamacpp"):
+        roof = next(s["roofline_tps_b1"] for s in summary.values() if s["dtype"] == dtype and s["system"] != "llamacpp")
+        ax.axhline(roof, color="gray", linestyle=next(styles, ":"), linewidth=1, label=f"B=1 roofline {dtype} ({roof:.0f})")
     ax.set_xscale("log", base=2), ax.set_yscale("log")
     ax.set_xlabel("batch size"), ax.set_ylabel("decode tokens/s (all rows)")
     ax.set_title(f"Gemma 3 270M decode on {platform.machine()} x{os.cpu_count()} ({bw:.0f} GB/s)")
@@ -183,7 +188,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="jaxgen alone, small settings (CI keeps the harness working)")
     ap.add_argument("--systems", default="jaxgen,hf,gemma")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="float32,bfloat16",
+                    help="float32, bfloat16, and for jaxgen also int8, int4, int8kv (float32 + int8 KV cache); "
+                         "hf and gemma run the float ones, llamacpp its GGUF as is (once per round)")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--new-tokens", type=int, default=33)
     ap.add_argument("--rounds", type=int, default=2)
@@ -217,7 +224,10 @@ def main(argv=None):
         bws.append(bandwidth_gbs())
         order = systems[rnd % len(systems):] + systems[:rnd % len(systems)]  # alternate who goes first
         for system in order:
-            for dtype in dtypes:
+            mine = [d for d in dtypes if system == "jaxgen" or d in FLOAT_DTYPES]
+            if system == "llamacpp":
+                mine = mine[:1] or ["float32"]  # one run: it uses the file's own quantization
+            for dtype in mine:
                 r = run_peer(system, dict(spec, dtype=dtype), a.timeout)
                 r["round"] = rnd
                 rows.append(r)

@@ -1,0 +1,181 @@
+"""Quantization on tiny random models: the kernels compute exactly what their dequantized weights
+say (so any quality loss is rounding, never a wrong layout), the int8 KV cache keeps cached decode
+equal to a full pass, and quantized params shard, checkpoint and compile like float ones."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from .conftest import TINY_GEMMA, TINY_QWEN, CompileCounter, random_params
+from jaxgen import quant
+from jaxgen.cache import cache_bytes, init_cache
+from jaxgen.generate import Model, generate
+from jaxgen.model import forward as _forward
+
+forward = jax.jit(_forward, static_argnames="cfg")
+
+
+def dequantized_params(qp):
+    """The float params a quantized tree stands for (QMatrix -> its float matrix, original layout)."""
+    L = qp.layers
+    deq = lambda m: np.asarray(quant.dequantize(m))
+    layers = {}
+    for n in quant.LAYER_MATS:
+        w = deq(getattr(L, n))  # [L, I, O]
+        layers[n] = w
+    return qp.replace(embed=deq(qp.embed).T, layers=L.replace(**layers),
+                      unembed=None if qp.unembed is None else deq(qp.unembed).T)
+
+
+def reshape_like(float_params, flat):
+    """Put 2-D layer matrices back into the model's head-split shapes."""
+    return flat.replace(layers=flat.layers.replace(**{n: getattr(flat.layers, n).reshape(getattr(float_params.layers, n).shape)
+                                                      for n in quant.LAYER_MATS}))
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (8, 4), (4, 4), (4, 8), (4, 0)])
+def test_quantize_round_trip_error_is_at_most_half_a_step(bits, group):
+    w = np.random.default_rng(0).standard_normal((2, 16, 24)).astype(np.float32)
+    m = quant.quantize(w, bits, group)
+    g = group or (16 if bits == 8 else 8)  # int4 groups stay within one packed half
+    assert m.shape == (2, 16, 24) and m.group == g and m.scale.shape == (2, 16 // g, 24)
+    assert m.q.dtype == (np.int8 if bits == 8 else np.uint8) and m.q.shape[-2] == (16 if bits == 8 else 8)
+    err = np.abs(np.asarray(quant.dequantize(m)) - w)
+    step = np.repeat(np.asarray(m.scale), g, axis=-2)
+    assert np.all(err <= step / 2 + 1e-6)
+    # the largest magnitude of each group is represented exactly (symmetric, max-scaled)
+    assert np.allclose(np.abs(np.asarray(quant.dequantize(m))).reshape(2, 16 // g, g, 24).max(2),
+                       np.abs(w).reshape(2, 16 // g, g, 24).max(2), rtol=1e-6)
+
+
+def test_int4_packing_is_exact_on_representable_values():
+    rng = np.random.default_rng(1)
+    ints = rng.integers(-7, 8, (8, 6))
+    ints[0] = ints[4] = 7  # every group's max is exactly 7 steps: scale 1
+    m = quant.quantize(ints.astype(np.float32), 4, 4)
+    np.testing.assert_allclose(quant.dequantize(m), ints, atol=1e-6)
+    # row i in the low nibble, row i + I/2 in the high one, both + 8
+    np.testing.assert_array_equal(np.asarray(m.q) & 15, ints[:4] + 8)
+    np.testing.assert_array_equal(np.asarray(m.q) >> 4, ints[4:] + 8)
+
+
+@pytest.mark.parametrize("bits,group,block", [(8, 0, 2048), (8, 0, 8), (4, 8, 2048), (4, 8, 8), (8, 8, 8)])
+def test_matmul_equals_dequantized_dot(bits, group, block, monkeypatch):
+    monkeypatch.setattr(quant, "CPU_BLOCK", block)  # 8: the column-blocked loop runs
+    rng = np.random.default_rng(2)
+    m = quant.quantize(rng.standard_normal((32, 64)).astype(np.float32), bits, group)
+    x = jnp.asarray(rng.standard_normal((3, 5, 32)).astype(np.float32))
+    got = jax.jit(quant.matmul)(x, m)
+    np.testing.assert_allclose(got, x @ quant.dequantize(m), atol=1e-4, rtol=1e-5)
+    idx = jnp.asarray([[3, 0, 63], [7, 7, 1]])
+    np.testing.assert_allclose(quant.take_columns(m, idx), np.asarray(quant.dequantize(m)).T[np.asarray(idx)], atol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [TINY_GEMMA, TINY_QWEN], ids=["gemma", "qwen"])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_forward_equals_float_forward_on_dequantized_weights(cfg, mode, monkeypatch):
+    monkeypatch.setattr(quant, "CPU_BLOCK", 16)  # the vocab (64) runs as 4 column blocks
+    p = random_params(cfg)
+    qp = quant.quantize_params(p, mode)
+    ref_params = reshape_like(p, dequantized_params(qp))
+    T = 12
+    tok = jax.random.randint(jax.random.key(3), (2, T), 0, cfg.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(T), (2, T))
+    got = forward(qp, tok, pos, init_cache(cfg, 2, 16), cfg)[0]
+    ref = forward(ref_params, tok, pos, init_cache(cfg, 2, 16), cfg)[0]
+    np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-4)
+    # and int8 stays close to the unquantized model (a broken scale would not)
+    full = forward(p, tok, pos, init_cache(cfg, 2, 16), cfg)[0]
+    lp, lq = jax.nn.log_softmax(full), jax.nn.log_softmax(got)
+    kl = float(jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), -1)))
+    assert kl < (0.01 if mode == "int8" else 0.5), kl
+
+
+def test_param_bytes_shrink():
+    p = random_params(TINY_GEMMA)
+    f32 = quant.param_bytes(p)
+    assert quant.param_bytes(quant.quantize_params(p, "int8")) < 0.4 * f32
+    assert quant.param_bytes(quant.quantize_params(p, "int4")) < 0.3 * f32
+
+
+@pytest.mark.parametrize("cfg", [TINY_GEMMA, TINY_QWEN], ids=["gemma", "qwen"])
+def test_int8_kv_cache_cached_decode_equals_one_pass(cfg):
+    """With the int8 cache, token-by-token decode and chunked prefill see the same quantized keys as a
+    single pass over the sequence (the logits agree to rounding), and stay near the f32 cache."""
+    p = random_params(cfg)
+    B, T = 2, 23
+    tok = jax.random.randint(jax.random.key(4), (B, T), 0, cfg.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    one = forward(p, tok, pos, init_cache(cfg, B, 32, kv_quant="int8"), cfg)[0]
+    cache = init_cache(cfg, B, 32, kv_quant="int8")
+    outs = []
+    for a, b in [(0, 7)] + [(t, t + 1) for t in range(7, T)]:
+        lg, cache = forward(p, tok[:, a:b], pos[:, a:b], cache, cfg)
+        outs.append(lg)
+    # float rounding of a key before quantization can flip one int8 step: tolerance of a few 1e-4
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), one, atol=2e-3, rtol=1e-3)
+    assert cache.k_global.dtype == jnp.int8 and cache.k_global_scale.shape == cache.k_global.shape[:-1]
+    f32 = forward(p, tok, pos, init_cache(cfg, B, 32), cfg)[0]
+    lp, lq = jax.nn.log_softmax(f32), jax.nn.log_softmax(one)
+    assert float(jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), -1))) < 1e-3
+
+
+def test_int8_kv_cache_bytes():
+    f32 = cache_bytes(TINY_GEMMA, 4, 128)
+    i8 = cache_bytes(TINY_GEMMA, 4, 128, kv_quant="int8")
+    assert i8 < 0.35 * f32
+    with pytest.raises(ValueError, match="KV cache quantization"):
+        cache_bytes(TINY_GEMMA, 4, 128, kv_quant="int4")
+
+
+def test_quantized_generate_compiles_once_and_shards_like_unsharded():
+    from jaxgen import sharding as shd
+
+    cfg = TINY_GEMMA
+    qp = quant.quantize_params(random_params(cfg), "int8")
+    model = Model(cfg, qp, kv_quant="int8")
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    counter = CompileCounter()
+    ref = generate(model, prompts, max_new_tokens=10, stop_ids=[], temperature=0.8, top_k=5, seed=1)
+    n = len(counter.names)
+    generate(model, prompts, max_new_tokens=10, stop_ids=[], temperature=0.3, top_p=0.9, seed=2)
+    assert len(counter.names) == n, counter.names[n:]  # knobs are traced
+    mesh = shd.make_mesh("data=2,model=4")
+    sharded = Model(cfg, shd.shard_params(qp, cfg, mesh), mesh=mesh, kv_quant="int8")
+    wq = sharded.params.layers.wq
+    assert wq.q.sharding.spec == wq.scale.sharding.spec  # integers and scales split alike
+    assert "model" in tuple(wq.q.sharding.spec)
+    got = generate(sharded, prompts, max_new_tokens=10, stop_ids=[], temperature=0.8, top_k=5, seed=1)
+    assert [g.tokens for g in got] == [r.tokens for r in ref]
+
+
+def test_quantized_orbax_round_trip(tmp_path):
+    from jaxgen.checkpoint import load, orbax
+
+    cfg = TINY_QWEN
+    for mode in ("int8", "int4"):
+        qp = quant.quantize_params(random_params(cfg), mode)
+        orbax.save(tmp_path / mode, cfg, qp)
+        model = load(str(tmp_path / mode), "float32")
+        assert quant.quant_mode(model.params) == mode
+        for a, b in zip(jax.tree.leaves(qp), jax.tree.leaves(model.params)):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(ValueError, match="quantized as"):
+            load(str(tmp_path / mode), "float32", quant="int8" if mode == "int4" else "int4")
+    # a float checkpoint quantizes at load
+    orbax.save(tmp_path / "f32", cfg, random_params(cfg))
+    model = load(str(tmp_path / "f32"), "float32", quant="int8", kv_quant="int8")
+    assert quant.quant_mode(model.params) == "int8" and model.kv_quant == "int8"
+    with pytest.raises(ValueError, match="unknown quantization"):
+        load(str(tmp_path / "f32"), "float32", quant="int3")
+
+
+def test_bfloat16_quantized_scales():
+    p = jax.tree.map(lambda a: a.astype(jnp.bfloat16), random_params(TINY_GEMMA))
+    qp = quant.quantize_params(p, "int8")
+    assert qp.embed.dtype == jnp.bfloat16 and qp.layers.wq.q.dtype == jnp.int8
+    out = generate(dataclasses.replace(Model(TINY_GEMMA, qp)), [[1, 2, 3]], max_new_tokens=4, stop_ids=[])
+    assert len(out[0].tokens) == 4
