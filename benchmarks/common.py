@@ -46,8 +46,21 @@ def decode_rates(run, batch: int, new_tokens: int, inner: int) -> list[float]:
     return rates
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss
+    over fork + exec, so a peer started by a parent holding a model would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def report(system: str, s: dict, **fields):
-    fields["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    fields["peak_rss_mb"] = peak_rss_mb()
     fields.update(system=system, dtype=s["dtype"])
     print(json.dumps(fields), flush=True)
 

@@ -175,12 +175,13 @@ def plot(summary: dict, bw: float, path: pathlib.Path):
     fig.tight_layout(), fig.savefig(path, dpi=120)
 
 
-def update_readme(text: str):
+def update_readme(text: str, tag: str = ""):
     readme = ROOT / "README.md"
     s = readme.read_text()
-    if README_START not in s:
-        raise SystemExit("README.md has no benchmark markers")
-    a, b = s.index(README_START) + len(README_START), s.index(README_END)
+    start, end = (README_START, README_END) if not tag else (f"<!-- bench-{tag}:start -->", f"<!-- bench-{tag}:end -->")
+    if start not in s:
+        raise SystemExit(f"README.md has no benchmark markers {start}")
+    a, b = s.index(start) + len(start), s.index(end)
     readme.write_text(s[:a] + "\n" + text + "\n" + s[b:])
 
 
@@ -198,6 +199,8 @@ def main(argv=None):
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--no-readme", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix of the result files and README markers (bench-TAG), so "
+                                              "a run of other variants does not replace the main table")
     a = ap.parse_args(argv)
     if a.quick:
         a.systems, a.dtypes, a.batches, a.new_tokens, a.rounds, a.inner = "jaxgen", "float32", "1,2", 9, 1, 1
@@ -243,7 +246,7 @@ def main(argv=None):
               "summary": summary, "ratios": ratios(rows), "runs": rows}
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{result['machine']}-{result['date']}" + ("-quick" if a.quick else "")
+    stem = f"{result['machine']}-{result['date']}" + ("-quick" if a.quick else "") + (f"-{a.tag}" if a.tag else "")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     bw = statistics.median(bws)
     text = table(summary, bw)
@@ -252,7 +255,7 @@ def main(argv=None):
         plot(summary, bw, out / f"{stem}.png")
         if not a.no_readme:
             update_readme(text + f"\n\n![decode tokens/s](benchmarks/results/{stem}.png)\n"
-                          f"Raw figures: `benchmarks/results/{stem}.json`.")
+                          f"Raw figures: `benchmarks/results/{stem}.json`.", a.tag)
     return result
 
 

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(g)
     g.add_argument("--mesh", default=None, help="shard over devices, e.g. data=2,model=4 (default: one device)")
     _quant_args(g)
+    g.add_argument("--speculative", default=None, metavar="SPEC",
+                   help="speculative decoding: draft=MODEL,gamma=4 or lookup,ngram=3,gamma=8 (exact; not streamed)")
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
     g.add_argument("--system", default=None, help="system message for --chat")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -77,6 +79,32 @@ def _quant_args(p):
     p.add_argument("--quant", default=None, choices=["int8", "int4"],
                    help="weight-only quantization: int8 per output channel, int4 in groups of 32 (default: none)")
     p.add_argument("--kv-quant", default=None, choices=["int8"], help="store the KV cache in int8 (default: dtype)")
+
+
+def _generate_speculative(args, model, texts, prompts, request, timings) -> int:
+    import time
+
+    from jaxgen import speculative
+    from jaxgen.checkpoint import load
+
+    if args.mesh or args.kv_quant or args.top_logprobs:
+        raise ValueError("--speculative does not combine with --mesh, --kv-quant or --top-logprobs yet")
+    proposer = speculative.parse(args.speculative, lambda name: load(name, args.dtype, quant=args.quant))
+    t = time.perf_counter()
+    outs, stats = speculative.generate(model, texts, proposer, **request)
+    timings.update(generate_s=time.perf_counter() - t, new_tokens=stats.new_tokens)
+    spec = {"target_passes": stats.passes, "accepted": stats.accepted, "acceptance_rate": stats.acceptance_rate,
+            "tokens_per_pass": stats.tokens_per_pass, "gamma": stats.gamma}
+    for p, o in zip(prompts, outs):
+        if args.json:
+            print(json.dumps({"prompt": p, "text": o.text, "tokens": o.tokens, "finish_reason": o.finish_reason,
+                              "logprobs": o.logprobs, "timing": timings, "speculative": spec}, ensure_ascii=False))
+        else:
+            print(o.text if len(prompts) == 1 else f"--- {p!r}\n{o.text}")
+    print(f"[{stats.new_tokens} tokens; load {timings['load_s']:.2f}s, generate {timings['generate_s']:.2f}s "
+          f"(compile included); {stats.tokens_per_pass:.2f} tokens per target pass, acceptance "
+          f"{100 * stats.acceptance_rate:.0f}% of gamma={stats.gamma}]", file=sys.stderr)
+    return 0
 
 
 def _read_prompts(args) -> list[str]:
@@ -134,6 +162,8 @@ def cmd_generate(args) -> int:
     request = dict(max_new_tokens=args.max_new_tokens, seed=args.seed,
                    stop_ids=[] if args.ignore_stop else None, **knobs)
     n = len(prompts)
+    if args.speculative:
+        return _generate_speculative(args, model, texts, prompts, request, timings)
     streaming = not args.json
     decoders = [tok.stream_decoder() for _ in range(n)]
     sent = [0] * n

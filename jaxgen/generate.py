@@ -97,16 +97,16 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
             max_new_tokens: jax.Array, stop_ids: jax.Array, seeds: jax.Array, *, cfg: ModelConfig,
             max_new: int, cache_len: int, top_logprobs: int = 0,
             candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0, mesh=None,
-            kv_quant: str | None = None) -> DecodeState:
+            kv_quant: str | None = None, cache_extra: int = 0) -> DecodeState:
     """Prefill right-padded prompts [B, T] in one forward pass and sample the first new token.
     With a `mesh`, the returned state is constrained to `sharding.state_shardings`; kv_quant="int8"
-    keeps the KV cache in int8 (see jaxgen.cache)."""
+    keeps the KV cache in int8 (see jaxgen.cache); cache_extra adds ring slots (speculative rollback)."""
     B, T = prompts.shape
     V = cfg.vocab_size
     rows = jnp.arange(B)
     idx = jnp.arange(T)[None, :]
     positions = jnp.where(idx < prompt_lengths[:, None], idx, -1).astype(jnp.int32)  # [B, T]
-    cache = init_cache(cfg, B, cache_len, params.embed.dtype, kv_quant=kv_quant)
+    cache = init_cache(cfg, B, cache_len, params.embed.dtype, extra=cache_extra, kv_quant=kv_quant)
     h, cache = forward_hidden(params, prompts, positions, cache, cfg)  # [B, T, D]
     h_last = h[rows, jnp.maximum(prompt_lengths - 1, 0)]  # [B, D]
     logits = unembed(params, h_last, cfg)  # [B, V]

@@ -283,7 +283,10 @@ def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
         ctx["rope_local"] = rope_tables(positions, cfg.head_dim, cfg.rope_local_theta)
         ctx["slots_local"] = kvc.slots_for(positions, lengths, W)
         if T > 1:  # keys: the old ring, then the chunk
-            chunk_pos = jnp.concatenate([pos_local, positions], axis=1)  # [B, W + T]
+            # Ring slots past the row's length are stale (speculative decoding rolls a row back by
+            # its length and leaves rejected keys in place): hide them; the chunk rewrites them.
+            old = jnp.where(pos_local < cache.lengths[:, None], pos_local, -1)
+            chunk_pos = jnp.concatenate([old, positions], axis=1)  # [B, W + T]
             ctx["mask_local_chunk"] = kvc.attention_mask(positions, chunk_pos, window)
         pos_local = kvc.write(pos_local, positions, ctx["slots_local"])  # [B, W]
         ctx["mask_local"] = kvc.attention_mask(positions, pos_local, window)

@@ -124,7 +124,7 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict = RULES, params=No
             dims = arr.shape[len(lead):]
             ok = lambda ax, d: ax if ax and d % mesh.shape[ax] == 0 else None
             return NamedSharding(mesh, P(*lead, ok(i_ax, dims[0]), ok(o_ax, dims[1])))
-        return QMatrix(q=sh(qm.q), scale=sh(qm.scale), bits=qm.bits)
+        return jax.tree.map(sh, qm)
 
     layers = out.layers.replace(**{n: q(getattr(out.layers, n), getattr(params.layers, n), n)
                                    for n in _QUANT_LAYER_MATS})

@@ -119,3 +119,20 @@ def test_mesh_streaming_in_chunks(ckpt, capsys):
     rc, out, _ = run(capsys, common + ["--json"])
     rc2, streamed, _ = run(capsys, common + ["--chunk-steps", "2"])
     assert rc == rc2 == 0 and streamed == json.loads(out)["text"] + "\n"
+
+
+def test_quantized_convert_and_generate(ckpt, capsys, tmp_path):
+    """`convert --quant` writes a quantized checkpoint; generating from it equals quantizing the GGUF
+    at load time; --kv-quant runs; an unknown mode is refused by the parser."""
+    gguf_path, toml, _ = ckpt
+    assert cli.main(["convert", str(gguf_path), str(tmp_path / "q8"), "--config", str(toml), "--quant", "int8"]) == 0
+    assert (tmp_path / "q8" / "quant.json").exists()
+    outs = []
+    for argv in (["--model", str(tmp_path / "q8")], ["--model", str(gguf_path), "--config", str(toml), "--quant", "int8"],
+                 ["--model", str(tmp_path / "q8"), "--kv-quant", "int8"]):
+        rc, out, err = run(capsys, ["generate", "the cat", "--json", "--ignore-stop", "--max-new-tokens", "6"] + argv)
+        assert rc == 0, err
+        outs.append(json.loads(out)["tokens"])
+    assert outs[0] == outs[1] and len(outs[2]) == 6
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "x", "--quant", "int3"])

@@ -40,25 +40,29 @@ def test_quantize_round_trip_error_is_at_most_half_a_step(bits, group):
     w = np.random.default_rng(0).standard_normal((2, 16, 24)).astype(np.float32)
     m = quant.quantize(w, bits, group)
     g = group or (16 if bits == 8 else 8)  # int4 groups stay within one packed half
-    assert m.shape == (2, 16, 24) and m.group == g and m.scale.shape == (2, 16 // g, 24)
+    G = 16 // g
+    assert m.shape == (2, 16, 24) and m.group == g and m.scale.shape == (2, G, 24)
     assert m.q.dtype == (np.int8 if bits == 8 else np.uint8) and m.q.shape[-2] == (16 if bits == 8 else 8)
-    err = np.abs(np.asarray(quant.dequantize(m)) - w)
+    deq = np.asarray(quant.dequantize(m))
     step = np.repeat(np.asarray(m.scale), g, axis=-2)
-    assert np.all(err <= step / 2 + 1e-6)
-    # the largest magnitude of each group is represented exactly (symmetric, max-scaled)
-    assert np.allclose(np.abs(np.asarray(quant.dequantize(m))).reshape(2, 16 // g, g, 24).max(2),
-                       np.abs(w).reshape(2, 16 // g, g, 24).max(2), rtol=1e-6)
+    assert np.all(np.abs(deq - w) <= step / 2 + 1e-6)
+    grouped = lambda a: a.reshape(2, G, g, 24)
+    if bits == 8:  # symmetric: each group's largest magnitude is exact
+        np.testing.assert_allclose(np.abs(grouped(deq)).max(2), np.abs(grouped(w)).max(2), rtol=1e-6)
+    else:  # min-max: each group's minimum and maximum are exact
+        np.testing.assert_allclose(grouped(deq).min(2), grouped(w).min(2), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(grouped(deq).max(2), grouped(w).max(2), rtol=1e-5, atol=1e-6)
 
 
 def test_int4_packing_is_exact_on_representable_values():
     rng = np.random.default_rng(1)
-    ints = rng.integers(-7, 8, (8, 6))
-    ints[0] = ints[4] = 7  # every group's max is exactly 7 steps: scale 1
+    ints = rng.integers(0, 16, (8, 6))
+    ints[0], ints[1], ints[4], ints[5] = 0, 15, 0, 15  # each group of 4 spans 0..15: scale 1, zero 0
     m = quant.quantize(ints.astype(np.float32), 4, 4)
-    np.testing.assert_allclose(quant.dequantize(m), ints, atol=1e-6)
-    # row i in the low nibble, row i + I/2 in the high one, both + 8
-    np.testing.assert_array_equal(np.asarray(m.q) & 15, ints[:4] + 8)
-    np.testing.assert_array_equal(np.asarray(m.q) >> 4, ints[4:] + 8)
+    np.testing.assert_allclose(quant.dequantize(m), ints, atol=1e-5)
+    # row i in the low nibble, row i + I/2 in the high one
+    np.testing.assert_array_equal(np.asarray(m.q) & 15, ints[:4])
+    np.testing.assert_array_equal(np.asarray(m.q) >> 4, ints[4:])
 
 
 @pytest.mark.parametrize("bits,group,block", [(8, 0, 2048), (8, 0, 8), (4, 8, 2048), (4, 8, 8), (8, 8, 8)])
@@ -179,3 +183,45 @@ def test_bfloat16_quantized_scales():
     assert qp.embed.dtype == jnp.bfloat16 and qp.layers.wq.q.dtype == jnp.int8
     out = generate(dataclasses.replace(Model(TINY_GEMMA, qp)), [[1, 2, 3]], max_new_tokens=4, stop_ids=[])
     assert len(out[0].tokens) == 4
+
+
+def test_gguf_q8_0_tensors_load_as_int8_without_float(tmp_path):
+    """A llama GGUF whose matrices are Q8_0 (the q/k rows permuted for interleaved RoPE): with
+    quant="int8" they are taken as stored, rows un-permuted on the integers and scales alike, and
+    dequantize to exactly the float32 load of the same file."""
+    import gguf
+
+    from jaxgen.checkpoint import gguf as G
+
+    from .test_checkpoint import TINY_LLAMA, write_gguf
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    real_add = gguf.GGUFWriter.add_tensor
+
+    def add_q8(self, name, arr, **kw):  # every tensor whose rows split into blocks of 32 goes in as Q8_0
+        arr = np.asarray(arr, np.float32)
+        if arr.ndim == 2 and arr.shape[1] % 32 == 0:
+            return real_add(self, name, gguf.quants.quantize(arr, q8), raw_dtype=q8)
+        return real_add(self, name, arr, **kw)
+
+    gguf.GGUFWriter.add_tensor = add_q8
+    try:
+        path = write_gguf(tmp_path / "q8.gguf", TINY_LLAMA, random_params(TINY_LLAMA, seed=5))
+    finally:
+        gguf.GGUFWriter.add_tensor = real_add
+    reader = G.open_gguf(path)
+    assert reader.tensors[0].tensor_type == q8  # token_embd
+    f32 = G.load_params(reader, TINY_LLAMA)
+    q = G.load_params(reader, TINY_LLAMA, quant="int8")
+    for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up"):  # Q8_0 in the file: taken as is
+        m = getattr(q.layers, n)
+        assert m.q.dtype == np.int8 and m.group == 32
+        np.testing.assert_allclose(quant.dequantize(m), quant.as_matrix(n, getattr(f32.layers, n)), rtol=1e-6, atol=1e-7)
+    assert q.layers.w_down.group == 16  # float in the file (48 inputs): quantized here, largest divisor <= 32
+    np.testing.assert_allclose(np.asarray(quant.dequantize(q.embed)).T, f32.embed, rtol=1e-6, atol=1e-7)
+    # and the model built from it matches the float model of the same file
+    tok = jnp.asarray([[1, 5, 9, 200, 3]])
+    pos = jnp.arange(5)[None]
+    a = forward(jax.tree.map(jnp.asarray, f32), tok, pos, init_cache(TINY_LLAMA, 1, 8), TINY_LLAMA)[0]
+    b = forward(jax.tree.map(jnp.asarray, q), tok, pos, init_cache(TINY_LLAMA, 1, 8), TINY_LLAMA)[0]
+    np.testing.assert_allclose(a, b, atol=2e-3)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pathlib
 
+import jax
 import numpy as np
 
 from jaxgen.config import ModelConfig
@@ -176,15 +177,31 @@ def load_params(reader, cfg: ModelConfig, dtype=np.float32, quant: str | None = 
         shape = getattr(expect.layers, field_name).shape[1:]
         return get(name, shape)
 
+    def gguf_name(field_name, i):
+        return f"blk.{i}." + next(k for k, v in _LAYER_MAP.items() if v == field_name)
+
+    def direct(field_name, i):  # int8 in groups of 32 is Q8_0's own format: take it as stored
+        return (bits == 8 and qmod.DEFAULT_GROUP[quant] == 32
+                and tensors[gguf_name(field_name, i)].tensor_type.name == "Q8_0")
+
+    def layer_q8(field_name, i):
+        values, scales = q8_0_int8(reader, gguf_name(field_name, i))  # [out, in], [out, in/32]
+        if arch == "llama" and field_name in ("wq", "wk"):  # rows are (head, dim) pairs: same permutation
+            heads = N if field_name == "wq" else K
+            values, scales = unpermute_rope(values, heads), unpermute_rope(scales, heads)
+        # T:in_out for both: QMatrix matrices are [in, out]
+        return qmod.QMatrix(q=np.ascontiguousarray(values.T), scale=scales.T.astype(dtype), bits=8)
+
     bits = {"int8": 8, "int4": 4}.get(quant) if quant else None
     if quant and bits is None:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {qmod.MODES}")
     layers = {}
     for f in fields:
         if bits and f in qmod.LAYER_MATS:  # quantized one layer at a time, then stacked on L
-            per = [qmod.quantize(qmod.as_matrix(f, layer_tensor(f, i)[None])[0], bits, qmod.DEFAULT_GROUP[quant], dtype)
+            per = [layer_q8(f, i) if direct(f, i) else
+                   qmod.quantize(qmod.as_matrix(f, layer_tensor(f, i)[None])[0], bits, qmod.DEFAULT_GROUP[quant], dtype)
                    for i in range(L)]
-            layers[f] = qmod.QMatrix(q=np.stack([p.q for p in per]), scale=np.stack([p.scale for p in per]), bits=bits)
+            layers[f] = jax.tree.map(lambda *a: np.stack(a), *per)
             continue
         shape = getattr(expect.layers, f).shape
         buf = np.empty(shape, dtype)  # filled layer by layer: peak memory stays near the model size

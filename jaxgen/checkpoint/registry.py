@@ -200,7 +200,9 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
 
 
 def _converted_dir(name: str, quant: str | None = None) -> pathlib.Path:
-    return cache_dir() / "orbax" / (f"{name}.v{CONVERT_VERSION}" + (f".{quant}" if quant else ""))
+    from jaxgen.quant import FORMAT
+
+    return cache_dir() / "orbax" / (f"{name}.v{CONVERT_VERSION}" + (f".{quant}.q{FORMAT}" if quant else ""))
 
 
 def _config_for_file(reader, arch, path):

@@ -1,0 +1,307 @@
+"""Speculative decoding (Leviathan et al. 2023; Chen et al. 2023), exact, inside one compiled loop.
+
+Each step of the `lax.while_loop`: a proposer drafts `gamma` tokens d_1..d_g with probabilities q_i, the
+target scores [last, d_1..d_g] in one forward pass of length gamma+1 (distributions p_0..p_g), and
+modified rejection sampling accepts d_i while u_i < p_{i-1}(d_i) / q_i(d_i); at the first rejection it
+draws from norm(max(0, p_{i-1} - q_i)), or from p_g when all were accepted. The emitted tokens are then
+distributed exactly as sampling from the target one token at a time. p and q are the *transformed*
+distributions (`sampling.distribution_logits`: penalties with the drafted tokens counted, bias,
+temperature, top-k/top-p/min-p; greedy rows one-hot), so with greedy the output is plain greedy decoding.
+
+Proposers: a draft model sharing the vocabulary (its own KV cache, decoded gamma+1 steps per pass), or
+prompt lookup: the continuation of the latest earlier occurrence of the last `ngram` tokens of the
+prompt + output (a one-hot q; no second model). Rows accept different numbers of tokens: each cache is
+rolled back by setting its per-row length (rejected keys stay in their slots and are masked, then
+overwritten; ring buffers get gamma+1 extra slots so no key still inside the window is lost).
+
+Random draws are keyed per row by (seed, tokens so far, purpose), so a row's tokens do not depend on the
+rest of the batch. They differ from `generate`'s draws (the same distribution, not the same sample).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxgen import sampling as smp
+from jaxgen.cache import KVCache, init_cache
+from jaxgen.config import ModelConfig
+from jaxgen.generate import (LENGTH, STOP, DecodeState, GenerateOutput, Model, fetch, prefill, prepare,
+                             to_completions)
+from jaxgen.model import forward, forward_hidden, unembed
+
+
+@struct.dataclass
+class SpecState:
+    base: DecodeState  # tokens / done / counts / target cache, as in plain decoding
+    draft_cache: KVCache | None  # the draft model's cache (None for prompt lookup)
+    hist: jax.Array  # [B, T + M] int32 prompt then generated tokens (prompt lookup reads it)
+    hist_len: jax.Array  # [B] int32
+    passes: jax.Array  # [B] int32 target passes while the row was running
+    accepted: jax.Array  # [B] int32 drafted tokens accepted
+
+
+@struct.dataclass
+class SpecOutput:
+    out: GenerateOutput
+    passes: jax.Array  # [B] int32
+    accepted: jax.Array  # [B] int32
+
+
+@dataclasses.dataclass(frozen=True)
+class Proposer:
+    """How drafts are made: `draft` (a Model sharing the target's vocabulary) or prompt lookup."""
+    gamma: int = 4
+    draft: Any = None  # a Model, or None for prompt lookup
+    ngram: int = 3
+
+    def __post_init__(self):
+        if not 1 <= self.gamma <= 32:
+            raise ValueError(f"speculative gamma must be in [1, 32], got {self.gamma}")
+        if self.draft is None and not 1 <= self.ngram <= 16:
+            raise ValueError(f"prompt-lookup ngram must be in [1, 16], got {self.ngram}")
+
+
+def parse(spec: str, load_draft=None) -> Proposer:
+    """"draft=MODEL,gamma=4" or "lookup,ngram=3,gamma=8" -> Proposer (load_draft(name) loads MODEL)."""
+    fields, kind = {}, None
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        if not eq and key in ("lookup", "draft"):
+            kind = kind or key
+            continue
+        if key not in ("draft", "gamma", "ngram") or not value:
+            raise ValueError(f"bad --speculative part {part!r}: expected draft=MODEL, lookup, gamma=N, ngram=N")
+        fields[key] = value
+    if "draft" in fields:
+        kind = "draft"
+    if kind is None:
+        raise ValueError(f"--speculative {spec!r}: name a proposer (draft=MODEL or lookup)")
+    try:
+        gamma, ngram = int(fields.get("gamma", 4 if kind == "draft" else 8)), int(fields.get("ngram", 3))
+    except ValueError:
+        raise ValueError(f"--speculative {spec!r}: gamma and ngram must be integers") from None
+    if kind == "draft":
+        if "draft" not in fields:
+            raise ValueError("--speculative draft needs a model: draft=MODEL")
+        if load_draft is None:
+            raise ValueError("a draft model needs a loader")
+        return Proposer(gamma=gamma, draft=load_draft(fields["draft"]))
+    return Proposer(gamma=gamma, ngram=ngram)
+
+
+# ---- one speculative step -------------------------------------------------------------------------
+def _lookup(hist, hist_len, gamma: int, ngram: int):
+    """[B, gamma] proposals: the tokens after the latest earlier occurrence of the last `ngram` tokens."""
+    B, N = hist.shape
+    idx = jnp.arange(N)
+    tail = jnp.stack([jnp.take_along_axis(hist, jnp.maximum(hist_len - ngram + k, 0)[:, None], 1)[:, 0]
+                      for k in range(ngram)], axis=1)  # [B, n]
+    match = jnp.ones((B, N), bool)
+    for k in range(ngram):  # windows starting at s: hist[s + k] == tail[k]
+        match &= jnp.roll(hist, -k, axis=1) == tail[:, k:k + 1]
+    ok = match & (idx[None, :] + ngram < hist_len[:, None]) & (hist_len[:, None] >= ngram)
+    start = jnp.max(jnp.where(ok, idx[None, :], -1), axis=1)  # [B] latest match, -1 = none
+    cols = jnp.clip(start[:, None] + ngram + jnp.arange(gamma)[None, :], 0, N - 1)
+    prop = jnp.take_along_axis(hist, cols, axis=1)
+    last = jnp.take_along_axis(hist, jnp.maximum(hist_len - 1, 0)[:, None], 1)  # no match: repeat the last
+    return jnp.where((start >= 0)[:, None], prop, last).astype(jnp.int32)
+
+
+def _keys(seeds, num_new, purpose: int):
+    return jax.vmap(lambda k: jax.random.fold_in(k, purpose))(smp.row_keys(seeds, num_new))
+
+
+def _with_drafts(seen, counts, drafts, upto: int, active):
+    """seen / counts as they would be after emitting drafts[:, :upto] (for position upto's penalties)."""
+    if upto == 0:
+        return seen, counts
+    rows = jnp.arange(seen.shape[0])[:, None]
+    d = drafts[:, :upto]
+    add = jnp.broadcast_to(active[:, None], d.shape).astype(jnp.int32)
+    return seen.at[rows, d].set(True), counts.at[rows, d].add(add)
+
+
+def _step(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids, seeds, *, cfg, draft_cfg,
+          gamma: int, ngram: int, candidates: int, pad_id: int) -> SpecState:
+    b = s.base
+    B = b.last.shape[0]
+    V = cfg.vocab_size
+    rows = jnp.arange(B)
+    active = ~b.done
+    length = b.cache.lengths  # [B] tokens in the target cache (== position of `last`)
+    steps = jnp.arange(gamma + 1)[None, :]
+    positions = jnp.where(active[:, None], length[:, None] + steps, -1).astype(jnp.int32)  # [B, g+1]
+
+    # 1. drafts d [B, g] and their distribution logits q [B, g, V] (None: one-hot lookup proposals)
+    draft_cache = s.draft_cache
+    if draft_cfg is None:
+        drafts, q = _lookup(s.hist, s.hist_len, gamma, ngram), None
+    else:
+        def draft_step(carry, j):
+            cache, tok, seen, counts, out = carry
+            pos = jax.lax.dynamic_slice_in_dim(positions, j, 1, axis=1)  # [B, 1]
+            h, cache = forward_hidden(draft_params, tok[:, None], pos, cache, draft_cfg)
+            logits = unembed(draft_params, h[:, 0], draft_cfg)
+            ql = smp.distribution_logits(logits, sp, seen, counts, candidates)  # [B, V]
+            d = smp.categorical(_keys(seeds, b.num_new + j, 1), ql)
+            seen = seen.at[rows, d].set(True)
+            counts = counts.at[rows, d].add(active.astype(jnp.int32))
+            return (cache, d, seen, counts, out), (d, ql)
+
+        # gamma + 1 steps: the last one only writes d_g's keys (its draw is unused)
+        carry = (draft_cache, b.last, b.seen, b.counts, None)
+        (draft_cache, _, _, _, _), (ds, qs) = jax.lax.scan(draft_step, carry, jnp.arange(gamma + 1))
+        drafts, q = ds[:gamma].T, jnp.moveaxis(qs[:gamma], 0, 1)  # [B, g], [B, g, V]
+
+    # 2. the target scores [last, d_1..d_g] in one pass
+    inp = jnp.concatenate([b.last[:, None], drafts], axis=1)  # [B, g+1]
+    logits, cache = forward(params, inp, positions, b.cache, cfg)  # [B, g+1, V] f32
+    p = jnp.stack([smp.distribution_logits(logits[:, i], sp, *_with_drafts(b.seen, b.counts, drafts, i, active),
+                                           candidates) for i in range(gamma + 1)], axis=1)  # [B, g+1, V]
+    logp = jax.nn.log_softmax(p, axis=-1)
+
+    # 3. accept d_i while u_i < p_{i-1}(d_i) / q_i(d_i)
+    lp_d = jnp.take_along_axis(logp[:, :gamma], drafts[..., None], axis=2)[..., 0]  # [B, g]
+    if q is None:
+        lq_d = jnp.zeros_like(lp_d)
+        logq = None
+    else:
+        logq = jax.nn.log_softmax(q, axis=-1)
+        lq_d = jnp.take_along_axis(logq, drafts[..., None], axis=2)[..., 0]
+    u = jax.vmap(lambda k: jax.random.uniform(k, (gamma,)))(_keys(seeds, b.num_new, 2))  # [B, g]
+    ok = jnp.log(u) < lp_d - lq_d
+    n_acc = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)  # [B] leading accepts
+
+    # 4. the correction (first rejection) or bonus (all accepted) token
+    p_at = jnp.take_along_axis(logp, n_acc[:, None, None], axis=1)[:, 0]  # [B, V] log p_{n_acc}
+    if logq is None:
+        q_at = jax.nn.one_hot(jnp.take_along_axis(drafts, jnp.minimum(n_acc, gamma - 1)[:, None], 1)[:, 0], V)
+    else:
+        q_at = jnp.exp(jnp.take_along_axis(logq, jnp.minimum(n_acc, gamma - 1)[:, None, None], axis=1)[:, 0])
+    resid = jnp.maximum(jnp.exp(p_at) - q_at, 0.0)
+    resid_logits = jnp.where(resid > 0, jnp.log(jnp.where(resid > 0, resid, 1.0)), -jnp.inf)
+    # all-zero residual (p == q) cannot be reached by a rejection; guard it anyway
+    resid_logits = jnp.where(jnp.any(resid > 0, axis=-1, keepdims=True), resid_logits, p_at)
+    fix_logits = jnp.where((n_acc < gamma)[:, None], resid_logits, p_at)
+    fix = smp.categorical(_keys(seeds, b.num_new, 3), fix_logits)  # [B]
+
+    # 5. emit d_1..d_{n_acc}, fix; cut at a stop id and at the row's budget
+    cand = jnp.concatenate([drafts, jnp.zeros((B, 1), jnp.int32)], axis=1)  # [B, g+1]
+    cand = cand.at[rows, n_acc].set(fix)
+    j = jnp.arange(gamma + 1)[None, :]
+    is_stop = jnp.any(cand[:, :, None] == stop_ids[:, None, :], axis=-1)  # [B, g+1]
+    room = max_new_tokens - b.num_new  # [B] >= 1 while active
+    valid = (j <= n_acc[:, None]) & (j < room[:, None])
+    first_stop = jnp.min(jnp.where(is_stop & valid, j, gamma + 1), axis=1)
+    n_emit = jnp.where(active, jnp.minimum(jnp.minimum(n_acc + 1, room), first_stop + 1), 0)  # [B]
+    emit = j < n_emit[:, None]  # [B, g+1]
+    hit_stop = active & (first_stop < n_emit)
+    hit_len = active & ~hit_stop & (b.num_new + n_emit >= max_new_tokens)
+
+    raw = jax.nn.log_softmax(logits, axis=-1)  # raw-model logprobs of the emitted tokens
+    lp_emit = jnp.take_along_axis(raw, cand[..., None], axis=2)[..., 0]  # [B, g+1]
+    M = b.tokens.shape[1]
+    cols = jnp.where(emit, b.num_new[:, None] + j, M)  # out of range -> dropped
+    r2 = rows[:, None]
+    tokens = b.tokens.at[r2, cols].set(cand, mode="drop")
+    logprobs = b.logprobs.at[r2, cols].set(lp_emit, mode="drop")
+    seen = b.seen.at[r2, jnp.where(emit, cand, V)].set(True, mode="drop")
+    counts = b.counts.at[r2, jnp.where(emit, cand, V)].add(1, mode="drop")
+    last = jnp.where(active, jnp.take_along_axis(cand, jnp.maximum(n_emit - 1, 0)[:, None], 1)[:, 0], b.last)
+    new_len = jnp.where(active, length + n_emit, length)  # keys of last, d_1..d_{n_emit-1} stay valid
+    cache = cache.replace(lengths=new_len)
+    if draft_cache is not None:
+        draft_cache = draft_cache.replace(lengths=new_len)
+    hcols = jnp.where(emit, s.hist_len[:, None] + j, s.hist.shape[1])
+    hist = s.hist.at[r2, hcols].set(cand, mode="drop")
+
+    base = b.replace(step=b.step + 1, tokens=tokens, logprobs=logprobs, last=last,
+                     done=b.done | hit_stop | hit_len,
+                     finish=jnp.where(hit_stop, STOP, jnp.where(hit_len, LENGTH, b.finish)),
+                     num_new=b.num_new + n_emit, seen=seen, counts=counts, cache=cache)
+    return s.replace(base=base, draft_cache=draft_cache, hist=hist, hist_len=s.hist_len + n_emit,
+                     passes=s.passes + active, accepted=s.accepted + jnp.where(active, jnp.minimum(n_acc, n_emit), 0))
+
+
+def speculative_tokens(params, draft_params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, *,
+                       cfg: ModelConfig, draft_cfg: ModelConfig | None, gamma: int, ngram: int, max_new: int,
+                       cache_len: int, candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0) -> SpecOutput:
+    """Like generate.generate_tokens, decoding speculatively (static: gamma, ngram, draft_cfg; a
+    draft_cfg of None means prompt lookup and draft_params is ignored)."""
+    B, T = prompts.shape
+    extra = gamma + 1
+    # ring buffers with gamma + 1 spare slots: a pass writes that far ahead before rolling back
+    base = prefill(params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
+                   max_new=max_new, cache_len=cache_len, candidates=candidates, pad_id=pad_id, cache_extra=extra)
+    draft_cache = None
+    if draft_cfg is not None:
+        idx = jnp.arange(T)[None, :]
+        positions = jnp.where(idx < prompt_lengths[:, None], idx, -1).astype(jnp.int32)
+        draft_cache = init_cache(draft_cfg, B, cache_len, draft_params.embed.dtype, extra=extra)
+        _, draft_cache = forward_hidden(draft_params, prompts, positions, draft_cache, draft_cfg)
+    hist = jnp.concatenate([prompts, jnp.full((B, max_new), pad_id, jnp.int32)], axis=1)
+    hist = hist.at[jnp.arange(B), prompt_lengths].set(base.tokens[:, 0])
+    s = SpecState(base=base, draft_cache=draft_cache, hist=hist, hist_len=prompt_lengths + base.num_new,
+                  passes=jnp.zeros((B,), jnp.int32), accepted=jnp.zeros((B,), jnp.int32))
+    step = lambda s: _step(params, draft_params, s, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
+                           draft_cfg=draft_cfg, gamma=gamma, ngram=ngram, candidates=candidates, pad_id=pad_id)
+    s = jax.lax.while_loop(lambda s: ~jnp.all(s.base.done), step, s)
+    b = s.base
+    out = GenerateOutput(tokens=b.tokens, num_new=b.num_new, finish=b.finish, logprobs=b.logprobs,
+                         top_ids=b.top_ids, top_logprobs=b.top_logprobs, steps=b.step)
+    return SpecOutput(out=out, passes=s.passes, accepted=s.accepted)
+
+
+speculative_jit = jax.jit(speculative_tokens, static_argnames=("cfg", "draft_cfg", "gamma", "ngram", "max_new",
+                                                                "cache_len", "candidates", "pad_id"))
+
+
+@dataclasses.dataclass
+class SpecStats:
+    passes: int  # target forward passes (summed over rows)
+    accepted: int  # drafted tokens accepted
+    new_tokens: int
+    gamma: int
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / max(self.passes * self.gamma, 1)
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.new_tokens / max(self.passes, 1)
+
+
+def generate(model: Model, prompts, proposer: Proposer, *, candidates: int = smp.DEFAULT_CANDIDATES, **request):
+    """`jaxgen.generate` decoded speculatively. Returns (completions, SpecStats). Same knobs; the
+    first new token comes from the prefill, the rest from speculative passes."""
+    if model.mesh is not None or model.kv_quant is not None:
+        raise ValueError("speculative decoding runs unsharded with the default KV cache for now")
+    if request.get("top_logprobs"):
+        raise ValueError("top_logprobs is not reported by speculative decoding")
+    request.pop("top_logprobs", None)
+    d = proposer.draft
+    if d is not None and d.cfg.vocab_size != model.cfg.vocab_size:
+        raise ValueError(f"the draft model's vocabulary ({d.cfg.vocab_size}) differs from the target's "
+                         f"({model.cfg.vocab_size}); a draft must share the tokenizer")
+    ids, args, p = prepare(model, prompts, candidates=candidates, **request)
+    g = proposer.gamma
+    cache_len = p.cache_len + g + 1
+    if cache_len > model.cfg.max_seq_len or (d is not None and cache_len > d.cfg.max_seq_len):
+        raise ValueError(f"prompt + max_new_tokens + gamma + 1 = {cache_len} exceeds the context")
+    res = speculative_jit(model.params, d.params if d is not None else None, **args, cfg=model.cfg,
+                          draft_cfg=d.cfg if d is not None else None, gamma=g, ngram=proposer.ngram,
+                          max_new=p.max_new, cache_len=cache_len, candidates=candidates)
+    res = fetch(res)
+    n = len(ids)
+    stats = SpecStats(passes=int(np.sum(res.passes[:n])), accepted=int(np.sum(res.accepted[:n])),
+                      new_tokens=int(np.sum(res.out.num_new[:n])), gamma=g)
+    return to_completions(model, prompts, res.out, n), stats

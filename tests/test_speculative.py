@@ -1,0 +1,134 @@
+"""Speculative decoding on tiny random models: greedy output equals plain greedy token for token (draft
+model and prompt lookup, stops mid-draft, ragged rows), sampled output is distributed exactly as plain
+sampling (chi-square over many seeds, with top-k / top-p and penalties), one compile per bucket."""
+import numpy as np
+import pytest
+from scipy import stats as st
+
+import jax
+import jax.numpy as jnp
+
+from jaxgen import speculative as S
+from jaxgen.cache import init_cache
+from jaxgen.generate import Model, generate
+from jaxgen.model import forward
+from jaxgen import sampling as smp
+
+from .conftest import TINY_GEMMA, TINY_QWEN, CompileCounter, random_params
+
+
+def _prompts():
+    rng = np.random.default_rng(0)
+    ps = [list(map(int, rng.integers(0, 64, n))) for n in (3, 9, 14, 5, 20, 1)]
+    ps[1] = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]  # repeats: prompt lookup finds continuations
+    return ps
+
+
+@pytest.fixture(scope="module", params=[TINY_GEMMA, TINY_QWEN], ids=["gemma", "qwen"])
+def pair(request):
+    cfg = request.param
+    return Model(cfg, random_params(cfg)), Model(cfg, random_params(cfg, seed=5))
+
+
+@pytest.mark.parametrize("kind", ["self", "other", "lookup"])
+def test_greedy_equals_plain_greedy(pair, kind):
+    target, other = pair
+    prop = {"self": S.Proposer(gamma=4, draft=target), "other": S.Proposer(gamma=3, draft=other),
+            "lookup": S.Proposer(gamma=5, ngram=2)}[kind]
+    prompts = _prompts()
+    for stop in ([], [7, 11]):  # with stop ids, rows end inside a drafted block
+        ref = generate(target, prompts, max_new_tokens=[30, 25, 30, 7, 30, 12], stop_ids=stop)
+        out, stats = S.generate(target, prompts, prop, max_new_tokens=[30, 25, 30, 7, 30, 12], stop_ids=stop)
+        for r, o in zip(ref, out):
+            assert o.tokens == r.tokens and o.finish_reason == r.finish_reason
+            np.testing.assert_allclose(o.logprobs, r.logprobs, atol=2e-4)
+    if kind == "self":  # the target drafting for itself: every draft accepted
+        assert stats.acceptance_rate > 0.9 and stats.tokens_per_pass > 3  # (a row's last pass is cut short)
+    assert stats.passes < stats.new_tokens or kind == "other"
+
+
+def _exact_joint(model, prompt, sp_kw, n=3):
+    """Exact distribution of the first n new tokens (plain sampling) by enumeration over the support."""
+    cfg = model.cfg
+    sp = smp.make_sampling_params(1, vocab_size=cfg.vocab_size, **sp_kw)
+    fwd = jax.jit(forward, static_argnames="cfg")
+
+    def dist(seq):
+        t = jnp.asarray([seq])
+        logits = fwd(model.params, t, jnp.arange(len(seq))[None], init_cache(cfg, 1, 32), cfg)[0][:, -1]
+        V = cfg.vocab_size
+        seen = jnp.zeros((1, V), bool).at[0, jnp.asarray(seq)].set(True)
+        counts = jnp.zeros((1, V), jnp.int32).at[0, jnp.asarray(seq[len(prompt):], jnp.int32)].add(1)
+        return np.asarray(jax.nn.softmax(smp.distribution_logits(logits, sp, seen, counts)))[0]
+
+    joint = {(): 1.0}
+    for _ in range(n):
+        nxt = {}
+        for seq, pr in joint.items():
+            d = dist(list(prompt) + list(seq))
+            for tkn in np.nonzero(d > 1e-9)[0]:
+                nxt[seq + (int(tkn),)] = pr * float(d[tkn])
+        joint = nxt
+    return joint
+
+
+@pytest.mark.parametrize("sp_kw", [dict(temperature=1.0, top_k=3),
+                                   dict(temperature=0.9, top_p=0.6, repetition_penalty=1.3)],
+                         ids=["top_k", "top_p+penalty"])
+@pytest.mark.parametrize("kind", ["other", "lookup"])
+def test_sampled_tokens_follow_the_target_distribution(sp_kw, kind):
+    cfg = TINY_GEMMA
+    target, draft = Model(cfg, random_params(cfg)), Model(cfg, random_params(cfg, seed=5))
+    prop = S.Proposer(gamma=2, draft=draft) if kind == "other" else S.Proposer(gamma=2, ngram=1)
+    prompt = [5, 9, 5, 9, 5]
+    exact = _exact_joint(target, prompt, sp_kw)
+    n, half = 2048, 1024  # two calls of the largest batch bucket, one seed per row
+    seen, passes = {}, 0
+    for first in (0, half):
+        out, stats = S.generate(target, [prompt] * half, prop, max_new_tokens=3, stop_ids=[],
+                                seed=list(range(first, first + half)), **sp_kw)
+        passes += stats.passes
+        for o in out:
+            seen[tuple(o.tokens)] = seen.get(tuple(o.tokens), 0) + 1
+    assert set(seen) <= set(exact), set(seen) - set(exact)
+    # chi-square over the joint of 3 tokens (cells with expected count < 5 pooled)
+    keys = sorted(exact, key=lambda k: -exact[k])
+    exp = np.array([exact[k] * n for k in keys])
+    obs = np.array([seen.get(k, 0) for k in keys])
+    big = exp >= 5  # keys sorted by probability: the big cells come first
+    exp_c, obs_c = list(exp[big]), list(obs[big])
+    if exp[~big].sum() >= 5:
+        exp_c.append(exp[~big].sum()), obs_c.append(obs[~big].sum())
+    else:  # too little left for a cell of its own: fold it into the smallest big cell
+        exp_c[-1] += exp[~big].sum()
+        obs_c[-1] += obs[~big].sum()
+    exp_c, obs_c = np.array(exp_c), np.array(obs_c)
+    p = st.chisquare(obs_c, exp_c * obs_c.sum() / exp_c.sum()).pvalue
+    assert len(exp_c) >= 4 and p > 1e-3, (p, list(zip(obs_c, exp_c.round(1))))
+    assert passes < 2 * n  # the first token comes from prefill; then fewer than 2 passes for 2 tokens
+
+
+def test_one_compile_per_bucket_and_knobs_are_traced():
+    cfg = TINY_GEMMA
+    target = Model(cfg, random_params(cfg))
+    prop = S.Proposer(gamma=4, ngram=2)
+    counter = CompileCounter()
+    S.generate(target, _prompts(), prop, max_new_tokens=20, temperature=0.7, top_k=5, seed=1)
+    n = len(counter.names)
+    S.generate(target, _prompts()[::-1], prop, max_new_tokens=17, temperature=0.0, top_p=0.5, seed=2,
+               repetition_penalty=1.2)
+    assert len(counter.names) == n, counter.names[n:]
+
+
+def test_bad_speculative_specs():
+    with pytest.raises(ValueError, match="gamma"):
+        S.Proposer(gamma=0)
+    with pytest.raises(ValueError, match="name a proposer"):
+        S.parse("gamma=4")
+    with pytest.raises(ValueError, match="bad --speculative"):
+        S.parse("lookup,foo=1")
+    assert S.parse("lookup,ngram=2,gamma=6") == S.Proposer(gamma=6, ngram=2)
+    assert S.parse("draft=x,gamma=3", lambda name: name).draft == "x"
+    small = Model(TINY_QWEN.replace(vocab_size=32), random_params(TINY_QWEN.replace(vocab_size=32)))
+    with pytest.raises(ValueError, match="vocabulary"):
+        S.generate(Model(TINY_QWEN, random_params(TINY_QWEN)), [[1, 2]], S.Proposer(draft=small))
