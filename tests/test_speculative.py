@@ -51,15 +51,16 @@ def _exact_joint(model, prompt, sp_kw, n=3):
     """Exact distribution of the first n new tokens (plain sampling) by enumeration over the support."""
     cfg = model.cfg
     sp = smp.make_sampling_params(1, vocab_size=cfg.vocab_size, **sp_kw)
-    fwd = jax.jit(forward, static_argnames="cfg")
-
-    def dist(seq):
-        t = jnp.asarray([seq])
-        logits = fwd(model.params, t, jnp.arange(len(seq))[None], init_cache(cfg, 1, 32), cfg)[0][:, -1]
+    @jax.jit
+    def dist_fn(t):  # t [1, L]: prompt then generated tokens; one compile per length
+        L = t.shape[1]
+        logits = forward(model.params, t, jnp.arange(L)[None], init_cache(cfg, 1, 32), cfg)[0][:, -1]
         V = cfg.vocab_size
-        seen = jnp.zeros((1, V), bool).at[0, jnp.asarray(seq)].set(True)
-        counts = jnp.zeros((1, V), jnp.int32).at[0, jnp.asarray(seq[len(prompt):], jnp.int32)].add(1)
-        return np.asarray(jax.nn.softmax(smp.distribution_logits(logits, sp, seen, counts)))[0]
+        seen = jnp.zeros((1, V), bool).at[0, t[0]].set(True)
+        counts = jnp.zeros((1, V), jnp.int32).at[0, t[0, len(prompt):]].add(1)
+        return jax.nn.softmax(smp.distribution_logits(logits, sp, seen, counts))[0]
+
+    dist = lambda seq: np.asarray(dist_fn(jnp.asarray([seq], jnp.int32)))
 
     joint = {(): 1.0}
     for _ in range(n):
