@@ -122,8 +122,9 @@ def plan_batches(model, rows: list[dict], batch_size: int, memory_bytes: int | N
     return batches
 
 
-def run_batch(model, rows: list[dict], defaults: dict, top_logprobs: int) -> list[dict]:
+def run_batch(model, rows: list[dict], defaults: dict, top_logprobs: int, proposer=None) -> list[dict]:
     import jaxgen
+    from jaxgen import speculative
 
     n = len(rows)
     knobs = {}
@@ -133,11 +134,17 @@ def run_batch(model, rows: list[dict], defaults: dict, top_logprobs: int) -> lis
         vals = [r.get(k, defaults[k]) for r in rows]
         knobs[k] = vals[0] if len(set(vals)) == 1 else vals
     t = time.perf_counter()
-    out = jaxgen.generate(model, [r["ids"] for r in rows], max_new_tokens=[r["max_new"] for r in rows],
-                          seed=[r["seed"] for r in rows], stop_ids=defaults["stop_ids"],
-                          top_logprobs=top_logprobs, **knobs)
-    dt = time.perf_counter() - t
-    return [_line(r, o, top_logprobs, {"batch_s": round(dt, 4), "batch_size": n}) for r, o in zip(rows, out)]
+    request = dict(max_new_tokens=[r["max_new"] for r in rows], seed=[r["seed"] for r in rows],
+                   stop_ids=defaults["stop_ids"], **knobs)
+    timing = {}
+    if proposer is not None:
+        out, stats = speculative.generate(model, [r["ids"] for r in rows], proposer, **request)
+        timing = {"tokens_per_target_pass": round(stats.tokens_per_pass, 3),
+                  "acceptance_rate": round(stats.acceptance_rate, 3)}
+    else:
+        out = jaxgen.generate(model, [r["ids"] for r in rows], top_logprobs=top_logprobs, **request)
+    timing.update(batch_s=round(time.perf_counter() - t, 4), batch_size=n)
+    return [_line(r, o, top_logprobs, timing) for r, o in zip(rows, out)]
 
 
 def _line(r: dict, c, top_logprobs: int, timing: dict) -> dict:
@@ -255,7 +262,17 @@ def main(args) -> int:
     todo = [r for r in rows if r["id"] not in done]
     errors = [e for e in errors if e["id"] not in done]
 
-    mesh = make_mesh(args.mesh, jax.local_devices()) if (args.mesh or jax.local_device_count() > 1) else None
+    proposer = None
+    if args.speculative:  # static batches on one device (refill and meshes are not speculative yet)
+        if args.mesh or args.top_logprobs:
+            raise ValueError("--speculative does not combine with --mesh or --top-logprobs yet")
+        from jaxgen import speculative
+
+        proposer = speculative.parse(args.speculative, lambda name: load(name, args.dtype, quant=args.quant))
+        args.refill = False
+    mesh = None
+    if not proposer and (args.mesh or jax.local_device_count() > 1):
+        mesh = make_mesh(args.mesh, jax.local_devices())
     timings: dict = {}
     model = load(args.model, args.dtype, mesh=mesh, timings=timings, quant=args.quant, kv_quant=args.kv_quant)
     tok = model.tokenizer
@@ -314,7 +331,7 @@ def main(args) -> int:
                        args.chunk_steps, args.top_logprobs, emit)
         else:
             for b in batches:
-                emit(run_batch(model, b, defaults, args.top_logprobs))
+                emit(run_batch(model, b, defaults, args.top_logprobs, proposer))
     el = time.perf_counter() - t0
     print(f"\ndone: {n_done} rows, {n_tok} tokens in {el:.1f}s ({n_tok / max(el, 1e-9):.1f} tok/s); "
           f"{len(errors) + len(too_long)} errors; {len(done)} already done; load {timings.get('load_s', 0):.1f}s",

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     b.add_argument("--mesh", default=None, help="e.g. data=2,model=4 (default: all local devices on data)")
     _quant_args(b)
+    b.add_argument("--speculative", default=None, metavar="SPEC",
+                   help="draft=MODEL,gamma=4 or lookup,ngram=3,gamma=8 (static batches on one device)")
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--memory-gb", type=float, default=None, help="cap on the KV cache of one batch")
     _add_sampling_flags(b)
@@ -87,8 +89,8 @@ def _generate_speculative(args, model, texts, prompts, request, timings) -> int:
     from jaxgen import speculative
     from jaxgen.checkpoint import load
 
-    if args.mesh or args.kv_quant or args.top_logprobs:
-        raise ValueError("--speculative does not combine with --mesh, --kv-quant or --top-logprobs yet")
+    if args.mesh or args.top_logprobs:
+        raise ValueError("--speculative does not combine with --mesh or --top-logprobs yet")
     proposer = speculative.parse(args.speculative, lambda name: load(name, args.dtype, quant=args.quant))
     t = time.perf_counter()
     outs, stats = speculative.generate(model, texts, proposer, **request)

@@ -233,19 +233,21 @@ def _step(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids, seed
 
 def speculative_tokens(params, draft_params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, *,
                        cfg: ModelConfig, draft_cfg: ModelConfig | None, gamma: int, ngram: int, max_new: int,
-                       cache_len: int, candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0) -> SpecOutput:
+                       cache_len: int, candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0,
+                       kv_quant: str | None = None) -> SpecOutput:
     """Like generate.generate_tokens, decoding speculatively (static: gamma, ngram, draft_cfg; a
     draft_cfg of None means prompt lookup and draft_params is ignored)."""
     B, T = prompts.shape
     extra = gamma + 1
     # ring buffers with gamma + 1 spare slots: a pass writes that far ahead before rolling back
     base = prefill(params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
-                   max_new=max_new, cache_len=cache_len, candidates=candidates, pad_id=pad_id, cache_extra=extra)
+                   max_new=max_new, cache_len=cache_len, candidates=candidates, pad_id=pad_id, cache_extra=extra,
+                   kv_quant=kv_quant)
     draft_cache = None
     if draft_cfg is not None:
         idx = jnp.arange(T)[None, :]
         positions = jnp.where(idx < prompt_lengths[:, None], idx, -1).astype(jnp.int32)
-        draft_cache = init_cache(draft_cfg, B, cache_len, draft_params.embed.dtype, extra=extra)
+        draft_cache = init_cache(draft_cfg, B, cache_len, draft_params.embed.dtype, extra=extra, kv_quant=kv_quant)
         _, draft_cache = forward_hidden(draft_params, prompts, positions, draft_cache, draft_cfg)
     hist = jnp.concatenate([prompts, jnp.full((B, max_new), pad_id, jnp.int32)], axis=1)
     hist = hist.at[jnp.arange(B), prompt_lengths].set(base.tokens[:, 0])
@@ -261,7 +263,7 @@ def speculative_tokens(params, draft_params, prompts, prompt_lengths, sp, max_ne
 
 
 speculative_jit = jax.jit(speculative_tokens, static_argnames=("cfg", "draft_cfg", "gamma", "ngram", "max_new",
-                                                                "cache_len", "candidates", "pad_id"))
+                                                                "cache_len", "candidates", "pad_id", "kv_quant"))
 
 
 @dataclasses.dataclass
@@ -283,8 +285,8 @@ class SpecStats:
 def generate(model: Model, prompts, proposer: Proposer, *, candidates: int = smp.DEFAULT_CANDIDATES, **request):
     """`jaxgen.generate` decoded speculatively. Returns (completions, SpecStats). Same knobs; the
     first new token comes from the prefill, the rest from speculative passes."""
-    if model.mesh is not None or model.kv_quant is not None:
-        raise ValueError("speculative decoding runs unsharded with the default KV cache for now")
+    if model.mesh is not None:
+        raise ValueError("speculative decoding runs unsharded for now (give a model without a mesh)")
     if request.get("top_logprobs"):
         raise ValueError("top_logprobs is not reported by speculative decoding")
     request.pop("top_logprobs", None)
@@ -299,7 +301,7 @@ def generate(model: Model, prompts, proposer: Proposer, *, candidates: int = smp
         raise ValueError(f"prompt + max_new_tokens + gamma + 1 = {cache_len} exceeds the context")
     res = speculative_jit(model.params, d.params if d is not None else None, **args, cfg=model.cfg,
                           draft_cfg=d.cfg if d is not None else None, gamma=g, ngram=proposer.ngram,
-                          max_new=p.max_new, cache_len=cache_len, candidates=candidates)
+                          max_new=p.max_new, cache_len=cache_len, candidates=candidates, kv_quant=model.kv_quant)
     res = fetch(res)
     n = len(ids)
     stats = SpecStats(passes=int(np.sum(res.passes[:n])), accepted=int(np.sum(res.accepted[:n])),

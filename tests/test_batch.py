@@ -148,3 +148,16 @@ def test_refill_equals_static_batches(model_dir, tmp_path):
         assert len(a[i]["tokens"]) == 1 + (i * 7) % 12
         assert a[i]["tokens"] == b[i]["tokens"] and a[i]["text"] == b[i]["text"]
         assert a[i]["logprobs"] == pytest.approx(b[i]["logprobs"], abs=1e-5)
+
+
+def test_speculative_batch_equals_plain(model_dir, tmp_path):
+    """--speculative (prompt lookup) writes the same greedy tokens as a plain run, with its stats."""
+    inp = tmp_path / "in.jsonl"
+    write_input(inp, 10)
+    assert batch(model_dir, inp, tmp_path / "plain.jsonl", "--no-refill") == 0
+    assert batch(model_dir, inp, tmp_path / "spec.jsonl", "--speculative", "lookup,ngram=2,gamma=4") == 0
+    plain, spec = read_output(tmp_path / "plain.jsonl"), read_output(tmp_path / "spec.jsonl")
+    assert set(plain) == set(spec) and len(spec) == 10
+    for k in plain:
+        assert spec[k]["tokens"] == plain[k]["tokens"], k
+        assert 0 <= spec[k]["timing"]["acceptance_rate"] <= 1

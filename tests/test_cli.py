@@ -136,3 +136,22 @@ def test_quantized_convert_and_generate(ckpt, capsys, tmp_path):
     assert outs[0] == outs[1] and len(outs[2]) == 6
     with pytest.raises(SystemExit):
         cli.main(["generate", "x", "--quant", "int3"])
+
+
+def test_speculative_generate(ckpt, capsys):
+    """--speculative prints the plain greedy tokens, with the acceptance statistics; a bad spec is one
+    line on stderr and exit status 2."""
+    _, _, ck = ckpt
+    base = ["generate", "the cat sat on the mat and the cat", "--model", str(ck), "--json", "--ignore-stop",
+            "--max-new-tokens", "12"]
+    rc, out, err = run(capsys, base)
+    assert rc == 0, err
+    plain = json.loads(out)["tokens"]
+    rc, out, err = run(capsys, base + ["--speculative", "lookup,ngram=2,gamma=4"])
+    assert rc == 0, err
+    row = json.loads(out)
+    assert row["tokens"] == plain
+    assert set(row["speculative"]) == {"target_passes", "accepted", "acceptance_rate", "tokens_per_pass", "gamma"}
+    assert row["speculative"]["target_passes"] <= 11  # the first token comes from the prefill
+    rc, out, err = run(capsys, base + ["--speculative", "gamma=4"])
+    assert rc == 2 and "name a proposer" in err

@@ -133,3 +133,20 @@ def test_bad_speculative_specs():
     small = Model(TINY_QWEN.replace(vocab_size=32), random_params(TINY_QWEN.replace(vocab_size=32)))
     with pytest.raises(ValueError, match="vocabulary"):
         S.generate(Model(TINY_QWEN, random_params(TINY_QWEN)), [[1, 2]], S.Proposer(draft=small))
+
+
+def test_quantized_target_and_int8_cache():
+    """Speculation over int8 weights and an int8 KV cache (rolled back by length like the float one)
+    gives the same greedy tokens as plain decoding of that quantized model."""
+    import dataclasses
+
+    from jaxgen import quant
+
+    cfg = TINY_GEMMA
+    m = Model(cfg, quant.quantize_params(random_params(cfg), "int8"), kv_quant="int8")
+    draft = dataclasses.replace(m, params=quant.quantize_params(random_params(cfg, seed=5), "int4"))
+    ref = generate(m, _prompts(), max_new_tokens=24, stop_ids=[])
+    for prop in (S.Proposer(gamma=3, ngram=2), S.Proposer(gamma=3, draft=draft), S.Proposer(gamma=4, draft=m)):
+        out, _ = S.generate(m, _prompts(), prop, max_new_tokens=24, stop_ids=[])
+        assert [o.tokens for o in out] == [r.tokens for r in ref]
+
