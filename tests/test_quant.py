@@ -219,9 +219,10 @@ def test_gguf_q8_0_tensors_load_as_int8_without_float(tmp_path):
         np.testing.assert_allclose(quant.dequantize(m), quant.as_matrix(n, getattr(f32.layers, n)), rtol=1e-6, atol=1e-7)
     assert q.layers.w_down.group == 24  # float in the file (48 inputs): quantized here, largest divisor <= 32
     np.testing.assert_allclose(np.asarray(quant.dequantize(q.embed)).T, f32.embed, rtol=1e-6, atol=1e-7)
-    # and the model built from it matches the float model of the same file
+    # and the model built from it is the float model of the same file (w_down: of its int8 rounding)
     tok = jnp.asarray([[1, 5, 9, 200, 3]])
     pos = jnp.arange(5)[None]
+    f32 = f32.replace(layers=f32.layers.replace(w_down=np.asarray(quant.dequantize(q.layers.w_down))))
     a = forward(jax.tree.map(jnp.asarray, f32), tok, pos, init_cache(TINY_LLAMA, 1, 8), TINY_LLAMA)[0]
     b = forward(jax.tree.map(jnp.asarray, q), tok, pos, init_cache(TINY_LLAMA, 1, 8), TINY_LLAMA)[0]
-    np.testing.assert_allclose(a, b, atol=2e-3)
+    np.testing.assert_allclose(a, b, atol=1e-4)
