@@ -30,7 +30,7 @@ from flax import struct
 from jaxgen import sampling as smp
 from jaxgen.cache import KVCache, init_cache
 from jaxgen.config import ModelConfig
-from jaxgen.generate import (LENGTH, STOP, DecodeState, GenerateOutput, Model, fetch, prefill, prepare,
+from jaxgen.generate import (LENGTH, STOP, DecodeState, GenerateOutput, Model, _record, fetch, prefill, prepare,
                              to_completions)
 from jaxgen.model import forward, forward_hidden, unembed
 
@@ -99,7 +99,8 @@ def parse(spec: str, load_draft=None) -> Proposer:
 
 # ---- one speculative step -------------------------------------------------------------------------
 def _lookup(hist, hist_len, gamma: int, ngram: int):
-    """[B, gamma] proposals: the tokens after the latest earlier occurrence of the last `ngram` tokens."""
+    """[B, gamma] proposals: the tokens after the latest earlier occurrence of the last `ngram` tokens,
+    and [B] whether there was one."""
     B, N = hist.shape
     idx = jnp.arange(N)
     tail = jnp.stack([jnp.take_along_axis(hist, jnp.maximum(hist_len - ngram + k, 0)[:, None], 1)[:, 0]
@@ -112,7 +113,7 @@ def _lookup(hist, hist_len, gamma: int, ngram: int):
     cols = jnp.clip(start[:, None] + ngram + jnp.arange(gamma)[None, :], 0, N - 1)
     prop = jnp.take_along_axis(hist, cols, axis=1)
     last = jnp.take_along_axis(hist, jnp.maximum(hist_len - 1, 0)[:, None], 1)  # no match: repeat the last
-    return jnp.where((start >= 0)[:, None], prop, last).astype(jnp.int32)
+    return jnp.where((start >= 0)[:, None], prop, last).astype(jnp.int32), start >= 0
 
 
 def _keys(seeds, num_new, purpose: int):
@@ -143,7 +144,7 @@ def _step(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids, seed
     # 1. drafts d [B, g] and their distribution logits q [B, g, V] (None: one-hot lookup proposals)
     draft_cache = s.draft_cache
     if draft_cfg is None:
-        drafts, q = _lookup(s.hist, s.hist_len, gamma, ngram), None
+        drafts, q = _lookup(s.hist, s.hist_len, gamma, ngram)[0], None
     else:
         def draft_step(carry, j):
             cache, tok, seen, counts, out = carry
@@ -166,26 +167,28 @@ def _step(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids, seed
     logits, cache = forward(params, inp, positions, b.cache, cfg)  # [B, g+1, V] f32
     p = jnp.stack([smp.distribution_logits(logits[:, i], sp, *_with_drafts(b.seen, b.counts, drafts, i, active),
                                            candidates) for i in range(gamma + 1)], axis=1)  # [B, g+1, V]
-    logp = jax.nn.log_softmax(p, axis=-1)
+    # log-probabilities are gathered (logit - logsumexp), never materialized as [B, g+1, V] arrays
+    lse_p = jax.nn.logsumexp(p, axis=-1)  # [B, g+1]
+    at = lambda x, i: jnp.take_along_axis(x, i[:, None, None], axis=1)[:, 0]  # row i of [B, n, V] -> [B, V]
 
     # 3. accept d_i while u_i < p_{i-1}(d_i) / q_i(d_i)
-    lp_d = jnp.take_along_axis(logp[:, :gamma], drafts[..., None], axis=2)[..., 0]  # [B, g]
+    lp_d = jnp.take_along_axis(p[:, :gamma], drafts[..., None], axis=2)[..., 0] - lse_p[:, :gamma]  # [B, g]
     if q is None:
         lq_d = jnp.zeros_like(lp_d)
-        logq = None
     else:
-        logq = jax.nn.log_softmax(q, axis=-1)
-        lq_d = jnp.take_along_axis(logq, drafts[..., None], axis=2)[..., 0]
+        lse_q = jax.nn.logsumexp(q, axis=-1)  # [B, g]
+        lq_d = jnp.take_along_axis(q, drafts[..., None], axis=2)[..., 0] - lse_q
     u = jax.vmap(lambda k: jax.random.uniform(k, (gamma,)))(_keys(seeds, b.num_new, 2))  # [B, g]
     ok = jnp.log(u) < lp_d - lq_d
     n_acc = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)  # [B] leading accepts
 
     # 4. the correction (first rejection) or bonus (all accepted) token
-    p_at = jnp.take_along_axis(logp, n_acc[:, None, None], axis=1)[:, 0]  # [B, V] log p_{n_acc}
-    if logq is None:
-        q_at = jax.nn.one_hot(jnp.take_along_axis(drafts, jnp.minimum(n_acc, gamma - 1)[:, None], 1)[:, 0], V)
+    p_at = at(p, n_acc) - jnp.take_along_axis(lse_p, n_acc[:, None], 1)  # [B, V] log p_{n_acc}
+    k = jnp.minimum(n_acc, gamma - 1)  # the rejected draft (unused when all were accepted)
+    if q is None:
+        q_at = jax.nn.one_hot(jnp.take_along_axis(drafts, k[:, None], 1)[:, 0], V)
     else:
-        q_at = jnp.exp(jnp.take_along_axis(logq, jnp.minimum(n_acc, gamma - 1)[:, None, None], axis=1)[:, 0])
+        q_at = jnp.exp(at(q, k) - jnp.take_along_axis(lse_q, k[:, None], 1))
     resid = jnp.maximum(jnp.exp(p_at) - q_at, 0.0)
     resid_logits = jnp.where(resid > 0, jnp.log(jnp.where(resid > 0, resid, 1.0)), -jnp.inf)
     # all-zero residual (p == q) cannot be reached by a rejection; guard it anyway
@@ -206,8 +209,8 @@ def _step(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids, seed
     hit_stop = active & (first_stop < n_emit)
     hit_len = active & ~hit_stop & (b.num_new + n_emit >= max_new_tokens)
 
-    raw = jax.nn.log_softmax(logits, axis=-1)  # raw-model logprobs of the emitted tokens
-    lp_emit = jnp.take_along_axis(raw, cand[..., None], axis=2)[..., 0]  # [B, g+1]
+    lse_raw = jax.nn.logsumexp(logits, axis=-1)  # raw-model logprobs of the emitted tokens
+    lp_emit = jnp.take_along_axis(logits, cand[..., None], axis=2)[..., 0] - lse_raw  # [B, g+1]
     M = b.tokens.shape[1]
     cols = jnp.where(emit, b.num_new[:, None] + j, M)  # out of range -> dropped
     r2 = rows[:, None]
@@ -229,6 +232,19 @@ def _step(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids, seed
                      num_new=b.num_new + n_emit, seen=seen, counts=counts, cache=cache)
     return s.replace(base=base, draft_cache=draft_cache, hist=hist, hist_len=s.hist_len + n_emit,
                      passes=s.passes + active, accepted=s.accepted + jnp.where(active, jnp.minimum(n_acc, n_emit), 0))
+
+
+def _plain_step(params, s: SpecState, sp, max_new_tokens, stop_ids, seeds, *, cfg, candidates, pad_id):
+    """One ordinary decode step (generate's), keeping the speculative bookkeeping."""
+    b = s.base
+    active = ~b.done
+    pos = jnp.where(active, b.cache.lengths, -1)[:, None]
+    h, cache = forward_hidden(params, b.last[:, None], pos, b.cache, cfg)
+    nb = _record(b.replace(cache=cache), unembed(params, h[:, 0], cfg), sp, max_new_tokens, stop_ids, seeds,
+                 0, candidates, pad_id)
+    rows = jnp.arange(b.last.shape[0])
+    hist = s.hist.at[rows, jnp.where(active, s.hist_len, s.hist.shape[1])].set(nb.last, mode="drop")
+    return s.replace(base=nb, hist=hist, hist_len=s.hist_len + active, passes=s.passes + active)
 
 
 def speculative_tokens(params, draft_params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, *,
@@ -253,8 +269,15 @@ def speculative_tokens(params, draft_params, prompts, prompt_lengths, sp, max_ne
     hist = hist.at[jnp.arange(B), prompt_lengths].set(base.tokens[:, 0])
     s = SpecState(base=base, draft_cache=draft_cache, hist=hist, hist_len=prompt_lengths + base.num_new,
                   passes=jnp.zeros((B,), jnp.int32), accepted=jnp.zeros((B,), jnp.int32))
-    step = lambda s: _step(params, draft_params, s, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
+    spec = lambda s: _step(params, draft_params, s, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
                            draft_cfg=draft_cfg, gamma=gamma, ngram=ngram, candidates=candidates, pad_id=pad_id)
+    plain = lambda s: _plain_step(params, s, sp, max_new_tokens, stop_ids, seeds, cfg=cfg, candidates=candidates,
+                                  pad_id=pad_id)
+    if draft_cfg is None:  # prompt lookup with no match in any running row: one plain token, not gamma + 1
+        step = lambda s: jax.lax.cond(jnp.any(_lookup(s.hist, s.hist_len, gamma, ngram)[1] & ~s.base.done),
+                                      spec, plain, s)
+    else:
+        step = spec
     s = jax.lax.while_loop(lambda s: ~jnp.all(s.base.done), step, s)
     b = s.base
     out = GenerateOutput(tokens=b.tokens, num_new=b.num_new, finish=b.finish, logprobs=b.logprobs,

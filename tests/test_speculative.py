@@ -54,7 +54,7 @@ def _exact_joint(model, prompt, sp_kw, n=3):
     @jax.jit
     def dist_fn(t):  # t [1, L]: prompt then generated tokens; one compile per length
         L = t.shape[1]
-        logits = forward(model.params, t, jnp.arange(L)[None], init_cache(cfg, 1, 32), cfg)[0][:, -1]
+        logits = forward(model.params, t, jnp.arange(L)[None], init_cache(cfg, 1, 80), cfg)[0][:, -1]
         V = cfg.vocab_size
         seen = jnp.zeros((1, V), bool).at[0, t[0]].set(True)
         counts = jnp.zeros((1, V), jnp.int32).at[0, t[0, len(prompt):]].add(1)
@@ -81,14 +81,15 @@ def test_sampled_tokens_follow_the_target_distribution(sp_kw, kind):
     cfg = TINY_GEMMA
     target, draft = Model(cfg, random_params(cfg)), Model(cfg, random_params(cfg, seed=5))
     prop = S.Proposer(gamma=2, draft=draft) if kind == "other" else S.Proposer(gamma=2, ngram=1)
-    prompt = [5, 9, 5, 9, 5]
+    # every id occurs in the prompt, so prompt lookup always finds a continuation to propose
+    prompt = [int(t) for t in np.random.default_rng(3).permutation(cfg.vocab_size)]
     exact = _exact_joint(target, prompt, sp_kw)
     n, half = 2048, 1024  # two calls of the largest batch bucket, one seed per row
-    seen, passes = {}, 0
+    seen, passes, accepted = {}, 0, 0
     for first in (0, half):
         out, stats = S.generate(target, [prompt] * half, prop, max_new_tokens=3, stop_ids=[],
                                 seed=list(range(first, first + half)), **sp_kw)
-        passes += stats.passes
+        passes, accepted = passes + stats.passes, accepted + stats.accepted
         for o in out:
             seen[tuple(o.tokens)] = seen.get(tuple(o.tokens), 0) + 1
     assert set(seen) <= set(exact), set(seen) - set(exact)
@@ -106,7 +107,9 @@ def test_sampled_tokens_follow_the_target_distribution(sp_kw, kind):
     exp_c, obs_c = np.array(exp_c), np.array(obs_c)
     p = st.chisquare(obs_c, exp_c * obs_c.sum() / exp_c.sum()).pvalue
     assert len(exp_c) >= 4 and p > 1e-3, (p, list(zip(obs_c, exp_c.round(1))))
-    assert passes < 2 * n  # the first token comes from prefill; then fewer than 2 passes for 2 tokens
+    assert accepted > 20  # drafts were accepted (the accept path is what is tested), not only corrections
+    if kind == "other":  # the draft model often gets both tokens accepted in one pass
+        assert passes < 2 * n
 
 
 def test_one_compile_per_bucket_and_knobs_are_traced():
