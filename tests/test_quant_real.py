@@ -63,3 +63,21 @@ def test_int4_weights_quality(base, chunks):
     assert quant.param_bytes(m.params) < 0.2 * quant.param_bytes(base.params)
     r = quality.compare(base, m, chunks)
     assert r["kl"] < 0.5, r  # measured 0.27; a wrong nibble order or zero point gives several nats
+
+
+def _peak_rss_mb(args):
+    import subprocess
+    import sys
+
+    code = ("import sys; from jaxgen import cli; rc = cli.main(sys.argv[1:]); "
+            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]); sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code, "generate", "The capital of France is", "--max-new-tokens", "8",
+                        "--json", *args], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return int(p.stdout.strip().splitlines()[-1]) / 1024
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+def test_int8_generate_uses_less_memory_than_float32(int8):  # int8: its conversion is cached by then
+    f32, q8 = _peak_rss_mb(["--dtype", "float32"]), _peak_rss_mb(["--dtype", "float32", "--quant", "int8"])
+    assert q8 < 0.75 * f32, (q8, f32)  # measured 0.96 GB vs 2.1 GB
