@@ -59,6 +59,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def first_and_prefill(run, s: dict) -> tuple[float, float]:
+    """(first call s, prefill tok/s): the first batch-1 call of new_tokens, then a timed 512-token
+    prefill (one new token) after a warm-up of the same shape."""
+    t = clock()
+    run(1, s["new_tokens"])
+    first = clock() - t
+    run(1, 1, s["prefill_ids"])
+    t = clock()
+    run(1, 1, s["prefill_ids"])
+    return first, len(s["prefill_ids"]) / (clock() - t)
+
+
 def report(system: str, s: dict, **fields):
     fields["peak_rss_mb"] = peak_rss_mb()
     fields.update(system=system, dtype=s["dtype"])

@@ -4,7 +4,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import clock, decode_rates, report, spec  # noqa: E402
+from common import decode_rates, first_and_prefill, report, spec  # noqa: E402
 
 
 def main():
@@ -24,13 +24,7 @@ def main():
                                  do_sample=False, pad_token_id=0)
         assert out.shape[1] == len(ids) + n
 
-    t = clock()
-    run(1, s["new_tokens"])
-    first = clock() - t
-    run(1, 1, s["prefill_ids"])
-    t = clock()
-    run(1, 1, s["prefill_ids"])
-    prefill = len(s["prefill_ids"]) / (clock() - t)
+    first, prefill = first_and_prefill(run, s)
     decode = {b: decode_rates(run, b, s["new_tokens"], s["inner"]) for b in s["batches"]}
     report("hf", s, first_call_s=first, prefill_tps=prefill, decode_tps=decode,
            versions={"torch": torch.__version__, "transformers": __import__("transformers").__version__})

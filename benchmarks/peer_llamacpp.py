@@ -9,7 +9,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import clock, decode_rates, report, spec  # noqa: E402
+from common import decode_rates, first_and_prefill, report, spec  # noqa: E402
 
 
 def main():
@@ -30,13 +30,7 @@ def main():
             llm.eval([tok])
         int(np.argmax(llm.scores[llm.n_tokens - 1]))
 
-    t = clock()
-    run(1, s["new_tokens"])
-    first = clock() - t
-    run(1, 1, s["prefill_ids"])
-    t = clock()
-    run(1, 1, s["prefill_ids"])
-    prefill = len(s["prefill_ids"]) / (clock() - t)
+    first, prefill = first_and_prefill(run, s)
     decode = {1: decode_rates(run, 1, s["new_tokens"], s["inner"])} if 1 in s["batches"] else {}
     report("llamacpp", dict(s, dtype="q4_k_m"), first_call_s=first, prefill_tps=prefill, decode_tps=decode,
            versions={"llama_cpp": llama_cpp.__version__, "threads": threads})

@@ -24,7 +24,6 @@ import sysconfig
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-README_START, README_END = "<!-- quality:start -->", "<!-- quality:end -->"
 VARIANTS = ("float32", "bfloat16", "int8", "int4", "int8kv")
 
 
@@ -156,12 +155,9 @@ def main(argv=None):
                           "prompts against the float32 greedy tokens. `python -m benchmarks.quality` regenerates this.")
     print(text)
     if not a.no_readme:
-        readme = ROOT / "README.md"
-        s = readme.read_text()
-        if README_START in s:
-            i, j = s.index(README_START) + len(README_START), s.index(README_END)
-            readme.write_text(s[:i] + "\n" + text + "\n" + s[j:])
+        from benchmarks.run import update_readme
 
+        update_readme(text, "quality")
 
 if __name__ == "__main__":
     main()

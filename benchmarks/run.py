@@ -30,7 +30,6 @@ LONG = ("The history of the city begins with a small settlement on an island in 
         "and traders met to exchange goods. Over the centuries the settlement grew into a town, then a city, "
         "with walls, bridges, markets, churches and palaces. ")
 FLOAT_DTYPES = ("float32", "bfloat16")
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def bandwidth_gbs(gib: float = 1.0, threads: int = 2, reps: int = 5) -> float:
@@ -175,12 +174,13 @@ def plot(summary: dict, bw: float, path: pathlib.Path):
     fig.tight_layout(), fig.savefig(path, dpi=120)
 
 
-def update_readme(text: str, tag: str = ""):
+def update_readme(text: str, name: str = "bench"):
+    """Replace what stands between <!-- NAME:start --> and <!-- NAME:end --> in README.md."""
     readme = ROOT / "README.md"
     s = readme.read_text()
-    start, end = (README_START, README_END) if not tag else (f"<!-- bench-{tag}:start -->", f"<!-- bench-{tag}:end -->")
-    if start not in s:
-        raise SystemExit(f"README.md has no benchmark markers {start}")
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in s or end not in s:
+        raise SystemExit(f"README.md has no {start} ... {end} markers")
     a, b = s.index(start) + len(start), s.index(end)
     readme.write_text(s[:a] + "\n" + text + "\n" + s[b:])
 
@@ -255,7 +255,7 @@ def main(argv=None):
         plot(summary, bw, out / f"{stem}.png")
         if not a.no_readme:
             update_readme(text + f"\n\n![decode tokens/s](benchmarks/results/{stem}.png)\n"
-                          f"Raw figures: `benchmarks/results/{stem}.json`.", a.tag)
+                          f"Raw figures: `benchmarks/results/{stem}.json`.", f"bench-{a.tag}" if a.tag else "bench")
     return result
 
 

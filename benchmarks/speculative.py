@@ -19,7 +19,6 @@ import textwrap
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-README_START, README_END = "<!-- spec:start -->", "<!-- spec:end -->"
 
 
 def prompts() -> dict[str, list[str]]:
@@ -100,12 +99,9 @@ def main(argv=None):
                                f"{a.repeats} timed calls after a compiling one (`python -m benchmarks.speculative`).")
     print(text)
     if not a.no_readme:
-        readme = ROOT / "README.md"
-        s = readme.read_text()
-        if README_START in s:
-            i, j = s.index(README_START) + len(README_START), s.index(README_END)
-            readme.write_text(s[:i] + "\n" + text + "\n" + s[j:])
+        from benchmarks.run import update_readme
 
+        update_readme(text, "spec")
 
 if __name__ == "__main__":
     main()
