@@ -19,7 +19,8 @@ for peer in "$@"; do
       PY=$(ls "$HOME"/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)
       PY=${PY:-python3.12}
       "$PY" -m venv "$dir"
-      "$dir/bin/pip" install -q gemma==4.0.1 sentencepiece==0.2.2 gguf numpy "$MODEL_PKG" ;;
+      # pip's default resolver backtracks for a very long time over gemma's dependency tree here
+      "$dir/bin/pip" install -q --use-deprecated=legacy-resolver gemma==4.0.1 sentencepiece==0.2.2 gguf numpy "$MODEL_PKG" ;;
     llamacpp)
       python3 -m venv "$dir"
       "$dir/bin/pip" install -q scikit-build-core cmake ninja numpy "$MODEL_PKG"

@@ -73,13 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", help="new directory")
     c.add_argument("--config", default=None, help="preset name or .toml for a .gguf no preset matches")
     c.add_argument("--quant", default=None, choices=["int8", "int4"],
-                   help="write weight-only quantized params (int8 per channel, int4 groups of 32)")
+                   help="write weight-only quantized params (int8 / int4, groups of 32)")
     return ap
 
 
 def _quant_args(p):
     p.add_argument("--quant", default=None, choices=["int8", "int4"],
-                   help="weight-only quantization: int8 per output channel, int4 in groups of 32 (default: none)")
+                   help="weight-only quantization in groups of 32 inputs: int8 or int4 (default: none)")
     p.add_argument("--kv-quant", default=None, choices=["int8"], help="store the KV cache in int8 (default: dtype)")
 
 

@@ -1,23 +1,22 @@
-"""Weight-only quantization (int8 / int4) and the int8 KV cache's quantizer, as pure functions.
+"""Weight-only quantization (int8 / int4) as pure functions over a quantized param pytree.
 
 A quantized weight is a `QMatrix`: the matrix w [..., I, O] of `y = x @ w` stored as integers plus one
-scale per group of `group` consecutive inputs and per output column (symmetric, no zero point):
+scale per group of `group` consecutive inputs and per output column:
 
-  int8 (symmetric):        w[i, o] ~= q[i, o] * scale[i // group, o],            q in [-127, 127]
-  int4 (min-max per group): w[i, o] ~= u[i, o] * scale[i // group, o] + zero[..], u in [0, 15]
+  int8 (symmetric):         w[i, o] ~= q[i, o] * scale[i // group, o],                 q in [-127, 127]
+  int4 (min-max per group): w[i, o] ~= u[i, o] * scale[i // group, o] + zero[i // group, o], u in [0, 15]
 
-group == I is per-output-channel; the defaults are groups of 32 for both (as GGUF's Q8_0 / Q4 blocks:
-on Gemma 3 270M int8 per channel had 5x the KL divergence of groups of 32 at the same speed, and
-asymmetric int4 37% less weight error than symmetric). int4 is packed two per byte along I: row i in
-the low nibble and row i + I/2 in the high one. Why
-halves and not neighbouring rows: unpacking is then two contiguous slabs, and the matmul splits x in
-two instead of interleaving the weights (measured: interleaving cost more than the int4 read saved). GGUF Q8_0 is
-exactly int8 with groups of 32 along the input axis, so it loads as a QMatrix without a float round trip.
+group == I is per output channel; the default is groups of 32 for both, as GGUF's blocks (on Gemma 3
+270M int8 per channel had 5x the KL divergence of groups of 32 at the same speed; min-max int4 had 37%
+less weight error than symmetric). GGUF Q8_0 is exactly int8 in groups of 32 along the input axis, so
+it loads as a QMatrix without a float round trip. int4 is packed two per byte along I: row i in the low
+nibble, row i + I/2 in the high one. Why halves and not neighbouring rows: unpacking is two contiguous
+slabs and the matmul splits x in two, where interleaving rows cost more than the int4 read saved.
 
-Params keep their structure: `quantize_params` swaps the big matrices for QMatrix leaves (the projection
-matrices in their 2-D [in, out] form, the embedding as its [D, V] unembedding orientation, whose per-V
-scales also serve the embedding lookup). `model.py` dispatches on the leaf type; the matmul dequantizes
-on the fly with f32 accumulation. Scales are stored in the model's compute dtype.
+`quantize_params` swaps the big matrices for QMatrix leaves (the projections in their 2-D [in, out]
+form, the embedding in its [D, V] unembedding orientation, whose columns also serve the lookup); norms
+and biases stay float. `model.py` dispatches on the leaf type; the matmul dequantizes on the fly with f32
+accumulation. Scales are stored in the model's compute dtype. (The int8 KV cache is in `cache.py`.)
 """
 from __future__ import annotations
 
@@ -252,13 +251,3 @@ def quantized_shapes(shapes, mode: str, groups: dict | None = None):
     V, D = shapes.embed.shape
     unembed = None if shapes.unembed is None else qshape((D, V), groups.get("unembed", group))
     return shapes.replace(embed=qshape((D, V), groups.get("embed", group)), layers=layers, unembed=unembed)
-
-
-def describe(params) -> dict:
-    """Bytes by kind, for reports: {"mode", "param_bytes", "quantized_bytes", "float_bytes"}."""
-    qbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QMatrix))
-                 if isinstance(leaf, QMatrix))
-    total = param_bytes(params)
-    return {"mode": quant_mode(params) or str(jnp.dtype(params.embed.dtype)), "param_bytes": total,
-            "quantized_bytes": qbytes, "float_bytes": total - qbytes}
-
