@@ -52,15 +52,15 @@ def _exact_joint(model, prompt, sp_kw, n=3):
     cfg = model.cfg
     sp = smp.make_sampling_params(1, vocab_size=cfg.vocab_size, **sp_kw)
     @jax.jit
-    def dist_fn(t):  # t [1, L]: prompt then generated tokens; one compile per length
-        L = t.shape[1]
-        logits = forward(model.params, t, jnp.arange(L)[None], init_cache(cfg, 1, 80), cfg)[0][:, -1]
+    def dist_fn(params, sp, t):  # t [1, L]: prompt then generated tokens; one compile per length
+        L = t.shape[1]  # (params and sp are arguments: closed-over arrays would become XLA constants)
+        logits = forward(params, t, jnp.arange(L)[None], init_cache(cfg, 1, 80), cfg)[0][:, -1]
         V = cfg.vocab_size
         seen = jnp.zeros((1, V), bool).at[0, t[0]].set(True)
         counts = jnp.zeros((1, V), jnp.int32).at[0, t[0, len(prompt):]].add(1)
         return jax.nn.softmax(smp.distribution_logits(logits, sp, seen, counts))[0]
 
-    dist = lambda seq: np.asarray(dist_fn(jnp.asarray([seq], jnp.int32)))
+    dist = lambda seq: np.asarray(dist_fn(model.params, sp, jnp.asarray([seq], jnp.int32)))
 
     joint = {(): 1.0}
     for _ in range(n):
