@@ -12,7 +12,6 @@ from jaxgen import speculative as S
 from jaxgen.cache import init_cache
 from jaxgen.generate import Model, generate
 from jaxgen.model import forward
-from jaxgen import sampling as smp
 
 from .conftest import TINY_GEMMA, TINY_QWEN, CompileCounter, random_params
 
@@ -47,20 +46,36 @@ def test_greedy_equals_plain_greedy(pair, kind):
     assert stats.passes < stats.new_tokens or kind == "other"
 
 
+_forward = jax.jit(forward, static_argnames="cfg")
+
+
+def _reference_probs(logits, seq, n_prompt, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0):
+    """The sampling distribution in plain numpy, written from sampling.py's docstring (an independent
+    reference: repetition penalty over prompt + output, temperature, top-k, then top-p with ties kept)."""
+    x = np.asarray(logits, np.float64).copy()
+    seen = np.zeros(x.shape, bool)
+    seen[list(seq)] = True
+    x = np.where(seen, np.where(x > 0, x / repetition_penalty, x * repetition_penalty), x)
+    x = x / temperature
+    if top_k:
+        x = np.where(x >= np.sort(x)[::-1][top_k - 1], x, -np.inf)
+    if top_p < 1.0:
+        p = np.exp(x - x.max())
+        p /= p.sum()
+        above = np.array([p[p > v].sum() for v in p])  # mass strictly above each token
+        x = np.where(above < top_p, x, -np.inf)
+    p = np.exp(x - x.max())
+    return p / p.sum()
+
+
 def _exact_joint(model, prompt, sp_kw, n=3):
     """Exact distribution of the first n new tokens (plain sampling) by enumeration over the support."""
     cfg = model.cfg
-    sp = smp.make_sampling_params(1, vocab_size=cfg.vocab_size, **sp_kw)
-    @jax.jit
-    def dist_fn(params, sp, t):  # t [1, L]: prompt then generated tokens; one compile per length
-        L = t.shape[1]  # (params and sp are arguments: closed-over arrays would become XLA constants)
-        logits = forward(params, t, jnp.arange(L)[None], init_cache(cfg, 1, 80), cfg)[0][:, -1]
-        V = cfg.vocab_size
-        seen = jnp.zeros((1, V), bool).at[0, t[0]].set(True)
-        counts = jnp.zeros((1, V), jnp.int32).at[0, t[0, len(prompt):]].add(1)
-        return jax.nn.softmax(smp.distribution_logits(logits, sp, seen, counts))[0]
 
-    dist = lambda seq: np.asarray(dist_fn(model.params, sp, jnp.asarray([seq], jnp.int32)))
+    def dist(seq):
+        t = jnp.asarray([seq], jnp.int32)
+        logits = _forward(model.params, t, jnp.arange(len(seq))[None], init_cache(cfg, 1, 80), cfg)[0][0, -1]
+        return _reference_probs(logits, seq, len(prompt), **sp_kw)
 
     joint = {(): 1.0}
     for _ in range(n):
