@@ -222,27 +222,34 @@ def categorical(keys, logits, block: int = 512):
     return (b * block + i).astype(jnp.int32)
 
 
+def _biased(logits, sp: SamplingParams, seen, counts):
+    """Stages 1-3 (penalties, bias and bans) on f32 logits; the penalties run only when some row uses
+    them (a traced `cond`, so no recompilation)."""
+    logits = logits.astype(jnp.float32)
+    if seen is not None:
+        use = jnp.any((sp.repetition_penalty != 1.0) | (sp.presence_penalty != 0.0) | (sp.frequency_penalty != 0.0))
+        logits = jax.lax.cond(use, lambda x: apply_penalties(x, seen, counts, sp), lambda x: x, logits)
+    return apply_bias(logits, sp)
+
+
+def _filtered(logits, sp: SamplingParams, candidates: int):
+    """Stages 4-7 for sampled rows: temperature-scaled logits, ids outside top-k / top-p / min-p at -inf."""
+    scaled = apply_temperature(logits, sp)
+    filtered = (sp.top_k > 0) | (sp.top_p < 1.0) | (sp.min_p > 0.0)
+    thr = jax.lax.cond(jnp.any(filtered), lambda x: keep_threshold(x, sp, candidates),
+                       lambda x: jnp.full(x.shape[:1], -jnp.inf), scaled)
+    return jnp.where(scaled >= thr[:, None], scaled, -jnp.inf)
+
+
 def distribution_logits(logits, sp: SamplingParams, seen=None, counts=None,
                         candidates: int = DEFAULT_CANDIDATES) -> jax.Array:
     """[B, V] f32 logits whose softmax is exactly the distribution `sample` draws from: every transform
     applied, filtered ids at -inf, greedy rows one-hot (0 at the argmax, -inf elsewhere). Speculative
     decoding's accept test needs these probabilities, not just a draw."""
-    logits = logits.astype(jnp.float32)
-    if seen is not None:
-        use = jnp.any((sp.repetition_penalty != 1.0) | (sp.presence_penalty != 0.0) | (sp.frequency_penalty != 0.0))
-        logits = jax.lax.cond(use, lambda x: apply_penalties(x, seen, counts, sp), lambda x: x, logits)
-    logits = apply_bias(logits, sp)
+    logits = _biased(logits, sp, seen, counts)
     greedy = jnp.argmax(logits, axis=-1)
     onehot = jnp.where(jnp.arange(logits.shape[1])[None, :] == greedy[:, None], 0.0, -jnp.inf)
-
-    def dist(logits):
-        scaled = apply_temperature(logits, sp)
-        filtered = (sp.top_k > 0) | (sp.top_p < 1.0) | (sp.min_p > 0.0)
-        thr = jax.lax.cond(jnp.any(filtered), lambda x: keep_threshold(x, sp, candidates),
-                           lambda x: jnp.full(x.shape[:1], -jnp.inf), scaled)
-        return jnp.where(scaled >= thr[:, None], scaled, -jnp.inf)
-
-    drawn = jax.lax.cond(jnp.any(sp.temperature > 0), dist, lambda x: onehot, logits)
+    drawn = jax.lax.cond(jnp.any(sp.temperature > 0), lambda x: _filtered(x, sp, candidates), lambda x: onehot, logits)
     return jnp.where((sp.temperature > 0)[:, None], drawn, onehot)
 
 
@@ -254,19 +261,8 @@ def sample(logits, keys, sp: SamplingParams, seen=None, counts=None,
     """
     # Each stage runs only when some row uses it (a traced `cond`, so no recompilation): a greedy
     # batch pays for one argmax, not for penalties, top-k candidates and a draw over 262k ids.
-    logits = logits.astype(jnp.float32)
-    if seen is not None:
-        use = jnp.any((sp.repetition_penalty != 1.0) | (sp.presence_penalty != 0.0) | (sp.frequency_penalty != 0.0))
-        logits = jax.lax.cond(use, lambda x: apply_penalties(x, seen, counts, sp), lambda x: x, logits)
-    logits = apply_bias(logits, sp)
+    logits = _biased(logits, sp, seen, counts)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def draw(logits):
-        scaled = apply_temperature(logits, sp)
-        filtered = (sp.top_k > 0) | (sp.top_p < 1.0) | (sp.min_p > 0.0)
-        thr = jax.lax.cond(jnp.any(filtered), lambda x: keep_threshold(x, sp, candidates),
-                           lambda x: jnp.full(x.shape[:1], -jnp.inf), scaled)
-        return categorical(keys, jnp.where(scaled >= thr[:, None], scaled, -jnp.inf))
-
-    drawn = jax.lax.cond(jnp.any(sp.temperature > 0), draw, lambda x: greedy, logits)
+    drawn = jax.lax.cond(jnp.any(sp.temperature > 0), lambda x: categorical(keys, _filtered(x, sp, candidates)),
+                         lambda x: greedy, logits)
     return jnp.where(sp.temperature > 0, drawn, greedy)
