@@ -10,7 +10,7 @@ Every layer kind keeps a ring buffer of key/value slots plus, per row, the posit
   (speculative decoding) without losing keys that are still inside the window.
 
 With `kv_quant="int8"` keys and values are stored as int8 with one f32 scale per (row, slot, kv head)
-(`jaxgen.quant.quantize_kv`): 1 byte per value plus 4 per head vector instead of 4 (f32) or 2 (bf16).
+(`quantize_kv` below): 1 byte per value plus 4 per head vector instead of 4 (f32) or 2 (bf16).
 Attention applies the key scales to the scores and the value scales to the probabilities, so no
 dequantized copy of the cache is made.
 
@@ -27,6 +27,8 @@ from flax import struct
 from jaxgen.config import ModelConfig
 
 NEG_INF = -1e30  # finite, so a fully masked (padding) query row gives no NaN
+STACKS = ("k_local", "v_local", "k_global", "v_global")  # the key / value buffers, in carry order
+SCALES = tuple(f"{n}_scale" for n in STACKS)  # their int8 scales (None unless kv_quant="int8")
 
 
 @struct.dataclass
@@ -58,16 +60,15 @@ class KVCache:
 
     def stacks(self) -> tuple:
         """(k_local, v_local, k_global, v_global), each an array or, when quantized, (int8, scale)."""
-        names = ("k_local", "v_local", "k_global", "v_global")
         if not self.quantized:
-            return tuple(getattr(self, n) for n in names)
-        return tuple((getattr(self, n), getattr(self, n + "_scale")) for n in names)
+            return tuple(getattr(self, n) for n in STACKS)
+        return tuple((getattr(self, n), getattr(self, sc)) for n, sc in zip(STACKS, SCALES))
 
     def with_stacks(self, stacks, **changes) -> "KVCache":
-        names = ("k_local", "v_local", "k_global", "v_global")
-        for n, st in zip(names, stacks):
+        """A cache holding `stacks` (as `stacks()` returns them) and the other `changes`."""
+        for n, sc, st in zip(STACKS, SCALES, stacks):
             if isinstance(st, tuple):
-                changes[n], changes[n + "_scale"] = st
+                changes[n], changes[sc] = st
             else:
                 changes[n] = st
         return self.replace(**changes)
@@ -122,6 +123,12 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, ex
 def new_lengths(lengths: jax.Array, positions: jax.Array) -> jax.Array:
     """[B] lengths after writing tokens at `positions` [B, T] (-1 = padding, not written)."""
     return jnp.maximum(lengths, jnp.max(positions, axis=1) + 1)
+
+
+def padded_positions(lengths: jax.Array, T: int) -> jax.Array:
+    """[B, T] positions of right-padded rows of `lengths` [B] tokens: 0..n-1, then -1 (padding)."""
+    idx = jnp.arange(T)[None, :]
+    return jnp.where(idx < lengths[:, None], idx, -1).astype(jnp.int32)
 
 
 def slots_for(positions: jax.Array, lengths: jax.Array, size: int) -> jax.Array:

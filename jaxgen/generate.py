@@ -23,7 +23,7 @@ import numpy as np
 from flax import struct
 
 from jaxgen import sampling as smp
-from jaxgen.cache import KVCache, init_cache
+from jaxgen.cache import KVCache, init_cache, padded_positions
 from jaxgen.config import ModelConfig
 from jaxgen.model import Params, forward_hidden, unembed
 
@@ -104,8 +104,7 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
     B, T = prompts.shape
     V = cfg.vocab_size
     rows = jnp.arange(B)
-    idx = jnp.arange(T)[None, :]
-    positions = jnp.where(idx < prompt_lengths[:, None], idx, -1).astype(jnp.int32)  # [B, T]
+    positions = padded_positions(prompt_lengths, T)  # [B, T]
     cache = init_cache(cfg, B, cache_len, params.embed.dtype, extra=cache_extra, kv_quant=kv_quant)
     h, cache = forward_hidden(params, prompts, positions, cache, cfg)  # [B, T, D]
     h_last = h[rows, jnp.maximum(prompt_lengths - 1, 0)]  # [B, D]

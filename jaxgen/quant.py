@@ -128,7 +128,7 @@ def _dot_block(x2: jax.Array, w: QMatrix) -> jax.Array:
     grouped scales are applied to the weights before the dot; int4 is two dots over the halves."""
     x2 = x2.astype(jnp.float32)
     if w.bits == 4:
-        I, O = w.shape
+        O = w.shape[-1]
         g, half = w.group, w.shape[-2] // 2
         y = 0.0
         f32 = lambda a: a.astype(jnp.float32)[:, None, :]
@@ -138,9 +138,9 @@ def _dot_block(x2: jax.Array, w: QMatrix) -> jax.Array:
             y = y + jnp.dot(xs, wf, preferred_element_type=jnp.float32)
         return y
     if w.group == w.shape[-2]:
-        y = jnp.dot(x2.astype(jnp.float32), _values(w, jnp.float32), preferred_element_type=jnp.float32)
+        y = jnp.dot(x2, _values(w, jnp.float32), preferred_element_type=jnp.float32)
         return y * w.scale[0].astype(jnp.float32)
-    return jnp.dot(x2.astype(jnp.float32), dequantize(w, jnp.float32), preferred_element_type=jnp.float32)
+    return jnp.dot(x2, dequantize(w, jnp.float32), preferred_element_type=jnp.float32)
 
 
 def matmul(x: jax.Array, w: QMatrix) -> jax.Array:
@@ -175,19 +175,26 @@ def take_columns(w: QMatrix, idx: jax.Array) -> jax.Array:
 LAYER_MATS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
-def as_matrix(name: str, w):
-    """A layer weight [L, ...] in its 2-D matmul form [L, I, O] (wq [L, D, N, H] -> [L, D, N*H];
-    wo [L, N, H, D] -> [L, N*H, D]); the model reshapes the outputs back to heads."""
-    L = w.shape[0]
+def matrix_shape(name: str, shape: tuple) -> tuple:
+    """The 2-D matmul form [L, I, O] of a layer weight's shape (wq [L, D, N, H] -> [L, D, N*H];
+    wo [L, N, H, D] -> [L, N*H, D])."""
+    L = shape[0]
     if name == "wo":
-        return w.reshape(L, -1, w.shape[-1])
-    return w.reshape(L, w.shape[1], -1)
+        return L, int(np.prod(shape[1:-1])), shape[-1]
+    return L, shape[1], int(np.prod(shape[2:]))
+
+
+def as_matrix(name: str, w):
+    """A layer weight [L, ...] in its 2-D matmul form (see matrix_shape); the model reshapes the
+    outputs back to heads."""
+    return w.reshape(matrix_shape(name, w.shape))
 
 
 def quantize_params(params, mode: str = "int8", group: int | None = None):
     """Params with every projection matrix and the embedding (tied unembedding) as QMatrix leaves.
     Norms and biases stay float. Works on host numpy params (nothing is placed on a device) or on
-    device arrays. mode: "int8" (per output channel unless `group`) or "int4" (group 32 by default)."""
+    device arrays. mode: "int8" or "int4", in groups of `group` inputs (default 32; 0 = per output
+    channel)."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {MODES}")
     bits = 8 if mode == "int8" else 4
@@ -241,13 +248,8 @@ def quantized_shapes(shapes, mode: str, groups: dict | None = None):
         return QMatrix(q=jax.ShapeDtypeStruct((*lead, I // (2 if bits == 4 else 1), O), jnp.int8 if bits == 8 else jnp.uint8),
                        scale=sc, zero=sc if bits == 4 else None, bits=bits)
 
-    def layer_mat(name, s):
-        g = groups.get(name, group)
-        if name == "wo":
-            return qshape((s.shape[0], int(np.prod(s.shape[1:-1])), s.shape[-1]), g)
-        return qshape((s.shape[0], s.shape[1], int(np.prod(s.shape[2:]))), g)
-
-    layers = shapes.layers.replace(**{n: layer_mat(n, getattr(shapes.layers, n)) for n in LAYER_MATS})
+    layers = shapes.layers.replace(**{n: qshape(matrix_shape(n, getattr(shapes.layers, n).shape), groups.get(n, group))
+                                      for n in LAYER_MATS})
     V, D = shapes.embed.shape
     unembed = None if shapes.unembed is None else qshape((D, V), groups.get("unembed", group))
     return shapes.replace(embed=qshape((D, V), groups.get("embed", group)), layers=layers, unembed=unembed)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxgen.cache import KVCache
+from jaxgen.cache import SCALES, KVCache
 from jaxgen.config import ModelConfig
 from jaxgen.model import LayerParams, Params, param_shapes
 from jaxgen.quant import LAYER_MATS as _QUANT_LAYER_MATS, QMatrix
@@ -133,8 +133,7 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict = RULES, params=No
 
 
 def cache_shardings(cache_shape: KVCache, mesh: Mesh, rules: dict = RULES) -> KVCache:
-    axes = _CACHE_AXES.replace(**{f: None for f in ("k_local_scale", "v_local_scale", "k_global_scale",
-                                                    "v_global_scale") if getattr(cache_shape, f) is None})
+    axes = _CACHE_AXES.replace(**{f: None for f in SCALES if getattr(cache_shape, f) is None})
     return _axes_tree(axes, cache_shape, mesh, rules)
 
 

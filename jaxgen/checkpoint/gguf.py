@@ -180,17 +180,19 @@ def load_params(reader, cfg: ModelConfig, dtype=np.float32, quant: str | None = 
     def gguf_name(field_name, i):
         return f"blk.{i}." + next(k for k, v in _LAYER_MAP.items() if v == field_name)
 
-    def direct(field_name, i):  # int8 in groups of 32 is Q8_0's own format: take it as stored
-        return (bits == 8 and qmod.DEFAULT_GROUP[quant] == 32
-                and tensors[gguf_name(field_name, i)].tensor_type.name == "Q8_0")
+    def direct(name):  # int8 in groups of 32 is Q8_0's own format: take it as stored
+        return bits == 8 and qmod.DEFAULT_GROUP[quant] == 32 and tensors[name].tensor_type.name == "Q8_0"
 
-    def layer_q8(field_name, i):
-        values, scales = q8_0_int8(reader, gguf_name(field_name, i))  # [out, in], [out, in/32]
-        if arch == "llama" and field_name in ("wq", "wk"):  # rows are (head, dim) pairs: same permutation
-            heads = N if field_name == "wq" else K
-            values, scales = unpermute_rope(values, heads), unpermute_rope(scales, heads)
+    def q8_matrix(name, rope_heads=0):
+        values, scales = q8_0_int8(reader, name)  # [out, in], [out, in/32]
+        if rope_heads:  # llama q/k rows are (head, dim) pairs: the same permutation on both
+            values, scales = unpermute_rope(values, rope_heads), unpermute_rope(scales, rope_heads)
         # T:in_out for both: QMatrix matrices are [in, out]
         return qmod.QMatrix(q=np.ascontiguousarray(values.T), scale=scales.T.astype(dtype), bits=8)
+
+    def layer_q8(field_name, i):
+        heads = {"wq": N, "wk": K}.get(field_name, 0) if arch == "llama" else 0
+        return q8_matrix(gguf_name(field_name, i), heads)
 
     bits = {"int8": 8, "int4": 4}.get(quant) if quant else None
     if quant and bits is None:
@@ -198,7 +200,7 @@ def load_params(reader, cfg: ModelConfig, dtype=np.float32, quant: str | None = 
     layers = {}
     for f in fields:
         if bits and f in qmod.LAYER_MATS:  # quantized one layer at a time, then stacked on L
-            per = [layer_q8(f, i) if direct(f, i) else
+            per = [layer_q8(f, i) if direct(gguf_name(f, i)) else
                    qmod.quantize(qmod.as_matrix(f, layer_tensor(f, i)[None])[0], bits, qmod.DEFAULT_GROUP[quant], dtype)
                    for i in range(L)]
             layers[f] = jax.tree.map(lambda *a: np.stack(a), *per)
@@ -213,11 +215,10 @@ def load_params(reader, cfg: ModelConfig, dtype=np.float32, quant: str | None = 
     def table(name):  # [V, D]; quantized as the [D, V] unembedding
         if not bits:
             return get(name, (V, D))
-        if bits == 8 and tensors[name].tensor_type.name == "Q8_0":
-            values, scales = q8_0_int8(reader, name)  # [V, D], [V, D/32]
-            assert values.shape == (V, D), (name, values.shape)
-            # T:in_out: the unembedding contracts D, so D is the input axis of the QMatrix
-            return qmod.QMatrix(q=np.ascontiguousarray(values.T), scale=scales.T.astype(dtype), bits=8)
+        if direct(name):  # the unembedding contracts D: D is the QMatrix's input axis
+            m = q8_matrix(name)
+            assert m.shape == (D, V), (name, m.shape)
+            return m
         return qmod.quantize(np.ascontiguousarray(get(name, (V, D)).T), bits, qmod.DEFAULT_GROUP[quant], dtype)
 
     return Params(embed=table("token_embd.weight"), layers=LayerParams(**layers),

@@ -149,16 +149,15 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
     if quant not in (None,) + qmod.MODES:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {qmod.MODES}")
 
-    def rules(cfg, params):  # the shardings to place params on
+    def place(cfg, params):  # on `mesh`'s rules or the explicit `shardings`, if any
         from jaxgen.sharding import param_shardings
 
-        return param_shardings(cfg, mesh, params=params) if mesh is not None else shardings
+        target = param_shardings(cfg, mesh, params=params) if mesh is not None else shardings
+        return params if target is None else jax.device_put(params, target)
 
     def model(cfg, params, tok):
         if quant and not qmod.is_quantized(params):  # e.g. a float Orbax checkpoint
-            params = qmod.quantize_params(params, quant)
-            if rules(cfg, params) is not None:
-                params = jax.device_put(params, rules(cfg, params))
+            params = place(cfg, qmod.quantize_params(params, quant))
         elif quant and qmod.quant_mode(params) != quant:
             raise ValueError(f"{name_or_path} is quantized as {qmod.quant_mode(params)}, not {quant}")
         return _done(Model(cfg, params, tok, mesh, kv_quant=kv_quant), t0, timings)
@@ -194,9 +193,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype if a.dtype.kind == "f" else a.dtype), host)
-    if rules(cfg, params) is not None:
-        params = jax.device_put(params, rules(cfg, params))
-    return model(cfg, params, tok)
+    return model(cfg, place(cfg, params), tok)
 
 
 def _converted_dir(name: str, quant: str | None = None) -> pathlib.Path:
