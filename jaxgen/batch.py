@@ -264,17 +264,17 @@ def main(args) -> int:
 
     proposer = None
     if args.speculative:  # static batches on one device (refill and meshes are not speculative yet)
-        if args.mesh or args.top_logprobs:
-            raise ValueError("--speculative does not combine with --mesh or --top-logprobs yet")
         from jaxgen import speculative
 
-        proposer = speculative.parse(args.speculative, lambda name: load(name, args.dtype, quant=args.quant))
+        proposer = speculative.parse(args.speculative, mesh=args.mesh, top_logprobs=args.top_logprobs)
         args.refill = False
     mesh = None
     if not proposer and (args.mesh or jax.local_device_count() > 1):
         mesh = make_mesh(args.mesh, jax.local_devices())
     timings: dict = {}
     model = load(args.model, args.dtype, mesh=mesh, timings=timings, quant=args.quant, kv_quant=args.kv_quant)
+    if proposer is not None:
+        proposer = speculative.with_draft(proposer, lambda name: load(name, args.dtype, quant=args.quant))
     tok = model.tokenizer
     defaults = {k: getattr(args, k) for k in OVERRIDES}
     defaults["stop_ids"] = [] if args.ignore_stop else None

@@ -83,15 +83,13 @@ def _quant_args(p):
     p.add_argument("--kv-quant", default=None, choices=["int8"], help="store the KV cache in int8 (default: dtype)")
 
 
-def _generate_speculative(args, model, texts, prompts, request, timings) -> int:
+def _generate_speculative(args, model, texts, prompts, request, timings, proposer) -> int:
     import time
 
     from jaxgen import speculative
     from jaxgen.checkpoint import load
 
-    if args.mesh or args.top_logprobs:
-        raise ValueError("--speculative does not combine with --mesh or --top-logprobs yet")
-    proposer = speculative.parse(args.speculative, lambda name: load(name, args.dtype, quant=args.quant))
+    proposer = speculative.with_draft(proposer, lambda name: load(name, args.dtype, quant=args.quant))
     t = time.perf_counter()
     outs, stats = speculative.generate(model, texts, proposer, **request)
     timings.update(generate_s=time.perf_counter() - t, new_tokens=stats.new_tokens)
@@ -147,6 +145,11 @@ def cmd_generate(args) -> int:
                  repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                  frequency_penalty=args.frequency_penalty)
     make_sampling_params(len(prompts), **knobs)  # bad knobs fail here, before the model loads
+    proposer = None
+    if args.speculative:  # likewise a bad --speculative
+        from jaxgen import speculative
+
+        proposer = speculative.parse(args.speculative, mesh=args.mesh, top_logprobs=args.top_logprobs)
     timings: dict = {}
     mesh = None
     if args.mesh:
@@ -164,8 +167,8 @@ def cmd_generate(args) -> int:
     request = dict(max_new_tokens=args.max_new_tokens, seed=args.seed,
                    stop_ids=[] if args.ignore_stop else None, **knobs)
     n = len(prompts)
-    if args.speculative:
-        return _generate_speculative(args, model, texts, prompts, request, timings)
+    if proposer is not None:
+        return _generate_speculative(args, model, texts, prompts, request, timings, proposer)
     streaming = not args.json
     decoders = [tok.stream_decoder() for _ in range(n)]
     sent = [0] * n

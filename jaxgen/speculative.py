@@ -28,7 +28,7 @@ import numpy as np
 from flax import struct
 
 from jaxgen import sampling as smp
-from jaxgen.cache import KVCache, init_cache
+from jaxgen.cache import KVCache, init_cache, padded_positions
 from jaxgen.config import ModelConfig
 from jaxgen.generate import (LENGTH, STOP, DecodeState, GenerateOutput, Model, _record, fetch, prefill, prepare,
                              to_completions)
@@ -56,7 +56,7 @@ class SpecOutput:
 class Proposer:
     """How drafts are made: `draft` (a Model sharing the target's vocabulary) or prompt lookup."""
     gamma: int = 4
-    draft: Any = None  # a Model, or None for prompt lookup
+    draft: Any = None  # a Model (or its name, from `parse`), or None for prompt lookup
     ngram: int = 3
 
     def __post_init__(self):
@@ -66,8 +66,12 @@ class Proposer:
             raise ValueError(f"prompt-lookup ngram must be in [1, 16], got {self.ngram}")
 
 
-def parse(spec: str, load_draft=None) -> Proposer:
-    """"draft=MODEL,gamma=4" or "lookup,ngram=3,gamma=8" -> Proposer (load_draft(name) loads MODEL)."""
+def parse(spec: str, *, mesh=None, top_logprobs: int = 0) -> Proposer:
+    """"draft=MODEL,gamma=4" or "lookup,ngram=3,gamma=8" -> Proposer. A draft model is left as its
+    name (so a bad spec fails before anything loads); `with_draft` loads it. mesh / top_logprobs:
+    what the run asks for besides, refused here if speculation cannot give it."""
+    if mesh or top_logprobs:
+        raise ValueError("speculative decoding does not combine with a mesh or top_logprobs yet")
     fields, kind = {}, None
     for part in spec.split(","):
         part = part.strip()
@@ -91,10 +95,15 @@ def parse(spec: str, load_draft=None) -> Proposer:
     if kind == "draft":
         if "draft" not in fields:
             raise ValueError("--speculative draft needs a model: draft=MODEL")
-        if load_draft is None:
-            raise ValueError("a draft model needs a loader")
-        return Proposer(gamma=gamma, draft=load_draft(fields["draft"]))
+        return Proposer(gamma=gamma, draft=fields["draft"])
     return Proposer(gamma=gamma, ngram=ngram)
+
+
+def with_draft(proposer: Proposer, load) -> Proposer:
+    """The proposer with a draft named by `parse` loaded as load(name) -> Model."""
+    if isinstance(proposer.draft, str):
+        return dataclasses.replace(proposer, draft=load(proposer.draft))
+    return proposer
 
 
 # ---- one speculative step -------------------------------------------------------------------------
@@ -130,8 +139,9 @@ def _with_drafts(seen, counts, drafts, upto: int, active):
     return seen.at[rows, d].set(True), counts.at[rows, d].add(add)
 
 
-def _step(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids, seeds, *, cfg, draft_cfg,
-          gamma: int, ngram: int, candidates: int, pad_id: int) -> SpecState:
+def _step(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids, seeds, lookup_drafts=None, *,
+          cfg, draft_cfg, gamma: int, candidates: int, pad_id: int) -> SpecState:
+    """One speculative pass; lookup_drafts [B, gamma] are the prompt-lookup proposals (draft_cfg None)."""
     b = s.base
     B = b.last.shape[0]
     V = cfg.vocab_size
@@ -144,7 +154,7 @@ def _step(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids, seed
     # 1. drafts d [B, g] and their distribution logits q [B, g, V] (None: one-hot lookup proposals)
     draft_cache = s.draft_cache
     if draft_cfg is None:
-        drafts, q = _lookup(s.hist, s.hist_len, gamma, ngram)[0], None
+        drafts, q = lookup_drafts, None
     else:
         def draft_step(carry, j):
             cache, tok, seen, counts, out = carry
@@ -261,23 +271,24 @@ def speculative_tokens(params, draft_params, prompts, prompt_lengths, sp, max_ne
                    kv_quant=kv_quant)
     draft_cache = None
     if draft_cfg is not None:
-        idx = jnp.arange(T)[None, :]
-        positions = jnp.where(idx < prompt_lengths[:, None], idx, -1).astype(jnp.int32)
         draft_cache = init_cache(draft_cfg, B, cache_len, draft_params.embed.dtype, extra=extra, kv_quant=kv_quant)
-        _, draft_cache = forward_hidden(draft_params, prompts, positions, draft_cache, draft_cfg)
+        _, draft_cache = forward_hidden(draft_params, prompts, padded_positions(prompt_lengths, T), draft_cache,
+                                        draft_cfg)
     hist = jnp.concatenate([prompts, jnp.full((B, max_new), pad_id, jnp.int32)], axis=1)
     hist = hist.at[jnp.arange(B), prompt_lengths].set(base.tokens[:, 0])
     s = SpecState(base=base, draft_cache=draft_cache, hist=hist, hist_len=prompt_lengths + base.num_new,
                   passes=jnp.zeros((B,), jnp.int32), accepted=jnp.zeros((B,), jnp.int32))
-    spec = lambda s: _step(params, draft_params, s, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
-                           draft_cfg=draft_cfg, gamma=gamma, ngram=ngram, candidates=candidates, pad_id=pad_id)
+    spec = lambda s, drafts=None: _step(params, draft_params, s, sp, max_new_tokens, stop_ids, seeds, drafts,
+                                        cfg=cfg, draft_cfg=draft_cfg, gamma=gamma, candidates=candidates,
+                                        pad_id=pad_id)
     plain = lambda s: _plain_step(params, s, sp, max_new_tokens, stop_ids, seeds, cfg=cfg, candidates=candidates,
                                   pad_id=pad_id)
-    if draft_cfg is None:  # prompt lookup with no match in any running row: one plain token, not gamma + 1
-        step = lambda s: jax.lax.cond(jnp.any(_lookup(s.hist, s.hist_len, gamma, ngram)[1] & ~s.base.done),
-                                      spec, plain, s)
-    else:
-        step = spec
+
+    def lookup_step(s):  # no match in any running row: one plain token, not a pass of gamma + 1
+        drafts, found = _lookup(s.hist, s.hist_len, gamma, ngram)
+        return jax.lax.cond(jnp.any(found & ~s.base.done), lambda s: spec(s, drafts), plain, s)
+
+    step = lookup_step if draft_cfg is None else spec
     s = jax.lax.while_loop(lambda s: ~jnp.all(s.base.done), step, s)
     b = s.base
     out = GenerateOutput(tokens=b.tokens, num_new=b.num_new, finish=b.finish, logprobs=b.logprobs,
@@ -314,6 +325,8 @@ def generate(model: Model, prompts, proposer: Proposer, *, candidates: int = smp
         raise ValueError("top_logprobs is not reported by speculative decoding")
     request.pop("top_logprobs", None)
     d = proposer.draft
+    if isinstance(d, str):
+        raise ValueError(f"draft model {d!r} is a name: load it first (speculative.with_draft)")
     if d is not None and d.cfg.vocab_size != model.cfg.vocab_size:
         raise ValueError(f"the draft model's vocabulary ({d.cfg.vocab_size}) differs from the target's "
                          f"({model.cfg.vocab_size}); a draft must share the tokenizer")

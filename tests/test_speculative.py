@@ -158,7 +158,12 @@ def test_bad_speculative_specs():
     with pytest.raises(ValueError, match="bad --speculative"):
         S.parse("lookup,foo=1")
     assert S.parse("lookup,ngram=2,gamma=6") == S.Proposer(gamma=6, ngram=2)
-    assert S.parse("draft=x,gamma=3", lambda name: name).draft == "x"
+    assert S.parse("draft=x,gamma=3").draft == "x"
+    assert S.with_draft(S.parse("draft=x,gamma=3"), lambda name: name + "!").draft == "x!"
+    with pytest.raises(ValueError, match="mesh or top_logprobs"):
+        S.parse("lookup", top_logprobs=2)
+    with pytest.raises(ValueError, match="load it first"):
+        S.generate(Model(TINY_QWEN, random_params(TINY_QWEN)), [[1, 2]], S.parse("draft=x"))
     small = Model(TINY_QWEN.replace(vocab_size=32), random_params(TINY_QWEN.replace(vocab_size=32)))
     with pytest.raises(ValueError, match="vocabulary"):
         S.generate(Model(TINY_QWEN, random_params(TINY_QWEN)), [[1, 2]], S.Proposer(draft=small))
