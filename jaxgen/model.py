@@ -4,9 +4,11 @@ Axis legend (einsum letters and shape comments):
   B batch   T new tokens this call   S cache slots   D model   N query heads   K kv heads
   G query heads per kv head (N = K * G)   H head dim   F ffn   V vocab   L layers
 
-Layers are stacked on a leading L axis and run with `lax.scan`, one layer per step, so compile time
-does not grow with depth. Sliding-window (local) and global layers keep caches of different lengths
-(Gemma 3: five local then one global, repeated); each scan step picks its kind with `lax.cond`.
+Layers are either stacked on a leading L axis and run with `lax.scan`, one layer per step (compile
+time does not grow with depth), or a tuple of per-layer params run unrolled (faster decode on CPU:
+see `unstack_layers`). Sliding-window (local) and global layers keep caches of different lengths
+(Gemma 3: five local then one global, repeated); a scan step picks its kind with `lax.cond`, an
+unrolled layer knows it statically.
 """
 from __future__ import annotations
 
@@ -43,10 +45,15 @@ class LayerParams:  # every leaf has a leading L axis (layers in order)
 
 @struct.dataclass
 class Params:
-    embed: jax.Array  # [V, D] token embedding (also the unembedding when tied)
-    layers: LayerParams
+    # [D, V]: the unembedding's layout (x [., D] @ table reads it row by row). The lookup takes
+    # columns. Why not [V, D]: XLA:CPU contracting D of a [V, D] table ran at 25 GB/s against 31
+    # for [D, V] (Gemma 3's 262k x 640 table is 63% of the weights read per decode step).
+    embed: jax.Array  # [D, V] token embedding (also the unembedding when tied)
+    # LayerParams with a leading L axis (run by lax.scan: one compiled layer), or a tuple of
+    # per-layer LayerParams without it (run unrolled; see unstack_layers).
+    layers: LayerParams | tuple
     final_norm: jax.Array  # [D]
-    unembed: jax.Array | None = None  # [V, D] if not cfg.tie_embeddings (same layout as embed)
+    unembed: jax.Array | None = None  # [D, V] if not cfg.tie_embeddings (same layout as embed)
 
 
 def param_shapes(cfg: ModelConfig, dtype=jnp.float32) -> Params:
@@ -61,8 +68,8 @@ def param_shapes(cfg: ModelConfig, dtype=jnp.float32) -> Params:
         bq=opt(cfg.qkv_bias, L, N, H), bk=opt(cfg.qkv_bias, L, K, H), bv=opt(cfg.qkv_bias, L, K, H),
         q_norm=opt(cfg.qk_norm, L, H), k_norm=opt(cfg.qk_norm, L, H),
         post_attn_norm=opt(cfg.sandwich_norm, L, D), post_ffn_norm=opt(cfg.sandwich_norm, L, D))
-    return Params(embed=s(V, D), layers=layers, final_norm=s(D),
-                  unembed=opt(not cfg.tie_embeddings, V, D))
+    return Params(embed=s(D, V), layers=layers, final_norm=s(D),
+                  unembed=opt(not cfg.tie_embeddings, D, V))
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
@@ -82,6 +89,31 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
         return (fan_in ** -0.5 * jax.random.normal(k, sd.shape, jnp.float32)).astype(dtype)
 
     return jax.tree.unflatten(treedef, [init(p, sd, k) for (p, sd), k in zip(leaves, keys)])
+
+
+def unstack_layers(params: Params) -> Params:
+    """Params whose layers are a tuple of per-layer LayerParams (leading L axis removed), which
+    `forward` runs as an unrolled loop. Why: inside the compiled decode loop, a `lax.scan` step copies
+    its layer's weights out of the stacked arrays before the matmuls (XLA:CPU materializes each
+    dynamic slice: +30% per decode step on Gemma 3 270M), while separate arrays are read in place.
+    The price is compile time (each layer is compiled): `jaxgen.load` returns this layout for float
+    decoding; stacked layers (one compiled layer) suit training and tests. Leaves are copied.
+    Quantized (QMatrix) layers are better left stacked: as separate arrays their dequantization is
+    loop-invariant, and XLA hoists it out of the decode loop (measured: +1.1 GB resident for Gemma
+    3 270M int8, and float bytes read per step instead of int8)."""
+    if isinstance(params.layers, tuple):
+        return params
+    n = jax.tree.leaves(params.layers)[0].shape[0]
+    layers = tuple(jax.tree.map(lambda a: a[i], params.layers) for i in range(n))
+    return params.replace(layers=layers)
+
+
+def stack_layers(params: Params) -> Params:
+    """The inverse of `unstack_layers`: layers as one LayerParams with a leading L axis."""
+    if not isinstance(params.layers, tuple):
+        return params
+    stack = jnp.stack if isinstance(jax.tree.leaves(params.layers)[0], jax.Array) else np.stack
+    return params.replace(layers=jax.tree.map(lambda *a: stack(a), *params.layers))
 
 
 # ---- building blocks ----------------------------------------------------------------------------
@@ -135,13 +167,21 @@ def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return jax.nn.silu(x)
 
 
-def _matmul(x: jax.Array, w) -> jax.Array:
+def _matmul(x: jax.Array, w, out_dtype=None) -> jax.Array:
     """x [..., I] @ w [I, O] as one plain 2-D dot (or a quantized QMatrix's dequantizing matmul).
     Why not einsum over split head axes: XLA:CPU then picks layouts that transpose the weight matrix
     on every call (measured: a copy of wq and wo per layer per decode step)."""
     if isinstance(w, quant.QMatrix):
-        return quant.matmul(x, w)
-    return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
+        y = quant.matmul(x, w)
+        return y if out_dtype is None else y.astype(out_dtype)
+    x2 = x.reshape(-1, x.shape[-1])  # [M, I]
+    M = x2.shape[0]
+    if M == 1 and w.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+        # XLA:CPU's bfloat16 matrix-vector path is ~10x slower than its matrix-matrix one (Gemma's
+        # unembedding: 230 ms against 23 ms): a second (zero) row takes the fast path.
+        x2 = jnp.pad(x2, ((0, 1), (0, 0)))
+    y = jnp.dot(x2, w, preferred_element_type=out_dtype)[:M]
+    return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 def _proj(h: jax.Array, w, heads: int) -> jax.Array:
@@ -177,8 +217,9 @@ def _concat_chunk(buf, new):
 
 
 def _layer(cfg: ModelConfig, carry, xs, ctx):
-    """One decoder layer, as a scan step. carry: x [B, T, D] and the four cache stacks; xs: this
-    layer's params, whether it is global, and its index among the local / global layers."""
+    """One decoder layer, as a scan step (traced xs) or an unrolled one (Python bool and ints).
+    carry: x [B, T, D] and the four cache stacks; xs: this layer's params, whether it is global, and
+    its index among the local / global layers."""
     x, kl, vl, kg, vg = carry
     lp, is_global, li, gi = xs
     eps = cfg.norm_eps
@@ -192,21 +233,22 @@ def _layer(cfg: ModelConfig, carry, xs, ctx):
         q, k = rms_norm(q, lp.q_norm, eps), rms_norm(k, lp.k_norm, eps)
     T = q.shape[1]
     both = bool(cfg.n_local and cfg.n_global)
+    static = isinstance(is_global, bool)  # unrolled: the kind is known, only its branch is built
     rot = {}  # kind -> rotated (q, k): local and global layers use different RoPE bases
     for kind, present in (("local", cfg.n_local), ("global", cfg.n_global)):
-        if present:
+        if present and not (static and both and (kind == "global") != is_global):
             cos, sin = ctx[f"rope_{kind}"]
             rot[kind] = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     # Cache writes happen outside the cond (masked by kind), and the cond returns only the attention
     # output: a cond that returns the cache stacks makes XLA copy them every layer.
     def write(kl, vl, kg, vg):
-        if cfg.n_local:
-            on = ~is_global if both else True
+        if cfg.n_local and not (static and both and is_global):
+            on = ~is_global if both and not static else True
             kl = _write_layer(kl, li, rot["local"][1], ctx["slots_local"], on)
             vl = _write_layer(vl, li, v, ctx["slots_local"], on)
-        if cfg.n_global:
-            on = is_global if both else True
+        if cfg.n_global and not (static and both and not is_global):
+            on = is_global if both and not static else True
             kg = _write_layer(kg, gi, rot["global"][1], ctx["slots_global"], on)
             vg = _write_layer(vg, gi, v, ctx["slots_global"], on)
         return kl, vl, kg, vg
@@ -230,7 +272,9 @@ def _layer(cfg: ModelConfig, carry, xs, ctx):
 
     if T == 1:
         kl, vl, kg, vg = write(kl, vl, kg, vg)
-    if both:  # the layer kind is data here: one branch runs
+    if both and static:
+        o = (global_ if is_global else local)(kl, vl, kg, vg)
+    elif both:  # the layer kind is data here: one branch runs
         o = jax.lax.cond(is_global, global_, local, kl, vl, kg, vg)
     else:
         o = (local if cfg.n_local else global_)(kl, vl, kg, vg)
@@ -259,16 +303,16 @@ def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
     tokens, positions: [B, T] int32. Within a row, valid positions are contiguous and ascending
     (the row's next positions); -1 marks padding, which is neither written nor attended.
 
-    The layers run as one `lax.scan` with one layer per step. Why not a Python loop or a scan over
-    groups of one local/global period: on XLA:CPU both copy each step's weight slices before the
-    matmuls (measured 4-6x slower per step), while a one-layer scan step reads its weights in place.
-    The layer kind (local ring / global cache) is then data, chosen by `lax.cond`.
+    Stacked layers run as one `lax.scan` with one layer per step; the layer kind (local ring /
+    global cache) is then data, chosen by `lax.cond`. (A Python loop over static slices of the
+    stacked arrays, or a scan over groups of one local/global period, copied every weight slice:
+    4-6x slower.) A tuple of per-layer params runs as an unrolled loop over separate arrays.
     """
     B, T = tokens.shape
-    if isinstance(params.embed, quant.QMatrix):  # stored as the [D, V] unembedding: take columns
+    if isinstance(params.embed, quant.QMatrix):  # the [D, V] table: take columns
         x = quant.take_columns(params.embed, tokens)  # [B, T, D]
     else:
-        x = params.embed[tokens]  # [B, T, D]
+        x = jnp.moveaxis(jnp.take(params.embed, tokens, axis=1), 0, -1)  # [D, B, T] -> [B, T, D]
     x = x * jnp.asarray(cfg.embed_multiplier, x.dtype) if cfg.embed_scale else x
 
     lengths = kvc.new_lengths(cache.lengths, positions)  # [B]
@@ -297,7 +341,12 @@ def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
     xs = (params.layers, jnp.asarray(kinds), jnp.asarray(local_index, jnp.int32),
           jnp.asarray(global_index, jnp.int32))
     carry = (x, *cache.stacks())
-    (x, *stacks), _ = jax.lax.scan(lambda c, xs: _layer(cfg, c, xs, ctx), carry, xs)
+    if isinstance(params.layers, tuple):  # one LayerParams per layer: unrolled, layer kinds static
+        for i, lp in enumerate(params.layers):
+            carry, _ = _layer(cfg, carry, (lp, bool(kinds[i]), int(local_index[i]), int(global_index[i])), ctx)
+        x, *stacks = carry
+    else:
+        (x, *stacks), _ = jax.lax.scan(lambda c, xs: _layer(cfg, c, xs, ctx), carry, xs)
 
     x = rms_norm(x, params.final_norm, cfg.norm_eps)
     cache = cache.with_stacks(stacks, pos_local=pos_local, pos_global=pos_global, lengths=lengths)
@@ -305,14 +354,12 @@ def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
 
 
 def unembed(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Logits [..., V] in f32 from hidden states [..., D]. The einsum contracts D of the [V, D]
-    table directly, so no transposed copy of the 262k x 640 embedding is made per step (a quantized
-    table is stored as [D, V] and goes through quant.matmul)."""
+    """Logits [..., V] in f32 from hidden states [..., D] and the [D, V] table (float or QMatrix)."""
     table = params.embed if cfg.tie_embeddings else params.unembed
-    if isinstance(table, quant.QMatrix):  # [D, V]
+    if isinstance(table, quant.QMatrix):
         logits = quant.matmul(h.astype(jnp.float32), table)
     else:
-        logits = jnp.einsum("...d,vd->...v", h, table, preferred_element_type=jnp.float32)
+        logits = _matmul(h, table, out_dtype=jnp.float32)
     if cfg.final_logit_softcap:
         logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
     return logits

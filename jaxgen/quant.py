@@ -197,14 +197,18 @@ def quantize_params(params, mode: str = "int8", group: int | None = None):
     channel)."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {MODES}")
+    if isinstance(params.layers, tuple):  # per-layer params: quantize the stacked form
+        from jaxgen.model import stack_layers, unstack_layers
+
+        return unstack_layers(quantize_params(stack_layers(params), mode, group))
     bits = 8 if mode == "int8" else 4
     group = DEFAULT_GROUP[mode] if group is None else group
     layers = params.layers.replace(**{n: quantize(as_matrix(n, getattr(params.layers, n)), bits, group)
                                       for n in LAYER_MATS})
-    embed = params.embed if isinstance(params.embed, QMatrix) else quantize(params.embed.T, bits, group)
+    embed = params.embed if isinstance(params.embed, QMatrix) else quantize(params.embed, bits, group)
     unembed = params.unembed
     if unembed is not None and not isinstance(unembed, QMatrix):
-        unembed = quantize(unembed.T, bits, group)
+        unembed = quantize(unembed, bits, group)
     return params.replace(embed=embed, layers=layers, unembed=unembed)
 
 
@@ -216,7 +220,7 @@ def quant_mode(params) -> str | None:
     """"int8" / "int4" for quantized params, None for float ones."""
     if not is_quantized(params):
         return None
-    return "int8" if params.layers.wq.bits == 8 else "int4"
+    return "int8" if params.embed.bits == 8 else "int4"
 
 
 def param_bytes(params) -> int:
@@ -225,7 +229,8 @@ def param_bytes(params) -> int:
 
 def groups_of(params) -> dict:
     """{matrix name: group} of quantized params (0 = per output channel), for `quantized_shapes`."""
-    mats = {n: getattr(params.layers, n) for n in LAYER_MATS}
+    layers = params.layers[0] if isinstance(params.layers, tuple) else params.layers
+    mats = {n: getattr(layers, n) for n in LAYER_MATS}
     mats["embed"] = params.embed
     if params.unembed is not None:
         mats["unembed"] = params.unembed
@@ -250,6 +255,6 @@ def quantized_shapes(shapes, mode: str, groups: dict | None = None):
 
     layers = shapes.layers.replace(**{n: qshape(matrix_shape(n, getattr(shapes.layers, n).shape), groups.get(n, group))
                                       for n in LAYER_MATS})
-    V, D = shapes.embed.shape
+    D, V = shapes.embed.shape
     unembed = None if shapes.unembed is None else qshape((D, V), groups.get("unembed", group))
     return shapes.replace(embed=qshape((D, V), groups.get("embed", group)), layers=layers, unembed=unembed)

@@ -12,6 +12,7 @@ from jaxgen.checkpoint import gguf as G
 from jaxgen.checkpoint import orbax as O
 from jaxgen.checkpoint import registry
 from jaxgen.config import ModelConfig
+from jaxgen.model import stack_layers
 from jaxgen.tokenizer import BPETokenizer
 
 from .conftest import random_params
@@ -55,7 +56,7 @@ def write_gguf(path, cfg, params, arch="llama"):
     w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre("gpt2"), w.add_token_list(tokens)
     w.add_token_types([1] * 258 + [3]), w.add_token_merges(merges)
     w.add_eos_token_id(258), w.add_add_bos_token(False)
-    w.add_tensor("token_embd.weight", p.embed)
+    w.add_tensor("token_embd.weight", np.ascontiguousarray(p.embed.T))  # [D, V] -> [V, D]
     w.add_tensor("output_norm.weight", p.final_norm)
     ly = p.layers
     for i in range(L):
@@ -176,10 +177,15 @@ def test_orbax_round_trip_with_tokenizer(tiny_file, tmp_path):
     model = registry.load(str(tmp_path / "ck"), "float32")
     assert model.cfg == TINY_LLAMA
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(model.params))  # on device, not numpy
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, model.params))
+    restacked = jax.tree.map(np.asarray, stack_layers(model.params))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), restacked)
     assert model.tokenizer.encode(" the tea") == tok.encode(" the tea")
     bf = registry.load(str(tmp_path / "ck"), "bfloat16")
     assert bf.params.embed.dtype == jax.numpy.bfloat16
+    # a checkpoint from before the [D, V] table layout (embedding stored [V, D]) restores transposed
+    O.save(tmp_path / "old", TINY_LLAMA, params.replace(embed=np.ascontiguousarray(np.asarray(params.embed).T)))
+    _, old, _ = O.restore(tmp_path / "old")
+    np.testing.assert_array_equal(np.asarray(old.embed), np.asarray(params.embed))
 
 
 def test_orbax_restore_onto_sharding(tiny_file, tmp_path):
@@ -189,7 +195,7 @@ def test_orbax_restore_onto_sharding(tiny_file, tmp_path):
     O.save(tmp_path / "ck", TINY_LLAMA, params)
     mesh = Mesh(np.array(jax.devices()[:2]), ("model",))
     shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
-    shardings = shardings.replace(embed=NamedSharding(mesh, P(None, "model")))
+    shardings = shardings.replace(embed=NamedSharding(mesh, P("model", None)))  # [D, V] split on D
     cfg, got, tok = O.restore(tmp_path / "ck", shardings=shardings)
     assert tok is None and got.embed.sharding == shardings.embed
     np.testing.assert_array_equal(np.asarray(got.embed), np.asarray(params.embed))
@@ -203,9 +209,11 @@ def test_load_onto_a_mesh(tiny_file, tmp_path):
     mesh = sharding.make_mesh("data=2,model=4")
     model = registry.load(str(tmp_path / "ck"), "float32", mesh=mesh)
     assert model.mesh is mesh
-    want = sharding.param_shardings(TINY_LLAMA, mesh)
+    want = sharding.param_shardings(TINY_LLAMA, mesh, params=model.params)  # per-layer decode layout
+    assert isinstance(model.params.layers, tuple) and len(model.params.layers) == TINY_LLAMA.n_layers
     assert all(a.sharding == w for a, w in zip(jax.tree.leaves(model.params), jax.tree.leaves(want)))
-    np.testing.assert_array_equal(np.asarray(model.params.layers.wq), np.asarray(params.layers.wq))
+    assert tuple(model.params.layers[0].wq.sharding.spec) == tuple(sharding.param_shardings(TINY_LLAMA, mesh).layers.wq.spec)[1:]
+    np.testing.assert_array_equal(np.asarray(stack_layers(model.params).layers.wq), np.asarray(params.layers.wq))
     with pytest.raises(ValueError, match="mesh= or shardings=, not both"):
         registry.load(str(tmp_path / "ck"), mesh=mesh, shardings=want)
     with pytest.raises(ValueError, match="is not a jaxgen Orbax checkpoint"):

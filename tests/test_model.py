@@ -5,7 +5,7 @@ import pytest
 
 from jaxgen.cache import cache_shapes, init_cache
 from jaxgen.config import load_config, preset_names
-from jaxgen.model import forward as _forward, param_shapes
+from jaxgen.model import forward as _forward, param_shapes, stack_layers, unstack_layers
 
 forward = jax.jit(_forward, static_argnames="cfg")  # eager dispatch of every op is slow
 
@@ -30,6 +30,28 @@ def test_cached_decode_equals_full_forward(tiny_model):
         outs.append(lg)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), ref, atol=5e-5, rtol=1e-5)
     np.testing.assert_array_equal(cache.lengths, [T] * B)
+
+
+def test_per_layer_params_equal_stacked(tiny_model):
+    """The unrolled decode layout (one LayerParams per layer) computes what the scan over stacked
+    layers computes: prefill then cached decode, local rings wrapping; stack_layers inverts it."""
+    cfg = tiny_model.cfg
+    per_layer = unstack_layers(tiny_model.params)
+    assert isinstance(per_layer.layers, tuple) and len(per_layer.layers) == cfg.n_layers
+    assert per_layer.layers[1].wq.shape == tiny_model.params.layers.wq.shape[1:]
+    jax.tree.map(np.testing.assert_array_equal, stack_layers(per_layer), tiny_model.params)
+    B, T = 2, 15
+    tokens = jax.random.randint(jax.random.key(4), (B, T), 0, cfg.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    outs = {}
+    for name, params in (("stacked", tiny_model.params), ("per_layer", per_layer)):
+        cache, got = init_cache(cfg, B, 16), []
+        for a, b in [(0, 6)] + [(t, t + 1) for t in range(6, T)]:
+            lg, cache = forward(params, tokens[:, a:b], pos[:, a:b], cache, cfg)
+            got.append(lg)
+        outs[name] = (jnp.concatenate(got, 1), cache)
+    np.testing.assert_allclose(outs["per_layer"][0], outs["stacked"][0], atol=2e-5, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), outs["per_layer"][1], outs["stacked"][1])
 
 
 def test_chunked_prefill_equals_full_forward(tiny_model):

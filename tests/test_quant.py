@@ -13,6 +13,7 @@ from jaxgen import quant
 from jaxgen.cache import cache_bytes, init_cache
 from jaxgen.generate import Model, generate
 from jaxgen.model import forward as _forward
+from jaxgen.model import stack_layers
 
 forward = jax.jit(_forward, static_argnames="cfg")
 
@@ -25,8 +26,8 @@ def dequantized_params(qp):
     for n in quant.LAYER_MATS:
         w = deq(getattr(L, n))  # [L, I, O]
         layers[n] = w
-    return qp.replace(embed=deq(qp.embed).T, layers=L.replace(**layers),
-                      unembed=None if qp.unembed is None else deq(qp.unembed).T)
+    return qp.replace(embed=deq(qp.embed), layers=L.replace(**layers),
+                      unembed=None if qp.unembed is None else deq(qp.unembed))
 
 
 def reshape_like(float_params, flat):
@@ -164,7 +165,7 @@ def test_quantized_orbax_round_trip(tmp_path):
         orbax.save(tmp_path / mode, cfg, qp)
         model = load(str(tmp_path / mode), "float32")
         assert quant.quant_mode(model.params) == mode
-        for a, b in zip(jax.tree.leaves(qp), jax.tree.leaves(model.params)):
+        for a, b in zip(jax.tree.leaves(qp), jax.tree.leaves(stack_layers(model.params))):
             assert a.dtype == b.dtype
             np.testing.assert_array_equal(a, b)
         with pytest.raises(ValueError, match="quantized as"):
@@ -218,7 +219,7 @@ def test_gguf_q8_0_tensors_load_as_int8_without_float(tmp_path):
         assert m.q.dtype == np.int8 and m.group == 32
         np.testing.assert_allclose(quant.dequantize(m), quant.as_matrix(n, getattr(f32.layers, n)), rtol=1e-6, atol=1e-7)
     assert q.layers.w_down.group == 24  # float in the file (48 inputs): quantized here, largest divisor <= 32
-    np.testing.assert_allclose(np.asarray(quant.dequantize(q.embed)).T, f32.embed, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(quant.dequantize(q.embed)), f32.embed, rtol=1e-6, atol=1e-7)
     # and the model built from it is the float model of the same file (w_down: of its int8 rounding)
     tok = jnp.asarray([[1, 5, 9, 200, 3]])
     pos = jnp.arange(5)[None]

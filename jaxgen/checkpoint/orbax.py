@@ -36,7 +36,9 @@ def save(path, cfg: ModelConfig, params, tokenizer=None) -> pathlib.Path:
         raise FileExistsError(f"{path} exists and is not empty; choose a new directory")
     path.mkdir(parents=True, exist_ok=True)
     from jaxgen import quant
+    from jaxgen.model import stack_layers
 
+    params = stack_layers(params)  # checkpoints hold the stacked layout (one array per weight kind)
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(path / "params", params)
     ckpt.wait_until_finished()
@@ -74,6 +76,9 @@ def restore(path, dtype=jnp.float32, shardings=None, mesh=None):
     stored_dtype = max((x.dtype for x in jax.tree.leaves(stored.item_metadata if hasattr(stored, "item_metadata") else stored)),
                        key=lambda d: jnp.dtype(d).kind == "f")  # a float leaf (norms are never quantized)
     target = param_shapes(cfg, stored_dtype)
+    # jaxgen < 0.2 stored float embedding tables as [V, D]: restored as such, then transposed
+    old_tables = _old_table_names(stored.item_metadata if hasattr(stored, "item_metadata") else stored, cfg)
+    target = target.replace(**{n: jax.ShapeDtypeStruct(getattr(target, n).shape[::-1], stored_dtype) for n in old_tables})
     qfile = path / "quant.json"
     if qfile.exists():
         spec = json.loads(qfile.read_text())
@@ -87,9 +92,23 @@ def restore(path, dtype=jnp.float32, shardings=None, mesh=None):
         shardings = jax.tree.map(lambda _: one, target)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target, shardings)
     params = ocp.StandardCheckpointer().restore(path / "params", target)
+    if old_tables:  # T:vd_dv
+        params = params.replace(**{n: getattr(params, n).T for n in old_tables})
     if params.embed.dtype != jnp.dtype(dtype):
         params = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
     tokenizer = None
     if (path / "tokenizer.json").exists():
         tokenizer = tok_mod.from_dict(json.loads((path / "tokenizer.json").read_text()))
     return cfg, params, tokenizer
+
+
+def _old_table_names(meta, cfg: ModelConfig) -> list:
+    """Float embedding tables stored as [V, D] (the layout before [D, V]); none in a current checkpoint."""
+    meta = getattr(meta, "tree", meta)  # orbax's TreeMetadata holds a dict of ArrayMetadata
+    out = []
+    for n in ("embed", "unembed"):
+        m = meta.get(n) if isinstance(meta, dict) else getattr(meta, n, None)
+        shape = tuple(getattr(m, "shape", ()) or ())
+        if shape == (cfg.vocab_size, cfg.d_model) and cfg.vocab_size != cfg.d_model:
+            out.append(n)
+    return out

@@ -49,7 +49,7 @@ MODELS = {
 }
 DEFAULT_MODEL = "gemma3-270m"
 # Bumped whenever GGUF conversion changes (weights or tokenizer), so stale cached conversions are not used.
-CONVERT_VERSION = 2
+CONVERT_VERSION = 3
 
 
 class ModelNotInstalledError(RuntimeError):
@@ -110,11 +110,12 @@ def gguf_path(name: str) -> pathlib.Path:
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
-    """"auto": float32 on CPU, bfloat16 on GPU/TPU. On this project's 2-core CPU bfloat16 decodes
-    ~1.4x faster at batch 1 (benchmarks/results: 22 vs 15 tokens/s; float32 wins at batch 32) but
-    does not keep quality exactly: Gemma 3 270M's greedy continuation of the quickstart prompt leaves
-    the float32/HF reference after 15 tokens. float32 reproduces the reference fixtures exactly. On
-    accelerators bfloat16 halves the bytes read per step and is the dtype the models were trained in."""
+    """"auto": float32 on CPU, bfloat16 on GPU/TPU. On this project's 2-core CPU float32 is the faster
+    one at every batch size (benchmarks/results: 23.8 / 91 / 162 tokens/s at batch 1 / 8 / 32 against
+    15.8 / 72 / 123 for bfloat16: XLA:CPU's bfloat16 matmuls run at about half the bandwidth of its
+    float32 ones), and float32 reproduces the reference fixtures exactly (bfloat16's greedy continuation
+    of the quickstart prompt leaves the float32/HF reference after 15 tokens). On accelerators bfloat16
+    halves the bytes read per step and is the dtype the models were trained in."""
     if isinstance(dtype, str) and dtype == "auto":
         return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
     return jnp.dtype(dtype)
@@ -131,11 +132,16 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
 
     quant "int8" / "int4": weight-only quantized params (jaxgen.quant), converted from the GGUF tensor
     by tensor (and cached per mode for registry models); an Orbax checkpoint written by
-    `jaxgen convert --quant` is quantized already. kv_quant "int8": the KV cache is stored in int8."""
+    `jaxgen convert --quant` is quantized already. kv_quant "int8": the KV cache is stored in int8.
+
+    Float params come in the decode layout, one LayerParams per layer (`model.unstack_layers`: faster
+    decoding, longer compiles), unless explicit `shardings` (a stacked Params tree) are given.
+    Quantized layers stay stacked (see unstack_layers)."""
     from jaxgen import quant as qmod
     from jaxgen.checkpoint import gguf, orbax
     from jaxgen.config import ModelConfig, load_config
     from jaxgen.generate import Model
+    from jaxgen.model import unstack_layers
     from jaxgen.tokenizer import from_gguf_fields
 
     t0 = time.perf_counter()
@@ -160,6 +166,9 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
             params = place(cfg, qmod.quantize_params(params, quant))
         elif quant and qmod.quant_mode(params) != quant:
             raise ValueError(f"{name_or_path} is quantized as {qmod.quant_mode(params)}, not {quant}")
+        if shardings is None and not qmod.is_quantized(params):  # the decode layout (unstack_layers)
+            params = unstack_layers(params)
+            params = params if mesh is None else place(cfg, params)
         return _done(Model(cfg, params, tok, mesh, kv_quant=kv_quant), t0, timings)
 
     ckpt = path if name_or_path not in MODELS and path.is_dir() else None
