@@ -30,9 +30,9 @@ def main():
 
     seen = set()
 
-    def run(batch, n, ids=s["prompt_ids"]):
+    def run(batch, n, ids=s["prompt_ids"], **knobs):
         key, before = (batch, n, len(ids)), len(compiles)
-        out = jaxgen.generate(model, [ids] * batch, max_new_tokens=n, stop_ids=[])
+        out = jaxgen.generate(model, [ids] * batch, max_new_tokens=n, stop_ids=[], **knobs)
         assert all(len(o.tokens) == n for o in out)
         if key in seen:  # a shape seen before must not compile again
             assert len(compiles) == before, f"recompiled for {key}: {compiles[before:]}"
@@ -50,7 +50,13 @@ def main():
     decode = {}
     for b in s["batches"]:
         decode[b] = decode_rates(run, b, s["new_tokens"], s["inner"])
+    # the cost of sampling at the largest batch: top-k + top-p (+ temperature) against greedy, same
+    # program (the knobs are traced), so the difference is the sampling stages' work per step
+    big = max(s["batches"])
+    sampled = decode_rates(lambda b, n, **kw: run(b, n, temperature=0.8, top_k=50, top_p=0.9, seed=0, **kw),
+                           big, s["new_tokens"], s["inner"])
     report("jaxgen", s, first_call_s=first, prefill_tps=prefill, decode_tps=decode, compiles=len(compiles),
+           sampled_tps={big: sampled},
            weight_bytes=quant.param_bytes(model.params),
            cache_bytes_b1_s1024=cache_bytes(model.cfg, 1, 1024, model.params.embed.dtype, kv_quant=kvq))
 

@@ -91,6 +91,8 @@ def summarize(rows: list[dict], bws: list[float], wb: dict) -> dict:
             s[f].append(r[f])
         for b, v in r["decode_tps"].items():
             s["decode_tps"].setdefault(str(b), []).extend(v)
+        for b, v in r.get("sampled_tps", {}).items():  # jaxgen: top-k + top-p decode at the largest batch
+            s.setdefault("sampled_tps", {}).setdefault(str(b), []).extend(v)
     byts = {f"{r['system']}/{r['dtype']}": r.get("weight_bytes") for r in rows}
     for key, s in out.items():
         nbytes = wb["gguf"] if s["system"] == "llamacpp" else (byts.get(key) or wb[s["dtype"]])
@@ -99,6 +101,10 @@ def summarize(rows: list[dict], bws: list[float], wb: dict) -> dict:
         for f in ("first_call_s", "prefill_tps", "peak_rss_mb"):
             s[f] = stat(s[f])
         s["decode_tps"] = {b: stat(v) for b, v in s["decode_tps"].items()}
+        if "sampled_tps" in s:
+            s["sampled_tps"] = {b: stat(v) for b, v in s["sampled_tps"].items()}
+            # extra time per step of sampling over greedy, as a fraction of the greedy step
+            s["sampling_cost"] = {b: s["decode_tps"][b]["median"] / v["median"] - 1 for b, v in s["sampled_tps"].items()}
         s["roofline_tps_b1"] = roof
         s["weight_bytes"] = nbytes
         if "1" in s["decode_tps"]:
@@ -149,6 +155,10 @@ def table(summary: dict, bw: float) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\nMemory bandwidth in the same run: {bw:.1f} GB/s (median; two numpy threads over 1 GiB). "
                  "Medians with min-max over rounds x repeats.")
+    for s in summary.values():
+        for b, c in sorted(s.get("sampling_cost", {}).items()):
+            lines.append(f"{s['system']} {s['dtype']}: sampling (temperature 0.8, top-k 50, top-p 0.9) at batch {b} "
+                         f"costs {100 * c:+.1f}% of a greedy decode step ({s['sampled_tps'][b]['median']:.1f} tok/s).")
     return "\n".join(lines)
 
 

@@ -17,3 +17,6 @@ def test_quick_benchmark_end_to_end(tmp_path):
     assert 0 < s["roofline_fraction_b1"] < 1.5  # tokens/s against bandwidth / weight bytes
     assert result["weight_bytes"]["float32"] == 4 * result["weight_bytes"]["params"]
     assert 250e6 < result["weight_bytes"]["params"] < 300e6  # Gemma 3 270M
+    # the sampling cost figure: top-k + top-p decode at the largest batch, same compiled program
+    assert set(s["sampled_tps"]) == {"2"} and s["sampled_tps"]["2"]["median"] > 0
+    assert s["sampling_cost"]["2"] == s["decode_tps"]["2"]["median"] / s["sampled_tps"]["2"]["median"] - 1
