@@ -180,7 +180,8 @@ def _matmul(x: jax.Array, w, out_dtype=None) -> jax.Array:
         # XLA:CPU's bfloat16 matrix-vector path is ~10x slower than its matrix-matrix one (Gemma's
         # unembedding: 230 ms against 23 ms): a second (zero) row takes the fast path.
         x2 = jnp.pad(x2, ((0, 1), (0, 0)))
-    y = jnp.dot(x2, w, preferred_element_type=out_dtype)[:M]
+    # f32 accumulation always: a bfloat16-output dot made XLA:CPU convert the weights to f32 first
+    y = jnp.dot(x2, w, preferred_element_type=jnp.float32)[:M].astype(out_dtype or jnp.result_type(x, w))
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
@@ -200,7 +201,7 @@ def _write_layer(stack, layer, new, slots, enabled):
         return tuple(_write_layer(s, layer, n, slots, enabled) for s, n in zip(stack, kvc.quantize_kv(new)))
     slots = jnp.where(enabled, slots, stack.shape[2])  # out of range -> dropped
     rows = jnp.arange(stack.shape[1])[:, None]
-    return stack.at[layer, rows, slots].set(new.astype(stack.dtype), mode="drop")
+    return kvc.bit_scatter(stack, (layer, rows, slots), new)
 
 
 def _index(stack, i):

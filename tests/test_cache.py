@@ -50,3 +50,16 @@ def test_mask_window_and_causality():
 def test_cache_longer_than_model_context():
     with pytest.raises(ValueError, match="max_seq_len"):
         init_cache(TINY_GEMMA, 1, TINY_GEMMA.max_seq_len + 1)
+
+
+def test_bfloat16_scatter_by_bit_pattern():
+    """bit_scatter writes bfloat16 values exactly (as their uint16 bits) and drops out-of-range slots."""
+    from jaxgen.cache import bit_scatter
+
+    buf = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 3)), jnp.bfloat16)
+    new = jnp.asarray(np.random.default_rng(1).normal(size=(2, 2, 3)), jnp.float32)
+    rows, slots = jnp.arange(2)[:, None], jnp.asarray([[1, 4], [5, 6]])  # slot 6 is out of range
+    got = bit_scatter(buf, (rows, slots), new)
+    want = buf.astype(jnp.float32).at[rows, slots].set(new.astype(jnp.bfloat16).astype(jnp.float32), mode="drop")
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want))

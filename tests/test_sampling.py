@@ -184,3 +184,38 @@ def test_two_level_categorical_across_blocks():
     obs = np.array([(got == i).sum() for i in ids])
     chi2 = ((obs - p * n) ** 2 / (p * n)).sum()
     assert stats.chi2.sf(chi2, len(ids) - 1) > 1e-3, (obs, np.round(p * n))
+
+
+BIG_V = 65536  # large enough for the two-level argmax / candidate search (>= 4 * 256 blocks of 64)
+
+
+def test_two_level_argmax_and_candidates_are_exact():
+    """With many ties: argmax is jnp.argmax's first maximum; the candidates are exactly the C largest
+    values (as lax.top_k over the whole row finds them), each id pointing at its value."""
+    x = jnp.asarray(np.random.default_rng(3).integers(-50, 50, size=(6, BIG_V)).astype(np.float32))
+    x = x.at[2, 70_00].set(60.0).at[2, 65_000].set(60.0)  # a tie for the maximum across blocks
+    np.testing.assert_array_equal(jax.jit(smp.argmax)(x), jnp.argmax(x, axis=-1))
+    vals, ids = jax.jit(smp.top_candidates, static_argnums=1)(x, 256)
+    np.testing.assert_array_equal(vals, jax.lax.top_k(x, 256)[0])
+    np.testing.assert_array_equal(jnp.take_along_axis(x, ids, axis=1), vals)
+    assert all(len(set(r)) == 256 for r in np.asarray(ids).tolist())
+
+
+@pytest.mark.parametrize("case", ["top_k-5", "top_p-0.8", "top_k-top_p-min_p", "temperature-0.7"])
+def test_large_vocabulary_distribution_matches_reference(case):
+    """The draw among the candidates (kept set inside them) and over the vocabulary (no filter) at a
+    vocabulary where both two-level searches run: the same distribution as the reference."""
+    knobs = dict(CASES[case], temperature=CASES[case].get("temperature", 1.0))
+    where = np.random.default_rng(4).choice(BIG_V, V, replace=False)  # the 24 live ids, scattered
+    logits = np.full(BIG_V, -40.0, np.float32)
+    logits[where] = LOGITS
+    probs = reference_probs(LOGITS, **knobs)
+    sp = smp.make_sampling_params(1000, vocab_size=BIG_V, **knobs)
+    f = jax.jit(smp.sample)
+    lg = jnp.broadcast_to(jnp.asarray(logits), (1000, BIG_V))
+    back = np.full(BIG_V, -1)
+    back[where] = np.arange(V)
+    samples = np.concatenate([back[np.asarray(f(lg, smp.row_keys(jnp.arange(1000, dtype=jnp.uint32) + 1000 * c, 7), sp))]
+                              for c in range(20)])
+    assert (samples >= 0).all(), "drew an id outside the live ones"
+    assert_matches(samples, probs)
