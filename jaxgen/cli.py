@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -243,8 +244,22 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _persistent_compile_cache():
+    """Keep compiled programs on disk (JAX's persistent compilation cache, under jaxgen's cache dir),
+    so a second `jaxgen generate` skips compiling: Gemma 3 270M's first call 9.4 -> 3.0 s on the
+    2-core CPU. JAXGEN_COMPILE_CACHE=0 turns it off; a cache dir the user configured is kept."""
+    import jax
+
+    from jaxgen.checkpoint.registry import cache_dir
+
+    if os.environ.get("JAXGEN_COMPILE_CACHE", "1") != "0" and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:  # run as the `jaxgen` program (tests call main(argv) and count compilations)
+        _persistent_compile_cache()
     try:
         return {"generate": cmd_generate, "convert": cmd_convert, "batch": cmd_batch}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:

@@ -1,6 +1,7 @@
 """The `jaxgen` command line, run in-process on a tiny llama GGUF written by test_checkpoint's writer."""
 import io
 import json
+import os
 import sys
 
 import pytest
@@ -155,3 +156,26 @@ def test_speculative_generate(ckpt, capsys):
     assert row["speculative"]["target_passes"] <= 11  # the first token comes from the prefill
     rc, out, err = run(capsys, base + ["--speculative", "gamma=4"])
     assert rc == 2 and "name a proposer" in err
+
+
+def test_command_keeps_compiled_programs_on_disk(ckpt, tmp_path):
+    """Run as a program, `jaxgen` writes JAX's persistent compilation cache under $JAXGEN_CACHE/xla
+    (and not with JAXGEN_COMPILE_CACHE=0); the second run gives the same tokens."""
+    import subprocess
+
+    _, _, ck = ckpt
+    env = dict(os.environ, JAXGEN_CACHE=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    cmd = [sys.executable, "-c", "import sys; from jaxgen import cli; sys.exit(cli.main())",
+           "generate", "--model", str(ck), "--json", "--max-new-tokens", "4", "the tea"]
+    outs = []
+    for off in ("1", "0", "1"):
+        p = subprocess.run(cmd, env=dict(env, JAXGEN_COMPILE_CACHE="0" if off == "0" else "1"),
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        outs.append(json.loads(p.stdout.splitlines()[-1])["tokens"])
+        if off == "1" and len(outs) == 1:
+            cached = sorted((tmp_path / "xla").iterdir())
+            assert cached, "no compiled program was written"
+        if off == "0":
+            assert sorted((tmp_path / "xla").iterdir()) == cached  # nothing written while off
+    assert outs[0] == outs[1] == outs[2]
