@@ -110,11 +110,11 @@ def gguf_path(name: str) -> pathlib.Path:
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
-    """"auto": float32 on CPU, bfloat16 on GPU/TPU. On this project's 2-core CPU float32 is the faster
-    one at every batch size (benchmarks/results: 23.8 / 91 / 162 tokens/s at batch 1 / 8 / 32 against
-    15.8 / 72 / 123 for bfloat16: XLA:CPU's bfloat16 matmuls run at about half the bandwidth of its
-    float32 ones), and float32 reproduces the reference fixtures exactly (bfloat16's greedy continuation
-    of the quickstart prompt leaves the float32/HF reference after 15 tokens). On accelerators bfloat16
+    """"auto": float32 on CPU, bfloat16 on GPU/TPU. On this project's 2-core CPU the two decode
+    equally fast at batch 1 and bfloat16 is 1.5x faster at batch 8 / 32 (benchmarks/results:
+    24.1 / 87 / 162 tokens/s for float32, 23.7 / 132 / 258 for bfloat16), but only float32 reproduces
+    the reference fixtures exactly (bfloat16's greedy continuation of the quickstart prompt leaves
+    the float32/HF reference after 15 tokens), so it is the CPU default. On accelerators bfloat16
     halves the bytes read per step and is the dtype the models were trained in."""
     if isinstance(dtype, str) and dtype == "auto":
         return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
