@@ -24,7 +24,7 @@ from jaxgen.config import ModelConfig
 
 
 @struct.dataclass
-class LayerParams:  # every leaf has a leading L axis (layers in order)
+class LayerParams:  # stacked: leaves lead with an L axis (layers in order); per layer: no L axis
     attn_norm: jax.Array  # [L, D]
     wq: jax.Array  # [L, D, N, H]
     wk: jax.Array  # [L, D, K, H]
