@@ -197,10 +197,10 @@ def quantize_params(params, mode: str = "int8", group: int | None = None):
     channel)."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {MODES}")
-    if isinstance(params.layers, tuple):  # per-layer params: quantize the stacked form
-        from jaxgen.model import stack_layers, unstack_layers
+    if isinstance(params.layers, tuple):  # per-layer params come back stacked: see model.unstack_layers
+        from jaxgen.model import stack_layers
 
-        return unstack_layers(quantize_params(stack_layers(params), mode, group))
+        return quantize_params(stack_layers(params), mode, group)
     bits = 8 if mode == "int8" else 4
     group = DEFAULT_GROUP[mode] if group is None else group
     layers = params.layers.replace(**{n: quantize(as_matrix(n, getattr(params.layers, n)), bits, group)

@@ -1,6 +1,7 @@
 """Quantized Gemma 3 270M against float32: bounds on KL divergence, perplexity and greedy agreement that
 a broken kernel, layout or scale would violate by orders of magnitude (benchmarks/quality.py reports
 the full table on a longer text set). One float32 model and one of each variant per module."""
+import dataclasses
 import json
 import pathlib
 
@@ -10,14 +11,16 @@ import pytest
 import jaxgen
 from benchmarks import quality
 from jaxgen import quant
+from jaxgen.model import stack_layers
 
 FIXTURE = json.loads((pathlib.Path(__file__).parent / "fixtures" / "gemma3-270m.json").read_text())
 SHORT = [c for c in FIXTURE["cases"] if len(c["prompt_ids"]) < 512][:4]
 
 
 @pytest.fixture(scope="module")
-def base():
-    return jaxgen.load("gemma3-270m", "float32")
+def base():  # stacked layers: one compiled layer keeps the quality programs quick to compile
+    m = jaxgen.load("gemma3-270m", "float32")
+    return dataclasses.replace(m, params=stack_layers(m.params))
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +51,6 @@ def test_int8_weights_quality(base, int8, chunks):
 
 
 def test_int8_kv_cache_quality(base, chunks):
-    import dataclasses
-
     m = dataclasses.replace(base, kv_quant="int8")
     r = quality.compare(base, m, chunks)
     assert r["kl"] < 0.01, r
@@ -57,8 +58,6 @@ def test_int8_kv_cache_quality(base, chunks):
 
 
 def test_int4_weights_quality(base, chunks):
-    import dataclasses
-
     m = dataclasses.replace(base, params=quant.quantize_params(base.params, "int4"))
     assert quant.param_bytes(m.params) < 0.2 * quant.param_bytes(base.params)
     r = quality.compare(base, m, chunks)
