@@ -73,11 +73,12 @@ def restore(path, dtype=jnp.float32, shardings=None, mesh=None):
     path = pathlib.Path(path).absolute()
     cfg = load_config(path)  # raises if `path` is not a checkpoint
     stored = ocp.StandardCheckpointer().metadata(path / "params")
-    stored_dtype = max((x.dtype for x in jax.tree.leaves(stored.item_metadata if hasattr(stored, "item_metadata") else stored)),
+    stored = getattr(stored, "item_metadata", stored)
+    stored_dtype = max((x.dtype for x in jax.tree.leaves(stored)),
                        key=lambda d: jnp.dtype(d).kind == "f")  # a float leaf (norms are never quantized)
     target = param_shapes(cfg, stored_dtype)
     # jaxgen < 0.2 stored float embedding tables as [V, D]: restored as such, then transposed
-    old_tables = _old_table_names(stored.item_metadata if hasattr(stored, "item_metadata") else stored, cfg)
+    old_tables = _old_table_names(stored, cfg)
     target = target.replace(**{n: jax.ShapeDtypeStruct(getattr(target, n).shape[::-1], stored_dtype) for n in old_tables})
     qfile = path / "quant.json"
     if qfile.exists():

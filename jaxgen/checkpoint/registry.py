@@ -161,15 +161,14 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
         target = param_shardings(cfg, mesh, params=params) if mesh is not None else shardings
         return params if target is None else jax.device_put(params, target)
 
-    def model(cfg, params, tok):
+    def model(cfg, params, tok):  # params are placed once, in their final layout
         if quant and not qmod.is_quantized(params):  # e.g. a float Orbax checkpoint
-            params = place(cfg, qmod.quantize_params(params, quant))
+            params = qmod.quantize_params(params, quant)
         elif quant and qmod.quant_mode(params) != quant:
             raise ValueError(f"{name_or_path} is quantized as {qmod.quant_mode(params)}, not {quant}")
         if shardings is None and not qmod.is_quantized(params):  # the decode layout (unstack_layers)
             params = unstack_layers(params)
-            params = params if mesh is None else place(cfg, params)
-        return _done(Model(cfg, params, tok, mesh, kv_quant=kv_quant), t0, timings)
+        return _done(Model(cfg, place(cfg, params), tok, mesh, kv_quant=kv_quant), t0, timings)
 
     ckpt = path if name_or_path not in MODELS and path.is_dir() else None
     if name_or_path in MODELS and use_cache and orbax.is_checkpoint(_converted_dir(name_or_path, quant)):
@@ -202,7 +201,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype if a.dtype.kind == "f" else a.dtype), host)
-    return model(cfg, place(cfg, params), tok)
+    return model(cfg, params, tok)
 
 
 def _converted_dir(name: str, quant: str | None = None) -> pathlib.Path:
