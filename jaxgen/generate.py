@@ -30,6 +30,7 @@ from jaxgen.model import Params, forward_hidden, unembed
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+SLOT_BUCKETS = smp.SLOT_BUCKETS  # stop ids per row (and, in sampling, biased/banned ids per row)
 STOP, LENGTH = 1, 2  # finish codes; 0 = still running
 FINISH_REASONS = {STOP: "stop", LENGTH: "length"}
 
@@ -45,8 +46,10 @@ class DecodeState:
     done: jax.Array  # [B] bool
     finish: jax.Array  # [B] int32 STOP / LENGTH once done, else 0
     num_new: jax.Array  # [B] int32 tokens generated per row (a stop token counts)
-    seen: jax.Array  # [B, V] bool token seen in prompt or output (repetition penalty)
-    counts: jax.Array  # [B, V] int32 generated-token counts (presence / frequency penalties)
+    # Penalty history, [B, V] only in programs built with penalties=True (5 bytes x B x V: 1.3 GB at
+    # batch 1024 on Gemma's 262k vocabulary), else [B, 0]: a greedy or plain-sampled batch carries none.
+    seen: jax.Array  # [B, V | 0] bool token seen in prompt or output (repetition penalty)
+    counts: jax.Array  # [B, V | 0] int32 generated-token counts (presence / frequency penalties)
     cache: KVCache
 
 
@@ -61,46 +64,74 @@ class GenerateOutput:
     steps: jax.Array  # [] int32 decode-loop iterations run (+1 for the token sampled after prefill)
 
 
+def append_tokens(s: DecodeState, cand: jax.Array, avail: jax.Array, logprobs: jax.Array,
+                  max_new_tokens: jax.Array, stop_ids: jax.Array):
+    """Append up to J new tokens per row: the first avail [B] of cand [B, J] (raw-model logprobs
+    [B, J]), cut after the first stop id and at the row's budget; done rows take nothing. Updates
+    tokens, logprobs, penalty history, last, done / finish and num_new. The one place where stops and
+    budgets are decided: plain decoding appends one token per step, speculative decoding a block.
+    Returns (state, n_emit [B])."""
+    B, J = cand.shape
+    V = s.seen.shape[1]
+    M = s.tokens.shape[1]
+    active = ~s.done
+    j = jnp.arange(J)[None, :]
+    is_stop = jnp.any(cand[:, :, None] == stop_ids[:, None, :], axis=-1)  # [B, J]
+    room = max_new_tokens - s.num_new  # [B] >= 1 while active
+    valid = (j < avail[:, None]) & (j < room[:, None])
+    first_stop = jnp.min(jnp.where(is_stop & valid, j, J), axis=1)
+    n_emit = jnp.where(active, jnp.minimum(jnp.minimum(avail, room), first_stop + 1), 0)  # [B]
+    emit = j < n_emit[:, None]  # [B, J]
+    hit_stop = active & (first_stop < n_emit)
+    hit_len = active & ~hit_stop & (s.num_new + n_emit >= max_new_tokens)
+    r2 = jnp.arange(B)[:, None]
+    cols = jnp.where(emit, s.num_new[:, None] + j, M)  # out of range -> dropped
+    seen, counts = s.seen, s.counts
+    if V:  # penalty history: the emitted tokens become seen and counted
+        ids = jnp.where(emit, cand, V)
+        seen = seen.at[r2, ids].set(True, mode="drop")
+        counts = counts.at[r2, ids].add(1, mode="drop")
+    last = jnp.take_along_axis(cand, jnp.maximum(n_emit - 1, 0)[:, None], 1)[:, 0]
+    state = s.replace(
+        step=s.step + 1, tokens=s.tokens.at[r2, cols].set(cand, mode="drop"),
+        logprobs=s.logprobs.at[r2, cols].set(logprobs.astype(jnp.float32), mode="drop"),
+        last=jnp.where(n_emit > 0, last, s.last), done=s.done | hit_stop | hit_len,
+        finish=jnp.where(hit_stop, STOP, jnp.where(hit_len, LENGTH, s.finish)), num_new=s.num_new + n_emit,
+        seen=seen, counts=counts)
+    return state, n_emit
+
+
 def _record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, candidates, pad_id):
-    """Sample one token per row from logits [B, V], write it at the row's next column (num_new),
-    update done flags. Keyed by (seed, num_new): rows are independent of their neighbours and of
-    the step at which they joined the batch."""
+    """Sample one token per row from logits [B, V] and append it (`append_tokens`). Keyed by
+    (seed, num_new): rows are independent of their neighbours and of the step at which they joined."""
     B = logits.shape[0]
     rows = jnp.arange(B)
-    tok = smp.sample(logits, smp.row_keys(seeds, s.num_new), sp, s.seen, s.counts, candidates)
+    hist = (s.seen, s.counts) if s.seen.shape[1] else (None, None)
+    tok = smp.sample(logits, smp.row_keys(seeds, s.num_new), sp, *hist, candidates)
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B]; no [B, V] log-softmax is materialized
-    active = ~s.done
-    tok = jnp.where(active, tok, pad_id)
-    num_new = s.num_new + active
-    hit_stop = active & jnp.any(tok[:, None] == stop_ids, axis=-1)
-    hit_len = active & ~hit_stop & (num_new >= max_new_tokens)
-    finish = jnp.where(hit_stop, STOP, jnp.where(hit_len, LENGTH, s.finish))
-    idx = jnp.where(active, s.num_new, s.tokens.shape[1])  # done rows write nothing (dropped)
-    col = lambda buf, val: buf.at[rows, idx].set(val.astype(buf.dtype), mode="drop")
+    tok = jnp.where(s.done, pad_id, tok)
+    idx = jnp.where(s.done, s.tokens.shape[1], s.num_new)  # done rows write nothing (dropped)
     if top_n:
         top_lp, top_ids = jax.lax.top_k(logits, top_n)
         top_lp = top_lp - lse[:, None]
-    else:
-        top_lp, top_ids = s.top_logprobs[:, 0], s.top_ids[:, 0]
-    return s.replace(
-        step=s.step + 1,
-        tokens=col(s.tokens, tok),
-        logprobs=col(s.logprobs, jnp.where(active, logits[rows, tok] - lse, 0.0)),
-        top_ids=col(s.top_ids, top_ids), top_logprobs=col(s.top_logprobs, top_lp),
-        last=tok, done=s.done | hit_stop | hit_len, finish=finish, num_new=num_new,
-        seen=s.seen.at[rows, tok].set(s.seen[rows, tok] | active),
-        counts=s.counts.at[rows, tok].add(active.astype(jnp.int32)))
+        col = lambda buf, val: buf.at[rows, idx].set(val.astype(buf.dtype), mode="drop")
+        s = s.replace(top_ids=col(s.top_ids, top_ids), top_logprobs=col(s.top_logprobs, top_lp))
+    s, _ = append_tokens(s, tok[:, None], jnp.ones((B,), jnp.int32), (logits[rows, tok] - lse)[:, None],
+                         max_new_tokens, stop_ids)
+    return s
 
 
 def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: smp.SamplingParams,
             max_new_tokens: jax.Array, stop_ids: jax.Array, seeds: jax.Array, *, cfg: ModelConfig,
             max_new: int, cache_len: int, top_logprobs: int = 0,
             candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0, mesh=None,
-            kv_quant: str | None = None, cache_extra: int = 0) -> DecodeState:
+            kv_quant: str | None = None, cache_extra: int = 0, penalties: bool = True) -> DecodeState:
     """Prefill right-padded prompts [B, T] in one forward pass and sample the first new token.
     With a `mesh`, the returned state is constrained to `sharding.state_shardings`; kv_quant="int8"
-    keeps the KV cache in int8 (see jaxgen.cache); cache_extra adds ring slots (speculative rollback)."""
+    keeps the KV cache in int8 (see jaxgen.cache); cache_extra adds ring slots (speculative rollback);
+    penalties=False builds a state without the [B, V] penalty history (the penalty knobs are then
+    ignored: `prepare` sets it from the request)."""
     B, T = prompts.shape
     V = cfg.vocab_size
     rows = jnp.arange(B)
@@ -110,7 +141,8 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
     h_last = h[rows, jnp.maximum(prompt_lengths - 1, 0)]  # [B, D]
     logits = unembed(params, h_last, cfg)  # [B, V]
 
-    seen = jnp.zeros((B, V), bool).at[rows[:, None], jnp.where(positions >= 0, prompts, V)].set(True, mode="drop")
+    H = V if penalties else 0
+    seen = jnp.zeros((B, H), bool).at[rows[:, None], jnp.where(positions >= 0, prompts, H)].set(True, mode="drop")
     n = top_logprobs
     state = DecodeState(
         step=jnp.zeros((), jnp.int32), tokens=jnp.full((B, max_new), pad_id, jnp.int32),
@@ -118,7 +150,7 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
         top_ids=jnp.zeros((B, max_new, n), jnp.int32), top_logprobs=jnp.zeros((B, max_new, n), jnp.float32),
         last=jnp.zeros((B,), jnp.int32), done=(prompt_lengths <= 0) | (max_new_tokens <= 0),
         finish=jnp.zeros((B,), jnp.int32), num_new=jnp.zeros((B,), jnp.int32),
-        seen=seen, counts=jnp.zeros((B, V), jnp.int32), cache=cache)
+        seen=seen, counts=jnp.zeros((B, H), jnp.int32), cache=cache)
     return _constrain(_record(state, logits, sp, max_new_tokens, stop_ids, seeds, n, candidates, pad_id), mesh)
 
 
@@ -177,24 +209,27 @@ def generate_tokens(params: Params, prompts: jax.Array, prompt_lengths: jax.Arra
                     sp: smp.SamplingParams, max_new_tokens: jax.Array, stop_ids: jax.Array,
                     seeds: jax.Array, *, cfg: ModelConfig, max_new: int, cache_len: int,
                     top_logprobs: int = 0, candidates: int = smp.DEFAULT_CANDIDATES,
-                    pad_id: int = 0, mesh=None, kv_quant: str | None = None) -> GenerateOutput:
+                    pad_id: int = 0, mesh=None, kv_quant: str | None = None,
+                    penalties: bool = True) -> GenerateOutput:
     """Prefill right-padded prompts [B, T] in one pass, then decode up to `max_new` tokens per row.
 
     Traced: params, prompts [B, T] int32, prompt_lengths [B] int32 (0 = padding row), sp (per-row
     knobs), max_new_tokens [B] int32 (<= max_new), stop_ids [B, NS] int32 (-1 = unused), seeds [B].
     Static: cfg, max_new (the token buffer M), cache_len, top_logprobs, candidates, pad_id, mesh
     (a jax.sharding.Mesh: the decode state is then kept on `jaxgen.sharding`'s shardings), kv_quant
-    (None or "int8": the KV cache's storage). The loop exits as soon as every row is done.
+    (None or "int8": the KV cache's storage), penalties (False: no [B, V] penalty history is carried
+    and the repetition / presence / frequency knobs are ignored; `prepare`'s Plan says which a request
+    needs). The loop exits as soon as every row is done.
     """
     state = prefill(params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
                     max_new=max_new, cache_len=cache_len, top_logprobs=top_logprobs,
-                    candidates=candidates, pad_id=pad_id, mesh=mesh, kv_quant=kv_quant)
+                    candidates=candidates, pad_id=pad_id, mesh=mesh, kv_quant=kv_quant, penalties=penalties)
     state = decode(params, state, sp, max_new_tokens, stop_ids, seeds, jnp.int32(max_new), cfg=cfg,
                    candidates=candidates, pad_id=pad_id, mesh=mesh)
     return output(state)
 
 
-_STATIC = ("cfg", "max_new", "cache_len", "top_logprobs", "candidates", "pad_id", "mesh", "kv_quant")
+_STATIC = ("cfg", "max_new", "cache_len", "top_logprobs", "candidates", "pad_id", "mesh", "kv_quant", "penalties")
 generate_jit = jax.jit(generate_tokens, static_argnames=_STATIC)
 # The streaming pair: the same two phases as separate programs, so a caller can read tokens between
 # chunks of decode steps. The state is donated: each chunk updates the cache in place.
@@ -230,6 +265,14 @@ class Completion:
     prompt: str | list[int] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per step (id, logprob) pairs
 
+    def fields(self) -> dict:
+        """The JSON fields of this completion (`jaxgen generate --json` and `jaxgen batch` lines)."""
+        obj = {"text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
+               "logprobs": self.logprobs}
+        if self.top_logprobs is not None:
+            obj["top_logprobs"] = [[list(pair) for pair in step] for step in self.top_logprobs]
+        return obj
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -238,13 +281,15 @@ class Plan:
     prompt_len: int  # T bucket
     max_new: int  # M bucket
     cache_len: int  # S
-    stop_slots: int  # NS
-    bias_slots: int  # NB
+    stop_slots: int  # NS, a SLOT_BUCKETS bucket
+    bias_slots: int  # NB, a SLOT_BUCKETS bucket
+    penalties: bool = True  # whether the decode state carries the [B, V] penalty history
 
 
-def plan(cfg: ModelConfig, batch: int, prompt_len: int, max_new: int, stop_slots: int = 4,
-         bias_slots: int = 1) -> Plan:
-    """The bucketed shapes for a request of this size (raises if it cannot fit the model)."""
+def plan(cfg: ModelConfig, batch: int, prompt_len: int, max_new: int, stop_slots: int = SLOT_BUCKETS[0],
+         bias_slots: int = SLOT_BUCKETS[0], penalties: bool = True) -> Plan:
+    """The bucketed shapes for a request of this size (raises if it cannot fit the model);
+    stop_slots / bias_slots are the most stop ids / biased ids of any row, rounded to SLOT_BUCKETS."""
     if max_new <= 0:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
     t = bucket(prompt_len, PROMPT_BUCKETS, "prompt length")
@@ -253,8 +298,9 @@ def plan(cfg: ModelConfig, batch: int, prompt_len: int, max_new: int, stop_slots
         raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new} exceeds {cfg.name}'s "
                          f"context of {cfg.max_seq_len} tokens")
     return Plan(batch=bucket(batch, BATCH_BUCKETS, "batch size"), prompt_len=min(t, cfg.max_seq_len),
-                max_new=m, cache_len=min(t + m, cfg.max_seq_len), stop_slots=stop_slots,
-                bias_slots=bias_slots)
+                max_new=m, cache_len=min(t + m, cfg.max_seq_len),
+                stop_slots=bucket(stop_slots, SLOT_BUCKETS, "stop ids per row"),
+                bias_slots=bucket(bias_slots, SLOT_BUCKETS, "biased/banned ids per row"), penalties=penalties)
 
 
 def _encode_prompts(model: Model, prompts) -> list[list[int]]:
@@ -301,8 +347,8 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0,
         raise ValueError(f"stop_ids has {len(stop_ids)} rows but there are {n} prompts")
     most = max(len(s) for s in stops)
     sp = smp.make_sampling_params(n, vocab_size=model.cfg.vocab_size, candidates=candidates, **knobs)
-    p = plan(model.cfg, n, longest, int(mnt.max()), stop_slots=max(4, 1 << max(most - 1, 0).bit_length()),
-             bias_slots=sp.bias_ids.shape[1])
+    p = plan(model.cfg, n, longest, int(mnt.max()), stop_slots=most, bias_slots=sp.bias_ids.shape[1],
+             penalties=smp.uses_penalties(sp))
     if np.isscalar(seed) or np.ndim(seed) == 0:
         # Row i of a scalar seed s uses s * 1_000_003 + i; pass one seed per row to make a row's
         # samples independent of its place in the batch.
@@ -354,7 +400,7 @@ def run(model: Model, args: dict, p: Plan, top_logprobs: int = 0,
     how arguments are passed, so every caller goes through here)."""
     return generate_jit(model.params, **place(model, args), cfg=model.cfg, max_new=p.max_new,
                         cache_len=p.cache_len, top_logprobs=top_logprobs, candidates=candidates, mesh=model.mesh,
-                        kv_quant=model.kv_quant)
+                        kv_quant=model.kv_quant, penalties=p.penalties)
 
 
 def place(model: Model, args: dict) -> dict:
@@ -412,7 +458,7 @@ def stream(model: Model, prompts, *, chunk_steps: int = 8, top_logprobs: int = 0
         raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
     ids, args, p = prepare(model, prompts, candidates=candidates, **request)
     statics = dict(cfg=model.cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=top_logprobs,
-                   candidates=candidates, mesh=model.mesh, kv_quant=model.kv_quant)
+                   candidates=candidates, mesh=model.mesh, kv_quant=model.kv_quant, penalties=p.penalties)
     args = place(model, args)
     loop_args = {k: args[k] for k in ("sp", "max_new_tokens", "stop_ids", "seeds")}
     t0 = time.perf_counter()
@@ -442,15 +488,17 @@ def stream(model: Model, prompts, *, chunk_steps: int = 8, top_logprobs: int = 0
 
 
 def precompile(model: Model, batch: int, prompt_len: int, max_new_tokens: int, *, top_logprobs: int = 0,
-               candidates: int = smp.DEFAULT_CANDIDATES, stop_slots: int = 4, bias_slots: int = 1):
+               candidates: int = smp.DEFAULT_CANDIDATES, stop_slots: int = SLOT_BUCKETS[0],
+               bias_slots: int = SLOT_BUCKETS[0], penalties: bool = False):
     """Compile the generate program for one bucket ahead of time, by running it once on a dummy
     request of that bucket whose rows are all padding (the loop exits at once); later requests that
-    round to the same bucket reuse it. Returns the Plan."""
-    p = plan(model.cfg, batch, prompt_len, max_new_tokens, stop_slots, bias_slots)
+    round to the same bucket reuse it (penalties=True: the program for requests that use a
+    repetition / presence / frequency penalty). Returns the Plan."""
+    p = plan(model.cfg, batch, prompt_len, max_new_tokens, stop_slots, bias_slots, penalties)
     B = p.batch
     args = dict(prompts=np.zeros((B, p.prompt_len), np.int32), prompt_lengths=np.zeros((B,), np.int32),
-                sp=smp.make_sampling_params(B, candidates=candidates, bias_slots=bias_slots),
-                max_new_tokens=np.zeros((B,), np.int32), stop_ids=np.full((B, stop_slots), -1, np.int32),
+                sp=smp.make_sampling_params(B, candidates=candidates, bias_slots=p.bias_slots),
+                max_new_tokens=np.zeros((B,), np.int32), stop_ids=np.full((B, p.stop_slots), -1, np.int32),
                 seeds=np.zeros((B,), np.uint32))
     jax.block_until_ready(run(model, args, p, top_logprobs, candidates))
     return p

@@ -35,6 +35,9 @@ import numpy as np
 from flax import struct
 
 DEFAULT_CANDIDATES = 256
+# Biased / banned ids per row (and generate's stop ids per row) are padded to one of these slot
+# counts, like every other shape: 1 to 8 entries share one compiled program, 9 to 64 the next.
+SLOT_BUCKETS = (8, 64, 512, 4096)
 
 
 @struct.dataclass
@@ -109,9 +112,9 @@ def make_sampling_params(batch: int, *, temperature=0.0, top_k=0, top_p=1.0, min
                     raise ValueError(f"{name}: token id {tok} is outside the vocabulary [0, {vocab_size})")
                 rows[r][tok] = -np.inf if val == -np.inf else rows[r].get(tok, 0.0) + float(val)
     most = max((len(r) for r in rows), default=0)
-    nb = bias_slots or (1 if most <= 1 else 1 << (most - 1).bit_length())  # a bucket: few compilations
-    if any(len(r) > nb for r in rows):
-        raise ValueError(f"at most {nb} biased/banned ids per row, got {max(len(r) for r in rows)}")
+    nb = bias_slots or next((b for b in SLOT_BUCKETS if most <= b), None)  # a bucket: few compilations
+    if nb is None or most > nb:
+        raise ValueError(f"at most {nb or SLOT_BUCKETS[-1]} biased/banned ids per row, got {most}")
     bias_ids = np.full((batch, nb), -1, i32)
     bias_values = np.zeros((batch, nb), f32)
     for r, d in enumerate(rows):
@@ -122,6 +125,13 @@ def make_sampling_params(batch: int, *, temperature=0.0, top_k=0, top_p=1.0, min
         presence_penalty=_per_row("presence_penalty", presence_penalty, batch, f32),
         frequency_penalty=_per_row("frequency_penalty", frequency_penalty, batch, f32),
         bias_ids=bias_ids, bias_values=bias_values)
+
+
+def uses_penalties(sp: SamplingParams) -> bool:
+    """Host-side: whether any row of these (numpy) params uses a repetition / presence / frequency
+    penalty, i.e. whether the decode state must carry the [B, V] token history they read."""
+    return bool(np.any(np.asarray(sp.repetition_penalty) != 1.0) | np.any(np.asarray(sp.presence_penalty) != 0.0)
+                | np.any(np.asarray(sp.frequency_penalty) != 0.0))
 
 
 # ---- transforms (pure, [B, V] f32 -> [B, V] f32) --------------------------------------------------

@@ -30,8 +30,8 @@ from flax import struct
 from jaxgen import sampling as smp
 from jaxgen.cache import KVCache, init_cache, padded_positions
 from jaxgen.config import ModelConfig
-from jaxgen.generate import (LENGTH, STOP, DecodeState, GenerateOutput, Model, _record, fetch, prefill, prepare,
-                             to_completions)
+from jaxgen.generate import (DecodeState, GenerateOutput, Model, _record, append_tokens, fetch, output, prefill,
+                             prepare, to_completions)
 from jaxgen.model import forward, forward_hidden, unembed
 
 
@@ -41,14 +41,16 @@ class SpecState:
     draft_cache: KVCache | None  # the draft model's cache (None for prompt lookup)
     hist: jax.Array  # [B, T + M] int32 prompt then generated tokens (prompt lookup reads it)
     hist_len: jax.Array  # [B] int32
-    passes: jax.Array  # [B] int32 target passes while the row was running
-    accepted: jax.Array  # [B] int32 drafted tokens accepted
+    passes: jax.Array  # [B] int32 target passes after the prefill while the row was running
+    drafted: jax.Array  # [B] int32 tokens drafted for the row (gamma per speculative pass; none in plain steps)
+    accepted: jax.Array  # [B] int32 drafted tokens accepted and emitted
 
 
 @struct.dataclass
 class SpecOutput:
     out: GenerateOutput
     passes: jax.Array  # [B] int32
+    drafted: jax.Array  # [B] int32
     accepted: jax.Array  # [B] int32
 
 
@@ -130,7 +132,10 @@ def _keys(seeds, num_new, purpose: int):
 
 
 def _with_drafts(seen, counts, drafts, upto: int, active):
-    """seen / counts as they would be after emitting drafts[:, :upto] (for position upto's penalties)."""
+    """seen / counts as they would be after emitting drafts[:, :upto] (for position upto's penalties);
+    (None, None) in a program without penalty history."""
+    if not seen.shape[1]:
+        return None, None
     if upto == 0:
         return seen, counts
     rows = jnp.arange(seen.shape[0])[:, None]
@@ -139,12 +144,29 @@ def _with_drafts(seen, counts, drafts, upto: int, active):
     return seen.at[rows, d].set(True), counts.at[rows, d].add(add)
 
 
+def _correction_logits(p, lse_p, q, lse_q, drafts, n_acc, gamma: int):
+    """[B, V] logits of the token drawn after the n_acc accepted drafts: norm(max(0, p_k - q_k)) at
+    the first rejection k = n_acc, or p_gamma (the bonus) when all gamma were accepted. p [B, g+1, V]
+    and q [B, g, V] are distribution logits with log-normalizers lse_p / lse_q; q None = one-hot drafts."""
+    at = lambda x, i: jnp.take_along_axis(x, i[:, None, None], axis=1)[:, 0]  # row i of [B, n, V] -> [B, V]
+    p_at = at(p, n_acc) - jnp.take_along_axis(lse_p, n_acc[:, None], 1)  # [B, V] log p_{n_acc}
+    k = jnp.minimum(n_acc, gamma - 1)  # the rejected draft (unused when all were accepted)
+    if q is None:
+        q_at = jax.nn.one_hot(jnp.take_along_axis(drafts, k[:, None], 1)[:, 0], p.shape[-1])
+    else:
+        q_at = jnp.exp(at(q, k) - jnp.take_along_axis(lse_q, k[:, None], 1))
+    resid = jnp.maximum(jnp.exp(p_at) - q_at, 0.0)
+    resid_logits = jnp.where(resid > 0, jnp.log(jnp.where(resid > 0, resid, 1.0)), -jnp.inf)
+    # all-zero residual (p == q) cannot be reached by a rejection; guard it anyway
+    resid_logits = jnp.where(jnp.any(resid > 0, axis=-1, keepdims=True), resid_logits, p_at)
+    return jnp.where((n_acc < gamma)[:, None], resid_logits, p_at)
+
+
 def _step(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids, seeds, lookup_drafts=None, *,
           cfg, draft_cfg, gamma: int, candidates: int, pad_id: int) -> SpecState:
     """One speculative pass; lookup_drafts [B, gamma] are the prompt-lookup proposals (draft_cfg None)."""
     b = s.base
     B = b.last.shape[0]
-    V = cfg.vocab_size
     rows = jnp.arange(B)
     active = ~b.done
     length = b.cache.lengths  # [B] tokens in the target cache (== position of `last`)
@@ -161,10 +183,12 @@ def _step(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids, seed
             pos = jax.lax.dynamic_slice_in_dim(positions, j, 1, axis=1)  # [B, 1]
             h, cache = forward_hidden(draft_params, tok[:, None], pos, cache, draft_cfg)
             logits = unembed(draft_params, h[:, 0], draft_cfg)
-            ql = smp.distribution_logits(logits, sp, seen, counts, candidates)  # [B, V]
+            hist = (seen, counts) if seen.shape[1] else (None, None)
+            ql = smp.distribution_logits(logits, sp, *hist, candidates)  # [B, V]
             d = smp.categorical(_keys(seeds, b.num_new + j, 1), ql)
-            seen = seen.at[rows, d].set(True)
-            counts = counts.at[rows, d].add(active.astype(jnp.int32))
+            if seen.shape[1]:
+                seen = seen.at[rows, d].set(True)
+                counts = counts.at[rows, d].add(active.astype(jnp.int32))
             return (cache, d, seen, counts, out), (d, ql)
 
         # gamma + 1 steps: the last one only writes d_g's keys (its draw is unused)
@@ -179,10 +203,10 @@ def _step(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids, seed
                                            candidates) for i in range(gamma + 1)], axis=1)  # [B, g+1, V]
     # log-probabilities are gathered (logit - logsumexp), never materialized as [B, g+1, V] arrays
     lse_p = jax.nn.logsumexp(p, axis=-1)  # [B, g+1]
-    at = lambda x, i: jnp.take_along_axis(x, i[:, None, None], axis=1)[:, 0]  # row i of [B, n, V] -> [B, V]
 
     # 3. accept d_i while u_i < p_{i-1}(d_i) / q_i(d_i)
     lp_d = jnp.take_along_axis(p[:, :gamma], drafts[..., None], axis=2)[..., 0] - lse_p[:, :gamma]  # [B, g]
+    lse_q = None
     if q is None:
         lq_d = jnp.zeros_like(lp_d)
     else:
@@ -193,55 +217,25 @@ def _step(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids, seed
     n_acc = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)  # [B] leading accepts
 
     # 4. the correction (first rejection) or bonus (all accepted) token
-    p_at = at(p, n_acc) - jnp.take_along_axis(lse_p, n_acc[:, None], 1)  # [B, V] log p_{n_acc}
-    k = jnp.minimum(n_acc, gamma - 1)  # the rejected draft (unused when all were accepted)
-    if q is None:
-        q_at = jax.nn.one_hot(jnp.take_along_axis(drafts, k[:, None], 1)[:, 0], V)
-    else:
-        q_at = jnp.exp(at(q, k) - jnp.take_along_axis(lse_q, k[:, None], 1))
-    resid = jnp.maximum(jnp.exp(p_at) - q_at, 0.0)
-    resid_logits = jnp.where(resid > 0, jnp.log(jnp.where(resid > 0, resid, 1.0)), -jnp.inf)
-    # all-zero residual (p == q) cannot be reached by a rejection; guard it anyway
-    resid_logits = jnp.where(jnp.any(resid > 0, axis=-1, keepdims=True), resid_logits, p_at)
-    fix_logits = jnp.where((n_acc < gamma)[:, None], resid_logits, p_at)
+    fix_logits = _correction_logits(p, lse_p, q, lse_q, drafts, n_acc, gamma)
     fix = smp.categorical(_keys(seeds, b.num_new, 3), fix_logits)  # [B]
 
-    # 5. emit d_1..d_{n_acc}, fix; cut at a stop id and at the row's budget
+    # 5. emit d_1..d_{n_acc}, fix; cut at a stop id and at the row's budget (as plain decoding)
     cand = jnp.concatenate([drafts, jnp.zeros((B, 1), jnp.int32)], axis=1)  # [B, g+1]
     cand = cand.at[rows, n_acc].set(fix)
-    j = jnp.arange(gamma + 1)[None, :]
-    is_stop = jnp.any(cand[:, :, None] == stop_ids[:, None, :], axis=-1)  # [B, g+1]
-    room = max_new_tokens - b.num_new  # [B] >= 1 while active
-    valid = (j <= n_acc[:, None]) & (j < room[:, None])
-    first_stop = jnp.min(jnp.where(is_stop & valid, j, gamma + 1), axis=1)
-    n_emit = jnp.where(active, jnp.minimum(jnp.minimum(n_acc + 1, room), first_stop + 1), 0)  # [B]
-    emit = j < n_emit[:, None]  # [B, g+1]
-    hit_stop = active & (first_stop < n_emit)
-    hit_len = active & ~hit_stop & (b.num_new + n_emit >= max_new_tokens)
-
     lse_raw = jax.nn.logsumexp(logits, axis=-1)  # raw-model logprobs of the emitted tokens
     lp_emit = jnp.take_along_axis(logits, cand[..., None], axis=2)[..., 0] - lse_raw  # [B, g+1]
-    M = b.tokens.shape[1]
-    cols = jnp.where(emit, b.num_new[:, None] + j, M)  # out of range -> dropped
-    r2 = rows[:, None]
-    tokens = b.tokens.at[r2, cols].set(cand, mode="drop")
-    logprobs = b.logprobs.at[r2, cols].set(lp_emit, mode="drop")
-    seen = b.seen.at[r2, jnp.where(emit, cand, V)].set(True, mode="drop")
-    counts = b.counts.at[r2, jnp.where(emit, cand, V)].add(1, mode="drop")
-    last = jnp.where(active, jnp.take_along_axis(cand, jnp.maximum(n_emit - 1, 0)[:, None], 1)[:, 0], b.last)
+    base, n_emit = append_tokens(b, cand, n_acc + 1, lp_emit, max_new_tokens, stop_ids)
     new_len = jnp.where(active, length + n_emit, length)  # keys of last, d_1..d_{n_emit-1} stay valid
-    cache = cache.replace(lengths=new_len)
+    base = base.replace(cache=cache.replace(lengths=new_len))
     if draft_cache is not None:
         draft_cache = draft_cache.replace(lengths=new_len)
-    hcols = jnp.where(emit, s.hist_len[:, None] + j, s.hist.shape[1])
-    hist = s.hist.at[r2, hcols].set(cand, mode="drop")
-
-    base = b.replace(step=b.step + 1, tokens=tokens, logprobs=logprobs, last=last,
-                     done=b.done | hit_stop | hit_len,
-                     finish=jnp.where(hit_stop, STOP, jnp.where(hit_len, LENGTH, b.finish)),
-                     num_new=b.num_new + n_emit, seen=seen, counts=counts, cache=cache)
+    j = jnp.arange(gamma + 1)[None, :]
+    hcols = jnp.where(j < n_emit[:, None], s.hist_len[:, None] + j, s.hist.shape[1])
+    hist = s.hist.at[rows[:, None], hcols].set(cand, mode="drop")
     return s.replace(base=base, draft_cache=draft_cache, hist=hist, hist_len=s.hist_len + n_emit,
-                     passes=s.passes + active, accepted=s.accepted + jnp.where(active, jnp.minimum(n_acc, n_emit), 0))
+                     passes=s.passes + active, drafted=s.drafted + gamma * active,
+                     accepted=s.accepted + jnp.where(active, jnp.minimum(n_acc, n_emit), 0))
 
 
 def _plain_step(params, s: SpecState, sp, max_new_tokens, stop_ids, seeds, *, cfg, candidates, pad_id):
@@ -260,7 +254,7 @@ def _plain_step(params, s: SpecState, sp, max_new_tokens, stop_ids, seeds, *, cf
 def speculative_tokens(params, draft_params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, *,
                        cfg: ModelConfig, draft_cfg: ModelConfig | None, gamma: int, ngram: int, max_new: int,
                        cache_len: int, candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0,
-                       kv_quant: str | None = None) -> SpecOutput:
+                       kv_quant: str | None = None, penalties: bool = True) -> SpecOutput:
     """Like generate.generate_tokens, decoding speculatively (static: gamma, ngram, draft_cfg; a
     draft_cfg of None means prompt lookup and draft_params is ignored)."""
     B, T = prompts.shape
@@ -268,7 +262,7 @@ def speculative_tokens(params, draft_params, prompts, prompt_lengths, sp, max_ne
     # ring buffers with gamma + 1 spare slots: a pass writes that far ahead before rolling back
     base = prefill(params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
                    max_new=max_new, cache_len=cache_len, candidates=candidates, pad_id=pad_id, cache_extra=extra,
-                   kv_quant=kv_quant)
+                   kv_quant=kv_quant, penalties=penalties)
     draft_cache = None
     if draft_cfg is not None:
         draft_cache = init_cache(draft_cfg, B, cache_len, draft_params.embed.dtype, extra=extra, kv_quant=kv_quant)
@@ -277,7 +271,8 @@ def speculative_tokens(params, draft_params, prompts, prompt_lengths, sp, max_ne
     hist = jnp.concatenate([prompts, jnp.full((B, max_new), pad_id, jnp.int32)], axis=1)
     hist = hist.at[jnp.arange(B), prompt_lengths].set(base.tokens[:, 0])
     s = SpecState(base=base, draft_cache=draft_cache, hist=hist, hist_len=prompt_lengths + base.num_new,
-                  passes=jnp.zeros((B,), jnp.int32), accepted=jnp.zeros((B,), jnp.int32))
+                  passes=jnp.zeros((B,), jnp.int32), drafted=jnp.zeros((B,), jnp.int32),
+                  accepted=jnp.zeros((B,), jnp.int32))
     spec = lambda s, drafts=None: _step(params, draft_params, s, sp, max_new_tokens, stop_ids, seeds, drafts,
                                         cfg=cfg, draft_cfg=draft_cfg, gamma=gamma, candidates=candidates,
                                         pad_id=pad_id)
@@ -290,30 +285,34 @@ def speculative_tokens(params, draft_params, prompts, prompt_lengths, sp, max_ne
 
     step = lookup_step if draft_cfg is None else spec
     s = jax.lax.while_loop(lambda s: ~jnp.all(s.base.done), step, s)
-    b = s.base
-    out = GenerateOutput(tokens=b.tokens, num_new=b.num_new, finish=b.finish, logprobs=b.logprobs,
-                         top_ids=b.top_ids, top_logprobs=b.top_logprobs, steps=b.step)
-    return SpecOutput(out=out, passes=s.passes, accepted=s.accepted)
+    return SpecOutput(out=output(s.base), passes=s.passes, drafted=s.drafted, accepted=s.accepted)
 
 
 speculative_jit = jax.jit(speculative_tokens, static_argnames=("cfg", "draft_cfg", "gamma", "ngram", "max_new",
-                                                                "cache_len", "candidates", "pad_id", "kv_quant"))
+                                                                "cache_len", "candidates", "pad_id", "kv_quant",
+                                                                "penalties"))
 
 
 @dataclasses.dataclass
 class SpecStats:
-    passes: int  # target forward passes (summed over rows)
-    accepted: int  # drafted tokens accepted
-    new_tokens: int
+    """Summed over rows. The first new token of each row comes from the prefill, not from a pass;
+    prompt lookup's plain fallback steps are passes that drafted nothing."""
+    passes: int  # target forward passes after the prefill (speculative and plain fallback steps)
+    drafted: int  # tokens drafted (gamma per speculative pass)
+    accepted: int  # drafted tokens accepted and emitted
+    new_tokens: int  # all new tokens, the prefill's included
+    prefill_tokens: int  # new tokens that came from the prefill (one per row)
     gamma: int
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted / max(self.passes * self.gamma, 1)
+        """Accepted / drafted tokens (a fallback step drafts none, so it does not count)."""
+        return self.accepted / max(self.drafted, 1)
 
     @property
     def tokens_per_pass(self) -> float:
-        return self.new_tokens / max(self.passes, 1)
+        """New tokens per target pass, the prefill's token excluded: at most gamma + 1."""
+        return (self.new_tokens - self.prefill_tokens) / max(self.passes, 1)
 
 
 def generate(model: Model, prompts, proposer: Proposer, *, candidates: int = smp.DEFAULT_CANDIDATES, **request):
@@ -337,9 +336,12 @@ def generate(model: Model, prompts, proposer: Proposer, *, candidates: int = smp
         raise ValueError(f"prompt + max_new_tokens + gamma + 1 = {cache_len} exceeds the context")
     res = speculative_jit(model.params, d.params if d is not None else None, **args, cfg=model.cfg,
                           draft_cfg=d.cfg if d is not None else None, gamma=g, ngram=proposer.ngram,
-                          max_new=p.max_new, cache_len=cache_len, candidates=candidates, kv_quant=model.kv_quant)
+                          max_new=p.max_new, cache_len=cache_len, candidates=candidates, kv_quant=model.kv_quant,
+                          penalties=p.penalties)
     res = fetch(res)
     n = len(ids)
-    stats = SpecStats(passes=int(np.sum(res.passes[:n])), accepted=int(np.sum(res.accepted[:n])),
-                      new_tokens=int(np.sum(res.out.num_new[:n])), gamma=g)
+    num_new = res.out.num_new[:n]
+    stats = SpecStats(passes=int(np.sum(res.passes[:n])), drafted=int(np.sum(res.drafted[:n])),
+                      accepted=int(np.sum(res.accepted[:n])), new_tokens=int(np.sum(num_new)),
+                      prefill_tokens=int(np.sum(num_new > 0)), gamma=g)
     return to_completions(model, prompts, res.out, n), stats

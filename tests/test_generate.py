@@ -57,20 +57,27 @@ def test_one_compilation_per_bucket(compile_counter):
     cfg = TINY_QWEN.replace(name="tiny-qwen-compile-count")
     model = Model(cfg, random_params(cfg))
     name = "jit(generate_tokens)"
-    before = compile_counter.count(name)
+    before, size = compile_counter.count(name), generate_jit._cache_size()
     generate(model, [[1, 2, 3], [4]], max_new_tokens=5)  # bucket: batch 2, prompt 16, new 16
     assert compile_counter.count(name) == before + 1
-    requests = [
+    requests = [  # every knob, and up to a slot bucket's 8 stop ids and biased / banned ids per row
         dict(prompts=[[1] * 9, [2, 3]], max_new_tokens=16, temperature=0.7, top_k=4, seed=1),
         dict(prompts=[[4] * 15, [1]], max_new_tokens=[11, 2], temperature=1.3, top_p=0.5, min_p=0.1, seed=[7, 8]),
-        dict(prompts=[[5, 6], [7] * 16], max_new_tokens=3, repetition_penalty=1.3, presence_penalty=0.2,
-             frequency_penalty=0.4, stop_ids=[1, 2, 3], seed=99),
         dict(prompts=[[9] * 16, [3, 3]], max_new_tokens=12, temperature=[0.0, 2.0], banned_ids=[3]),
+        dict(prompts=[[9, 8], [3]], max_new_tokens=4, logit_bias={5: 1.0, 6: -2.0}, banned_ids=[7]),
+        dict(prompts=[[9, 8], [3]], max_new_tokens=4, logit_bias=[{i: 0.5 for i in range(8)}, {}],
+             stop_ids=[1, 2, 3, 4, 5, 6, 7, 8]),
     ]
     for r in requests:
         generate(model, **r)
     assert compile_counter.count(name) == before + 1, "a knob or a prompt within the bucket retraced"
-    assert generate_jit._cache_size() >= 1
+    # a penalty needs the [B, V] token history: one more program, whose penalty values are traced too
+    for r in (dict(repetition_penalty=1.3, presence_penalty=0.2, frequency_penalty=0.4, stop_ids=[1, 2, 3]),
+              dict(repetition_penalty=[1.0, 2.0], temperature=0.5, seed=99), dict(frequency_penalty=0.1)):
+        generate(model, [[5, 6], [7] * 16], max_new_tokens=3, **r)
+    assert compile_counter.count(name) == before + 2, "a penalty value retraced the penalty program"
+    assert generate_jit._cache_size() == size + 2
+    before += 1
     # a new bucket compiles once more, and precompile makes the next call in it free
     precompile(model, batch=4, prompt_len=40, max_new_tokens=20)
     assert compile_counter.count(name) == before + 2
@@ -168,3 +175,75 @@ def test_inside_user_jit(gemma_model):
     ref = generate(gemma_model, PROMPTS, max_new_tokens=5)
     for i, c in enumerate(ref):
         assert list(np.asarray(toks[i, :5])) == c.tokens
+
+
+def reference_penalized_greedy(model, prompt, n, repetition_penalty=1.0, presence_penalty=0.0,
+                               frequency_penalty=0.0, logit_bias=None, banned_ids=()):
+    """Greedy decoding with sampling.py's stages 1-3 written out in numpy over a full forward pass per
+    step: the repetition penalty over prompt + output so far, presence / frequency over the output's
+    counts, then bias and bans. Returns (tokens, raw-model logprobs)."""
+    seq, toks, lps = list(prompt), [], []
+    for _ in range(n):
+        raw = np.asarray(_full(model.params, jnp.asarray([seq], jnp.int32), model.cfg)[0, -1], np.float64)
+        x = raw.copy()
+        for t in set(seq):
+            x[t] = x[t] / repetition_penalty if x[t] > 0 else x[t] * repetition_penalty
+        for t in set(toks):
+            x[t] -= presence_penalty + frequency_penalty * toks.count(t)
+        for t, b in (logit_bias or {}).items():
+            x[t] += b
+        x[list(banned_ids)] = -np.inf
+        tok = int(np.argmax(x))
+        lps.append(raw[tok] - np.log(np.sum(np.exp(raw - raw.max()))) - raw.max())
+        toks.append(tok)
+        seq.append(tok)
+    return toks, lps
+
+
+PENALTY_CASES = [dict(repetition_penalty=3.0), dict(presence_penalty=2.0), dict(frequency_penalty=1.5),
+                 dict(repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=0.7),
+                 dict(logit_bias={3: 2.5, 17: 1.0}, banned_ids=[5, 9]),
+                 dict(presence_penalty=1.0, logit_bias={3: 2.0}, banned_ids=[4])]
+
+
+@pytest.mark.parametrize("mesh", [None, "data=2,model=4"])
+def test_penalties_and_bias_through_generate_equal_numpy_reference(tiny_model, mesh):
+    """Every penalty, bias and ban through the compiled loop, 14 steps: the token history (seen and
+    counts) must be updated by each emitted token, single device and sharded. Each case's rows also
+    differ from plain greedy decoding, so a transform that did nothing would fail."""
+    from jaxgen import sharding as shd
+
+    model = tiny_model
+    if mesh:
+        m = shd.make_mesh(mesh)
+        model = Model(tiny_model.cfg, shd.shard_params(tiny_model.params, tiny_model.cfg, m), mesh=m)
+    plain = [c.tokens for c in generate(tiny_model, PROMPTS, max_new_tokens=14, stop_ids=[])]
+    for case in PENALTY_CASES:
+        out = generate(model, PROMPTS, max_new_tokens=14, stop_ids=[], **case)
+        got = [c.tokens for c in out]
+        assert got != plain, case
+        for prompt, c in zip(PROMPTS, out):
+            want, lps = reference_penalized_greedy(tiny_model, prompt, 14, **case)
+            assert c.tokens == want, case
+            np.testing.assert_allclose(c.logprobs, lps, atol=1e-4)
+
+
+def test_per_row_penalties_mix_with_plain_rows(gemma_model):
+    """One batch, one row penalized and one not: each equals its own reference (the penalty program
+    carries the history for every row; a row with penalties off is unaffected by it)."""
+    case = dict(repetition_penalty=[2.5, 1.0, 1.0], frequency_penalty=[0.0, 0.0, 1.2])
+    out = generate(gemma_model, PROMPTS, max_new_tokens=12, stop_ids=[], **case)
+    for i, (prompt, c) in enumerate(zip(PROMPTS, out)):
+        row = {k: v[i] for k, v in case.items()}
+        assert c.tokens == reference_penalized_greedy(gemma_model, prompt, 12, **row)[0], i
+
+
+def test_state_carries_penalty_history_only_when_used(gemma_model):
+    """A request with no penalty builds a decode state without the [B, V] seen / counts arrays."""
+    from jaxgen.generate import prefill_jit, prepare
+
+    for knobs, width in ((dict(temperature=0.5, logit_bias={1: 1.0}), 0), (dict(presence_penalty=0.1), 64)):
+        _, args, p = prepare(gemma_model, PROMPTS, max_new_tokens=4, **knobs)
+        shape = jax.eval_shape(lambda a: prefill_jit(gemma_model.params, **a, cfg=gemma_model.cfg, max_new=p.max_new,
+                                                     cache_len=p.cache_len, penalties=p.penalties), args)
+        assert shape.seen.shape == shape.counts.shape == (p.batch, width), knobs

@@ -49,13 +49,19 @@ def test_greedy_equals_plain_greedy(pair, kind):
 _forward = jax.jit(forward, static_argnames="cfg")
 
 
-def _reference_probs(logits, seq, n_prompt, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0):
+def _reference_probs(logits, seq, n_prompt, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                     presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None):
     """The sampling distribution in plain numpy, written from sampling.py's docstring (an independent
-    reference: repetition penalty over prompt + output, temperature, top-k, then top-p with ties kept)."""
+    reference: repetition penalty over prompt + output, presence / frequency over the output's counts,
+    logit bias, temperature, top-k, then top-p with ties kept)."""
     x = np.asarray(logits, np.float64).copy()
     seen = np.zeros(x.shape, bool)
     seen[list(seq)] = True
     x = np.where(seen, np.where(x > 0, x / repetition_penalty, x * repetition_penalty), x)
+    counts = np.bincount(np.asarray(seq[n_prompt:], int), minlength=x.shape[0])
+    x = x - presence_penalty * (counts > 0) - frequency_penalty * counts
+    for t, b in (logit_bias or {}).items():
+        x[t] += b
     x = x / temperature
     if top_k:
         x = np.where(x >= np.sort(x)[::-1][top_k - 1], x, -np.inf)
@@ -68,7 +74,7 @@ def _reference_probs(logits, seq, n_prompt, temperature=1.0, top_k=0, top_p=1.0,
     return p / p.sum()
 
 
-def _exact_joint(model, prompt, sp_kw, n=3):
+def _exact_joint(model, prompt, sp_kw, n):
     """Exact distribution of the first n new tokens (plain sampling) by enumeration over the support."""
     cfg = model.cfg
 
@@ -88,29 +94,44 @@ def _exact_joint(model, prompt, sp_kw, n=3):
     return joint
 
 
-@pytest.mark.parametrize("sp_kw", [dict(temperature=1.0, top_k=3),
-                                   dict(temperature=0.9, top_p=0.6, repetition_penalty=1.3)],
-                         ids=["top_k", "top_p+penalty"])
-@pytest.mark.parametrize("kind", ["other", "lookup"])
-def test_sampled_tokens_follow_the_target_distribution(sp_kw, kind):
+# A short prompt with repeats: prompt lookup (ngram 1) proposes continuations, and most drafted tokens
+# are new (so a drafted token's repetition penalty is visible). 4 new tokens with gamma 2: the prefill's
+# token, then one pass that can emit both drafts and the bonus token.
+PROMPT = [1, 2, 3, 1, 2, 3, 1, 2]
+N_NEW, N_SAMPLES = 4, 2048
+CASES = {"top_k": dict(temperature=1.0, top_k=3),
+         # favoured ids keep the nucleus (and the joint's support) small enough for the chi-square
+         "top_p+penalty": dict(temperature=1.0, top_p=0.8, repetition_penalty=1.5,
+                               logit_bias={20: 3.0, 21: 3.0, 22: 3.0, 23: 3.0}),
+         # three favoured ids that every penalty pushes apart: a drafted token's penalty decides the next
+         "bias+penalties": dict(temperature=1.0, top_k=4, repetition_penalty=1.5, presence_penalty=1.5,
+                                frequency_penalty=1.0, logit_bias={10: 3.0, 11: 3.0, 12: 3.0})}
+# where drafts are accepted often enough that passes emit both drafts and the bonus token
+BONUS = {("other", "bias+penalties"), ("lookup", "top_k")}
+
+
+def _chi2(kind, sp_kw):
+    """(p-value of the chi-square test of speculative samples against the exact joint of N_NEW tokens,
+    SpecStats summed over the calls)."""
     cfg = TINY_GEMMA
     target, draft = Model(cfg, random_params(cfg)), Model(cfg, random_params(cfg, seed=5))
     prop = S.Proposer(gamma=2, draft=draft) if kind == "other" else S.Proposer(gamma=2, ngram=1)
-    # every id occurs in the prompt, so prompt lookup always finds a continuation to propose
-    prompt = [int(t) for t in np.random.default_rng(3).permutation(cfg.vocab_size)]
-    exact = _exact_joint(target, prompt, sp_kw)
-    n, half = 2048, 1024  # two calls of the largest batch bucket, one seed per row
-    seen, passes, accepted = {}, 0, 0
+    exact = _exact_joint(target, PROMPT, sp_kw, N_NEW)
+    half = N_SAMPLES // 2  # two calls of the largest batch bucket, one seed per row
+    seen, total = {}, None
     for first in (0, half):
-        out, stats = S.generate(target, [prompt] * half, prop, max_new_tokens=3, stop_ids=[],
+        out, stats = S.generate(target, [PROMPT] * half, prop, max_new_tokens=N_NEW, stop_ids=[],
                                 seed=list(range(first, first + half)), **sp_kw)
-        passes, accepted = passes + stats.passes, accepted + stats.accepted
+        total = stats if total is None else S.SpecStats(
+            **{f: getattr(total, f) + getattr(stats, f) for f in ("passes", "drafted", "accepted", "new_tokens",
+                                                                   "prefill_tokens")}, gamma=2)
         for o in out:
             seen[tuple(o.tokens)] = seen.get(tuple(o.tokens), 0) + 1
-    assert set(seen) <= set(exact), set(seen) - set(exact)
-    # chi-square over the joint of 3 tokens (cells with expected count < 5 pooled)
+    if not set(seen) <= set(exact):
+        return 0.0, total
+    # chi-square over the joint of N_NEW tokens (cells with expected count < 5 pooled)
     keys = sorted(exact, key=lambda k: -exact[k])
-    exp = np.array([exact[k] * n for k in keys])
+    exp = np.array([exact[k] * N_SAMPLES for k in keys])
     obs = np.array([seen.get(k, 0) for k in keys])
     big = exp >= 5  # keys sorted by probability: the big cells come first
     exp_c, obs_c = list(exp[big]), list(obs[big])
@@ -120,11 +141,47 @@ def test_sampled_tokens_follow_the_target_distribution(sp_kw, kind):
         exp_c[-1] += exp[~big].sum()
         obs_c[-1] += obs[~big].sum()
     exp_c, obs_c = np.array(exp_c), np.array(obs_c)
-    p = st.chisquare(obs_c, exp_c * obs_c.sum() / exp_c.sum()).pvalue
-    assert len(exp_c) >= 4 and p > 1e-3, (p, list(zip(obs_c, exp_c.round(1))))
-    assert accepted > 20  # drafts were accepted (the accept path is what is tested), not only corrections
-    if kind == "other":  # the draft model often gets both tokens accepted in one pass
-        assert passes < 2 * n
+    assert len(exp_c) >= 4
+    return st.chisquare(obs_c, exp_c * obs_c.sum() / exp_c.sum()).pvalue, total
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("kind", ["other", "lookup"])
+def test_sampled_tokens_follow_the_target_distribution(case, kind):
+    p, stats = _chi2(kind, CASES[case])
+    assert p > 1e-3, p
+    assert stats.accepted > 50  # drafts were accepted (the accept path is what is tested), not only corrections
+    assert stats.tokens_per_pass <= 3 and 0 < stats.acceptance_rate <= 1
+    if (kind, case) in BONUS:  # many passes emitted both drafts and the bonus (3 tokens after the prefill's)
+        assert stats.new_tokens - stats.prefill_tokens > 1.2 * stats.passes, stats
+
+
+@pytest.fixture
+def mutated(monkeypatch):
+    """Swap a piece of speculative.py for a deliberately wrong one; compiled programs are dropped
+    before and after, so the mutation is traced and then forgotten."""
+    def apply(name, fn):
+        monkeypatch.undo()  # one mutation at a time
+        jax.clear_caches()
+        monkeypatch.setattr(S, name, fn)
+    yield apply
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+def test_negative_controls_fail_the_distribution_test(mutated):
+    """The distribution test can fail: skipping the drafted tokens' penalty update, or drawing the
+    bonus token from the last draft's distribution instead of the one after it, gives p < 1e-3."""
+    right = S._correction_logits
+
+    def bonus_from_wrong_position(p, lse_p, q, lse_q, drafts, n_acc, gamma):
+        prev = p[:, gamma - 1] - lse_p[:, gamma - 1:gamma]
+        return jnp.where((n_acc == gamma)[:, None], prev, right(p, lse_p, q, lse_q, drafts, n_acc, gamma))
+
+    mutated("_with_drafts", lambda seen, counts, drafts, upto, active: (seen, counts) if seen.shape[1] else (None, None))
+    assert _chi2("other", CASES["bias+penalties"])[0] < 1e-3
+    mutated("_correction_logits", bonus_from_wrong_position)
+    assert _chi2("lookup", CASES["top_k"])[0] < 1e-3
 
 
 def test_one_compile_per_bucket_and_knobs_are_traced():
@@ -135,7 +192,13 @@ def test_one_compile_per_bucket_and_knobs_are_traced():
     S.generate(target, _prompts(), prop, max_new_tokens=20, temperature=0.7, top_k=5, seed=1)
     n = len(counter.names)
     S.generate(target, _prompts()[::-1], prop, max_new_tokens=17, temperature=0.0, top_p=0.5, seed=2,
-               repetition_penalty=1.2)
+               banned_ids=[3])
+    assert len(counter.names) == n, counter.names[n:]
+    # penalties carry the token history: one more program, in which their values are traced
+    S.generate(target, _prompts(), prop, max_new_tokens=17, repetition_penalty=1.2)
+    n = len(counter.names)
+    S.generate(target, _prompts(), prop, max_new_tokens=20, presence_penalty=0.5, frequency_penalty=0.2,
+               temperature=0.5)
     assert len(counter.names) == n, counter.names[n:]
 
 
