@@ -1,7 +1,9 @@
 """`jaxgen batch` throughput on Gemma 3 270M, and the gain of refilling (continuous batching) over
 static batches on a workload with mixed output lengths.  python -m benchmarks.batch_refill [--n 256]
 
-Prints one JSON line per run (wall time and tokens/s from the run's own summary of tokens written)."""
+Prints one JSON line per run (wall time and tokens/s from the run's own summary of tokens written);
+the mixed workload's refill and static runs are compared id by id ("same_tokens_as_static"), and the
+script fails if they differ."""
 import argparse
 import json
 import pathlib
@@ -32,8 +34,9 @@ def run(inp, batch, extra, max_new):
                     "--batch-size", str(batch), "--max-new-tokens", str(max_new), "--ignore-stop", *extra],
                    check=True, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t
-    toks = sum(len(json.loads(x)["tokens"]) for x in out.read_text().splitlines())
-    return {"wall_s": round(wall, 2), "tokens": toks, "tok_s": round(toks / wall, 2)}
+    rows = {r["id"]: r["tokens"] for r in map(json.loads, out.read_text().splitlines())}
+    toks = sum(map(len, rows.values()))
+    return {"wall_s": round(wall, 2), "tokens": toks, "tok_s": round(toks / wall, 2)}, rows
 
 
 def main():
@@ -48,10 +51,17 @@ def main():
     workload(d / "mixed.jsonl", a.mixed_n, True)
     for b in map(int, a.batches.split(",")):
         print(json.dumps({"run": "uniform", "n": a.n, "batch": b, "new_tokens": a.new_tokens,
-                          **run(d / "uniform.jsonl", b, ["--no-refill"], a.new_tokens)}), flush=True)
+                          **run(d / "uniform.jsonl", b, ["--no-refill"], a.new_tokens)[0]}), flush=True)
+    static = None
     for mode in ("--no-refill", "--refill"):
-        print(json.dumps({"run": "mixed 4-64 tokens", "n": a.mixed_n, "batch": 8, "mode": mode,
-                          **run(d / "mixed.jsonl", 8, [mode], 64)}), flush=True)
+        figures, rows = run(d / "mixed.jsonl", 8, [mode], 64)
+        same = {} if static is None else {"same_tokens_as_static": rows == static}
+        print(json.dumps({"run": "mixed 4-64 tokens", "n": a.mixed_n, "batch": 8, "mode": mode, **figures, **same}),
+              flush=True)
+        if static is not None and rows != static:
+            bad = sorted(k for k in static if rows.get(k) != static[k])
+            raise SystemExit(f"refill and static batches wrote different tokens for ids {bad[:10]}")
+        static = rows
 
 
 if __name__ == "__main__":

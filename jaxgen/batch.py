@@ -26,10 +26,35 @@ import zlib
 
 OVERRIDES = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
              "presence_penalty", "frequency_penalty", "seed")
+INT_OVERRIDES = ("max_new_tokens", "top_k", "seed")
 
 
 class InputError(ValueError):
     pass
+
+
+def check_overrides(obj: dict) -> str | None:
+    """The problem with a row's override values (type or range), or None. Checked while reading the
+    file, so a bad value stops the run (or is skipped) with its line number before anything runs."""
+    from jaxgen.sampling import make_sampling_params
+
+    knobs = {}
+    for k in OVERRIDES:
+        if k not in obj:
+            continue
+        v = obj[k]
+        want_int = k in INT_OVERRIDES
+        if isinstance(v, bool) or not isinstance(v, int if want_int else (int, float)):
+            return f"{k} must be {'an integer' if want_int else 'a number'}, got {v!r}"
+        if k not in ("max_new_tokens", "seed"):
+            knobs[k] = v
+    if obj.get("max_new_tokens", 1) < 1:
+        return f"max_new_tokens must be >= 1, got {obj['max_new_tokens']!r}"
+    try:
+        make_sampling_params(1, **knobs)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def read_requests(path: str, on_error: str = "fail") -> tuple[list[dict], list[dict]]:
@@ -69,6 +94,10 @@ def read_requests(path: str, on_error: str = "fail") -> tuple[list[dict], list[d
             unknown = set(obj) - {"id", "prompt", "messages", *OVERRIDES}
             if unknown:
                 bad(n, f"unknown fields {sorted(unknown)}", rid)
+                continue
+            problem = check_overrides(obj)
+            if problem:
+                bad(n, problem, rid)
                 continue
             seen.add(rid)
             rows.append({**obj, "line": n})
@@ -144,34 +173,50 @@ def run_batch(model, rows: list[dict], defaults: dict, top_logprobs: int, propos
     else:
         out = jaxgen.generate(model, [r["ids"] for r in rows], top_logprobs=top_logprobs, **request)
     timing.update(batch_s=round(time.perf_counter() - t, 4), batch_size=n)
-    return [_line(r, o, top_logprobs, timing) for r, o in zip(rows, out)]
+    return [_line(r, o, timing) for r, o in zip(rows, out)]
 
 
-def _line(r: dict, c, top_logprobs: int, timing: dict) -> dict:
+def _line(r: dict, c, timing: dict) -> dict:
     """The output line of input row r from its generate.Completion c."""
-    obj = {"id": r["id"], "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason,
-           "logprobs": c.logprobs, "timing": timing}
-    if top_logprobs:
-        obj["top_logprobs"] = c.top_logprobs
-    return obj
+    return {"id": r["id"], **c.fields(), "timing": timing}
 
 
-def refill_shape(model, rows: list[dict], slots: int) -> tuple[int, int, int]:
-    """(rows B, cache length S, token buffer M) of the one running state a refill run uses."""
-    from jaxgen.generate import NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, bucket
+def uses_penalties(rows: list[dict], defaults: dict) -> bool:
+    """Whether any row decodes with a repetition / presence / frequency penalty (then the running
+    state carries the [B, V] token history those read)."""
+    off = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+    return any(r.get(k, defaults[k]) != v for r in rows for k, v in off.items())
 
-    M = bucket(max(r["max_new"] for r in rows), NEW_TOKEN_BUCKETS, "max_new_tokens")
-    T = bucket(max(len(r["ids"]) for r in rows), PROMPT_BUCKETS, "prompt length")
+
+def refill_plan(model, rows: list[dict], slots: int, memory_bytes: int | None, defaults: dict):
+    """The Plan of the one running state a refill run uses: `slots` rows (fewer if their KV cache
+    would pass memory_bytes; a multiple of the mesh's data axis), a cache for the longest prompt +
+    the largest max_new_tokens, and the stop-id / penalty layout every row's request needs."""
+    import dataclasses
+
+    from jaxgen.cache import cache_bytes
+    from jaxgen.generate import plan
+
     d = model.mesh.shape["data"] if model.mesh is not None else 1
-    return -(-slots // d) * d, min(T + M, model.cfg.max_seq_len), M
+    stops = defaults["stop_ids"]
+    n_stops = len(getattr(model.tokenizer, "stop_ids", ()) or ()) if stops is None else len(stops)
+    p = plan(model.cfg, 1, max(len(r["ids"]) for r in rows), max(r["max_new"] for r in rows), stop_slots=n_stops,
+             penalties=uses_penalties(rows, defaults))
+    need = lambda b: cache_bytes(model.cfg, b, p.cache_len, model.params.embed.dtype, kv_quant=model.kv_quant)
+    b = -(-slots // d) * d
+    while memory_bytes is not None and b > d and need(b) > memory_bytes:
+        b -= d
+    if memory_bytes is not None and need(b) > memory_bytes:
+        raise ValueError(f"--memory-gb {memory_bytes / (1 << 30):g}: the KV cache of {b} row(s) of "
+                         f"{p.cache_len} tokens needs {need(b) / (1 << 30):.3g} GB")
+    return dataclasses.replace(p, batch=b)
 
 
-def run_refill(model, rows: list[dict], defaults: dict, slots: int, chunk: int, top_logprobs: int, emit):
-    """Continuous batching: `slots` rows decode together; when rows finish, waiting prompts are
+def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logprobs: int, emit):
+    """Continuous batching: p.batch rows decode together; when rows finish, waiting prompts are
     prefilled and inserted into their slots between chunks of `chunk` decode steps, instead of the
-    batch waiting for its longest row. One running-state shape for the whole run (cache sized for
-    the longest prompt + max_new_tokens), so the programs are: decode, insert, and one prefill per
-    (new-row bucket, prompt bucket)."""
+    batch waiting for its longest row. One running-state shape for the whole run (`refill_plan`), so
+    the programs are: decode, insert, and one prefill per (new-row bucket, prompt bucket)."""
     import jax
     import numpy as np
 
@@ -179,24 +224,21 @@ def run_refill(model, rows: list[dict], defaults: dict, slots: int, chunk: int, 
     from jaxgen.generate import decode_jit, fetch, insert_jit, output, place, prefill_jit, prepare, to_completions
 
     cfg = model.cfg
-    B, S, M = refill_shape(model, rows, slots)
-    NS = 4
+    B, NS = p.batch, p.stop_slots
     knob_names = [k for k in OVERRIDES if k not in ("max_new_tokens", "seed")]
-    statics = dict(cfg=cfg, max_new=M, cache_len=S, top_logprobs=top_logprobs, mesh=model.mesh,
-                   kv_quant=model.kv_quant)
+    statics = dict(cfg=cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=top_logprobs, mesh=model.mesh,
+                   kv_quant=model.kv_quant, penalties=p.penalties)
 
     def request(batch_rows):
         knobs = {k: [r.get(k, defaults[k]) for r in batch_rows] for k in knob_names}
-        stops = defaults["stop_ids"]
-        _, args, _ = prepare(model, [r["ids"] for r in batch_rows], max_new_tokens=[r["max_new"] for r in batch_rows],
-                             seed=[r["seed"] for r in batch_rows], stop_ids=stops, **knobs)
-        st = args["stop_ids"][:, :NS]
-        args["stop_ids"] = np.pad(st, ((0, 0), (0, NS - st.shape[1])), constant_values=-1)
+        _, args, q = prepare(model, [r["ids"] for r in batch_rows], max_new_tokens=[r["max_new"] for r in batch_rows],
+                             seed=[r["seed"] for r in batch_rows], stop_ids=defaults["stop_ids"], **knobs)
+        assert q.stop_slots == NS and q.bias_slots == p.bias_slots, (q, p)  # every row shares the stop ids
         return args
 
     # The running batch starts as all-padding rows (done); host copies of its per-row arguments.
     empty = dict(prompts=np.zeros((B, 16), np.int32), prompt_lengths=np.zeros((B,), np.int32),
-                 sp=smp.make_sampling_params(B), max_new_tokens=np.zeros((B,), np.int32),
+                 sp=smp.make_sampling_params(B, bias_slots=p.bias_slots), max_new_tokens=np.zeros((B,), np.int32),
                  stop_ids=np.full((B, NS), -1, np.int32), seeds=np.zeros((B,), np.uint32))
     state = prefill_jit(model.params, **place(model, empty), **statics)
     host = {k: empty[k] for k in ("sp", "max_new_tokens", "stop_ids", "seeds")}
@@ -226,7 +268,7 @@ def run_refill(model, rows: list[dict], defaults: dict, slots: int, chunk: int, 
             out = out.replace(**{f: getattr(out, f)[finished] for f in
                                  ("tokens", "num_new", "finish", "logprobs", "top_ids", "top_logprobs")})
             timing = {"elapsed_s": round(time.perf_counter() - t0, 4), "slots": B}
-            emit([_line(slot_row[i], c, top_logprobs, timing)
+            emit([_line(slot_row[i], c, timing)
                   for i, c in zip(finished, to_completions(model, [None] * len(finished), out, len(finished)))])
             for i in finished:
                 slot_row[i] = None
@@ -295,7 +337,8 @@ def main(args) -> int:
         else:
             ok.append(r)
     memory = int(args.memory_gb * (1 << 30)) if args.memory_gb else None
-    batches = plan_batches(model, ok, args.batch_size, memory)
+    refill = refill_plan(model, ok, args.batch_size, memory, defaults) if args.refill and ok else None
+    batches = [] if refill else plan_batches(model, ok, args.batch_size, memory)
     if args.dry_run:
         from jaxgen.generate import plan
 
@@ -307,10 +350,10 @@ def main(args) -> int:
         print(json.dumps({"rows": len(ok), "skipped_done": len(done), "errors": len(errors) + len(too_long),
                           "batches": len(batches), "programs": [
                               {"batch": b, "prompt_len": t, "max_new": m, "batches": c} for (b, t, m), c in sorted(shapes.items())],
-                          # with --refill (the default) the batches above are not used: one running state
+                          # with --refill (the default) there are no static batches: one running state
                           # of this shape decodes, and waiting rows are prefilled into its free slots
-                          "refill": dict(zip(("slots", "cache_len", "max_new"), refill_shape(model, ok, args.batch_size)))
-                          if args.refill and ok else None}))
+                          "refill": {"slots": refill.batch, "cache_len": refill.cache_len, "max_new": refill.max_new,
+                                     "penalties": refill.penalties} if refill else None}))
         return 0
     t0, n_done, n_tok = time.perf_counter(), 0, 0
     total = len(ok)
@@ -326,9 +369,9 @@ def main(args) -> int:
             eta = el / n_done * (total - n_done)
             print(f"\r[{n_done}/{total}] {n_tok / el:.1f} tok/s, ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
 
-        if args.refill and ok:
-            run_refill(model, sorted(ok, key=lambda r: -len(r["ids"])), defaults, args.batch_size,
-                       args.chunk_steps, args.top_logprobs, emit)
+        if refill:
+            run_refill(model, sorted(ok, key=lambda r: -len(r["ids"])), defaults, refill, args.chunk_steps,
+                       args.top_logprobs, emit)
         else:
             for b in batches:
                 emit(run_batch(model, b, defaults, args.top_logprobs, proposer))

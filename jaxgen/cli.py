@@ -6,8 +6,6 @@ import json
 import os
 import sys
 
-import numpy as np
-
 
 def _add_sampling_flags(p: argparse.ArgumentParser):
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -94,12 +92,11 @@ def _generate_speculative(args, model, texts, prompts, request, timings, propose
     t = time.perf_counter()
     outs, stats = speculative.generate(model, texts, proposer, **request)
     timings.update(generate_s=time.perf_counter() - t, new_tokens=stats.new_tokens)
-    spec = {"target_passes": stats.passes, "accepted": stats.accepted, "acceptance_rate": stats.acceptance_rate,
-            "tokens_per_pass": stats.tokens_per_pass, "gamma": stats.gamma}
+    spec = {"target_passes": stats.passes, "drafted": stats.drafted, "accepted": stats.accepted,
+            "acceptance_rate": stats.acceptance_rate, "tokens_per_pass": stats.tokens_per_pass, "gamma": stats.gamma}
     for p, o in zip(prompts, outs):
         if args.json:
-            print(json.dumps({"prompt": p, "text": o.text, "tokens": o.tokens, "finish_reason": o.finish_reason,
-                              "logprobs": o.logprobs, "timing": timings, "speculative": spec}, ensure_ascii=False))
+            print(json.dumps({"prompt": p, **o.fields(), "timing": timings, "speculative": spec}, ensure_ascii=False))
         else:
             print(o.text if len(prompts) == 1 else f"--- {p!r}\n{o.text}")
     print(f"[{stats.new_tokens} tokens; load {timings['load_s']:.2f}s, generate {timings['generate_s']:.2f}s "
@@ -135,8 +132,7 @@ def _read_prompts(args) -> list[str]:
 def cmd_generate(args) -> int:
 
     from jaxgen.checkpoint import load
-    from jaxgen.generate import FINISH_REASONS, stream
-
+    from jaxgen.generate import stream, to_completions
     from jaxgen.sampling import make_sampling_params
 
     prompts = _read_prompts(args)
@@ -204,18 +200,10 @@ def cmd_generate(args) -> int:
         print(f"[{timings['new_tokens']} tokens; load {timings['load_s']:.2f}s, compile {timings['compile_s']:.2f}s, "
               f"prefill {timings['prefill_s']:.3f}s, decode {timings['decode_s']:.2f}s]", file=sys.stderr)
         return 0
-    for i in range(n):
-        k = int(out.num_new[i])
-        finish = FINISH_REASONS.get(int(out.finish[i]), "length")
-        toks = [int(t) for t in out.tokens[i, :k]]
-        obj = {"prompt": prompts[i], "text": tok.decode(toks[:-1] if finish == "stop" else toks),
-               "tokens": toks, "finish_reason": finish,
-               "logprobs": [float(x) for x in np.asarray(out.logprobs[i, :k])],
-               "timing": {key: timings[key] for key in ("load_s", "compile_s", "prefill_s", "decode_s", "new_tokens")}}
-        if args.top_logprobs:
-            obj["top_logprobs"] = [[[int(a), float(b)] for a, b in zip(out.top_ids[i, j], out.top_logprobs[i, j])]
-                                   for j in range(k)]
-        print(json.dumps(obj, ensure_ascii=False))
+    keys = ("load_s", "compile_s", "prefill_s", "decode_s", "new_tokens")
+    for c in to_completions(model, prompts, out, n):
+        print(json.dumps({"prompt": c.prompt, **c.fields(), "timing": {k: timings[k] for k in keys}},
+                         ensure_ascii=False))
     return 0
 
 
@@ -246,8 +234,9 @@ def cmd_convert(args) -> int:
 
 def _persistent_compile_cache():
     """Keep compiled programs on disk (JAX's persistent compilation cache, under jaxgen's cache dir),
-    so a second `jaxgen generate` skips compiling: Gemma 3 270M's first call 9.4 -> 3.0 s on the
-    2-core CPU. JAXGEN_COMPILE_CACHE=0 turns it off; a cache dir the user configured is kept."""
+    so a second `jaxgen generate` of the same shapes loads them instead of compiling (the README's
+    Command line section has the figures). JAXGEN_COMPILE_CACHE=0 turns it off; a cache dir the user
+    configured is kept."""
     import jax
 
     from jaxgen.checkpoint.registry import cache_dir
@@ -257,15 +246,39 @@ def _persistent_compile_cache():
 
 
 def main(argv=None) -> int:
+    from jaxgen.checkpoint import ModelNotInstalledError
+
     args = build_parser().parse_args(argv)
     if argv is None:  # run as the `jaxgen` program (tests call main(argv) and count compilations)
         _persistent_compile_cache()
     try:
         return {"generate": cmd_generate, "convert": cmd_convert, "batch": cmd_batch}[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ModelNotInstalledError) as e:
         # Bad input is reported as one line naming the problem, not a traceback.
         print(f"jaxgen {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise  # an unexpected failure is a bug, not bad input: keep its traceback
+        print(f"jaxgen {args.command}: out of memory: {_first_line(e)}\n  lower the work per step: "
+              f"{_LOWER[args.command]}", file=sys.stderr)
+        return 3
+
+
+_LOWER = {"generate": "fewer prompts or a smaller --max-new-tokens, or --quant int8 / --kv-quant int8",
+          "batch": "a smaller --batch-size, --memory-gb or --max-new-tokens, or --quant int8 / --kv-quant int8",
+          "convert": "convert with --quant int8 (quantizes tensor by tensor)"}
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """XLA reports a failed device allocation as RESOURCE_EXHAUSTED (a RuntimeError); numpy / the
+    host allocator as MemoryError."""
+    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 if __name__ == "__main__":

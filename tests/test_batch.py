@@ -122,12 +122,106 @@ def test_bad_input(model_dir, tmp_path, capsys):
 
 def test_dry_run_lists_programs(model_dir, tmp_path, capsys):
     write_input(tmp_path / "in.jsonl", 10)
-    assert batch(model_dir, tmp_path / "in.jsonl", tmp_path / "out.jsonl", "--dry-run", "--batch-size", "4") == 0
+    flags = ["--dry-run", "--batch-size", "4"]
+    assert batch(model_dir, tmp_path / "in.jsonl", tmp_path / "out.jsonl", *flags, "--no-refill") == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["rows"] == 10 and plan["batches"] == 3
+    assert plan["rows"] == 10 and plan["batches"] == 3 and plan["refill"] is None
     assert sum(p["batches"] for p in plan["programs"]) == 3 and not (tmp_path / "out.jsonl").exists()
-    # refill is the default mode; 4 slots round up to the 8 (fake) devices of the data axis
-    assert plan["refill"] == {"slots": 8, "cache_len": 64 + 16, "max_new": 16}  # byte-level prompts <= 64
+    # refill is the default mode (no static batches); 4 slots round up to the 8 (fake) devices of `data`
+    assert batch(model_dir, tmp_path / "in.jsonl", tmp_path / "out.jsonl", *flags) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["batches"] == 0 and not (tmp_path / "out.jsonl").exists()
+    want = {"slots": 8, "cache_len": 64 + 16, "max_new": 16, "penalties": False}  # byte-level prompts <= 64
+    assert plan["refill"] == want
+
+
+def test_memory_cap_limits_refill_slots(model_dir, tmp_path, capsys):
+    """--memory-gb caps the running state of a refill run (the default mode), not only static
+    batches; the capped run writes the same tokens; a cap no row fits is a clear error."""
+    from jaxgen.cache import cache_bytes
+
+    write_input(tmp_path / "in.jsonl", 10)
+    model = registry.load(model_dir)
+    one = cache_bytes(model.cfg, 1, 64 + 16, model.params.embed.dtype)
+    cap = str(16.5 * one / (1 << 30))  # room for 16 rows of cache (two data-axis groups of 8), not 32
+    flags = ["--batch-size", "32", "--temperature", "0.7"]
+    assert batch(model_dir, tmp_path / "in.jsonl", tmp_path / "o.jsonl", "--dry-run", *flags, "--memory-gb", cap) == 0
+    assert json.loads(capsys.readouterr().out)["refill"]["slots"] == 16
+    assert batch(model_dir, tmp_path / "in.jsonl", tmp_path / "capped.jsonl", *flags, "--memory-gb", cap) == 0
+    assert batch(model_dir, tmp_path / "in.jsonl", tmp_path / "free.jsonl", *flags) == 0
+    tokens = lambda f: {k: v["tokens"] for k, v in read_output(tmp_path / f).items()}
+    assert tokens("capped.jsonl") == tokens("free.jsonl") and len(tokens("free.jsonl")) == 10
+    capsys.readouterr()
+    assert batch(model_dir, tmp_path / "in.jsonl", tmp_path / "x.jsonl", *flags, "--memory-gb", str(one / 2 ** 31)) == 2
+    assert "--memory-gb" in capsys.readouterr().err and not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"id": 3, "prompt": "a", "temperature": -1}', "temperature must be >= 0"),
+    ('{"id": 3, "prompt": "a", "top_p": 0}', "top_p must be in (0, 1]"),
+    ('{"id": 3, "prompt": "a", "max_new_tokens": 0}', "max_new_tokens must be >= 1"),
+    ('{"id": 3, "prompt": "a", "max_new_tokens": 2.5}', "max_new_tokens must be an integer"),
+    ('{"id": 3, "prompt": "a", "top_k": "5"}', "top_k must be an integer"),
+    ('{"id": 3, "prompt": "a", "temperature": true}', "temperature must be a number")])
+def test_bad_override_value_stops_before_anything_runs(model_dir, tmp_path, capsys, line, message):
+    """A bad per-row value is found while reading, with its line number, before any batch is written
+    (it used to abort the run partway); with --on-error skip that row gets an error line."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"id": 1, "prompt": "the tea"}\n{"id": 2, "prompt": "hot"}\n' + line + "\n")
+    out = tmp_path / "out.jsonl"
+    assert batch(model_dir, inp, out, "--batch-size", "1") == 2
+    err = capsys.readouterr().err
+    assert "in.jsonl:3: " + message in err and not out.exists()
+    assert batch(model_dir, inp, out, "--on-error", "skip") == 0
+    rows = read_output(out)
+    assert message in rows[3]["error"] and len(rows[1]["tokens"]) == len(rows[2]["tokens"]) == 6
+
+
+def test_refill_keeps_every_stop_id(model_dir):
+    """More stop ids than the old hard-coded 4 slots: refill stops each row at any of them, as
+    generate does (it used to drop the 5th and later)."""
+    import jaxgen
+    from jaxgen import batch as B
+
+    model = registry.load(model_dir)
+    tok = model.tokenizer
+    rows = [{"id": i, "ids": tok.encode(" ".join(WORDS[: 2 + i])), "max_new": 12, "seed": i} for i in range(5)]
+    free = jaxgen.generate(model, [r["ids"] for r in rows], max_new_tokens=12, stop_ids=[], temperature=0.9,
+                           seed=[r["seed"] for r in rows])
+    filler = [t for t in range(model.cfg.vocab_size) if all(t not in c.tokens for c in free)][:6]
+    stops = filler + [free[0].tokens[3]]  # the 7th stop id is the one row 0 meets
+    defaults = {k: None for k in B.OVERRIDES} | dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0,
+                                                     repetition_penalty=1.0, presence_penalty=0.0,
+                                                     frequency_penalty=0.0, stop_ids=stops)
+    p = B.refill_plan(model, rows, 2, None, defaults)
+    assert p.stop_slots == 8
+    lines = []
+    B.run_refill(model, rows, defaults, p, 2, 0, lines.extend)
+    want = jaxgen.generate(model, [r["ids"] for r in rows], max_new_tokens=12, stop_ids=stops, temperature=0.9,
+                           seed=[r["seed"] for r in rows])
+    got = {x["id"]: x for x in lines}
+    assert got[0]["finish_reason"] == "stop" and got[0]["tokens"][-1] == stops[-1]
+    for r, w in zip(rows, want):
+        assert got[r["id"]]["tokens"] == w.tokens and got[r["id"]]["finish_reason"] == w.finish_reason
+
+
+def test_single_device_batch_equals_sharded(model_dir, tmp_path):
+    """The usual case, one device (the suite forces 8, so in-process batch always builds a data=8
+    mesh): plain and refill runs in a one-device subprocess write the same tokens as the sharded run."""
+    inp = tmp_path / "in.jsonl"
+    write_input(inp, 9)
+    knobs = ["--temperature", "0.9", "--top-k", "8", "--seed", "3", "--batch-size", "4", "--repetition-penalty", "1.3"]
+    assert batch(model_dir, inp, tmp_path / "sharded.jsonl", *knobs) == 0
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    code = "import sys, jax; from jaxgen import cli; assert jax.device_count() == 1; sys.exit(cli.main(sys.argv[1:]))"
+    for mode in ("--refill", "--no-refill"):
+        out = tmp_path / f"one{mode}.jsonl"
+        cmd = [sys.executable, "-c", code, "batch", "--input", str(inp), "--output", str(out), "--model", model_dir,
+               "--max-new-tokens", "6", "--ignore-stop", *knobs, mode]
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        got, want = read_output(out), read_output(tmp_path / "sharded.jsonl")
+        assert {k: v["tokens"] for k, v in got.items()} == {k: v["tokens"] for k, v in want.items()}, mode
 
 
 def test_refill_equals_static_batches(model_dir, tmp_path):
