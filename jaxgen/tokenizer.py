@@ -58,7 +58,7 @@ class _Base:
                 if m["role"] == "system":
                     system = m["content"]
                     continue
-                content = m["content"]
+                content = m["content"].strip()  # Gemma 3's template trims every turn's content
                 if system is not None and m["role"] == "user":
                     content, system = f"{system}\n\n{content}", None
                 role = "model" if m["role"] == "assistant" else "user"
@@ -182,23 +182,30 @@ class BPETokenizer(_Base):
 
 class StreamDecoder:
     """Incremental detokenization: feed ids as they come, get the new text. Text is emitted only once
-    it is stable: a trailing partial UTF-8 sequence (decoded as U+FFFD) waits for its next bytes."""
+    it is stable: a trailing partial UTF-8 sequence (decoded as U+FFFD) waits for its next bytes.
+
+    Each push decodes only a window: the ids since the previous emission (ids[read:]) behind the ids
+    of the emission before it (ids[prefix:read]) as context, and emits the difference between the two
+    decodings, so a token whose text depends on its neighbour (a leading space) decodes as in the
+    whole text, and the work per push does not grow with the length of the output."""
 
     def __init__(self, tok: Tokenizer):
-        self.tok, self.ids, self.sent = tok, [], 0
+        self.tok, self.ids, self.prefix, self.read = tok, [], 0, 0
+
+    def _emit(self, final: bool) -> str:
+        before = self.tok.decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
+        text = self.tok.decode(self.ids[self.prefix:])
+        if (text.endswith("\ufffd") and not final) or len(text) <= len(before):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]
 
     def push(self, ids: Sequence[int]) -> str:
         self.ids.extend(int(i) for i in ids)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.sent = text[self.sent:], len(text)
-        return new
+        return self._emit(final=False)
 
     def flush(self) -> str:
-        text = self.tok.decode(self.ids)
-        new, self.sent = text[self.sent:], len(text)
-        return new
+        return self._emit(final=True)
 
 
 def from_gguf_fields(f: dict) -> Tokenizer:

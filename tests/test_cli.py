@@ -124,7 +124,8 @@ def test_mesh_streaming_in_chunks(ckpt, capsys):
 
 def test_quantized_convert_and_generate(ckpt, capsys, tmp_path):
     """`convert --quant` writes a quantized checkpoint; generating from it equals quantizing the GGUF
-    at load time; --kv-quant runs; an unknown mode is refused by the parser."""
+    at load time; --kv-quant int8 gives what the API gives with an int8 cache (whose log-probabilities
+    differ from the float cache's); an unknown mode is refused by the parser."""
     gguf_path, toml, _ = ckpt
     assert cli.main(["convert", str(gguf_path), str(tmp_path / "q8"), "--config", str(toml), "--quant", "int8"]) == 0
     assert (tmp_path / "q8" / "quant.json").exists()
@@ -133,8 +134,16 @@ def test_quantized_convert_and_generate(ckpt, capsys, tmp_path):
                  ["--model", str(tmp_path / "q8"), "--kv-quant", "int8"]):
         rc, out, err = run(capsys, ["generate", "the cat", "--json", "--ignore-stop", "--max-new-tokens", "6"] + argv)
         assert rc == 0, err
-        outs.append(json.loads(out)["tokens"])
-    assert outs[0] == outs[1] and len(outs[2]) == 6
+        outs.append(json.loads(out))
+    assert outs[0]["tokens"] == outs[1]["tokens"]
+    import dataclasses
+
+    import jaxgen
+
+    q8 = registry.load(str(tmp_path / "q8"))
+    api = jaxgen.generate(dataclasses.replace(q8, kv_quant="int8"), ["the cat"], max_new_tokens=6, stop_ids=[])[0]
+    assert outs[2]["tokens"] == api.tokens and outs[2]["logprobs"] == pytest.approx(api.logprobs, abs=1e-6)
+    assert outs[2]["logprobs"] != pytest.approx(outs[0]["logprobs"], abs=1e-6)  # the int8 cache was used
     with pytest.raises(SystemExit):
         cli.main(["generate", "x", "--quant", "int3"])
 
@@ -152,7 +161,8 @@ def test_speculative_generate(ckpt, capsys):
     assert rc == 0, err
     row = json.loads(out)
     assert row["tokens"] == plain
-    assert set(row["speculative"]) == {"target_passes", "accepted", "acceptance_rate", "tokens_per_pass", "gamma"}
+    assert set(row["speculative"]) == {"target_passes", "drafted", "accepted", "acceptance_rate",
+                                     "tokens_per_pass", "gamma"}
     assert row["speculative"]["target_passes"] <= 11  # the first token comes from the prefill
     rc, out, err = run(capsys, base + ["--speculative", "gamma=4"])
     assert rc == 2 and "name a proposer" in err
@@ -160,22 +170,78 @@ def test_speculative_generate(ckpt, capsys):
 
 def test_command_keeps_compiled_programs_on_disk(ckpt, tmp_path):
     """Run as a program, `jaxgen` writes JAX's persistent compilation cache under $JAXGEN_CACHE/xla
-    (and not with JAXGEN_COMPILE_CACHE=0); the second run gives the same tokens."""
+    (and not with JAXGEN_COMPILE_CACHE=0); a later run loads every program from there (a hit for each
+    program the first run compiled, no miss) and gives the same tokens."""
     import subprocess
 
     _, _, ck = ckpt
     env = dict(os.environ, JAXGEN_CACHE=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    cmd = [sys.executable, "-c", "import sys; from jaxgen import cli; sys.exit(cli.main())",
-           "generate", "--model", str(ck), "--json", "--max-new-tokens", "4", "the tea"]
-    outs = []
+    # count the persistent cache's hits and misses (programs compiled, then written to it)
+    code = ("import sys, jax; from jaxgen import cli; ev = []\n"
+            "jax.monitoring.register_event_listener(lambda e, **k: ev.append(e))\n"
+            "rc = cli.main(); print('EVENTS', *(ev.count(f'/jax/compilation_cache/cache_{x}') for x in ('hits', 'misses')),"
+            " file=sys.stderr); sys.exit(rc)")
+    cmd = [sys.executable, "-c", code, "generate", "--model", str(ck), "--json", "--max-new-tokens", "4", "the tea"]
+    outs, events = [], []
     for off in ("1", "0", "1"):
         p = subprocess.run(cmd, env=dict(env, JAXGEN_COMPILE_CACHE="0" if off == "0" else "1"),
                            capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-2000:]
         outs.append(json.loads(p.stdout.splitlines()[-1])["tokens"])
+        events.append([int(x) for x in p.stderr.split("EVENTS")[-1].split()[:2]])
         if off == "1" and len(outs) == 1:
             cached = sorted((tmp_path / "xla").iterdir())
             assert cached, "no compiled program was written"
         if off == "0":
             assert sorted((tmp_path / "xla").iterdir()) == cached  # nothing written while off
     assert outs[0] == outs[1] == outs[2]
+    assert events[0][0] == 0 and events[0][1] >= 2 and events[1] == [0, 0], events  # compiled, cache off
+    assert events[2] == [events[0][1], 0], events  # every program the first run compiled came from disk
+
+
+def test_out_of_memory_says_so_and_other_errors_keep_their_traceback(ckpt, capsys, monkeypatch):
+    """An XLA allocation failure is reported as out of memory with what to lower (exit 3), not as bad
+    input; an unexpected error is not reported as bad input either: it propagates with its traceback."""
+    import importlib
+
+    import jax
+
+    G = importlib.import_module("jaxgen.generate")  # the module (jaxgen.generate is also the function)
+    _, _, ck = ckpt
+    argv = ["generate", "the cat", "--model", str(ck), "--json"]
+
+    def oom(*a, **k):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.00GiB.\nmore")
+        yield
+
+    monkeypatch.setattr(G, "stream", oom)
+    rc, out, err = run(capsys, argv)
+    assert rc == 3 and "out of memory: RESOURCE_EXHAUSTED" in err and "--max-new-tokens" in err and "more" not in err
+
+    def bug(*a, **k):
+        raise RuntimeError("an internal invariant broke")
+        yield
+
+    monkeypatch.setattr(G, "stream", bug)
+    with pytest.raises(RuntimeError, match="invariant"):
+        cli.main(argv)
+
+
+def test_stream_decoder_is_exact_and_linear(ckpt):
+    """Fed one id at a time, the decoder's pieces join to the whole text, no piece holds a partial
+    UTF-8 character, and the ids it decodes per push stay bounded (it re-decoded the whole history
+    each push: quadratic in the output length)."""
+    tok = registry.load(str(ckpt[2])).tokenizer
+    text = "the tea is hot \u2014 \u65e5\u672c caf\u00e9 " * 6 + "\U0001F600 end"
+    ids = tok.encode(text)
+    decoded = []
+    real = tok.decode
+    tok.decode = lambda xs: decoded.append(len(xs)) or real(xs)
+    try:
+        dec = tok.stream_decoder()
+        pieces = [dec.push([i]) for i in ids] + [dec.flush()]
+    finally:
+        del tok.decode
+    assert "".join(pieces) == real(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert len(ids) > 150 and max(decoded) <= 8 and sum(decoded) <= 8 * len(ids), (max(decoded), sum(decoded))

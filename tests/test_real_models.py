@@ -53,6 +53,24 @@ def test_tokenizer_matches_reference(real):
         assert tok.encode(case["prompt"]) == case["prompt_ids"]
 
 
+def test_chat_template_matches_hf(real):
+    """`--chat`, `--system` and batch `messages` format conversations as HF's apply_chat_template does
+    with the template in the model's GGUF (Gemma 3 270M, a base model, has none: its fixture uses the
+    Gemma 3 instruction format; see tools/make_chat_fixtures.py): the same text and the same ids."""
+    chat = json.loads((FIXTURES / "chat-templates.json").read_text())
+    if real.name not in chat:
+        pytest.skip(f"no chat-template fixture for {real.name}")
+    tok = real.model.tokenizer
+    for case in chat[real.name]["cases"]:
+        text = tok.apply_chat_template(case["messages"])
+        want = case["text"]
+        if tok.add_bos:  # the template writes BOS as text; jaxgen's encode adds it as an id
+            assert want.startswith("<bos>"), want[:10]
+            want = want[len("<bos>"):]
+        assert text == want, case["messages"]
+        assert tok.encode(text) == case["ids"], case["messages"]
+
+
 def test_greedy_tokens_equal_reference_alone(real):
     for case, got in zip(real.fixture["cases"], real.alone):
         assert got.tokens == case["greedy_ids"], (case["prompt"][:40], real.model.tokenizer.decode(got.tokens))

@@ -15,8 +15,6 @@ import json
 import pathlib
 import sys
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 PROMPTS = [
     "The capital of France is",
@@ -66,6 +64,9 @@ def main():
     ap.add_argument("--out", default="tests/fixtures")
     ap.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args()
+    import torch  # here, so that gguf_path serves tools/make_chat_fixtures.py, which needs no torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     torch.manual_seed(0)
     for name in args.models:
         path = gguf_path(name)

@@ -1,0 +1,75 @@
+"""Chat-template fixtures from HF transformers' `apply_chat_template` (the template stored in each GGUF),
+for the tests of jaxgen's own chat formatting (`--chat`, `--system`, batch `messages`).
+
+Run in a separate environment with transformers, jinja2, gguf, sentencepiece and protobuf (no torch
+needed; none of these is a jaxgen dependency) and the model packages installed:
+
+    python tools/make_chat_fixtures.py gemma3-270m smollm2-135m qwen2.5-coder-0.5b [--out tests/fixtures]
+
+Writes chat-templates.json: per model, per conversation, the template's text (generation prompt
+added) and its token ids (HF's tokenizer built from the GGUF).
+
+Gemma 3 270M is a base model and its GGUF carries no template; for it the template below is given to
+HF, written from the format of the Gemma 3 instruction-tuned models (the one jaxgen follows): BOS,
+the system text and a blank line before the first user turn, every content trimmed, the assistant's
+role named "model".
+"""
+import argparse
+import json
+import pathlib
+import sys
+
+from transformers import AutoTokenizer
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from make_reference import gguf_path  # noqa: E402
+
+GEMMA3_FORMAT = (
+    "{{ bos_token }}"
+    "{%- set prefix = messages[0]['content'] + '\\n\\n' if messages[0]['role'] == 'system' else '' -%}"
+    "{%- for m in messages if m['role'] != 'system' -%}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' }}"
+    "{{- (prefix if loop.first else '') + m['content'] | trim }}{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}")
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Write a haiku about JAX."}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2 + 2?"}],
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello. How can I help?"},
+     {"role": "user", "content": "Name a prime number."}],
+    [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Good morning"},
+     {"role": "assistant", "content": "Bonjour"}, {"role": "user", "content": "Thank you"}],
+    [{"role": "user", "content": "  padded content with spaces  \n"}],
+    [{"role": "user", "content": "emoji \U0001F642 and \u65e5\u672c\u8a9e, code `x = 1`\nsecond line"}],
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--out", default="tests/fixtures")
+    args = ap.parse_args()
+    out = pathlib.Path(args.out) / "chat-templates.json"
+    fixtures = json.loads(out.read_text()) if out.exists() else {}
+    for name in args.models:
+        path = gguf_path(name)
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        template = None if tok.chat_template else GEMMA3_FORMAT
+        cases = []
+        for msgs in CONVERSATIONS:
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, chat_template=template)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            cases.append({"messages": msgs, "text": text, "ids": ids})
+            print(name, repr(text[:120]), file=sys.stderr)
+        import transformers
+
+        source = "the GGUF's template" if template is None else "the Gemma 3 format (GEMMA3_FORMAT)"
+        fixtures[name] = {"reference": f"transformers {transformers.__version__} apply_chat_template "
+                                       f"(add_generation_prompt=True), {source}", "cases": cases}
+    out.write_text(json.dumps(fixtures, ensure_ascii=False, indent=1))
+    print("wrote", out, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
