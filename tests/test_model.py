@@ -109,3 +109,57 @@ def test_scan_keeps_compile_size_flat_in_depth(tiny_model):
             param_shapes(c), jax.ShapeDtypeStruct((1, 4), jnp.int32), cache_shapes(c, 1, 16)).as_text()
         sizes.append(len(hlo))
     assert sizes[1] < 1.2 * sizes[0]
+
+
+def numpy_qwen2_forward(params, tokens, cfg):
+    """Logits [T, V] of one sequence by a float64 numpy forward written from the Qwen2 architecture
+    (not from jaxgen.model): RMSNorm, q/k/v projections with bias, RoPE on halves, grouped-query
+    causal attention (query head n reads kv head n // (N / K)), SwiGLU MLP, untied output matrix."""
+    P = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    L, eps, H = P.layers, cfg.norm_eps, cfg.head_dim
+    T = len(tokens)
+    norm = lambda v, w: v / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + eps) * w
+    ang = np.arange(T)[:, None] * cfg.rope_theta ** (-np.arange(0, H, 2) / H)  # [T, H/2]
+    cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
+
+    def rope(v):  # v [T, heads, H]
+        a, b = v[..., :H // 2], v[..., H // 2:]
+        return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+    x = P.embed.T[np.asarray(tokens)]  # embed is stored [D, V]: row t of its transpose  [T, D]
+    G = cfg.n_heads // cfg.n_kv_heads
+    causal = np.tril(np.ones((T, T), bool))
+    for l in range(cfg.n_layers):
+        h = norm(x, L.attn_norm[l])
+        q = rope(np.einsum("td,dnh->tnh", h, L.wq[l]) + L.bq[l])
+        k = np.repeat(rope(np.einsum("td,dkh->tkh", h, L.wk[l]) + L.bk[l]), G, axis=1)  # [T, N, H]
+        v = np.repeat(np.einsum("td,dkh->tkh", h, L.wv[l]) + L.bv[l], G, axis=1)
+        s = np.where(causal, np.einsum("tnh,snh->nts", q, k) / np.sqrt(H), -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        x = x + np.einsum("tnh,nhd->td", np.einsum("nts,snh->tnh", p, v), L.wo[l])
+        h = norm(x, L.ffn_norm[l])
+        g = h @ L.w_gate[l]
+        x = x + (g / (1 + np.exp(-g)) * (h @ L.w_up[l])) @ L.w_down[l]
+    return norm(x, P.final_norm) @ P.unembed  # [T, V]
+
+
+def test_qwen2_forward_equals_independent_numpy_forward():
+    """The qwen2 architecture (QKV bias, untied output, GQA) in CI without the real model: a tiny
+    random qwen2-shaped config against numpy, for the full forward and for generate's greedy tokens."""
+    from jaxgen.generate import Model, generate
+
+    from .conftest import TINY_QWEN, random_params
+
+    cfg = TINY_QWEN
+    assert cfg.qkv_bias and not cfg.tie_embeddings and cfg.n_kv_heads < cfg.n_heads
+    params = random_params(cfg, seed=3)
+    assert params.unembed is not None and params.layers.bq is not None
+    tokens = [int(t) for t in np.random.default_rng(0).integers(0, cfg.vocab_size, 13)]
+    got = forward(params, jnp.asarray([tokens]), jnp.arange(13)[None], init_cache(cfg, 1, 13), cfg)[0][0]
+    np.testing.assert_allclose(got, numpy_qwen2_forward(params, tokens, cfg), atol=2e-4, rtol=1e-4)
+    out = generate(Model(cfg, params), [tokens[:5]], max_new_tokens=8, stop_ids=[])[0]
+    seq = tokens[:5]
+    for t in out.tokens:  # each greedy token is the numpy forward's argmax
+        assert t == int(np.argmax(numpy_qwen2_forward(params, seq, cfg)[-1]))
+        seq = seq + [t]

@@ -182,8 +182,17 @@ def test_bfloat16_quantized_scales():
     p = jax.tree.map(lambda a: a.astype(jnp.bfloat16), random_params(TINY_GEMMA))
     qp = quant.quantize_params(p, "int8")
     assert qp.embed.dtype == jnp.bfloat16 and qp.layers.wq.q.dtype == jnp.int8
-    out = generate(dataclasses.replace(Model(TINY_GEMMA, qp)), [[1, 2, 3]], max_new_tokens=4, stop_ids=[])
-    assert len(out[0].tokens) == 4
+    out = generate(dataclasses.replace(Model(TINY_GEMMA, qp)), [[1, 2, 3]], max_new_tokens=8, stop_ids=[])[0]
+    # against the float32 model of the same (dequantized) weights, teacher-forced on the same tokens:
+    # each log-probability within bfloat16 rounding, and each greedy choice its (near-)argmax
+    f32 = random_params(TINY_GEMMA)
+    ref = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), reshape_like(f32, dequantized_params(qp)))
+    seq = jnp.asarray([[1, 2, 3] + out.tokens], jnp.int32)
+    logits = _forward(ref, seq, jnp.arange(seq.shape[1])[None], init_cache(TINY_GEMMA, 1, seq.shape[1]), TINY_GEMMA)[0]
+    lp = np.asarray(jax.nn.log_softmax(logits[0, 2:-1], axis=-1))  # [8, V] for the 8 new tokens
+    chosen = lp[np.arange(8), out.tokens]
+    np.testing.assert_allclose(out.logprobs, chosen, atol=0.05)
+    assert np.all(chosen >= lp.max(axis=-1) - 0.05), (chosen, lp.max(axis=-1))
 
 
 def test_gguf_q8_0_tensors_load_as_int8_without_float(tmp_path):
