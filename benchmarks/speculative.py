@@ -96,7 +96,10 @@ def main(argv=None):
         lines.append(f"| {r['task']} | {r['batch']} | {r['system']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
                      f"{r['tokens_per_target_pass']:.2f} | {acc} | {'yes' if r['identical_to_plain'] else 'NO'} |")
     text = "\n".join(lines) + (f"\n\n{a.model}, float32, greedy, {a.new_tokens} new tokens per row, median of "
-                               f"{a.repeats} timed calls after a compiling one (`python -m benchmarks.speculative`).")
+                               f"{a.repeats} timed calls after a compiling one (`python -m benchmarks.speculative`). "
+                               "Tokens per target pass: new tokens after each row's first (which the prefill gives) "
+                               "per target forward pass, at most gamma + 1; acceptance: accepted / drafted tokens "
+                               "(prompt lookup's plain fallback steps draft none).")
     print(text)
     if not a.no_readme:
         from benchmarks.run import update_readme

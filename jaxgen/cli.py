@@ -101,7 +101,7 @@ def _generate_speculative(args, model, texts, prompts, request, timings, propose
             print(o.text if len(prompts) == 1 else f"--- {p!r}\n{o.text}")
     print(f"[{stats.new_tokens} tokens; load {timings['load_s']:.2f}s, generate {timings['generate_s']:.2f}s "
           f"(compile included); {stats.tokens_per_pass:.2f} tokens per target pass, acceptance "
-          f"{100 * stats.acceptance_rate:.0f}% of gamma={stats.gamma}]", file=sys.stderr)
+          f"{100 * stats.acceptance_rate:.0f}% of {stats.drafted} drafted tokens (gamma={stats.gamma})]", file=sys.stderr)
     return 0
 
 

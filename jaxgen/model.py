@@ -142,7 +142,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def attend(q: jax.Array, k, v, mask: jax.Array, scale: float) -> jax.Array:
     """q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]; softmax in f32.
     k / v may be int8 cache pairs (values [B, S, K, H], scales [B, S, K]): the key scale multiplies
-    the scores and the value scale the probabilities, so the cache is never dequantized whole."""
+    the scores and the value scale the probabilities; the int8 values of this layer are converted to
+    q's dtype here (a per-step, per-layer conversion; scales are never applied to the cache itself)."""
     B, T, N, H = q.shape
     k_scale = v_scale = None
     if isinstance(k, tuple):
