@@ -21,7 +21,7 @@ import optax
 import jaxgen
 from jaxgen import sampling as smp
 from jaxgen.checkpoint import orbax
-from jaxgen.generate import generate_tokens
+from jaxgen.engine import generate_tokens
 
 CFG = jaxgen.ModelConfig(name="tiny-example", vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                          head_dim=16, d_ff=128, max_seq_len=64, activation="silu", rope_theta=1e4)

@@ -221,7 +221,8 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
     import numpy as np
 
     from jaxgen import sampling as smp
-    from jaxgen.generate import decode_jit, fetch, insert_jit, output, place, prefill_jit, prepare, to_completions
+    from jaxgen.engine import decode_jit, insert_jit, output, prefill_jit
+    from jaxgen.generate import fetch, place, prepare, to_completions
 
     cfg = model.cfg
     B, NS = p.batch, p.stop_slots

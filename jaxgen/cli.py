@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json-input", action="store_true", help="stdin lines are JSON strings")
     g.add_argument("--ignore-stop", action="store_true", help="run every row to --max-new-tokens")
     g.add_argument("--top-logprobs", type=int, default=0)
+    g.add_argument("--n", type=int, default=1, help="samples per prompt, from one prefill of it (default 1)")
     g.add_argument("--chunk-steps", type=int, default=4, help="decode steps between streamed outputs")
 
     b = sub.add_parser("batch", help="generate for a JSONL file of prompts (resumable, sharded)")
@@ -82,25 +83,29 @@ def _quant_args(p):
     p.add_argument("--kv-quant", default=None, choices=["int8"], help="store the KV cache in int8 (default: dtype)")
 
 
-def _generate_speculative(args, model, texts, prompts, request, timings, proposer) -> int:
-    import time
+TIMING_KEYS = ("load_s", "compile_s", "prefill_s", "decode_s", "new_tokens")  # every --json path's "timing"
 
+
+def _timing_line(t: dict) -> str:
+    return (f"{t['new_tokens']} tokens; load {t['load_s']:.2f}s, compile {t['compile_s']:.2f}s, "
+            f"prefill {t['prefill_s']:.3f}s, decode {t['decode_s']:.2f}s")
+
+
+def _generate_speculative(args, model, texts, prompts, request, timings, proposer) -> int:
     from jaxgen import speculative
     from jaxgen.checkpoint import load
 
     proposer = speculative.with_draft(proposer, lambda name: load(name, args.dtype, quant=args.quant))
-    t = time.perf_counter()
-    outs, stats = speculative.generate(model, texts, proposer, **request)
-    timings.update(generate_s=time.perf_counter() - t, new_tokens=stats.new_tokens)
+    outs, stats = speculative.generate(model, texts, proposer, timings=timings, **request)
     spec = {"target_passes": stats.passes, "drafted": stats.drafted, "accepted": stats.accepted,
             "acceptance_rate": stats.acceptance_rate, "tokens_per_pass": stats.tokens_per_pass, "gamma": stats.gamma}
     for p, o in zip(prompts, outs):
         if args.json:
-            print(json.dumps({"prompt": p, **o.fields(), "timing": timings, "speculative": spec}, ensure_ascii=False))
+            print(json.dumps({"prompt": p, **o.fields(), "timing": {k: timings[k] for k in TIMING_KEYS},
+                              "speculative": spec}, ensure_ascii=False))
         else:
             print(o.text if len(prompts) == 1 else f"--- {p!r}\n{o.text}")
-    print(f"[{stats.new_tokens} tokens; load {timings['load_s']:.2f}s, generate {timings['generate_s']:.2f}s "
-          f"(compile included); {stats.tokens_per_pass:.2f} tokens per target pass, acceptance "
+    print(f"[{_timing_line(timings)}; {stats.tokens_per_pass:.2f} tokens per target pass, acceptance "
           f"{100 * stats.acceptance_rate:.0f}% of {stats.drafted} drafted tokens (gamma={stats.gamma})]", file=sys.stderr)
     return 0
 
@@ -138,6 +143,10 @@ def cmd_generate(args) -> int:
     prompts = _read_prompts(args)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.n > 1 and args.speculative:
+        raise ValueError("--n > 1 does not combine with --speculative yet")
     knobs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                  repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                  frequency_penalty=args.frequency_penalty)
@@ -163,16 +172,18 @@ def cmd_generate(args) -> int:
         texts = [tok.apply_chat_template(msgs(p)) for p in prompts]
     request = dict(max_new_tokens=args.max_new_tokens, seed=args.seed,
                    stop_ids=[] if args.ignore_stop else None, **knobs)
-    n = len(prompts)
     if proposer is not None:
         return _generate_speculative(args, model, texts, prompts, request, timings, proposer)
+    k_samples = args.n
+    n = len(prompts) * k_samples  # output rows: sample j of prompt p is row p * k_samples + j
+    label = lambda i: f"{prompts[i // k_samples]!r}" + (f" sample {i % k_samples}" if k_samples > 1 else "")
     streaming = not args.json
     decoders = [tok.stream_decoder() for _ in range(n)]
     sent = [0] * n
     printed_done = [False] * n
     out = None
     for out in stream(model, texts, chunk_steps=args.chunk_steps if streaming else 1 << 30,
-                      top_logprobs=args.top_logprobs, timings=timings, **request):
+                      top_logprobs=args.top_logprobs, timings=timings, n=k_samples, **request):
         if not streaming:
             continue
         for i in range(n):
@@ -189,20 +200,19 @@ def cmd_generate(args) -> int:
             elif done and not printed_done[i]:  # several prompts: each is printed when it finishes
                 printed_done[i] = True
                 text = tok.decode(out.tokens[i, :body_end])
-                sys.stdout.write(f"--- [{i}] {prompts[i]!r}\n{text}\n")
+                sys.stdout.write(f"--- [{i}] {label(i)}\n{text}\n")
                 sys.stdout.flush()
     if streaming:
         if n == 1 and int(out.finish[0]) == 0:
             sys.stdout.write(decoders[0].flush() + "\n")
         for i in range(n):
             if n > 1 and not printed_done[i]:
-                sys.stdout.write(f"--- [{i}] {prompts[i]!r}\n{tok.decode(out.tokens[i, :int(out.num_new[i])])}\n")
-        print(f"[{timings['new_tokens']} tokens; load {timings['load_s']:.2f}s, compile {timings['compile_s']:.2f}s, "
-              f"prefill {timings['prefill_s']:.3f}s, decode {timings['decode_s']:.2f}s]", file=sys.stderr)
+                sys.stdout.write(f"--- [{i}] {label(i)}\n{tok.decode(out.tokens[i, :int(out.num_new[i])])}\n")
+        print(f"[{_timing_line(timings)}]", file=sys.stderr)
         return 0
-    keys = ("load_s", "compile_s", "prefill_s", "decode_s", "new_tokens")
-    for c in to_completions(model, prompts, out, n):
-        print(json.dumps({"prompt": c.prompt, **c.fields(), "timing": {k: timings[k] for k in keys}},
+    for c in to_completions(model, prompts, out, n, k_samples):
+        sample = {"sample": c.sample} if k_samples > 1 else {}
+        print(json.dumps({"prompt": c.prompt, **sample, **c.fields(), "timing": {k: timings[k] for k in TIMING_KEYS}},
                          ensure_ascii=False))
     return 0
 

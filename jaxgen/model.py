@@ -8,9 +8,12 @@ Layers are either stacked on a leading L axis and run with `lax.scan`, one layer
 time does not grow with depth), or a tuple of per-layer params run unrolled (faster decode on CPU:
 see `unstack_layers`). Sliding-window (local) and global layers keep caches of different lengths
 (Gemma 3: five local then one global, repeated); a scan step picks its kind with `lax.cond`, an
-unrolled layer knows it statically.
+unrolled layer knows it statically. `Model` bundles what generation needs: config, params, tokenizer.
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +57,17 @@ class Params:
     layers: LayerParams | tuple
     final_norm: jax.Array  # [D]
     unembed: jax.Array | None = None  # [D, V] if not cfg.tie_embeddings (same layout as embed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """What generation needs: a config, params and (optionally) a tokenizer for text in/out. Loaders
+    (`jaxgen.checkpoint`) return it; the host API (`jaxgen.generate`) takes it."""
+    cfg: ModelConfig
+    params: Params
+    tokenizer: Any = None
+    mesh: Any = None  # a jax.sharding.Mesh when params are sharded (see jaxgen.sharding)
+    kv_quant: str | None = None  # None (cache in the params' dtype) or "int8" (see jaxgen.cache)
 
 
 def param_shapes(cfg: ModelConfig, dtype=jnp.float32) -> Params:

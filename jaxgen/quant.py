@@ -198,9 +198,9 @@ def quantize_params(params, mode: str = "int8", group: int | None = None):
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {MODES}")
     if isinstance(params.layers, tuple):  # per-layer params come back stacked: see model.unstack_layers
-        from jaxgen.model import stack_layers
-
-        return quantize_params(stack_layers(params), mode, group)
+        # (model.stack_layers, written out: quant is below model, which imports it)
+        stack = jnp.stack if isinstance(jax.tree.leaves(params.layers)[0], jax.Array) else np.stack
+        return quantize_params(params.replace(layers=jax.tree.map(lambda *a: stack(a), *params.layers)), mode, group)
     bits = 8 if mode == "int8" else 4
     group = DEFAULT_GROUP[mode] if group is None else group
     layers = params.layers.replace(**{n: quantize(as_matrix(n, getattr(params.layers, n)), bits, group)

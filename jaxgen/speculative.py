@@ -20,6 +20,7 @@ rest of the batch. They differ from `generate`'s draws (the same distribution, n
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import jax
@@ -30,9 +31,9 @@ from flax import struct
 from jaxgen import sampling as smp
 from jaxgen.cache import KVCache, init_cache, padded_positions
 from jaxgen.config import ModelConfig
-from jaxgen.generate import (DecodeState, GenerateOutput, Model, _record, append_tokens, fetch, output, prefill,
-                             prepare, to_completions)
-from jaxgen.model import forward, forward_hidden, unembed
+from jaxgen.engine import DecodeState, GenerateOutput, append_tokens, output, prefill, record
+from jaxgen.generate import fetch, prepare, to_completions
+from jaxgen.model import Model, forward, forward_hidden, unembed
 
 
 @struct.dataclass
@@ -244,19 +245,18 @@ def _plain_step(params, s: SpecState, sp, max_new_tokens, stop_ids, seeds, *, cf
     active = ~b.done
     pos = jnp.where(active, b.cache.lengths, -1)[:, None]
     h, cache = forward_hidden(params, b.last[:, None], pos, b.cache, cfg)
-    nb = _record(b.replace(cache=cache), unembed(params, h[:, 0], cfg), sp, max_new_tokens, stop_ids, seeds,
+    nb = record(b.replace(cache=cache), unembed(params, h[:, 0], cfg), sp, max_new_tokens, stop_ids, seeds,
                  0, candidates, pad_id)
     rows = jnp.arange(b.last.shape[0])
     hist = s.hist.at[rows, jnp.where(active, s.hist_len, s.hist.shape[1])].set(nb.last, mode="drop")
     return s.replace(base=nb, hist=hist, hist_len=s.hist_len + active, passes=s.passes + active)
 
 
-def speculative_tokens(params, draft_params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, *,
-                       cfg: ModelConfig, draft_cfg: ModelConfig | None, gamma: int, ngram: int, max_new: int,
-                       cache_len: int, candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0,
-                       kv_quant: str | None = None, penalties: bool = True) -> SpecOutput:
-    """Like generate.generate_tokens, decoding speculatively (static: gamma, ngram, draft_cfg; a
-    draft_cfg of None means prompt lookup and draft_params is ignored)."""
+def spec_prefill(params, draft_params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, *,
+                 cfg: ModelConfig, draft_cfg: ModelConfig | None, gamma: int, max_new: int, cache_len: int,
+                 candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0, kv_quant: str | None = None,
+                 penalties: bool = True) -> SpecState:
+    """The target's (and the draft's) prefill and the first new token, as engine.prefill does."""
     B, T = prompts.shape
     extra = gamma + 1
     # ring buffers with gamma + 1 spare slots: a pass writes that far ahead before rolling back
@@ -268,11 +268,17 @@ def speculative_tokens(params, draft_params, prompts, prompt_lengths, sp, max_ne
         draft_cache = init_cache(draft_cfg, B, cache_len, draft_params.embed.dtype, extra=extra, kv_quant=kv_quant)
         _, draft_cache = forward_hidden(draft_params, prompts, padded_positions(prompt_lengths, T), draft_cache,
                                         draft_cfg)
-    hist = jnp.concatenate([prompts, jnp.full((B, max_new), pad_id, jnp.int32)], axis=1)
+    hist = jnp.concatenate([prompts, jnp.full((B, max_new), pad_id, jnp.int32)], axis=1)  # [B, T + M]
     hist = hist.at[jnp.arange(B), prompt_lengths].set(base.tokens[:, 0])
-    s = SpecState(base=base, draft_cache=draft_cache, hist=hist, hist_len=prompt_lengths + base.num_new,
-                  passes=jnp.zeros((B,), jnp.int32), drafted=jnp.zeros((B,), jnp.int32),
-                  accepted=jnp.zeros((B,), jnp.int32))
+    return SpecState(base=base, draft_cache=draft_cache, hist=hist, hist_len=prompt_lengths + base.num_new,
+                     passes=jnp.zeros((B,), jnp.int32), drafted=jnp.zeros((B,), jnp.int32),
+                     accepted=jnp.zeros((B,), jnp.int32))
+
+
+def spec_decode(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids, seeds, *, cfg: ModelConfig,
+                draft_cfg: ModelConfig | None, gamma: int, ngram: int, candidates: int = smp.DEFAULT_CANDIDATES,
+                pad_id: int = 0) -> SpecOutput:
+    """Speculative passes in a `lax.while_loop` until every row is done."""
     spec = lambda s, drafts=None: _step(params, draft_params, s, sp, max_new_tokens, stop_ids, seeds, drafts,
                                         cfg=cfg, draft_cfg=draft_cfg, gamma=gamma, candidates=candidates,
                                         pad_id=pad_id)
@@ -288,9 +294,26 @@ def speculative_tokens(params, draft_params, prompts, prompt_lengths, sp, max_ne
     return SpecOutput(out=output(s.base), passes=s.passes, drafted=s.drafted, accepted=s.accepted)
 
 
-speculative_jit = jax.jit(speculative_tokens, static_argnames=("cfg", "draft_cfg", "gamma", "ngram", "max_new",
-                                                                "cache_len", "candidates", "pad_id", "kv_quant",
-                                                                "penalties"))
+def speculative_tokens(params, draft_params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, *,
+                       cfg: ModelConfig, draft_cfg: ModelConfig | None, gamma: int, ngram: int, max_new: int,
+                       cache_len: int, candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0,
+                       kv_quant: str | None = None, penalties: bool = True) -> SpecOutput:
+    """Like engine.generate_tokens, decoding speculatively (static: gamma, ngram, draft_cfg; a
+    draft_cfg of None means prompt lookup and draft_params is ignored)."""
+    s = spec_prefill(params, draft_params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
+                     draft_cfg=draft_cfg, gamma=gamma, max_new=max_new, cache_len=cache_len, candidates=candidates,
+                     pad_id=pad_id, kv_quant=kv_quant, penalties=penalties)
+    return spec_decode(params, draft_params, s, sp, max_new_tokens, stop_ids, seeds, cfg=cfg, draft_cfg=draft_cfg,
+                       gamma=gamma, ngram=ngram, candidates=candidates, pad_id=pad_id)
+
+
+_DECODE_STATIC = ("cfg", "draft_cfg", "gamma", "ngram", "candidates", "pad_id")
+speculative_jit = jax.jit(speculative_tokens, static_argnames=_DECODE_STATIC + ("max_new", "cache_len", "kv_quant",
+                                                                                "penalties"))
+# The two phases as separate programs, so `generate(..., timings=)` can time them apart.
+spec_prefill_jit = jax.jit(spec_prefill, static_argnames=("cfg", "draft_cfg", "gamma", "max_new", "cache_len",
+                                                          "candidates", "pad_id", "kv_quant", "penalties"))
+spec_decode_jit = jax.jit(spec_decode, static_argnames=_DECODE_STATIC, donate_argnames="s")
 
 
 @dataclasses.dataclass
@@ -315,13 +338,18 @@ class SpecStats:
         return (self.new_tokens - self.prefill_tokens) / max(self.passes, 1)
 
 
-def generate(model: Model, prompts, proposer: Proposer, *, candidates: int = smp.DEFAULT_CANDIDATES, **request):
+def generate(model: Model, prompts, proposer: Proposer, *, candidates: int = smp.DEFAULT_CANDIDATES,
+             timings: dict | None = None, **request):
     """`jaxgen.generate` decoded speculatively. Returns (completions, SpecStats). Same knobs; the
-    first new token comes from the prefill, the rest from speculative passes."""
+    first new token comes from the prefill, the rest from speculative passes. If `timings` is a dict
+    it receives compile_s, prefill_s, decode_s (device-synchronized) and new_tokens, as from
+    `generate.stream`."""
     if model.mesh is not None:
         raise ValueError("speculative decoding runs unsharded for now (give a model without a mesh)")
     if request.get("top_logprobs"):
         raise ValueError("top_logprobs is not reported by speculative decoding")
+    if request.get("n", 1) != 1:
+        raise ValueError("speculative decoding takes one sample per prompt (n=1) for now")
     request.pop("top_logprobs", None)
     d = proposer.draft
     if isinstance(d, str):
@@ -334,14 +362,29 @@ def generate(model: Model, prompts, proposer: Proposer, *, candidates: int = smp
     cache_len = p.cache_len + g + 1
     if cache_len > model.cfg.max_seq_len or (d is not None and cache_len > d.cfg.max_seq_len):
         raise ValueError(f"prompt + max_new_tokens + gamma + 1 = {cache_len} exceeds the context")
-    res = speculative_jit(model.params, d.params if d is not None else None, **args, cfg=model.cfg,
-                          draft_cfg=d.cfg if d is not None else None, gamma=g, ngram=proposer.ngram,
-                          max_new=p.max_new, cache_len=cache_len, candidates=candidates, kv_quant=model.kv_quant,
-                          penalties=p.penalties)
+    dp = d.params if d is not None else None
+    statics = dict(cfg=model.cfg, draft_cfg=d.cfg if d is not None else None, gamma=g, candidates=candidates)
+    lens = dict(max_new=p.max_new, cache_len=cache_len, kv_quant=model.kv_quant, penalties=p.penalties)
+    if timings is None:
+        res = speculative_jit(model.params, dp, **args, **statics, ngram=proposer.ngram, **lens)
+    else:  # the same two phases as two programs, compiled ahead and timed apart (as generate.stream)
+        loop_args = {k: args[k] for k in ("sp", "max_new_tokens", "stop_ids", "seeds")}
+        t0 = time.perf_counter()
+        lowered = spec_prefill_jit.lower(model.params, dp, **args, **statics, **lens)
+        prefill_c = lowered.compile()
+        decode_c = spec_decode_jit.lower(model.params, dp, lowered.out_info, **loop_args, **statics,
+                                         ngram=proposer.ngram).compile()
+        t1 = time.perf_counter()
+        s = jax.block_until_ready(prefill_c(model.params, dp, **args))
+        t2 = time.perf_counter()
+        res = jax.block_until_ready(decode_c(model.params, dp, s, **loop_args))
+        timings.update(compile_s=t1 - t0, prefill_s=t2 - t1, decode_s=time.perf_counter() - t2)
     res = fetch(res)
     n = len(ids)
     num_new = res.out.num_new[:n]
     stats = SpecStats(passes=int(np.sum(res.passes[:n])), drafted=int(np.sum(res.drafted[:n])),
                       accepted=int(np.sum(res.accepted[:n])), new_tokens=int(np.sum(num_new)),
                       prefill_tokens=int(np.sum(num_new > 0)), gamma=g)
+    if timings is not None:
+        timings["new_tokens"] = stats.new_tokens
     return to_completions(model, prompts, res.out, n), stats

@@ -8,7 +8,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from jaxgen.config import ModelConfig  # noqa: E402
-from jaxgen.generate import Model  # noqa: E402
+from jaxgen.model import Model  # noqa: E402
 from jaxgen.model import init_params  # noqa: E402
 
 # Gemma-3-like: GQA, q/k norm, sandwich norms, GeGLU, tied scaled embeddings, 2 local : 1 global with

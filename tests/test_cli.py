@@ -149,18 +149,19 @@ def test_quantized_convert_and_generate(ckpt, capsys, tmp_path):
 
 
 def test_speculative_generate(ckpt, capsys):
-    """--speculative prints the plain greedy tokens, with the acceptance statistics; a bad spec is one
-    line on stderr and exit status 2."""
+    """--speculative prints the plain greedy tokens, with the acceptance statistics and the plain path's
+    timing fields; a bad spec is one line on stderr and exit status 2."""
     _, _, ck = ckpt
     base = ["generate", "the cat sat on the mat and the cat", "--model", str(ck), "--json", "--ignore-stop",
             "--max-new-tokens", "12"]
     rc, out, err = run(capsys, base)
     assert rc == 0, err
     plain = json.loads(out)["tokens"]
+    timing = set(json.loads(out)["timing"])
     rc, out, err = run(capsys, base + ["--speculative", "lookup,ngram=2,gamma=4"])
     assert rc == 0, err
     row = json.loads(out)
-    assert row["tokens"] == plain
+    assert row["tokens"] == plain and set(row["timing"]) == timing and row["timing"]["new_tokens"] == 12
     assert set(row["speculative"]) == {"target_passes", "drafted", "accepted", "acceptance_rate",
                                      "tokens_per_pass", "gamma"}
     assert row["speculative"]["target_passes"] <= 11  # the first token comes from the prefill
@@ -245,3 +246,24 @@ def test_stream_decoder_is_exact_and_linear(ckpt):
     assert "".join(pieces) == real(ids) == text
     assert not any("\ufffd" in p for p in pieces)
     assert len(ids) > 150 and max(decoded) <= 8 and sum(decoded) <= 8 * len(ids), (max(decoded), sum(decoded))
+
+
+def test_n_samples_on_the_command_line(ckpt, capsys):
+    """--n K prints K JSON objects per prompt (prompt-major, each with its "sample" index), equal to
+    the API run on the prompts repeated K times; streamed output prints every sample."""
+    import jaxgen
+
+    _, _, ck = ckpt
+    base = ["generate", "the cat", "a dog sat", "--model", str(ck), "--ignore-stop", "--max-new-tokens", "5",
+            "--temperature", "0.9", "--seed", "1", "--n", "3"]
+    rc, out, err = run(capsys, base + ["--json"])
+    assert rc == 0, err
+    rows = [json.loads(x) for x in out.splitlines()]
+    assert [(r["prompt"], r["sample"]) for r in rows] == [(p, j) for p in ("the cat", "a dog sat") for j in range(3)]
+    want = jaxgen.generate(registry.load(str(ck)), ["the cat"] * 3 + ["a dog sat"] * 3, max_new_tokens=5,
+                           temperature=0.9, seed=1, stop_ids=[])
+    assert [r["tokens"] for r in rows] == [w.tokens for w in want]
+    rc, out, err = run(capsys, base)
+    assert rc == 0 and out.count("--- [") == 6 and "'a dog sat' sample 2" in out, out
+    rc, out, err = run(capsys, base + ["--n", "0"])
+    assert rc == 2 and "--n must be >= 1" in err

@@ -7,7 +7,8 @@ import numpy as np
 import optax
 
 import jaxgen
-from jaxgen.generate import generate_jit, generate_tokens, prepare
+from jaxgen.engine import generate_jit, generate_tokens
+from jaxgen.generate import prepare
 
 from .conftest import TINY_GEMMA, random_params
 

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from jaxgen.cache import init_cache
-from jaxgen.generate import Model, generate, generate_jit, plan, precompile, run
+from jaxgen.engine import generate_jit
+from jaxgen.generate import generate, plan, precompile, run
+from jaxgen.model import Model
 from jaxgen.model import forward
 from tests.conftest import TINY_GEMMA, TINY_QWEN, random_params
 
@@ -163,7 +165,8 @@ def test_plan_buckets():
 
 def test_inside_user_jit(gemma_model):
     """The low-level function composes with a user's own jit (no host callbacks, no Python state)."""
-    from jaxgen.generate import generate_tokens, prepare
+    from jaxgen.engine import generate_tokens
+    from jaxgen.generate import prepare
     _, args, p = prepare(gemma_model, PROMPTS, max_new_tokens=5)
 
     @jax.jit
@@ -240,10 +243,60 @@ def test_per_row_penalties_mix_with_plain_rows(gemma_model):
 
 def test_state_carries_penalty_history_only_when_used(gemma_model):
     """A request with no penalty builds a decode state without the [B, V] seen / counts arrays."""
-    from jaxgen.generate import prefill_jit, prepare
+    from jaxgen.engine import prefill_jit
+    from jaxgen.generate import prepare
 
     for knobs, width in ((dict(temperature=0.5, logit_bias={1: 1.0}), 0), (dict(presence_penalty=0.1), 64)):
         _, args, p = prepare(gemma_model, PROMPTS, max_new_tokens=4, **knobs)
         shape = jax.eval_shape(lambda a: prefill_jit(gemma_model.params, **a, cfg=gemma_model.cfg, max_new=p.max_new,
                                                      cache_len=p.cache_len, penalties=p.penalties), args)
         assert shape.seen.shape == shape.counts.shape == (p.batch, width), knobs
+
+
+N_KNOBS = [dict(temperature=0.9, top_k=20, seed=5),
+           dict(temperature=1.1, top_p=0.9, repetition_penalty=1.4, frequency_penalty=0.3, seed=2,
+                max_new_tokens=[14, 6, 9], stop_ids=[[7], [], [3, 4]], logit_bias=[{1: 2.0}, {}, {5: -1.0}])]
+
+
+@pytest.mark.parametrize("mesh", [None, "data=2,model=4"])
+@pytest.mark.parametrize("knobs", N_KNOBS, ids=["top_k", "penalties+per_prompt"])
+def test_n_samples_equal_repeated_prompts(tiny_model, knobs, mesh):
+    """generate(prompts, n=k) == generate(each prompt repeated k times), prompt-major, token for
+    token with logprobs and finish reasons (each prompt prefilled once, its cache and penalty
+    history copied to its k rows); per-prompt knobs apply to all of that prompt's samples."""
+    from jaxgen import sharding as shd
+
+    model = tiny_model
+    if mesh:
+        m = shd.make_mesh(mesh)
+        model = Model(tiny_model.cfg, shd.shard_params(tiny_model.params, tiny_model.cfg, m), mesh=m)
+    k = 4
+    rep = {name: [v for v in val for _ in range(k)] if isinstance(val, list) else val for name, val in knobs.items()}
+    want = generate(tiny_model, [p for p in PROMPTS for _ in range(k)], **{"max_new_tokens": 14, **rep})
+    got = generate(model, PROMPTS, n=k, **{"max_new_tokens": 14, **knobs})
+    assert len(got) == len(want) == k * len(PROMPTS)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert (g.tokens, g.finish_reason, g.sample) == (w.tokens, w.finish_reason, i % k), i
+        assert g.prompt == PROMPTS[i // k]
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)
+    assert len({tuple(g.tokens) for g in got[:k]}) > 1  # the samples of one prompt differ
+
+
+def test_n_samples_prefill_each_prompt_once(gemma_model):
+    """The prefill program takes the P prompts (its forward pass runs over them), and returns a decode
+    state of P * n rows."""
+    from jaxgen.engine import prefill_jit
+    from jaxgen.generate import prepare
+
+    _, args, p = prepare(gemma_model, PROMPTS, n=8, max_new_tokens=4, temperature=1.0)
+    assert args["prompts"].shape[0] == p.batch == 4 and args["seeds"].shape == (32,) and p.rows == 32
+    state = jax.eval_shape(lambda a: prefill_jit(gemma_model.params, **a, cfg=gemma_model.cfg, max_new=p.max_new,
+                                                 cache_len=p.cache_len, penalties=p.penalties, n=p.n), args)
+    assert state.tokens.shape[0] == state.cache.lengths.shape[0] == 32
+
+
+@pytest.mark.parametrize("n, msg", [(0, "n \\(samples per prompt\\) must be an integer >= 1"),
+                                    (True, "must be an integer"), (400, "exceeds the largest batch bucket")])
+def test_bad_n(gemma_model, n, msg):
+    with pytest.raises(ValueError, match=msg):
+        generate(gemma_model, PROMPTS, n=n)

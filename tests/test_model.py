@@ -147,7 +147,8 @@ def numpy_qwen2_forward(params, tokens, cfg):
 def test_qwen2_forward_equals_independent_numpy_forward():
     """The qwen2 architecture (QKV bias, untied output, GQA) in CI without the real model: a tiny
     random qwen2-shaped config against numpy, for the full forward and for generate's greedy tokens."""
-    from jaxgen.generate import Model, generate
+    from jaxgen.generate import generate
+    from jaxgen.model import Model
 
     from .conftest import TINY_QWEN, random_params
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import jaxgen
-from jaxgen.generate import Model
+from jaxgen.model import Model
 
 from .conftest import CONFIGS, random_params
 from .test_sharding import KNOBS, PROMPTS

@@ -11,7 +11,8 @@ import pytest
 from .conftest import TINY_GEMMA, TINY_QWEN, CompileCounter, random_params
 from jaxgen import quant
 from jaxgen.cache import cache_bytes, init_cache
-from jaxgen.generate import Model, generate
+from jaxgen.generate import generate
+from jaxgen.model import Model
 from jaxgen.model import forward as _forward
 from jaxgen.model import stack_layers
 

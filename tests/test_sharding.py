@@ -5,7 +5,9 @@ from jax.sharding import PartitionSpec as P
 
 import jaxgen
 from jaxgen import sharding as shd
-from jaxgen.generate import Model, prefill_jit, prepare
+from jaxgen.engine import prefill_jit
+from jaxgen.generate import prepare
+from jaxgen.model import Model
 
 from .conftest import CONFIGS, random_params
 

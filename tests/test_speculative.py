@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 from jaxgen import speculative as S
 from jaxgen.cache import init_cache
-from jaxgen.generate import Model, generate
+from jaxgen.generate import generate
+from jaxgen.model import Model
 from jaxgen.model import forward
 
 from .conftest import TINY_GEMMA, TINY_QWEN, CompileCounter, random_params

@@ -140,8 +140,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
     from jaxgen import quant as qmod
     from jaxgen.checkpoint import gguf, orbax
     from jaxgen.config import ModelConfig, load_config
-    from jaxgen.generate import Model
-    from jaxgen.model import unstack_layers
+    from jaxgen.model import Model, unstack_layers
     from jaxgen.tokenizer import from_gguf_fields
 
     t0 = time.perf_counter()
