@@ -181,13 +181,6 @@ def _line(r: dict, c, timing: dict) -> dict:
     return {"id": r["id"], **c.fields(), "timing": timing}
 
 
-def uses_penalties(rows: list[dict], defaults: dict) -> bool:
-    """Whether any row decodes with a repetition / presence / frequency penalty (then the running
-    state carries the [B, V] token history those read)."""
-    off = {"repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
-    return any(r.get(k, defaults[k]) != v for r in rows for k, v in off.items())
-
-
 def refill_plan(model, rows: list[dict], slots: int, memory_bytes: int | None, defaults: dict):
     """The Plan of the one running state a refill run uses: `slots` rows (fewer if their KV cache
     would pass memory_bytes; a multiple of the mesh's data axis), a cache for the longest prompt +
@@ -196,12 +189,17 @@ def refill_plan(model, rows: list[dict], slots: int, memory_bytes: int | None, d
 
     from jaxgen.cache import cache_bytes
     from jaxgen.generate import plan
+    from jaxgen.sampling import make_sampling_params, uses_penalties
 
     d = model.mesh.shape["data"] if model.mesh is not None else 1
     stops = defaults["stop_ids"]
     n_stops = len(getattr(model.tokenizer, "stop_ids", ()) or ()) if stops is None else len(stops)
+    # whether any row uses a penalty (then the running state carries the [B, V] token history)
+    penalty_knobs = {k: [r.get(k, defaults[k]) for r in rows]
+                     for k in ("repetition_penalty", "presence_penalty", "frequency_penalty")}
+    penalties = uses_penalties(make_sampling_params(len(rows), **penalty_knobs))
     p = plan(model.cfg, 1, max(len(r["ids"]) for r in rows), max(r["max_new"] for r in rows), stop_slots=n_stops,
-             penalties=uses_penalties(rows, defaults))
+             penalties=penalties)
     need = lambda b: cache_bytes(model.cfg, b, p.cache_len, model.params.embed.dtype, kv_quant=model.kv_quant)
     b = -(-slots // d) * d
     while memory_bytes is not None and b > d and need(b) > memory_bytes:
