@@ -19,12 +19,13 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxgen import sampling as smp
-from jaxgen.cache import KVCache, init_cache, padded_positions
+from jaxgen import stops as sst
+from jaxgen.cache import KVCache, init_cache, padded_positions, ring_size
 from jaxgen.config import ModelConfig
 from jaxgen.model import Params, forward_hidden, unembed
 
-STOP, LENGTH = 1, 2  # finish codes; 0 = still running
-FINISH_REASONS = {STOP: "stop", LENGTH: "length"}
+STOP, LENGTH, STOP_STRING = 1, 2, 3  # finish codes; 0 = still running
+FINISH_REASONS = {STOP: "stop", LENGTH: "length", STOP_STRING: "stop"}
 
 
 @struct.dataclass
@@ -42,7 +43,16 @@ class DecodeState:
     # batch 1024 on Gemma's 262k vocabulary), else [B, 0]: a greedy or plain-sampled batch carries none.
     seen: jax.Array  # [B, V | 0] bool token seen in prompt or output (repetition penalty)
     counts: jax.Array  # [B, V | 0] int32 generated-token counts (presence / frequency penalties)
+    stop_state: jax.Array  # [B] int32 stop-string automaton state of the row's text so far
+    stops: sst.StopStrings  # the stop-string tables (replicated) and each row's mask [B]
     cache: KVCache
+
+
+@struct.dataclass
+class Prefix:
+    """A prompt prefix prefilled once, for any number of later prompts that continue it."""
+    cache: KVCache  # one row: the prefix's keys / values at positions 0 .. length - 1 (cache.lengths [1])
+    tokens: jax.Array  # [Tp] int32 the prefix ids, -1 past its length (they count as seen for penalties)
 
 
 @struct.dataclass
@@ -60,8 +70,9 @@ def append_tokens(s: DecodeState, cand: jax.Array, avail: jax.Array, logprobs: j
                   max_new_tokens: jax.Array, stop_ids: jax.Array):
     """Append up to J new tokens per row: the first avail [B] of cand [B, J] (raw-model logprobs
     [B, J]), cut after the first stop id and at the row's budget; done rows take nothing. Updates
-    tokens, logprobs, penalty history, last, done / finish and num_new. The one place where stops and
-    budgets are decided: plain decoding appends one token per step, speculative decoding a block.
+    tokens, logprobs, penalty history, last, done / finish, num_new and the stop-string state. The
+    one place where stops and budgets are decided: plain decoding appends one token per step,
+    speculative decoding a block. A stop id or a token completing a stop string is the row's last.
     Returns (state, n_emit [B])."""
     B, J = cand.shape
     V = s.seen.shape[1]
@@ -69,12 +80,15 @@ def append_tokens(s: DecodeState, cand: jax.Array, avail: jax.Array, logprobs: j
     active = ~s.done
     j = jnp.arange(J)[None, :]
     is_stop = jnp.any(cand[:, :, None] == stop_ids[:, None, :], axis=-1)  # [B, J]
+    str_states, str_hit = sst.advance(s.stops, s.stop_state, cand)  # [B, J] each
     room = max_new_tokens - s.num_new  # [B] >= 1 while active
     valid = (j < avail[:, None]) & (j < room[:, None])
-    first_stop = jnp.min(jnp.where(is_stop & valid, j, J), axis=1)
+    first_stop = jnp.min(jnp.where((is_stop | str_hit) & valid, j, J), axis=1)
     n_emit = jnp.where(active, jnp.minimum(jnp.minimum(avail, room), first_stop + 1), 0)  # [B]
     emit = j < n_emit[:, None]  # [B, J]
     hit_stop = active & (first_stop < n_emit)
+    at_stop = lambda a: jnp.take_along_axis(a, jnp.minimum(first_stop, J - 1)[:, None], 1)[:, 0]
+    by_id = at_stop(is_stop)  # a stop id that also completes a stop string counts as the id
     hit_len = active & ~hit_stop & (s.num_new + n_emit >= max_new_tokens)
     r2 = jnp.arange(B)[:, None]
     cols = jnp.where(emit, s.num_new[:, None] + j, M)  # out of range -> dropped
@@ -83,13 +97,15 @@ def append_tokens(s: DecodeState, cand: jax.Array, avail: jax.Array, logprobs: j
         ids = jnp.where(emit, cand, V)
         seen = seen.at[r2, ids].set(True, mode="drop")
         counts = counts.at[r2, ids].add(1, mode="drop")
-    last = jnp.take_along_axis(cand, jnp.maximum(n_emit - 1, 0)[:, None], 1)[:, 0]
+    at_last = lambda a: jnp.take_along_axis(a, jnp.maximum(n_emit - 1, 0)[:, None], 1)[:, 0]
+    last = at_last(cand)
     state = s.replace(
         step=s.step + 1, tokens=s.tokens.at[r2, cols].set(cand, mode="drop"),
         logprobs=s.logprobs.at[r2, cols].set(logprobs.astype(jnp.float32), mode="drop"),
         last=jnp.where(n_emit > 0, last, s.last), done=s.done | hit_stop | hit_len,
-        finish=jnp.where(hit_stop, STOP, jnp.where(hit_len, LENGTH, s.finish)), num_new=s.num_new + n_emit,
-        seen=seen, counts=counts)
+        finish=jnp.where(hit_stop, jnp.where(by_id, STOP, STOP_STRING), jnp.where(hit_len, LENGTH, s.finish)),
+        num_new=s.num_new + n_emit, seen=seen, counts=counts,
+        stop_state=jnp.where(n_emit > 0, at_last(str_states), s.stop_state))
     return state, n_emit
 
 
@@ -118,7 +134,8 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
             max_new_tokens: jax.Array, stop_ids: jax.Array, seeds: jax.Array, *, cfg: ModelConfig,
             max_new: int, cache_len: int, top_logprobs: int = 0,
             candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0, mesh=None,
-            kv_quant: str | None = None, cache_extra: int = 0, penalties: bool = True, n: int = 1) -> DecodeState:
+            kv_quant: str | None = None, cache_extra: int = 0, penalties: bool = True, n: int = 1,
+            stop_strings: sst.StopStrings | None = None, prefix: Prefix | None = None) -> DecodeState:
     """Prefill right-padded prompts [P, T] in one forward pass and sample the first new token of
     B = P * n decode rows: with n > 1 each prompt's cache row (and penalty history) is copied in-graph
     to its n rows (prompt-major: rows p * n .. p * n + n - 1), which then sample independently, so n
@@ -126,19 +143,29 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
     With a `mesh`, the returned state is constrained to `sharding.state_shardings`; kv_quant="int8"
     keeps the KV cache in int8 (see jaxgen.cache); cache_extra adds ring slots (speculative rollback);
     penalties=False builds a state without the [B, V] penalty history (the penalty knobs are then
-    ignored: `prepare` sets it from the request)."""
+    ignored: `prepare` sets it from the request). stop_strings: the tables of `jaxgen.stops` with a
+    mask for each of the B rows (None: no stop strings). prefix: a `prefill_prefix` result that every
+    prompt continues (prompts then hold only what follows it, at the positions after it)."""
     P, T = prompts.shape
     B = P * n
     V = cfg.vocab_size
     rows = jnp.arange(P)
     positions = padded_positions(prompt_lengths, T)  # [P, T]
-    cache = init_cache(cfg, P, cache_len, params.embed.dtype, extra=cache_extra, kv_quant=kv_quant)
+    if prefix is None:
+        cache = init_cache(cfg, P, cache_len, params.embed.dtype, extra=cache_extra, kv_quant=kv_quant)
+    else:
+        cache = _widen(prefix.cache, P, cache_len, cfg, cache_extra)
+        positions = jnp.where(positions >= 0, positions + prefix.cache.lengths[0], -1)
     h, cache = forward_hidden(params, prompts, positions, cache, cfg)  # [P, T, D]
     h_last = h[rows, jnp.maximum(prompt_lengths - 1, 0)]  # [P, D]
     logits = unembed(params, h_last, cfg)  # [P, V]
 
     H = V if penalties else 0
     seen = jnp.zeros((P, H), bool).at[rows[:, None], jnp.where(positions >= 0, prompts, H)].set(True, mode="drop")
+    if prefix is not None:
+        seen = seen.at[:, jnp.where(prefix.tokens >= 0, prefix.tokens, H)].set(True, mode="drop")
+    if stop_strings is None:
+        stop_strings = _no_stop_strings(V, B)
     if n > 1:  # prompt row p -> decode rows p * n + j
         rep = lambda a, axis=0: jnp.repeat(a, n, axis=axis)
         cache = cache.with_stacks(jax.tree.map(lambda a: rep(a, 1), cache.stacks()),  # rows are axis 1: [L, P, ...]
@@ -152,8 +179,41 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
         top_ids=jnp.zeros((B, max_new, k), jnp.int32), top_logprobs=jnp.zeros((B, max_new, k), jnp.float32),
         last=jnp.zeros((B,), jnp.int32), done=(prompt_lengths <= 0) | (max_new_tokens <= 0),
         finish=jnp.zeros((B,), jnp.int32), num_new=jnp.zeros((B,), jnp.int32),
-        seen=seen, counts=jnp.zeros((B, H), jnp.int32), cache=cache)
+        seen=seen, counts=jnp.zeros((B, H), jnp.int32), stop_state=jnp.zeros((B,), jnp.int32),
+        stops=stop_strings, cache=cache)
     return _constrain(record(state, logits, sp, max_new_tokens, stop_ids, seeds, k, candidates, pad_id), mesh)
+
+
+def _no_stop_strings(V: int, B: int) -> sst.StopStrings:
+    Q, C = sst.STATE_BUCKETS[0], sst.CLASS_BUCKETS[0]
+    z = lambda *shape: jnp.zeros(shape, jnp.int32)
+    return sst.StopStrings(token_class=z(V), next_state=z(Q, C), hit=z(Q, C), mask=z(B))
+
+
+def prefill_prefix(params: Params, tokens: jax.Array, length: jax.Array, *, cfg: ModelConfig, cache_len: int,
+                   kv_quant: str | None = None) -> Prefix:
+    """Prefill one prefix, tokens [1, Tp] right-padded to its length [1], into a one-row cache of
+    cache_len (>= Tp) slots. `prefill(..., prefix=)` copies it to every row and continues it."""
+    positions = padded_positions(length, tokens.shape[1])  # [1, Tp]
+    cache = init_cache(cfg, 1, cache_len, params.embed.dtype, kv_quant=kv_quant)
+    _, cache = forward_hidden(params, tokens, positions, cache, cfg)
+    return Prefix(cache=cache, tokens=jnp.where(positions[0] >= 0, tokens[0], -1))
+
+
+def _widen(c: KVCache, P: int, cache_len: int, cfg: ModelConfig, extra: int = 0) -> KVCache:
+    """A one-row prefix cache as P rows of a cache_len-slot cache. Global slots hold position p at slot
+    p, so new slots go at the end; a ring shorter than the new one held fewer positions than its size
+    (p < Sp <= window), also at slot p: it grows at the end too."""
+    W, S = ring_size(cfg, cache_len, extra), cache_len
+    grow = lambda a, axis, size, fill: jnp.pad(a, [(0, size - a.shape[axis]) if i == axis else (0, 0)
+                                                for i in range(a.ndim)], constant_values=fill)
+    rows = lambda a, axis: jnp.broadcast_to(a, a.shape[:axis] + (P,) + a.shape[axis + 1:])
+    kl, vl, kg, vg = c.stacks()  # [L, 1, W|S, ...] (or (int8, scale) pairs)
+    local = lambda t: jax.tree.map(lambda a: rows(grow(a, 2, W, 0), 1), t)
+    glob = lambda t: jax.tree.map(lambda a: rows(grow(a, 2, S, 0), 1), t)
+    return c.with_stacks((local(kl), local(vl), glob(kg), glob(vg)),
+                         pos_local=rows(grow(c.pos_local, 1, W, -1), 0), pos_global=rows(grow(c.pos_global, 1, S, -1), 0),
+                         lengths=rows(c.lengths, 0))
 
 
 def _constrain(state: DecodeState, mesh) -> DecodeState:
@@ -197,8 +257,11 @@ def insert(state: DecodeState, new: DecodeState, slots: jax.Array) -> DecodeStat
     stacks = jax.tree.map(lambda a, b: put(a, b, 1), c.stacks(), n.stacks())  # rows are axis 1: [L, B, ...]
     cache = c.with_stacks(stacks, pos_local=put(c.pos_local, n.pos_local), pos_global=put(c.pos_global, n.pos_global),
                           lengths=put(c.lengths, n.lengths))
-    rows = ("tokens", "logprobs", "top_ids", "top_logprobs", "last", "done", "finish", "num_new", "seen", "counts")
-    return state.replace(cache=cache, **{f: put(getattr(state, f), getattr(new, f)) for f in rows})
+    rows = ("tokens", "logprobs", "top_ids", "top_logprobs", "last", "done", "finish", "num_new", "seen", "counts",
+            "stop_state")
+    # the stop-string tables are the running state's: every prefill of a run builds the same ones
+    stops = state.stops.replace(mask=put(state.stops.mask, new.stops.mask))
+    return state.replace(cache=cache, stops=stops, **{f: put(getattr(state, f), getattr(new, f)) for f in rows})
 
 
 def output(state: DecodeState) -> GenerateOutput:
@@ -212,7 +275,8 @@ def generate_tokens(params: Params, prompts: jax.Array, prompt_lengths: jax.Arra
                     seeds: jax.Array, *, cfg: ModelConfig, max_new: int, cache_len: int,
                     top_logprobs: int = 0, candidates: int = smp.DEFAULT_CANDIDATES,
                     pad_id: int = 0, mesh=None, kv_quant: str | None = None,
-                    penalties: bool = True, n: int = 1) -> GenerateOutput:
+                    penalties: bool = True, n: int = 1, stop_strings: sst.StopStrings | None = None,
+                    prefix: Prefix | None = None) -> GenerateOutput:
     """Prefill right-padded prompts [P, T] in one pass, then decode up to `max_new` tokens for each
     of the B = P * n rows (n samples per prompt, prompt-major; see `prefill`).
 
@@ -222,11 +286,14 @@ def generate_tokens(params: Params, prompts: jax.Array, prompt_lengths: jax.Arra
     (a jax.sharding.Mesh: the decode state is then kept on `jaxgen.sharding`'s shardings), kv_quant
     (None or "int8": the KV cache's storage), penalties (False: no [B, V] penalty history is carried
     and the repetition / presence / frequency knobs are ignored; `prepare`'s Plan says which a request
-    needs), n (samples per prompt). The loop exits as soon as every row is done.
+    needs), n (samples per prompt). Optional, traced: stop_strings (`jaxgen.stops` tables, a mask per
+    row), prefix (a `prefill_prefix` result the prompts continue). The loop exits as soon as every
+    row is done.
     """
     state = prefill(params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
                     max_new=max_new, cache_len=cache_len, top_logprobs=top_logprobs,
-                    candidates=candidates, pad_id=pad_id, mesh=mesh, kv_quant=kv_quant, penalties=penalties, n=n)
+                    candidates=candidates, pad_id=pad_id, mesh=mesh, kv_quant=kv_quant, penalties=penalties, n=n,
+                    stop_strings=stop_strings, prefix=prefix)
     state = decode(params, state, sp, max_new_tokens, stop_ids, seeds, jnp.int32(max_new), cfg=cfg,
                    candidates=candidates, pad_id=pad_id, mesh=mesh)
     return output(state)
@@ -240,3 +307,4 @@ generate_jit = jax.jit(generate_tokens, static_argnames=_STATIC)
 prefill_jit = jax.jit(prefill, static_argnames=_STATIC)
 insert_jit = jax.jit(insert, donate_argnames="state")
 decode_jit = jax.jit(decode, static_argnames=("cfg", "candidates", "pad_id", "mesh"), donate_argnames="state")
+prefill_prefix_jit = jax.jit(prefill_prefix, static_argnames=("cfg", "cache_len", "kv_quant"))

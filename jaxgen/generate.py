@@ -4,9 +4,14 @@ arguments of the compiled engine (`jaxgen.engine`) and turn its output into Comp
 within one bucket and any knob values reuse one compiled program.
 
 Buckets: prompt length rounds up to PROMPT_BUCKETS, batch to BATCH_BUCKETS, max_new_tokens to
-NEW_TOKEN_BUCKETS, stop ids and biased ids per row to SLOT_BUCKETS; the cache holds prompt bucket +
-new-token bucket positions (capped at the model's max_seq_len). Padding rows are done from the start
-and cost one prefill row.
+NEW_TOKEN_BUCKETS, stop ids and biased ids per row to SLOT_BUCKETS, stop-string tables to
+`jaxgen.stops`' buckets; the cache holds (prefix bucket +) prompt bucket + new-token bucket positions
+(capped at the model's max_seq_len). Padding rows are done from the start and cost one prefill row.
+
+Shared prefixes: `prefix=` (text, ids, or a `prefill_prefix` result to reuse) is prefilled once into
+a one-row cache; each prompt is then prefilled on a copy of it at the positions that follow, so
+generate(suffixes, prefix=p) == generate([p + s for s in suffixes]). A text prefix is encoded as a
+prompt is (with the tokenizer's BOS); text prompts after a prefix are encoded without BOS.
 """
 from __future__ import annotations
 
@@ -17,8 +22,10 @@ import jax
 import numpy as np
 
 from jaxgen import sampling as smp
+from jaxgen import stops as sst
 from jaxgen.config import ModelConfig
-from jaxgen.engine import (FINISH_REASONS, GenerateOutput, decode_jit, generate_jit, output, prefill_jit)
+from jaxgen.engine import (FINISH_REASONS, STOP, STOP_STRING, GenerateOutput, Prefix, decode_jit, generate_jit,
+                           output, prefill_jit, prefill_prefix_jit)
 from jaxgen.model import Model
 
 PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -43,11 +50,13 @@ class Completion:
     prompt: str | list[int] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per step (id, logprob) pairs
     sample: int = 0  # which of the prompt's n samples this is
+    # finish_reason "stop": the stop string that matched (text ends before it), or the stop id
+    stop_reason: str | int | None = None
 
     def fields(self) -> dict:
         """The JSON fields of this completion (`jaxgen generate --json` and `jaxgen batch` lines)."""
         obj = {"text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
-               "logprobs": self.logprobs}
+               "stop_reason": self.stop_reason, "logprobs": self.logprobs}
         if self.top_logprobs is not None:
             obj["top_logprobs"] = [[list(pair) for pair in step] for step in self.top_logprobs]
         return obj
@@ -64,6 +73,7 @@ class Plan:
     bias_slots: int  # NB, a SLOT_BUCKETS bucket
     penalties: bool = True  # whether the decode state carries the [B, V] penalty history
     n: int = 1  # samples per prompt, from one prefill
+    prefix: int = 0  # Tp, the slots of a shared prefix's cache (0: no prefix)
 
     @property
     def rows(self) -> int:
@@ -72,43 +82,107 @@ class Plan:
 
 
 def plan(cfg: ModelConfig, batch: int, prompt_len: int, max_new: int, stop_slots: int = SLOT_BUCKETS[0],
-         bias_slots: int = SLOT_BUCKETS[0], penalties: bool = True, n: int = 1) -> Plan:
+         bias_slots: int = SLOT_BUCKETS[0], penalties: bool = True, n: int = 1, prefix: int = 0,
+         prefix_len: int = 0) -> Plan:
     """The bucketed shapes for a request of this size (raises if it cannot fit the model);
-    stop_slots / bias_slots are the most stop ids / biased ids of any row, rounded to SLOT_BUCKETS."""
+    stop_slots / bias_slots are the most stop ids / biased ids of any row, rounded to SLOT_BUCKETS;
+    prefix / prefix_len: a shared prefix's cache slots and its tokens (0: none)."""
     if max_new <= 0:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
     t = bucket(prompt_len, PROMPT_BUCKETS, "prompt length")
     m = bucket(max_new, NEW_TOKEN_BUCKETS, "max_new_tokens")
-    if prompt_len + max_new > cfg.max_seq_len:
-        raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new} exceeds {cfg.name}'s "
+    if prefix_len + prompt_len + max_new > cfg.max_seq_len:
+        what = f"prefix of {prefix_len} tokens + " if prefix_len else ""
+        raise ValueError(f"{what}prompt length {prompt_len} + max_new_tokens {max_new} exceeds {cfg.name}'s "
                          f"context of {cfg.max_seq_len} tokens")
     return Plan(batch=bucket(batch, BATCH_BUCKETS, "batch size"), prompt_len=min(t, cfg.max_seq_len),
-                max_new=m, cache_len=min(t + m, cfg.max_seq_len),
+                max_new=m, cache_len=min(prefix + t + m, cfg.max_seq_len),
                 stop_slots=bucket(stop_slots, SLOT_BUCKETS, "stop ids per row"),
-                bias_slots=bucket(bias_slots, SLOT_BUCKETS, "biased/banned ids per row"), penalties=penalties, n=n)
+                bias_slots=bucket(bias_slots, SLOT_BUCKETS, "biased/banned ids per row"), penalties=penalties, n=n,
+                prefix=prefix)
 
 
-def _encode_prompts(model: Model, prompts) -> list[list[int]]:
+@dataclasses.dataclass(frozen=True)
+class SharedPrefix:
+    """A prefix prefilled once (`prefill_prefix`): pass it as `prefix=` to any number of calls."""
+    ids: tuple[int, ...]
+    bucket: int  # Tp: its padded length and its cache's slots
+    state: Prefix  # the device pytree (a one-row KV cache and the ids)
+    model: str  # the config name and KV storage it was prefilled with, checked at use
+    kv_quant: str | None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _encode(model: Model, p, what: str, add_bos: bool | None = None) -> list[int]:
+    if isinstance(p, str):
+        if model.tokenizer is None:
+            raise ValueError(f"a text {what} needs a model with a tokenizer; pass token ids instead")
+        ids = model.tokenizer.encode(p, add_bos=add_bos)
+    else:
+        try:
+            ids = [int(t) for t in p]
+        except (TypeError, ValueError):
+            raise ValueError(f"{what} must be a string or a list of token ids, got {p!r:.80}") from None
+    if not ids:
+        raise ValueError(f"{what} is empty (no tokens)")
+    bad = [t for t in ids if not 0 <= t < model.cfg.vocab_size]
+    if bad:
+        raise ValueError(f"{what} has token ids outside [0, {model.cfg.vocab_size}): {bad[:5]}")
+    return ids
+
+
+def prefill_prefix(model: Model, prefix) -> SharedPrefix:
+    """Prefill a prefix (text, encoded with BOS, or token ids) once; pass the result as `prefix=` to
+    generate / stream / prepare to continue it with any prompts, as often as wanted."""
+    if isinstance(prefix, SharedPrefix):
+        return prefix
+    ids = _encode(model, prefix, "prefix")
+    if len(ids) >= model.cfg.max_seq_len:
+        raise ValueError(f"prefix of {len(ids)} tokens leaves no room in {model.cfg.name}'s context of "
+                         f"{model.cfg.max_seq_len} tokens")
+    Tp = min(bucket(len(ids), PROMPT_BUCKETS, "prefix length"), model.cfg.max_seq_len)
+    tok = np.zeros((1, Tp), np.int32)
+    tok[0, :len(ids)] = ids
+    args = dict(tokens=tok, length=np.array([len(ids)], np.int32))
+    if model.mesh is not None:  # one row, on every device
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        args = jax.device_put(args, NamedSharding(model.mesh, PartitionSpec()))
+    state = prefill_prefix_jit(model.params, **args, cfg=model.cfg, cache_len=Tp, kv_quant=model.kv_quant)
+    return SharedPrefix(ids=tuple(ids), bucket=Tp, state=state, model=model.cfg.name, kv_quant=model.kv_quant)
+
+
+def stop_rows(stop, P: int, n: int = 1) -> list[list[str]]:
+    """The stop strings of each of the P * n rows: `stop` is None, one string, a list of strings
+    (every row), or a list of P lists (one per prompt, shared by its n samples)."""
+    if stop is None:
+        return [[] for _ in range(P * n)]
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)):
+        raise ValueError(f"stop must be a string, a list of strings or one list per prompt, got {stop!r:.80}")
+    if stop and all(isinstance(s, (list, tuple)) for s in stop):
+        if len(stop) != P:
+            raise ValueError(f"stop has {len(stop)} lists but there are {P} prompts")
+        rows = [list(s) for s in stop]
+    else:
+        rows = [list(stop)] * P
+    for i, r in enumerate(rows):
+        for s in r:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"prompt {i}: a stop string must be a non-empty string, got {s!r}")
+    return [r for r in rows for _ in range(n)]
+
+
+def _encode_prompts(model: Model, prompts, add_bos: bool | None = None) -> list[list[int]]:
     if isinstance(prompts, (str, bytes)) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
         raise ValueError("prompts must be a list of prompts (strings or lists of token ids), "
                          "not a single prompt; wrap it in a list")
     if not len(prompts):
         raise ValueError("no prompts given")
-    out = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, str):
-            if model.tokenizer is None:
-                raise ValueError("text prompts need a model with a tokenizer; pass token ids instead")
-            ids = model.tokenizer.encode(p)
-        else:
-            ids = [int(t) for t in p]
-        if not ids:
-            raise ValueError(f"prompt {i} is empty (no tokens)")
-        bad = [t for t in ids if not 0 <= t < model.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token ids outside [0, {model.cfg.vocab_size}): {bad[:5]}")
-        out.append(ids)
-    return out
+    return [_encode(model, p, f"prompt {i}", add_bos) for i, p in enumerate(prompts)]
 
 
 def _per_sample(value, P: int, n: int, kind: str):
@@ -124,15 +198,27 @@ def _per_sample(value, P: int, n: int, kind: str):
     return [v for v in value for _ in range(n)] if per_row and len(value) == P else value
 
 
-def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, n: int = 1,
-            candidates: int = smp.DEFAULT_CANDIDATES, **knobs):
-    """Validate and pad a request into the numpy arguments of `generate_jit` and its Plan.
+def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, n: int = 1, stop=None,
+            prefix=None, stop_universe: Sequence[str] | None = None, candidates: int = smp.DEFAULT_CANDIDATES,
+            **knobs):
+    """Validate and pad a request into the arguments of `generate_jit` and its Plan.
 
     n > 1 asks for n samples of each prompt: per-row arguments get P * n rows in prompt-major order
-    (knobs given per prompt are repeated for its samples), the prompts stay P rows (one prefill)."""
-    ids = _encode_prompts(model, prompts)
+    (knobs given per prompt are repeated for its samples), the prompts stay P rows (one prefill).
+    stop: stop strings (see `stop_rows`); stop_universe fixes the table's string order (a refill run
+    shares one table across its prefills). prefix: text, ids or a SharedPrefix (prefilled here, after
+    every check, when it is not one already)."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n (samples per prompt) must be an integer >= 1, got {n!r}")
+    pre_ids = None
+    if isinstance(prefix, SharedPrefix):
+        if (prefix.model, prefix.kv_quant) != (model.cfg.name, model.kv_quant):
+            raise ValueError(f"this prefix was prefilled for {prefix.model} (kv_quant={prefix.kv_quant}), not "
+                             f"{model.cfg.name} (kv_quant={model.kv_quant})")
+        pre_ids = list(prefix.ids)
+    elif prefix is not None:
+        pre_ids = _encode(model, prefix, "prefix")
+    ids = _encode_prompts(model, prompts, add_bos=False if pre_ids is not None else None)
     P = len(ids)
     R = P * n  # sample rows
     if R > BATCH_BUCKETS[-1]:
@@ -141,10 +227,15 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
     if np.any(mnt <= 0):
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
     longest = max(len(x) for x in ids)
+    lp = len(pre_ids) if pre_ids is not None else 0
     for i, x in enumerate(ids):
-        if len(x) + mnt[i * n:(i + 1) * n].max() > model.cfg.max_seq_len:
-            raise ValueError(f"prompt {i}: {len(x)} tokens + max_new_tokens {mnt[i * n]} exceeds "
+        if lp + len(x) + mnt[i * n:(i + 1) * n].max() > model.cfg.max_seq_len:
+            what = f"prefix of {lp} tokens + " if lp else ""
+            raise ValueError(f"prompt {i}: {what}{len(x)} tokens + max_new_tokens {mnt[i * n]} exceeds "
                              f"{model.cfg.name}'s context of {model.cfg.max_seq_len} tokens")
+    strings = stop_rows(stop, P, n)
+    if any(strings) and not hasattr(model.tokenizer, "token_bytes"):
+        raise ValueError("stop strings need a model with a tokenizer (to read tokens as text)")
     if stop_ids is None:
         stop_ids = list(getattr(model.tokenizer, "stop_ids", ()) or ())
     per_row_stops = len(stop_ids) > 0 and isinstance(stop_ids[0], (list, tuple))
@@ -157,8 +248,9 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
     knobs = {k: _per_sample(v, P, n, "bias" if k == "logit_bias" else "list" if k == "banned_ids" else "scalar")
              for k, v in knobs.items()}
     sp = smp.make_sampling_params(R, vocab_size=model.cfg.vocab_size, candidates=candidates, **knobs)
+    Tp = min(bucket(lp, PROMPT_BUCKETS, "prefix length"), model.cfg.max_seq_len) if lp else 0
     p = plan(model.cfg, P, longest, int(mnt.max()), stop_slots=most, bias_slots=sp.bias_ids.shape[1],
-             penalties=smp.uses_penalties(sp), n=n)
+             penalties=smp.uses_penalties(sp), n=n, prefix=Tp, prefix_len=lp)
     if np.isscalar(seed) or np.ndim(seed) == 0:
         # Row i of a scalar seed s uses s * 1_000_003 + i (i counts sample rows); pass one seed per
         # row to make a row's samples independent of its place in the batch.
@@ -180,15 +272,20 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
     for i, s in enumerate(stops):
         stop_arr[i, :len(s)] = s
     sp = jax.tree.map(lambda a: pad(a, a[0] if a.ndim == 1 else (-1 if a.dtype == np.int32 else 0)), sp)
+    vocab_bytes = model.tokenizer.token_bytes() if any(strings) or stop_universe else []
+    table = sst.build(strings, vocab_bytes, model.cfg.vocab_size, rows=B, universe=stop_universe)
     args = dict(prompts=tok, prompt_lengths=pad(np.array([len(x) for x in ids], np.int32), 0, Pb), sp=sp,
                 max_new_tokens=pad(mnt, 0), stop_ids=stop_arr,
-                seeds=pad(np.asarray(seeds, np.uint32), 0))
+                seeds=pad(np.asarray(seeds, np.uint32), 0), stop_strings=table)
+    if pre_ids is not None:
+        args["prefix"] = prefill_prefix(model, prefix if isinstance(prefix, SharedPrefix) else pre_ids).state
     return ids, args, p
 
 
 def generate(model: Model, prompts, *, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
              min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
              logit_bias=None, banned_ids=None, stop_ids=None, seed=0, top_logprobs: int = 0, n: int = 1,
+             stop=None, include_stop: bool = False, prefix=None,
              candidates: int = smp.DEFAULT_CANDIDATES) -> list[Completion]:
     """Generate continuations for a list of prompts (strings, or lists of token ids).
 
@@ -197,8 +294,15 @@ def generate(model: Model, prompts, *, max_new_tokens=64, temperature=0.0, top_k
     tokenizer's end-of-sequence ids. Returns one Completion per prompt, in order; with n > 1, n per
     prompt (prompt-major, `Completion.sample` = 0 .. n-1) from one prefill of each prompt: exactly
     what generating the list with each prompt repeated n times gives (same seeds, same tokens).
+
+    stop: stop strings (one, a list for every prompt, or a list per prompt). A row ends at the token
+    whose text completes one (decided in the compiled loop); its text ends right before the first
+    occurrence (include_stop=True keeps the string), its tokens and logprobs at that token, and
+    `stop_reason` names the string. prefix: a shared prefix (text, ids, or `prefill_prefix(model, p)`
+    to reuse it) that every prompt continues; equal to prepending it to every prompt.
     """
     ids, args, p = prepare(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, seed=seed, n=n,
+                           stop=stop, prefix=prefix,
                            candidates=candidates, temperature=temperature, top_k=top_k, top_p=top_p,
                            min_p=min_p, repetition_penalty=repetition_penalty,
                            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
@@ -206,7 +310,7 @@ def generate(model: Model, prompts, *, max_new_tokens=64, temperature=0.0, top_k
     if top_logprobs < 0 or top_logprobs > model.cfg.vocab_size:
         raise ValueError(f"top_logprobs must be in [0, {model.cfg.vocab_size}], got {top_logprobs}")
     out = fetch(run(model, args, p, top_logprobs, candidates))
-    return to_completions(model, prompts, out, len(ids) * n, n)
+    return to_completions(model, prompts, out, len(ids) * n, n, stop_rows(stop, len(ids), n), include_stop)
 
 
 def run(model: Model, args: dict, p: Plan, top_logprobs: int = 0,
@@ -223,9 +327,22 @@ def place(model: Model, args: dict) -> dict:
     host batch; device_put keeps the rows of its own devices)."""
     if model.mesh is None:
         return args
+    from jax.sharding import NamedSharding, PartitionSpec
+
     from jaxgen.sharding import batch_sharding
 
-    return jax.tree.map(lambda a: jax.device_put(a, batch_sharding(model.mesh, np.ndim(a))), args)
+    args = dict(args)
+    full = NamedSharding(model.mesh, PartitionSpec())
+    if "prefix" in args:  # one row, read by every row
+        args["prefix"] = jax.device_put(args["prefix"], full)
+    if "stop_strings" in args:  # tables read by every row; the row masks split like the rows
+        t = args.pop("stop_strings")
+        tables = jax.device_put((t.token_class, t.next_state, t.hit), full)
+        args["stop_strings"] = t.replace(token_class=tables[0], next_state=tables[1], hit=tables[2],
+                                         mask=jax.device_put(t.mask, batch_sharding(model.mesh, 1)))
+    rows = {k: v for k, v in args.items() if k not in ("prefix", "stop_strings")}
+    rows = jax.tree.map(lambda a: jax.device_put(a, batch_sharding(model.mesh, np.ndim(a))), rows)
+    return {**args, **rows}
 
 
 def fetch(tree):
@@ -238,25 +355,31 @@ def fetch(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def to_completions(model: Model, prompts, out: GenerateOutput, rows: int, n: int = 1) -> list[Completion]:
+def to_completions(model: Model, prompts, out: GenerateOutput, rows: int, n: int = 1,
+                   stop_strings: Sequence[Sequence[str]] | None = None, include_stop: bool = False) -> list[Completion]:
     """Completions of the first `rows` rows of `out`; with n samples per prompt, row i is sample
-    i % n of prompts[i // n]."""
+    i % n of prompts[i // n]. stop_strings: each row's (`stop_rows`), to cut the text of rows that
+    ended on one."""
     results = []
     for i in range(rows):
         k = int(out.num_new[i])
         toks = [int(t) for t in out.tokens[i, :k]]
-        finish = FINISH_REASONS.get(int(out.finish[i]), "length")
-        text = None
+        code = int(out.finish[i])
+        finish = FINISH_REASONS.get(code, "length")
+        text = reason = None
+        if code == STOP:
+            reason = toks[-1]
         if model.tokenizer is not None:
-            body = toks[:-1] if finish == "stop" else toks
-            text = model.tokenizer.decode(body)
+            text = model.tokenizer.decode(toks[:-1] if code == STOP else toks)
+            if code == STOP_STRING:
+                text, reason = sst.cut(text, stop_strings[i] if stop_strings else (), include_stop)
         top = None
         if out.top_ids.shape[-1]:
             top = [[(int(a), float(b)) for a, b in zip(out.top_ids[i, j], out.top_logprobs[i, j])]
                    for j in range(k)]
         results.append(Completion(tokens=toks, finish_reason=finish,
                                   logprobs=[float(x) for x in out.logprobs[i, :k]], text=text,
-                                  prompt=prompts[i // n], top_logprobs=top, sample=i % n))
+                                  prompt=prompts[i // n], top_logprobs=top, sample=i % n, stop_reason=reason))
     return results
 
 
@@ -316,6 +439,6 @@ def precompile(model: Model, batch: int, prompt_len: int, max_new_tokens: int, *
     args = dict(prompts=np.zeros((P, p.prompt_len), np.int32), prompt_lengths=np.zeros((P,), np.int32),
                 sp=smp.make_sampling_params(B, candidates=candidates, bias_slots=p.bias_slots),
                 max_new_tokens=np.zeros((B,), np.int32), stop_ids=np.full((B, p.stop_slots), -1, np.int32),
-                seeds=np.zeros((B,), np.uint32))
+                seeds=np.zeros((B,), np.uint32), stop_strings=sst.build([], [], model.cfg.vocab_size, rows=B))
     jax.block_until_ready(run(model, args, p, top_logprobs, candidates))
     return p

@@ -145,12 +145,17 @@ def cache_shardings(cache_shape: KVCache, mesh: Mesh, rules: dict = RULES) -> KV
 
 
 def state_shardings(state_shape, mesh: Mesh, rules: dict = RULES):
-    """NamedShardings of a generate.DecodeState: every [B, ...] leaf split by rows on `data`."""
+    """NamedShardings of an engine.DecodeState: every [B, ...] leaf split by rows on `data`; the
+    stop-string tables (read by every row) replicated."""
     rows = lambda s: NamedSharding(mesh, spec(("batch",) + (None,) * (len(s.shape) - 1), s.shape, mesh, rules))
+    full = lambda s: NamedSharding(mesh, P())
+    st = state_shape.stops
+    stops = st.replace(token_class=full(st.token_class), next_state=full(st.next_state), hit=full(st.hit),
+                       mask=rows(st.mask))
     return state_shape.replace(
         **{f.name: jax.tree.map(rows, getattr(state_shape, f.name))
-           for f in dataclasses.fields(state_shape) if f.name not in ("step", "cache")},
-        step=NamedSharding(mesh, P()), cache=cache_shardings(state_shape.cache, mesh, rules))
+           for f in dataclasses.fields(state_shape) if f.name not in ("step", "cache", "stops")},
+        step=NamedSharding(mesh, P()), stops=stops, cache=cache_shardings(state_shape.cache, mesh, rules))
 
 
 def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh, rules: dict = RULES) -> Params:

@@ -32,7 +32,7 @@ from jaxgen import sampling as smp
 from jaxgen.cache import KVCache, init_cache, padded_positions
 from jaxgen.config import ModelConfig
 from jaxgen.engine import DecodeState, GenerateOutput, append_tokens, output, prefill, record
-from jaxgen.generate import fetch, prepare, to_completions
+from jaxgen.generate import fetch, prepare, stop_rows, to_completions
 from jaxgen.model import Model, forward, forward_hidden, unembed
 
 
@@ -255,14 +255,15 @@ def _plain_step(params, s: SpecState, sp, max_new_tokens, stop_ids, seeds, *, cf
 def spec_prefill(params, draft_params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, *,
                  cfg: ModelConfig, draft_cfg: ModelConfig | None, gamma: int, max_new: int, cache_len: int,
                  candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0, kv_quant: str | None = None,
-                 penalties: bool = True) -> SpecState:
-    """The target's (and the draft's) prefill and the first new token, as engine.prefill does."""
+                 penalties: bool = True, stop_strings=None) -> SpecState:
+    """The target's (and the draft's) prefill and the first new token, as engine.prefill does
+    (stop strings included: `append_tokens` cuts a block at the token that completes one)."""
     B, T = prompts.shape
     extra = gamma + 1
     # ring buffers with gamma + 1 spare slots: a pass writes that far ahead before rolling back
     base = prefill(params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
                    max_new=max_new, cache_len=cache_len, candidates=candidates, pad_id=pad_id, cache_extra=extra,
-                   kv_quant=kv_quant, penalties=penalties)
+                   kv_quant=kv_quant, penalties=penalties, stop_strings=stop_strings)
     draft_cache = None
     if draft_cfg is not None:
         draft_cache = init_cache(draft_cfg, B, cache_len, draft_params.embed.dtype, extra=extra, kv_quant=kv_quant)
@@ -297,12 +298,12 @@ def spec_decode(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids
 def speculative_tokens(params, draft_params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, *,
                        cfg: ModelConfig, draft_cfg: ModelConfig | None, gamma: int, ngram: int, max_new: int,
                        cache_len: int, candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0,
-                       kv_quant: str | None = None, penalties: bool = True) -> SpecOutput:
+                       kv_quant: str | None = None, penalties: bool = True, stop_strings=None) -> SpecOutput:
     """Like engine.generate_tokens, decoding speculatively (static: gamma, ngram, draft_cfg; a
     draft_cfg of None means prompt lookup and draft_params is ignored)."""
     s = spec_prefill(params, draft_params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
                      draft_cfg=draft_cfg, gamma=gamma, max_new=max_new, cache_len=cache_len, candidates=candidates,
-                     pad_id=pad_id, kv_quant=kv_quant, penalties=penalties)
+                     pad_id=pad_id, kv_quant=kv_quant, penalties=penalties, stop_strings=stop_strings)
     return spec_decode(params, draft_params, s, sp, max_new_tokens, stop_ids, seeds, cfg=cfg, draft_cfg=draft_cfg,
                        gamma=gamma, ngram=ngram, candidates=candidates, pad_id=pad_id)
 
@@ -350,7 +351,10 @@ def generate(model: Model, prompts, proposer: Proposer, *, candidates: int = smp
         raise ValueError("top_logprobs is not reported by speculative decoding")
     if request.get("n", 1) != 1:
         raise ValueError("speculative decoding takes one sample per prompt (n=1) for now")
+    if request.get("prefix") is not None:
+        raise ValueError("speculative decoding does not take a shared prefix yet (prepend it to the prompts)")
     request.pop("top_logprobs", None)
+    include_stop = request.pop("include_stop", False)
     d = proposer.draft
     if isinstance(d, str):
         raise ValueError(f"draft model {d!r} is a name: load it first (speculative.with_draft)")
@@ -387,4 +391,5 @@ def generate(model: Model, prompts, proposer: Proposer, *, candidates: int = smp
                       prefill_tokens=int(np.sum(num_new > 0)), gamma=g)
     if timings is not None:
         timings["new_tokens"] = stats.new_tokens
-    return to_completions(model, prompts, res.out, n), stats
+    strings = stop_rows(request.get("stop"), n)
+    return to_completions(model, prompts, res.out, n, 1, strings, include_stop), stats

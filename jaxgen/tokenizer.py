@@ -33,6 +33,7 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
+    def token_bytes(self) -> list[bytes]: ...
     def apply_chat_template(self, messages: list[dict]) -> str: ...
     def to_dict(self) -> dict: ...
 
@@ -125,6 +126,23 @@ class SentencePieceTokenizer(_Base):
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
+    def token_bytes(self) -> list[bytes]:
+        """What each id adds to the decoded text, as bytes ('\u2581' -> space, <0xNN> -> that byte,
+        control pieces -> nothing): decode(ids) is the UTF-8 decoding of their concatenation."""
+        if getattr(self, "_token_bytes", None) is not None:
+            return self._token_bytes
+        out = []
+        for i in range(self.vocab_size):
+            piece = self.sp.id_to_piece(i)
+            if self.sp.is_byte(i):
+                out.append(bytes([int(piece[3:5], 16)]))
+            elif self.sp.is_control(i) or self.sp.is_unknown(i):
+                out.append(self.sp.decode([i]).encode("utf-8"))
+            else:
+                out.append(piece.replace("\u2581", " ").encode("utf-8"))
+        self._token_bytes = out
+        return out
+
     def to_dict(self) -> dict:
         return {**self._spec, "proto": base64.b64encode(self.proto).decode("ascii")}
 
@@ -176,8 +194,39 @@ class BPETokenizer(_Base):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def token_bytes(self) -> list[bytes]:
+        """What each id adds to the decoded text, as bytes: a byte-level token through the inverse of
+        GPT-2's byte -> printable character map, an added (special) token as its text."""
+        if getattr(self, "_token_bytes", None) is not None:
+            return self._token_bytes
+        inverse = {c: b for b, c in _gpt2_byte_chars().items()}
+        added = {i: t.content for i, t in self.tk.get_added_tokens_decoder().items()}
+        out = []
+        for i in range(self.vocab_size):
+            if i in added:
+                out.append(added[i].encode("utf-8"))
+                continue
+            piece = self.tk.id_to_token(i) or ""
+            out.append(bytes(inverse[c] for c in piece) if all(c in inverse for c in piece) else piece.encode("utf-8"))
+        self._token_bytes = out
+        return out
+
     def to_dict(self) -> dict:
         return dict(self._spec)
+
+
+def _gpt2_byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> character map: printable bytes stand for themselves, the others for 256 + k."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
 class StreamDecoder:
