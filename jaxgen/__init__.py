@@ -2,12 +2,12 @@
 from jaxgen.cache import KVCache, cache_bytes, init_cache
 from jaxgen.config import ModelConfig, config_from_dict, load_config, preset_names
 from jaxgen.engine import GenerateOutput, generate_jit, generate_tokens
-from jaxgen.generate import Completion, generate, plan, precompile, stream
+from jaxgen.generate import Completion, SharedPrefix, generate, plan, precompile, prefill_prefix, stream
 from jaxgen.checkpoint import load
 from jaxgen.model import Model, Params, forward, init_params, score
 from jaxgen.sampling import SamplingParams, make_sampling_params, sample
 
 __all__ = ["KVCache", "cache_bytes", "init_cache", "ModelConfig", "config_from_dict", "load_config",
            "preset_names", "Completion", "GenerateOutput", "Model", "generate", "generate_jit",
-           "generate_tokens", "plan", "precompile", "stream", "load", "Params", "forward", "init_params", "score", "SamplingParams",
+           "generate_tokens", "plan", "precompile", "prefill_prefix", "SharedPrefix", "stream", "load", "Params", "forward", "init_params", "score", "SamplingParams",
            "make_sampling_params", "sample"]

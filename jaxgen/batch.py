@@ -2,9 +2,12 @@
 
 Input lines: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]} (chat template), with
 optional per-row overrides of max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-presence_penalty, frequency_penalty and seed. Output: one JSON line per input id, appended and flushed
-(fsync) as each batch finishes: {"id", "text", "tokens", "finish_reason", "logprobs"?, "timing"} or
-{"id", "error"} for a row that cannot run (e.g. too long), which never stops the others.
+presence_penalty, frequency_penalty and seed, and "n" (samples of the row, from one prefill), "stop"
+(a stop string or a list of them) and "prefix" (text the prompt continues; rows sharing one are
+prefilled on one copy of it). Output: one JSON line per input id, appended and flushed (fsync) as each
+batch finishes: {"id", "text", "tokens", "finish_reason", "stop_reason", "logprobs", "timing"}, with
+n > 1 {"id", "samples": [{"sample", "text", ...} x n], "timing"}, or {"id", "error"} for a row that
+cannot run (e.g. too long), which never stops the others.
 
 Restarting with the same output file skips ids already written; a torn last line (the process was
 killed mid-write) is cut off first, so a run killed at any moment and restarted ends with exactly one
@@ -27,6 +30,8 @@ import zlib
 OVERRIDES = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
              "presence_penalty", "frequency_penalty", "seed")
 INT_OVERRIDES = ("max_new_tokens", "top_k", "seed")
+ROW_FIELDS = ("n", "stop", "prefix")  # per-row request fields besides the sampling overrides
+MAX_N = 64  # samples per row
 
 
 class InputError(ValueError):
@@ -50,6 +55,18 @@ def check_overrides(obj: dict) -> str | None:
             knobs[k] = v
     if obj.get("max_new_tokens", 1) < 1:
         return f"max_new_tokens must be >= 1, got {obj['max_new_tokens']!r}"
+    if "n" in obj and (isinstance(obj["n"], bool) or not isinstance(obj["n"], int) or not 1 <= obj["n"] <= MAX_N):
+        return f"n must be an integer in [1, {MAX_N}], got {obj['n']!r}"
+    if "stop" in obj:
+        from jaxgen.stops import MAX_STRINGS
+
+        stop = [obj["stop"]] if isinstance(obj["stop"], str) else obj["stop"]
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            return f"stop must be a non-empty string or a list of them, got {obj['stop']!r:.80}"
+        if len(stop) > MAX_STRINGS:
+            return f"stop has {len(stop)} strings; at most {MAX_STRINGS}"
+    if "prefix" in obj and (not isinstance(obj["prefix"], str) or not obj["prefix"]):
+        return f"prefix must be a non-empty string, got {obj['prefix']!r:.80}"
     try:
         make_sampling_params(1, **knobs)
     except ValueError as e:
@@ -91,7 +108,7 @@ def read_requests(path: str, on_error: str = "fail") -> tuple[list[dict], list[d
             if ("prompt" in obj) == ("messages" in obj):
                 bad(n, "give exactly one of 'prompt' or 'messages'", rid)
                 continue
-            unknown = set(obj) - {"id", "prompt", "messages", *OVERRIDES}
+            unknown = set(obj) - {"id", "prompt", "messages", *OVERRIDES, *ROW_FIELDS}
             if unknown:
                 bad(n, f"unknown fields {sorted(unknown)}", rid)
                 continue
@@ -129,19 +146,23 @@ def row_seed(seed: int, rid) -> int:
     return zlib.crc32(f"{seed}:{rid}".encode()) & 0x7FFFFFFF
 
 
-def plan_batches(model, rows: list[dict], batch_size: int, memory_bytes: int | None):
-    """Sort by length; cut into batches of <= batch_size rows whose cache fits memory_bytes."""
+def plan_batches(model, rows: list[dict], batch_size: int, memory_bytes: int | None, prefix=None, n: int = 1):
+    """Sort by length; cut into batches of <= batch_size decode rows (rows x n samples) whose cache
+    fits memory_bytes."""
     from jaxgen.cache import cache_bytes
-    from jaxgen.generate import plan
+    from jaxgen.generate import PROMPT_BUCKETS, bucket, plan
 
+    lp = len(prefix) if prefix is not None else 0
+    Tp = min(bucket(lp, PROMPT_BUCKETS, "prefix length"), model.cfg.max_seq_len) if lp else 0
     rows = sorted(rows, key=lambda r: (len(r["ids"]), str(r["id"])))
     batches, cur = [], []
     for r in rows:
         trial = cur + [r]
-        p = plan(model.cfg, len(trial), max(len(x["ids"]) for x in trial), max(x["max_new"] for x in trial))
-        need = cache_bytes(model.cfg, p.batch, p.cache_len, model.params.embed.dtype, kv_quant=model.kv_quant)
+        p = plan(model.cfg, len(trial), max(len(x["ids"]) for x in trial), max(x["max_new"] for x in trial), n=n,
+                 prefix=Tp, prefix_len=lp)
+        need = cache_bytes(model.cfg, p.rows, p.cache_len, model.params.embed.dtype, kv_quant=model.kv_quant)
         fits = memory_bytes is None or need <= memory_bytes
-        if cur and (len(trial) > batch_size or not fits):
+        if cur and (len(trial) * n > batch_size or not fits):
             batches.append(cur)
             cur = [r]
         else:
@@ -151,11 +172,12 @@ def plan_batches(model, rows: list[dict], batch_size: int, memory_bytes: int | N
     return batches
 
 
-def run_batch(model, rows: list[dict], defaults: dict, top_logprobs: int, proposer=None) -> list[dict]:
+def run_batch(model, rows: list[dict], defaults: dict, top_logprobs: int, proposer=None, prefix=None,
+              n: int = 1) -> list[dict]:
     import jaxgen
     from jaxgen import speculative
 
-    n = len(rows)
+    size = len(rows)
     knobs = {}
     for k in OVERRIDES:
         if k in ("max_new_tokens", "seed"):
@@ -164,24 +186,28 @@ def run_batch(model, rows: list[dict], defaults: dict, top_logprobs: int, propos
         knobs[k] = vals[0] if len(set(vals)) == 1 else vals
     t = time.perf_counter()
     request = dict(max_new_tokens=[r["max_new"] for r in rows], seed=[r["seed"] for r in rows],
-                   stop_ids=defaults["stop_ids"], **knobs)
+                   stop_ids=defaults["stop_ids"], stop=[r.get("stop", []) for r in rows],
+                   include_stop=defaults.get("include_stop", False), **knobs)
     timing = {}
     if proposer is not None:
         out, stats = speculative.generate(model, [r["ids"] for r in rows], proposer, **request)
         timing = {"tokens_per_target_pass": round(stats.tokens_per_pass, 3),
                   "acceptance_rate": round(stats.acceptance_rate, 3)}
     else:
-        out = jaxgen.generate(model, [r["ids"] for r in rows], top_logprobs=top_logprobs, **request)
-    timing.update(batch_s=round(time.perf_counter() - t, 4), batch_size=n)
-    return [_line(r, o, timing) for r, o in zip(rows, out)]
+        out = jaxgen.generate(model, [r["ids"] for r in rows], top_logprobs=top_logprobs, n=n, prefix=prefix,
+                              **request)
+    timing.update(batch_s=round(time.perf_counter() - t, 4), batch_size=size)
+    return [_line(r, out[i * n:(i + 1) * n], timing) for i, r in enumerate(rows)]
 
 
-def _line(r: dict, c, timing: dict) -> dict:
-    """The output line of input row r from its generate.Completion c."""
-    return {"id": r["id"], **c.fields(), "timing": timing}
+def _line(r: dict, cs: list, timing: dict) -> dict:
+    """The output line of input row r from its generate.Completions (n of them)."""
+    if len(cs) == 1:
+        return {"id": r["id"], **cs[0].fields(), "timing": timing}
+    return {"id": r["id"], "samples": [{"sample": c.sample, **c.fields()} for c in cs], "timing": timing}
 
 
-def refill_plan(model, rows: list[dict], slots: int, memory_bytes: int | None, defaults: dict):
+def refill_plan(model, rows: list[dict], slots: int, memory_bytes: int | None, defaults: dict, prefix=None):
     """The Plan of the one running state a refill run uses: `slots` rows (fewer if their KV cache
     would pass memory_bytes; a multiple of the mesh's data axis), a cache for the longest prompt +
     the largest max_new_tokens, and the stop-id / penalty layout every row's request needs."""
@@ -198,8 +224,9 @@ def refill_plan(model, rows: list[dict], slots: int, memory_bytes: int | None, d
     penalty_knobs = {k: [r.get(k, defaults[k]) for r in rows]
                      for k in ("repetition_penalty", "presence_penalty", "frequency_penalty")}
     penalties = uses_penalties(make_sampling_params(len(rows), **penalty_knobs))
+    lp = len(prefix) if prefix is not None else 0
     p = plan(model.cfg, 1, max(len(r["ids"]) for r in rows), max(r["max_new"] for r in rows), stop_slots=n_stops,
-             penalties=penalties)
+             penalties=penalties, prefix=prefix.bucket if prefix is not None else 0, prefix_len=lp)
     need = lambda b: cache_bytes(model.cfg, b, p.cache_len, model.params.embed.dtype, kv_quant=model.kv_quant)
     b = -(-slots // d) * d
     while memory_bytes is not None and b > d and need(b) > memory_bytes:
@@ -210,15 +237,17 @@ def refill_plan(model, rows: list[dict], slots: int, memory_bytes: int | None, d
     return dataclasses.replace(p, batch=b)
 
 
-def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logprobs: int, emit):
+def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logprobs: int, emit, prefix=None):
     """Continuous batching: p.batch rows decode together; when rows finish, waiting prompts are
     prefilled and inserted into their slots between chunks of `chunk` decode steps, instead of the
     batch waiting for its longest row. One running-state shape for the whole run (`refill_plan`), so
-    the programs are: decode, insert, and one prefill per (new-row bucket, prompt bucket)."""
+    the programs are: decode, insert, and one prefill per (new-row bucket, prompt bucket). The stop
+    strings of all rows form one table (the running state's); a prefix is prefilled once."""
     import jax
     import numpy as np
 
     from jaxgen import sampling as smp
+    from jaxgen import stops as sst
     from jaxgen.engine import decode_jit, insert_jit, output, prefill_jit
     from jaxgen.generate import fetch, place, prepare, to_completions
 
@@ -228,17 +257,25 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
     statics = dict(cfg=cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=top_logprobs, mesh=model.mesh,
                    kv_quant=model.kv_quant, penalties=p.penalties)
 
+    universe = sorted({s for r in rows for s in r.get("stop", [])})
+    if len(universe) > sst.MAX_STRINGS:
+        raise ValueError(f"the rows use {len(universe)} distinct stop strings; a --refill run takes at most "
+                         f"{sst.MAX_STRINGS} (run with --no-refill: each static batch has its own)")
+
     def request(batch_rows):
         knobs = {k: [r.get(k, defaults[k]) for r in batch_rows] for k in knob_names}
         _, args, q = prepare(model, [r["ids"] for r in batch_rows], max_new_tokens=[r["max_new"] for r in batch_rows],
-                             seed=[r["seed"] for r in batch_rows], stop_ids=defaults["stop_ids"], **knobs)
+                             seed=[r["seed"] for r in batch_rows], stop_ids=defaults["stop_ids"],
+                             stop=[r.get("stop", []) for r in batch_rows], stop_universe=universe, prefix=prefix, **knobs)
         assert q.stop_slots == NS and q.bias_slots == p.bias_slots, (q, p)  # every row shares the stop ids
         return args
 
     # The running batch starts as all-padding rows (done); host copies of its per-row arguments.
     empty = dict(prompts=np.zeros((B, 16), np.int32), prompt_lengths=np.zeros((B,), np.int32),
                  sp=smp.make_sampling_params(B, bias_slots=p.bias_slots), max_new_tokens=np.zeros((B,), np.int32),
-                 stop_ids=np.full((B, NS), -1, np.int32), seeds=np.zeros((B,), np.uint32))
+                 stop_ids=np.full((B, NS), -1, np.int32), seeds=np.zeros((B,), np.uint32),
+                 stop_strings=sst.build([], model.tokenizer.token_bytes() if universe else [], cfg.vocab_size, rows=B,
+                                        universe=universe))
     state = prefill_jit(model.params, **place(model, empty), **statics)
     host = {k: empty[k] for k in ("sp", "max_new_tokens", "stop_ids", "seeds")}
     slot_row = [None] * B
@@ -267,10 +304,19 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
             out = out.replace(**{f: getattr(out, f)[finished] for f in
                                  ("tokens", "num_new", "finish", "logprobs", "top_ids", "top_logprobs")})
             timing = {"elapsed_s": round(time.perf_counter() - t0, 4), "slots": B}
-            emit([_line(slot_row[i], c, timing)
-                  for i, c in zip(finished, to_completions(model, [None] * len(finished), out, len(finished)))])
+            cs = to_completions(model, [None] * len(finished), out, len(finished), 1,
+                                [slot_row[i].get("stop", []) for i in finished], defaults.get("include_stop", False))
+            emit([_line(slot_row[i], [c], timing) for i, c in zip(finished, cs)])
             for i in finished:
                 slot_row[i] = None
+
+
+def _planning_prefix(model, ids):
+    """A SharedPrefix with its sizes only (no device state), to plan shapes before anything runs."""
+    from jaxgen.generate import PROMPT_BUCKETS, SharedPrefix, bucket
+
+    Tp = min(bucket(len(ids), PROMPT_BUCKETS, "prefix length"), model.cfg.max_seq_len)
+    return SharedPrefix(ids=tuple(ids), bucket=Tp, state=None, model=model.cfg.name, kv_quant=model.kv_quant)
 
 
 def _set_rows(h, dest, a):
@@ -303,7 +349,16 @@ def main(args) -> int:
     todo = [r for r in rows if r["id"] not in done]
     errors = [e for e in errors if e["id"] not in done]
 
+    from jaxgen.cli import unescape
+
+    default_stop = [unescape(s) for s in args.stop or ()]
+    if any(not s for s in default_stop):
+        raise ValueError("--stop must be a non-empty string")
+    if args.prefix == "":
+        raise ValueError("--prefix must be a non-empty string")
     proposer = None
+    if args.speculative and (args.prefix is not None or any("prefix" in r or r.get("n", 1) > 1 for r in todo)):
+        raise ValueError("--speculative takes neither a prefix nor n > 1 samples yet")
     if args.speculative:  # static batches on one device (refill and meshes are not speculative yet)
         from jaxgen import speculative
 
@@ -319,35 +374,55 @@ def main(args) -> int:
     tok = model.tokenizer
     defaults = {k: getattr(args, k) for k in OVERRIDES}
     defaults["stop_ids"] = [] if args.ignore_stop else None
+    defaults["include_stop"] = args.include_stop
+    prefixes = {}  # prefix text -> its ids (encoded with BOS, as a prompt)
     for r in todo:
         text = r.get("prompt")
         if "messages" in r:
             text = tok.apply_chat_template(r["messages"])
         elif args.chat:
             text = tok.apply_chat_template([{"role": "user", "content": text}])
-        r["ids"] = tok.encode(text)
+        r["prefix"] = r.get("prefix", args.prefix)
+        if r["prefix"] is not None and r["prefix"] not in prefixes:
+            prefixes[r["prefix"]] = tok.encode(r["prefix"])
+        r["ids"] = tok.encode(text, add_bos=False if r["prefix"] is not None else None)
         r["max_new"] = int(r.get("max_new_tokens", args.max_new_tokens))
         r["seed"] = row_seed(int(r.get("seed", args.seed)), r["id"])
+        r["n"] = int(r.get("n", 1))
+        stop = r.get("stop", default_stop)
+        r["stop"] = [stop] if isinstance(stop, str) else list(stop)
     ok, too_long = [], []
     for r in todo:
-        if not r["ids"] or len(r["ids"]) + r["max_new"] > model.cfg.max_seq_len or r["max_new"] < 1:
-            too_long.append({"id": r["id"], "error": f"prompt of {len(r['ids'])} tokens + max_new_tokens "
+        lp = len(prefixes[r["prefix"]]) if r["prefix"] is not None else 0
+        if not r["ids"] or lp + len(r["ids"]) + r["max_new"] > model.cfg.max_seq_len or r["max_new"] < 1:
+            what = f"prefix of {lp} tokens + " if lp else ""
+            too_long.append({"id": r["id"], "error": f"{what}prompt of {len(r['ids'])} tokens + max_new_tokens "
                              f"{r['max_new']} does not fit {model.cfg.name}'s context of {model.cfg.max_seq_len}"})
         else:
             ok.append(r)
     memory = int(args.memory_gb * (1 << 30)) if args.memory_gb else None
-    refill = refill_plan(model, ok, args.batch_size, memory, defaults) if args.refill and ok else None
-    batches = [] if refill else plan_batches(model, ok, args.batch_size, memory)
+    # Rows sharing a prefix and a sample count run together: (prefix, n) -> rows, each group either one
+    # refill run (n == 1) or static batches.
+    groups: dict = {}
+    for r in ok:
+        groups.setdefault((r["prefix"], r["n"]), []).append(r)
+    work = []  # (prefix text, n, refill Plan or None, static batches)
+    for (pre, n), g in groups.items():
+        shared = _planning_prefix(model, prefixes[pre]) if pre is not None else None
+        refill = refill_plan(model, g, args.batch_size, memory, defaults, shared) if args.refill and n == 1 else None
+        work.append((pre, n, refill, [] if refill else plan_batches(model, g, args.batch_size, memory, shared, n)))
+    refill = next((w[2] for w in work if w[2] is not None), None)
+    batches = [b for w in work for b in w[3]]
     if args.dry_run:
         from jaxgen.generate import plan
 
         shapes = {}
         for b in batches:
-            p = plan(model.cfg, len(b), max(len(r["ids"]) for r in b), max(r["max_new"] for r in b))
+            p = plan(model.cfg, len(b), max(len(r["ids"]) for r in b), max(r["max_new"] for r in b), n=b[0]["n"])
             shapes.setdefault((p.batch, p.prompt_len, p.max_new), 0)
             shapes[(p.batch, p.prompt_len, p.max_new)] += 1
         print(json.dumps({"rows": len(ok), "skipped_done": len(done), "errors": len(errors) + len(too_long),
-                          "batches": len(batches), "programs": [
+                          "groups": len(work), "batches": len(batches), "programs": [
                               {"batch": b, "prompt_len": t, "max_new": m, "batches": c} for (b, t, m), c in sorted(shapes.items())],
                           # with --refill (the default) there are no static batches: one running state
                           # of this shape decodes, and waiting rows are prefilled into its free slots
@@ -363,17 +438,22 @@ def main(args) -> int:
             nonlocal n_done, n_tok
             append(f, lines)
             n_done += len(lines)
-            n_tok += sum(len(x["tokens"]) for x in lines)
+            n_tok += sum(len(s["tokens"]) for x in lines for s in x.get("samples", [x]) if "tokens" in s)
             el = time.perf_counter() - t0
             eta = el / n_done * (total - n_done)
             print(f"\r[{n_done}/{total}] {n_tok / el:.1f} tok/s, ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
 
-        if refill:
-            run_refill(model, sorted(ok, key=lambda r: -len(r["ids"])), defaults, refill, args.chunk_steps,
-                       args.top_logprobs, emit)
-        else:
+        for pre, n, refill, batches in work:
+            shared = None
+            if pre is not None:  # prefilled once for all its rows
+                from jaxgen.generate import prefill_prefix
+
+                shared = prefill_prefix(model, prefixes[pre])
+            if refill:
+                rows = sorted(groups[(pre, n)], key=lambda r: -len(r["ids"]))
+                run_refill(model, rows, defaults, refill, args.chunk_steps, args.top_logprobs, emit, shared)
             for b in batches:
-                emit(run_batch(model, b, defaults, args.top_logprobs, proposer))
+                emit(run_batch(model, b, defaults, args.top_logprobs, proposer, shared, n))
     el = time.perf_counter() - t0
     print(f"\ndone: {n_done} rows, {n_tok} tokens in {el:.1f}s ({n_tok / max(el, 1e-9):.1f} tok/s); "
           f"{len(errors) + len(too_long)} errors; {len(done)} already done; load {timings.get('load_s', 0):.1f}s",

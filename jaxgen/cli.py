@@ -17,6 +17,17 @@ def _add_sampling_flags(p: argparse.ArgumentParser):
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop string (repeatable; \\n and \\t are read as newline and tab): the text ends "
+                        "right before it")
+    p.add_argument("--include-stop", action="store_true", help="keep the matched stop string in the text")
+    p.add_argument("--prefix", default=None, metavar="TEXT",
+                   help="a prefix every prompt continues, prefilled once (encoded with BOS, prompts without)")
+
+
+def unescape(s: str) -> str:
+    """--stop "\\n\\n" means two newlines (a shell passes the backslashes through)."""
+    return s.replace("\\\\", "\0").replace("\\n", "\n").replace("\\t", "\t").replace("\0", "\\")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", default=None, help="system message for --chat")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     g.add_argument("--json-input", action="store_true", help="stdin lines are JSON strings")
-    g.add_argument("--ignore-stop", action="store_true", help="run every row to --max-new-tokens")
+    g.add_argument("--ignore-stop", action="store_true",
+                   help="ignore the end-of-sequence ids (stop strings still stop)")
     g.add_argument("--top-logprobs", type=int, default=0)
     g.add_argument("--n", type=int, default=1, help="samples per prompt, from one prefill of it (default 1)")
     g.add_argument("--chunk-steps", type=int, default=4, help="decode steps between streamed outputs")
@@ -170,9 +182,15 @@ def cmd_generate(args) -> int:
         msgs = lambda p: ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": p}]
         texts = [tok.apply_chat_template(msgs(p)) for p in prompts]
+    stops = [unescape(s) for s in args.stop or ()]
     request = dict(max_new_tokens=args.max_new_tokens, seed=args.seed,
-                   stop_ids=[] if args.ignore_stop else None, **knobs)
+                   stop_ids=[] if args.ignore_stop else None, stop=stops or None, **knobs)
+    if args.prefix is not None:
+        if proposer is not None:
+            raise ValueError("--prefix does not combine with --speculative yet")
+        request["prefix"] = args.prefix
     if proposer is not None:
+        request["include_stop"] = args.include_stop
         return _generate_speculative(args, model, texts, prompts, request, timings, proposer)
     k_samples = args.n
     n = len(prompts) * k_samples  # output rows: sample j of prompt p is row p * k_samples + j
@@ -182,6 +200,12 @@ def cmd_generate(args) -> int:
     sent = [0] * n
     printed_done = [False] * n
     out = None
+    # Streamed text holds back what could still turn out to be the start of a stop string.
+    hold = max((len(s) for s in stops), default=1) - 1
+    acc, shown = "", 0
+
+    def final_text(i):
+        return to_completions(model, prompts, _row(out, i), 1, 1, [stops], args.include_stop)[0].text
     for out in stream(model, texts, chunk_steps=args.chunk_steps if streaming else 1 << 30,
                       top_logprobs=args.top_logprobs, timings=timings, n=k_samples, **request):
         if not streaming:
@@ -193,28 +217,38 @@ def cmd_generate(args) -> int:
             new = decoders[i].push(out.tokens[i, sent[i]:body_end]) if body_end > sent[i] else ""
             sent[i] = max(sent[i], body_end)
             if n == 1:
-                sys.stdout.write(new)
-                if done:
-                    sys.stdout.write(decoders[i].flush() + "\n")
+                acc += new
+                if done:  # the whole text is known: cut at a stop string, if one ended it
+                    text = final_text(0)
+                    sys.stdout.write(text[shown:] + "\n")
+                else:
+                    safe = max(shown, len(acc) - hold)
+                    sys.stdout.write(acc[shown:safe])
+                    shown = safe
                 sys.stdout.flush()
             elif done and not printed_done[i]:  # several prompts: each is printed when it finishes
                 printed_done[i] = True
-                text = tok.decode(out.tokens[i, :body_end])
-                sys.stdout.write(f"--- [{i}] {label(i)}\n{text}\n")
+                sys.stdout.write(f"--- [{i}] {label(i)}\n{final_text(i)}\n")
                 sys.stdout.flush()
     if streaming:
         if n == 1 and int(out.finish[0]) == 0:
-            sys.stdout.write(decoders[0].flush() + "\n")
+            sys.stdout.write((acc + decoders[0].flush())[shown:] + "\n")
         for i in range(n):
             if n > 1 and not printed_done[i]:
-                sys.stdout.write(f"--- [{i}] {label(i)}\n{tok.decode(out.tokens[i, :int(out.num_new[i])])}\n")
+                sys.stdout.write(f"--- [{i}] {label(i)}\n{final_text(i)}\n")
         print(f"[{_timing_line(timings)}]", file=sys.stderr)
         return 0
-    for c in to_completions(model, prompts, out, n, k_samples):
+    for c in to_completions(model, prompts, out, n, k_samples, [stops] * n, args.include_stop):
         sample = {"sample": c.sample} if k_samples > 1 else {}
         print(json.dumps({"prompt": c.prompt, **sample, **c.fields(), "timing": {k: timings[k] for k in TIMING_KEYS}},
                          ensure_ascii=False))
     return 0
+
+
+def _row(out, i):
+    """Row i of a host GenerateOutput, as a one-row output."""
+    return out.replace(**{f: getattr(out, f)[i:i + 1] for f in
+                          ("tokens", "num_new", "finish", "logprobs", "top_ids", "top_logprobs")})
 
 
 def cmd_batch(args) -> int:

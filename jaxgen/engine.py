@@ -164,8 +164,7 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
     seen = jnp.zeros((P, H), bool).at[rows[:, None], jnp.where(positions >= 0, prompts, H)].set(True, mode="drop")
     if prefix is not None:
         seen = seen.at[:, jnp.where(prefix.tokens >= 0, prefix.tokens, H)].set(True, mode="drop")
-    if stop_strings is None:
-        stop_strings = _no_stop_strings(V, B)
+    stop_strings = _no_stop_strings(V, B) if stop_strings is None else jax.tree.map(jnp.asarray, stop_strings)
     if n > 1:  # prompt row p -> decode rows p * n + j
         rep = lambda a, axis=0: jnp.repeat(a, n, axis=axis)
         cache = cache.with_stacks(jax.tree.map(lambda a: rep(a, 1), cache.stacks()),  # rows are axis 1: [L, P, ...]

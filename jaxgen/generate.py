@@ -118,7 +118,8 @@ class SharedPrefix:
 def _encode(model: Model, p, what: str, add_bos: bool | None = None) -> list[int]:
     if isinstance(p, str):
         if model.tokenizer is None:
-            raise ValueError(f"a text {what} needs a model with a tokenizer; pass token ids instead")
+            raise ValueError(f"{what} is text: text prompts and prefixes need a model with a tokenizer; "
+                             "pass token ids instead")
         ids = model.tokenizer.encode(p, add_bos=add_bos)
     else:
         try:
@@ -396,6 +397,7 @@ def stream(model: Model, prompts, *, chunk_steps: int = 8, top_logprobs: int = 0
 
     if chunk_steps < 1:
         raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
+    request.pop("include_stop", None)  # outputs are token arrays here; `to_completions` cuts text
     ids, args, p = prepare(model, prompts, candidates=candidates, **request)
     statics = dict(cfg=model.cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=top_logprobs,
                    candidates=candidates, mesh=model.mesh, kv_quant=model.kv_quant, penalties=p.penalties, n=p.n)

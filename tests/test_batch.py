@@ -255,3 +255,52 @@ def test_speculative_batch_equals_plain(model_dir, tmp_path):
     for k in plain:
         assert spec[k]["tokens"] == plain[k]["tokens"], k
         assert 0 <= spec[k]["timing"]["acceptance_rate"] <= 1
+
+
+def test_n_stop_and_prefix_fields(model_dir, tmp_path):
+    """Rows with "n", "stop" and "prefix" fields (and --stop / --prefix defaults) give exactly the
+    API's completions for the same seeds; n > 1 rows give one line with n samples. n == 1 rows run
+    in the refill state (one stop table, the prefix prefilled once), n > 1 rows in static batches."""
+    import jaxgen
+    from jaxgen.batch import row_seed
+
+    model = registry.load(model_dir)
+    tok = model.tokenizer
+
+    def stop_in(rid, prompt, prefix=None):  # a string the row's unstopped text holds
+        ids = tok.encode(prompt, add_bos=False if prefix else None)
+        t = jaxgen.generate(model, [ids], prefix=tok.encode(prefix) if prefix else None, seed=[row_seed(0, rid)],
+                            max_new_tokens=8, stop_ids=[], temperature=0.9)[0].text
+        return next(c for c in t[2:] if c != "\ufffd" and c.strip())
+
+    pre = "the tea is hot and"
+    rows = [{"id": "a", "prompt": "the cat", "n": 3, "temperature": 0.9},
+            {"id": "b", "prompt": "sat on", "prefix": pre, "stop": ["zz", stop_in("b", "sat on", pre)],
+             "temperature": 0.9},
+            {"id": "c", "prompt": "a mat", "stop": stop_in("c", "a mat"), "temperature": 0.9},
+            {"id": "d", "prompt": "today", "prefix": pre, "n": 2, "temperature": 0.9}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert batch(model_dir, tmp_path / "in.jsonl", tmp_path / "out.jsonl", "--stop", "zz",
+                 "--max-new-tokens", "8") == 0
+    out = read_output(tmp_path / "out.jsonl")
+    for r in rows:
+        pre = r.get("prefix")
+        ids = tok.encode(r["prompt"], add_bos=False if pre else None)
+        stop = r.get("stop", ["zz"])
+        want = jaxgen.generate(model, [ids], prefix=tok.encode(pre) if pre else None, n=r.get("n", 1),
+                               seed=[row_seed(0, r["id"])], stop=[stop] if isinstance(stop, str) else stop,
+                               temperature=r.get("temperature", 0.0), max_new_tokens=8, stop_ids=[])
+        got = out[r["id"]]["samples"] if r.get("n", 1) > 1 else [out[r["id"]]]
+        assert [(g["tokens"], g["text"], g["stop_reason"]) for g in got] == [(w.tokens, w.text, w.stop_reason)
+                                                                         for w in want], r["id"]
+    assert all(out[k]["finish_reason"] == "stop" and out[k]["stop_reason"] != "zz" for k in "bc")
+
+
+def test_bad_row_fields(model_dir, tmp_path, capsys):
+    for row, msg in (({"n": 0}, "n must be an integer in [1, 64]"), ({"stop": ""}, "stop must be a non-empty"),
+                     ({"stop": ["a", 3]}, "stop must be"), ({"prefix": 5}, "prefix must be a non-empty string")):
+        (tmp_path / "in.jsonl").write_text(json.dumps({"id": 1, "prompt": "the", **row}) + "\n")
+        rc = cli.main(["batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"),
+                       "--model", model_dir])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"in.jsonl:1: {msg}" in err and err.count("\n") == 1, (row, err)

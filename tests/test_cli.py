@@ -52,7 +52,7 @@ def test_json_output_fields(ckpt, capsys):
     assert [r["prompt"] for r in rows] == ["the cat", "a"]
     tok = registry.load(str(ck)).tokenizer
     for r in rows:
-        assert set(r) == {"prompt", "text", "tokens", "finish_reason", "logprobs", "timing", "top_logprobs"}
+        assert set(r) == {"prompt", "text", "tokens", "finish_reason", "stop_reason", "logprobs", "timing", "top_logprobs"}
         assert len(r["tokens"]) == len(r["logprobs"]) == len(r["top_logprobs"]) == 7
         assert r["finish_reason"] == "length" and r["text"] == tok.decode(r["tokens"])
         assert all(lp <= 0 for lp in r["logprobs"])
@@ -267,3 +267,39 @@ def test_n_samples_on_the_command_line(ckpt, capsys):
     assert rc == 0 and out.count("--- [") == 6 and "'a dog sat' sample 2" in out, out
     rc, out, err = run(capsys, base + ["--n", "0"])
     assert rc == 2 and "--n must be >= 1" in err
+
+
+def test_stop_strings_and_prefix_on_the_command_line(ckpt, capsys):
+    """--stop / --include-stop / --prefix give the API's completions; streamed text equals --json's
+    (the stream holds back what could begin a stop string)."""
+    import jaxgen
+
+    _, _, ck = ckpt
+    model = registry.load(str(ck))
+    kw = dict(max_new_tokens=12, temperature=0.9, seed=2, stop_ids=[])
+    free = jaxgen.generate(model, ["the cat"], **kw)[0]
+    t = free.text  # a string the free text holds (no partial character in it)
+    stop = next(t[i:i + 2] for i in range(len(t) // 2, len(t) - 1) if "\ufffd" not in t[i:i + 2] and t[i:i + 2].strip())
+    base = ["generate", "the cat", "--model", str(ck), "--ignore-stop", "--max-new-tokens", "12",
+            "--temperature", "0.9", "--seed", "2", "--stop", stop, "--stop", "\\n\\n"]
+    rc, out, err = run(capsys, base + ["--json"])
+    assert rc == 0, err
+    row = json.loads(out)
+    want = jaxgen.generate(model, ["the cat"], stop=[stop, "\n\n"], **kw)[0]
+    assert (row["text"], row["tokens"], row["stop_reason"]) == (want.text, want.tokens, stop)
+    assert free.text.startswith(row["text"] + stop)
+    rc, streamed, err = run(capsys, base + ["--chunk-steps", "1"])
+    assert rc == 0 and streamed == row["text"] + "\n"
+    rc, out, err = run(capsys, base + ["--json", "--include-stop"])
+    assert json.loads(out)["text"] == want.text + stop
+    rc, out, err = run(capsys, ["generate", "sat on", "--model", str(ck), "--ignore-stop", "--max-new-tokens", "5",
+                                "--prefix", "the cat", "--json"])
+    assert rc == 0, err
+    tok = model.tokenizer
+    want = jaxgen.generate(model, [tok.encode("sat on", add_bos=False)], prefix=tok.encode("the cat"),
+                           max_new_tokens=5, stop_ids=[])[0]
+    assert json.loads(out)["tokens"] == want.tokens
+    for flags, msg in ((["--stop", ""], "non-empty string"), (["--prefix", ""], "prefix is empty"),
+                       (["--prefix", "x", "--speculative", "lookup"], "--prefix does not combine")):
+        rc, out, err = run(capsys, ["generate", "a", "--model", str(ck), *flags])
+        assert rc == 2 and msg in err and err.count("\n") == 1, err

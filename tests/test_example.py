@@ -1,5 +1,6 @@
 """examples/train_and_sample.py, shortened: supervised loss falls, greedy samples taken inside the
-jitted step get better, the REINFORCE reward rises, and Orbax checkpoints restore the params."""
+jitted step get better, the GRPO reward rises (G samples per prompt from one prefill, ended by a stop
+string), and Orbax checkpoints restore the params."""
 import importlib.util
 import pathlib
 
@@ -21,6 +22,7 @@ def test_train_and_sample_short(tmp_path):
     assert log["greedy_acc"][-1][1] > log["greedy_acc"][0][1] + 0.3
     r = log["reward"]
     assert np.mean(r[-10:]) > np.mean(r[:5]) + 0.3, r
+    assert np.mean(log["stopped"][-10:]) > 0.5 > np.mean(log["stopped"][:3])  # answers end at the stop string
     cfg, restored, _ = orbax.restore(tmp_path / "step_00040")
     assert cfg == ex.CFG
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, restored))
