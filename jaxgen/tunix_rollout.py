@@ -13,7 +13,6 @@ not keep per-step [V] logits (Tunix's learners use logprobs); logprobs are the r
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
