@@ -41,8 +41,9 @@ def test_rollout_equals_generate_and_rescoring(tiny_model, compile_counter):
     # the layout `score` takes: re-scored under the same params, the sampled logprobs come back
     np.testing.assert_allclose(ro.completion_logprobs(tiny_model.params, r, tiny_model.cfg), r.logprobs, atol=1e-4)
     # new params are a traced argument: the jitted rollout does not compile again
+    fresh = jax.block_until_ready(random_params(tiny_model.cfg, seed=9))  # (its own small programs first)
     before = compile_counter.count()
-    fn(random_params(tiny_model.cfg, seed=9), args)
+    fn(fresh, args)
     assert compile_counter.count() == before
 
 
