@@ -150,10 +150,10 @@ def plan_batches(model, rows: list[dict], batch_size: int, memory_bytes: int | N
     """Sort by length; cut into batches of <= batch_size decode rows (rows x n samples) whose cache
     fits memory_bytes."""
     from jaxgen.cache import cache_bytes
-    from jaxgen.generate import PROMPT_BUCKETS, bucket, plan
+    from jaxgen.generate import plan, prefix_slots
 
     lp = len(prefix) if prefix is not None else 0
-    Tp = min(bucket(lp, PROMPT_BUCKETS, "prefix length"), model.cfg.max_seq_len) if lp else 0
+    Tp = prefix_slots(model.cfg, lp)
     rows = sorted(rows, key=lambda r: (len(r["ids"]), str(r["id"])))
     batches, cur = [], []
     for r in rows:
@@ -313,10 +313,10 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
 
 def _planning_prefix(model, ids):
     """A SharedPrefix with its sizes only (no device state), to plan shapes before anything runs."""
-    from jaxgen.generate import PROMPT_BUCKETS, SharedPrefix, bucket
+    from jaxgen.generate import SharedPrefix, prefix_slots
 
-    Tp = min(bucket(len(ids), PROMPT_BUCKETS, "prefix length"), model.cfg.max_seq_len)
-    return SharedPrefix(ids=tuple(ids), bucket=Tp, state=None, model=model.cfg.name, kv_quant=model.kv_quant)
+    return SharedPrefix(ids=tuple(ids), bucket=prefix_slots(model.cfg, len(ids)), state=None, model=model.cfg.name,
+                        kv_quant=model.kv_quant)
 
 
 def _set_rows(h, dest, a):

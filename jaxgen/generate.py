@@ -115,6 +115,11 @@ class SharedPrefix:
         return len(self.ids)
 
 
+def prefix_slots(cfg: ModelConfig, length: int) -> int:
+    """Tp, the cache slots of a shared prefix of `length` tokens (0: no prefix): its prompt bucket."""
+    return min(bucket(length, PROMPT_BUCKETS, "prefix length"), cfg.max_seq_len) if length else 0
+
+
 def _encode(model: Model, p, what: str, add_bos: bool | None = None) -> list[int]:
     if isinstance(p, str):
         if model.tokenizer is None:
@@ -143,7 +148,7 @@ def prefill_prefix(model: Model, prefix) -> SharedPrefix:
     if len(ids) >= model.cfg.max_seq_len:
         raise ValueError(f"prefix of {len(ids)} tokens leaves no room in {model.cfg.name}'s context of "
                          f"{model.cfg.max_seq_len} tokens")
-    Tp = min(bucket(len(ids), PROMPT_BUCKETS, "prefix length"), model.cfg.max_seq_len)
+    Tp = prefix_slots(model.cfg, len(ids))
     tok = np.zeros((1, Tp), np.int32)
     tok[0, :len(ids)] = ids
     args = dict(tokens=tok, length=np.array([len(ids)], np.int32))
@@ -249,7 +254,7 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
     knobs = {k: _per_sample(v, P, n, "bias" if k == "logit_bias" else "list" if k == "banned_ids" else "scalar")
              for k, v in knobs.items()}
     sp = smp.make_sampling_params(R, vocab_size=model.cfg.vocab_size, candidates=candidates, **knobs)
-    Tp = min(bucket(lp, PROMPT_BUCKETS, "prefix length"), model.cfg.max_seq_len) if lp else 0
+    Tp = prefix_slots(model.cfg, lp)
     p = plan(model.cfg, P, longest, int(mnt.max()), stop_slots=most, bias_slots=sp.bias_ids.shape[1],
              penalties=smp.uses_penalties(sp), n=n, prefix=Tp, prefix_len=lp)
     if np.isscalar(seed) or np.ndim(seed) == 0:

@@ -49,29 +49,41 @@ def rollout(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
     out = generate_tokens(params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
                           max_new=max_new, cache_len=cache_len, candidates=candidates, pad_id=pad_id, mesh=mesh,
                           kv_quant=kv_quant, penalties=penalties, n=n, stop_strings=stop_strings, prefix=prefix)
-    P, T = prompts.shape
     M = out.tokens.shape[1]
     mask = jnp.arange(M)[None, :] < out.num_new[:, None]  # [R, M]
     plen = jnp.repeat(prompt_lengths, n)  # [R]
-    prompt_rows = jnp.repeat(prompts, n, axis=0)  # [R, T]
-    t = jnp.arange(T + M)[None, :]  # [1, T + M]
-    j = t - plen[:, None]  # index into the completion, [R, T + M]
-    comp = jnp.take_along_axis(out.tokens, jnp.clip(j, 0, M - 1), axis=1)
-    prompt_part = jnp.take_along_axis(prompt_rows, jnp.clip(t, 0, T - 1), axis=1)
-    seq = jnp.where(t < plen[:, None], prompt_part, jnp.where(j < out.num_new[:, None], comp, pad_id))
+    seq = join(jnp.repeat(prompts, n, axis=0), plen, out.tokens, out.num_new, pad_id)
     return Rollout(tokens=jnp.where(mask, out.tokens, pad_id), mask=mask,
                    logprobs=jnp.where(mask, out.logprobs, 0.0), lengths=out.num_new, finish=out.finish,
-                   sequences=seq.astype(jnp.int32), prompt_lengths=plen)
+                   sequences=seq, prompt_lengths=plen)
+
+
+def join(prompts: jax.Array, prompt_lengths: jax.Array, completions: jax.Array, lengths: jax.Array,
+         pad_id: int = 0) -> jax.Array:
+    """[R, T + M] each row's prompt (its first prompt_lengths of prompts [R, T]) then its completion
+    (the first lengths of completions [R, M]), right-padded with pad_id: the layout `score` takes."""
+    T, M = prompts.shape[1], completions.shape[1]
+    t = jnp.arange(T + M)[None, :]  # [1, T + M]
+    j = t - prompt_lengths[:, None]  # index into the completion, [R, T + M]
+    comp = jnp.take_along_axis(completions, jnp.clip(j, 0, M - 1), axis=1)
+    prompt_part = jnp.take_along_axis(prompts, jnp.clip(t, 0, T - 1), axis=1)
+    seq = jnp.where(t < prompt_lengths[:, None], prompt_part, jnp.where(j < lengths[:, None], comp, pad_id))
+    return seq.astype(jnp.int32)
 
 
 def completion_logprobs(params: Params, r: Rollout, cfg: ModelConfig) -> jax.Array:
     """[R, M] log-probabilities of the rollout's completion tokens under `params` (teacher-forced,
     differentiable; 0 where masked). Under the params that sampled it, equal to r.logprobs."""
-    lp = score(params, r.sequences, r.sequence_lengths, cfg)  # [R, T + M - 1]: lp[:, i] predicts token i + 1
-    M = r.tokens.shape[1]
-    idx = r.prompt_lengths[:, None] - 1 + jnp.arange(M)[None, :]  # [R, M]
+    return score_completions(params, r.sequences, r.prompt_lengths, r.lengths, r.tokens.shape[1], cfg)
+
+
+def score_completions(params: Params, seq: jax.Array, prompt_lengths: jax.Array, lengths: jax.Array, M: int,
+            cfg: ModelConfig) -> jax.Array:
+    """[R, M] teacher-forced log-probs of the completions inside `join`ed sequences (0 past lengths)."""
+    lp = score(params, seq, prompt_lengths + lengths, cfg)  # [R, T + M - 1]: lp[:, i] predicts token i + 1
+    idx = prompt_lengths[:, None] - 1 + jnp.arange(M)[None, :]  # [R, M]
     picked = jnp.take_along_axis(lp, jnp.clip(idx, 0, lp.shape[1] - 1), axis=1)
-    return jnp.where(r.mask, picked, 0.0)
+    return jnp.where(jnp.arange(M)[None, :] < lengths[:, None], picked, 0.0)
 
 
 def group_advantages(rewards: jax.Array, n: int, eps: float = 1e-6) -> jax.Array:

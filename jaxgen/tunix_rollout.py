@@ -24,7 +24,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("jaxgen.tunix_rollout needs google-tunix: pip install 'jaxgen[tunix]'") from e
 
 from jaxgen.generate import generate
-from jaxgen.model import Model, score, stack_layers, unstack_layers
+from jaxgen.model import Model, stack_layers, unstack_layers
+from jaxgen.rollout import join, score_completions
 
 
 def _seed(seed) -> int:
@@ -40,22 +41,16 @@ def _seed(seed) -> int:
 
 def _logps(params, prompt_tokens, completion_tokens, pad_id, eos_id, cfg):
     """Log-probs [B, Tc] of right-padded completions after left-padded prompts [B, Tp]."""
-    B, Tp = prompt_tokens.shape
-    Tc = completion_tokens.shape[1]
+    Tp, Tc = prompt_tokens.shape[1], completion_tokens.shape[1]
     plen = jnp.sum(prompt_tokens != pad_id, axis=1)  # [B]; left padding: the pads come first
-    shift = Tp - plen
-    t = jnp.arange(Tp + Tc)[None, :]
-    prompt_part = jnp.take_along_axis(prompt_tokens, jnp.clip(t + shift[:, None], 0, Tp - 1), axis=1)
+    # right-align -> left-align the prompts: row b's tokens start at column Tp - plen[b]
+    cols = jnp.clip(jnp.arange(Tp)[None, :] + (Tp - plen)[:, None], 0, Tp - 1)
+    prompts = jnp.take_along_axis(prompt_tokens, cols, axis=1)
     # a completion runs to its first eos (kept) or its first pad
     ends = (completion_tokens == eos_id) | (completion_tokens == pad_id)
     first = jnp.min(jnp.where(ends, jnp.arange(Tc)[None, :] + (completion_tokens == eos_id), Tc), axis=1)  # [B]
-    j = t - plen[:, None]
-    comp = jnp.take_along_axis(completion_tokens, jnp.clip(j, 0, Tc - 1), axis=1)
-    seq = jnp.where(t < plen[:, None], prompt_part, jnp.where(j < first[:, None], comp, pad_id))
-    lp = score(params, seq, plen + first, cfg)  # [B, Tp + Tc - 1]
-    idx = plen[:, None] - 1 + jnp.arange(Tc)[None, :]
-    picked = jnp.take_along_axis(lp, jnp.clip(idx, 0, lp.shape[1] - 1), axis=1)
-    return jnp.where(jnp.arange(Tc)[None, :] < first[:, None], picked, 0.0)
+    seq = join(prompts, plen, completion_tokens, first, pad_id)
+    return score_completions(params, seq, plen, first, Tc, cfg)
 
 
 _logps_jit = jax.jit(_logps, static_argnames=("pad_id", "eos_id", "cfg"))
