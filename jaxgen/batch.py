@@ -255,7 +255,7 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
     B, NS = p.batch, p.stop_slots
     knob_names = [k for k in OVERRIDES if k not in ("max_new_tokens", "seed")]
     statics = dict(cfg=cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=top_logprobs, mesh=model.mesh,
-                   kv_quant=model.kv_quant, penalties=p.penalties)
+                   kv_quant=model.kv_quant, penalties=p.penalties, prefill_chunk=model.prefill_chunk)
 
     universe = sorted({s for r in rows for s in r.get("stop", [])})
     if len(universe) > sst.MAX_STRINGS:

@@ -22,7 +22,7 @@ from jaxgen import sampling as smp
 from jaxgen import stops as sst
 from jaxgen.cache import KVCache, init_cache, padded_positions, ring_size
 from jaxgen.config import ModelConfig
-from jaxgen.model import Params, forward_hidden, unembed
+from jaxgen.model import PREFILL_CHUNK, Params, forward_hidden, prefill_hidden, unembed
 
 STOP, LENGTH, STOP_STRING = 1, 2, 3  # finish codes; 0 = still running
 FINISH_REASONS = {STOP: "stop", LENGTH: "length", STOP_STRING: "stop"}
@@ -135,8 +135,10 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
             max_new: int, cache_len: int, top_logprobs: int = 0,
             candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0, mesh=None,
             kv_quant: str | None = None, cache_extra: int = 0, penalties: bool = True, n: int = 1,
-            stop_strings: sst.StopStrings | None = None, prefix: Prefix | None = None) -> DecodeState:
-    """Prefill right-padded prompts [P, T] in one forward pass and sample the first new token of
+            stop_strings: sst.StopStrings | None = None, prefix: Prefix | None = None,
+            prefill_chunk: int = PREFILL_CHUNK) -> DecodeState:
+    """Prefill right-padded prompts [P, T] (`prefill_chunk` tokens per forward pass: see
+    model.prefill_hidden) and sample the first new token of
     B = P * n decode rows: with n > 1 each prompt's cache row (and penalty history) is copied in-graph
     to its n rows (prompt-major: rows p * n .. p * n + n - 1), which then sample independently, so n
     samples cost one prefill. The per-row arguments (sp, max_new_tokens, stop_ids, seeds) have B rows.
@@ -156,8 +158,7 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
     else:
         cache = _widen(prefix.cache, P, cache_len, cfg, cache_extra)
         positions = jnp.where(positions >= 0, positions + prefix.cache.lengths[0], -1)
-    h, cache = forward_hidden(params, prompts, positions, cache, cfg)  # [P, T, D]
-    h_last = h[rows, jnp.maximum(prompt_lengths - 1, 0)]  # [P, D]
+    h_last, cache = prefill_hidden(params, prompts, positions, cache, cfg, prefill_chunk)  # [P, D]
     logits = unembed(params, h_last, cfg)  # [P, V]
 
     H = V if penalties else 0
@@ -190,12 +191,12 @@ def _no_stop_strings(V: int, B: int) -> sst.StopStrings:
 
 
 def prefill_prefix(params: Params, tokens: jax.Array, length: jax.Array, *, cfg: ModelConfig, cache_len: int,
-                   kv_quant: str | None = None) -> Prefix:
+                   kv_quant: str | None = None, prefill_chunk: int = PREFILL_CHUNK) -> Prefix:
     """Prefill one prefix, tokens [1, Tp] right-padded to its length [1], into a one-row cache of
     cache_len (>= Tp) slots. `prefill(..., prefix=)` copies it to every row and continues it."""
     positions = padded_positions(length, tokens.shape[1])  # [1, Tp]
     cache = init_cache(cfg, 1, cache_len, params.embed.dtype, kv_quant=kv_quant)
-    _, cache = forward_hidden(params, tokens, positions, cache, cfg)
+    _, cache = prefill_hidden(params, tokens, positions, cache, cfg, prefill_chunk)
     return Prefix(cache=cache, tokens=jnp.where(positions[0] >= 0, tokens[0], -1))
 
 
@@ -275,7 +276,7 @@ def generate_tokens(params: Params, prompts: jax.Array, prompt_lengths: jax.Arra
                     top_logprobs: int = 0, candidates: int = smp.DEFAULT_CANDIDATES,
                     pad_id: int = 0, mesh=None, kv_quant: str | None = None,
                     penalties: bool = True, n: int = 1, stop_strings: sst.StopStrings | None = None,
-                    prefix: Prefix | None = None) -> GenerateOutput:
+                    prefix: Prefix | None = None, prefill_chunk: int = PREFILL_CHUNK) -> GenerateOutput:
     """Prefill right-padded prompts [P, T] in one pass, then decode up to `max_new` tokens for each
     of the B = P * n rows (n samples per prompt, prompt-major; see `prefill`).
 
@@ -285,25 +286,25 @@ def generate_tokens(params: Params, prompts: jax.Array, prompt_lengths: jax.Arra
     (a jax.sharding.Mesh: the decode state is then kept on `jaxgen.sharding`'s shardings), kv_quant
     (None or "int8": the KV cache's storage), penalties (False: no [B, V] penalty history is carried
     and the repetition / presence / frequency knobs are ignored; `prepare`'s Plan says which a request
-    needs), n (samples per prompt). Optional, traced: stop_strings (`jaxgen.stops` tables, a mask per
+    needs), n (samples per prompt), prefill_chunk (prompt tokens per prefill pass). Optional, traced: stop_strings (`jaxgen.stops` tables, a mask per
     row), prefix (a `prefill_prefix` result the prompts continue). The loop exits as soon as every
     row is done.
     """
     state = prefill(params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
                     max_new=max_new, cache_len=cache_len, top_logprobs=top_logprobs,
                     candidates=candidates, pad_id=pad_id, mesh=mesh, kv_quant=kv_quant, penalties=penalties, n=n,
-                    stop_strings=stop_strings, prefix=prefix)
+                    stop_strings=stop_strings, prefix=prefix, prefill_chunk=prefill_chunk)
     state = decode(params, state, sp, max_new_tokens, stop_ids, seeds, jnp.int32(max_new), cfg=cfg,
                    candidates=candidates, pad_id=pad_id, mesh=mesh)
     return output(state)
 
 
 _STATIC = ("cfg", "max_new", "cache_len", "top_logprobs", "candidates", "pad_id", "mesh", "kv_quant", "penalties",
-           "n")
+           "n", "prefill_chunk")
 generate_jit = jax.jit(generate_tokens, static_argnames=_STATIC)
 # The streaming pair: the same two phases as separate programs, so a caller can read tokens between
 # chunks of decode steps. The state is donated: each chunk updates the cache in place.
 prefill_jit = jax.jit(prefill, static_argnames=_STATIC)
 insert_jit = jax.jit(insert, donate_argnames="state")
 decode_jit = jax.jit(decode, static_argnames=("cfg", "candidates", "pad_id", "mesh"), donate_argnames="state")
-prefill_prefix_jit = jax.jit(prefill_prefix, static_argnames=("cfg", "cache_len", "kv_quant"))
+prefill_prefix_jit = jax.jit(prefill_prefix, static_argnames=("cfg", "cache_len", "kv_quant", "prefill_chunk"))

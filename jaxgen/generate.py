@@ -156,7 +156,8 @@ def prefill_prefix(model: Model, prefix) -> SharedPrefix:
         from jax.sharding import NamedSharding, PartitionSpec
 
         args = jax.device_put(args, NamedSharding(model.mesh, PartitionSpec()))
-    state = prefill_prefix_jit(model.params, **args, cfg=model.cfg, cache_len=Tp, kv_quant=model.kv_quant)
+    state = prefill_prefix_jit(model.params, **args, cfg=model.cfg, cache_len=Tp, kv_quant=model.kv_quant,
+                               prefill_chunk=model.prefill_chunk)
     return SharedPrefix(ids=tuple(ids), bucket=Tp, state=state, model=model.cfg.name, kv_quant=model.kv_quant)
 
 
@@ -325,7 +326,7 @@ def run(model: Model, args: dict, p: Plan, top_logprobs: int = 0,
     how arguments are passed, so every caller goes through here)."""
     return generate_jit(model.params, **place(model, args), cfg=model.cfg, max_new=p.max_new,
                         cache_len=p.cache_len, top_logprobs=top_logprobs, candidates=candidates, mesh=model.mesh,
-                        kv_quant=model.kv_quant, penalties=p.penalties, n=p.n)
+                        kv_quant=model.kv_quant, penalties=p.penalties, n=p.n, prefill_chunk=model.prefill_chunk)
 
 
 def place(model: Model, args: dict) -> dict:
@@ -405,7 +406,8 @@ def stream(model: Model, prompts, *, chunk_steps: int = 8, top_logprobs: int = 0
     request.pop("include_stop", None)  # outputs are token arrays here; `to_completions` cuts text
     ids, args, p = prepare(model, prompts, candidates=candidates, **request)
     statics = dict(cfg=model.cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=top_logprobs,
-                   candidates=candidates, mesh=model.mesh, kv_quant=model.kv_quant, penalties=p.penalties, n=p.n)
+                   candidates=candidates, mesh=model.mesh, kv_quant=model.kv_quant, penalties=p.penalties, n=p.n,
+                   prefill_chunk=model.prefill_chunk)
     args = place(model, args)
     loop_args = {k: args[k] for k in ("sp", "max_new_tokens", "stop_ids", "seeds")}
     t0 = time.perf_counter()

@@ -68,6 +68,7 @@ class Model:
     tokenizer: Any = None
     mesh: Any = None  # a jax.sharding.Mesh when params are sharded (see jaxgen.sharding)
     kv_quant: str | None = None  # None (cache in the params' dtype) or "int8" (see jaxgen.cache)
+    prefill_chunk: int = 512  # prompt tokens per prefill forward pass (see prefill_hidden; == PREFILL_CHUNK)
 
 
 def param_shapes(cfg: ModelConfig, dtype=jnp.float32) -> Params:
@@ -153,27 +154,80 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
+def _scores(q: jax.Array, k, scale: float) -> jax.Array:
+    """Scores [B, K, G, T, S] (f32) of q [B, T, K, G, H] against k [B, S, K, H] or an int8 pair
+    (values, scales [B, S, K]): the key scale multiplies the scores (no dequantized copy of the cache)."""
+    k_scale = None
+    if isinstance(k, tuple):
+        k, k_scale = k
+        k = k.astype(q.dtype)
+    s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if k_scale is not None:
+        s = s * k_scale.transpose(0, 2, 1)[:, :, None, None, :]  # [B, K, 1, 1, S]
+    return s
+
+
+def _mix(probs: jax.Array, v, dtype) -> jax.Array:
+    """probs [B, K, G, T, S] (f32) times v [B, S, K, H] (or an int8 pair, converted to `dtype`, the
+    queries': the value scale multiplies the probabilities) -> [B, K, G, T, H] f32."""
+    if isinstance(v, tuple):
+        v, v_scale = v
+        probs = probs * v_scale.transpose(0, 2, 1)[:, :, None, None, :]
+        v = v.astype(dtype)
+    return jnp.einsum("bkgts,bskh->bkgth", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
 def attend(q: jax.Array, k, v, mask: jax.Array, scale: float) -> jax.Array:
     """q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]; softmax in f32.
     k / v may be int8 cache pairs (values [B, S, K, H], scales [B, S, K]): the key scale multiplies
-    the scores and the value scale the probabilities; the int8 values of this layer are converted to
-    q's dtype here (a per-step, per-layer conversion; scales are never applied to the cache itself)."""
+    the scores and the value scale the probabilities; the int8 values of this layer are converted
+    here (a per-step, per-layer conversion; scales are never applied to the cache itself)."""
     B, T, N, H = q.shape
-    k_scale = v_scale = None
-    if isinstance(k, tuple):
-        (k, k_scale), (v, v_scale) = k, v
-        k, v = k.astype(q.dtype), v.astype(q.dtype)
-    K = k.shape[2]
-    q = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    if k_scale is not None:
-        scores = scores * k_scale.transpose(0, 2, 1)[:, :, None, None, :]  # [B, K, 1, 1, S]
-    scores = jnp.where(mask[:, None, None], scores, kvc.NEG_INF)  # [B, K, G, T, S]
-    probs = jax.nn.softmax(scores, axis=-1)
-    if v_scale is not None:
-        probs = probs * v_scale.transpose(0, 2, 1)[:, :, None, None, :]
-    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, N, H).astype(q.dtype)
+    K = (k[0] if isinstance(k, tuple) else k).shape[2]
+    scores = _scores(q.reshape(B, T, K, N // K, H), k, scale)  # [B, K, G, T, S]
+    scores = jnp.where(mask[:, None, None], scores, kvc.NEG_INF)
+    out = _mix(jax.nn.softmax(scores, axis=-1), v, q.dtype)  # [B, K, G, T, H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
+
+
+def attend_blocked(q: jax.Array, k, v, q_pos: jax.Array, k_pos: jax.Array, scale: float, block: int) -> jax.Array:
+    """Causal attention of a prefill chunk over a global layer's whole cache, as `attend` with the
+    mask attention_mask(q_pos, k_pos, 0) computes it, holding one key block of scores at a time.
+
+    q [B, T, N, H] at positions q_pos [B, T]; k / v [B, S, K, H] (or int8 pairs) holding positions
+    k_pos [B, S], position p in slot p (global layers never wrap). Key blocks of `block` slots are
+    read in order with an online softmax (running max m, running sum l, rescaled accumulator), and
+    only up to the block holding the chunk's last query position: later slots are in the future of
+    every query. Why: the one-pass scores are [B, N, T, S] (a 512-token chunk over a 32k cache: 256 MB
+    per layer at 4 heads) and most of them are masked; here they are [B, N, T, block]."""
+    B, T, N, H = q.shape
+    S, K = k_pos.shape[1], (k[0] if isinstance(k, tuple) else k).shape[2]
+    block = min(block, S)
+    qg = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
+    n_blocks = jnp.minimum(jnp.max(q_pos) // block + 1, -(-S // block))  # >= 1: a chunk's rows may all be padding
+
+    def body(i, carry):
+        m, l, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
+        # The last block is read as the final `block` slots when S is not a multiple of it; the
+        # slots it shares with the block before are hidden (position -1) so none counts twice.
+        start = jnp.minimum(i * block, S - block)
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, block, axis=1)
+        fresh = start + jnp.arange(block) >= i * block  # [block]
+        pos = jnp.where(fresh[None, :], take(k_pos), -1)  # [B, block]
+        s = _scores(qg, jax.tree.map(take, k), scale)  # [B, K, G, T, block]
+        s = jnp.where(kvc.attention_mask(q_pos, pos, 0)[:, None, None], s, kvc.NEG_INF)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        # While a row has seen only masked keys, m is NEG_INF and they weigh exp(0): the first visible
+        # key's exp(NEG_INF - m_new) = 0 then wipes them (NEG_INF is finite: no inf - inf NaN).
+        p = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + _mix(p, jax.tree.map(take, v), q.dtype)
+
+    init = (jnp.full((B, K, N // K, T), kvc.NEG_INF, jnp.float32), jnp.zeros((B, K, N // K, T), jnp.float32),
+            jnp.zeros((B, K, N // K, T, H), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    out = acc / l[..., None]  # [B, K, G, T, H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
 
 
 def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
@@ -284,6 +338,9 @@ def _layer(cfg: ModelConfig, carry, xs, ctx):
         k_buf, v_buf = _index(kg, gi), _index(vg, gi)  # [B, S, K, H]
         if T > 1:  # the write comes after: attend over a written copy of this layer's slice
             k_buf, v_buf = kvc.write(k_buf, k_g, ctx["slots_global"]), kvc.write(v_buf, v, ctx["slots_global"])
+        if "mask_global" not in ctx:  # a prefill chunk over a long cache: one key block at a time
+            return attend_blocked(q_g, k_buf, v_buf, ctx["positions"], ctx["pos_global"], cfg.attn_scale,
+                                  ctx["key_block"])
         return attend(q_g, k_buf, v_buf, ctx["mask_global"], cfg.attn_scale)
 
     if T == 1:
@@ -313,11 +370,13 @@ def _layer(cfg: ModelConfig, carry, xs, ctx):
 
 
 def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache,
-                   cfg: ModelConfig) -> tuple[jax.Array, KVCache]:
+                   cfg: ModelConfig, key_block: int = 0) -> tuple[jax.Array, KVCache]:
     """Final-normed hidden states [B, T, D] and the updated cache.
 
     tokens, positions: [B, T] int32. Within a row, valid positions are contiguous and ascending
     (the row's next positions); -1 marks padding, which is neither written nor attended.
+    key_block > 0 (static): a multi-token call attends global layers `attend_blocked`, one block of
+    that many cache slots at a time, when the cache is longer (prefill chunks; see `prefill_hidden`).
 
     Stacked layers run as one `lax.scan` with one layer per step; the layer kind (local ring /
     global cache) is then data, chosen by `lax.cond`. (A Python loop over static slices of the
@@ -336,7 +395,10 @@ def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
     ctx = {"rope_global": rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
            "slots_global": kvc.slots_for(positions, lengths, S)}
     pos_global = kvc.write(cache.pos_global, positions, ctx["slots_global"])  # [B, S]
-    ctx["mask_global"] = kvc.attention_mask(positions, pos_global, 0)  # [B, T, S]
+    if T > 1 and 0 < key_block < S:  # no [B, T, S] mask either
+        ctx.update(positions=positions, pos_global=pos_global, key_block=key_block)
+    else:
+        ctx["mask_global"] = kvc.attention_mask(positions, pos_global, 0)  # [B, T, S]
     pos_local = cache.pos_local
     if cfg.n_local:
         window = cfg.sliding_window
@@ -367,6 +429,47 @@ def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
     x = rms_norm(x, params.final_norm, cfg.norm_eps)
     cache = cache.with_stacks(stacks, pos_local=pos_local, pos_global=pos_global, lengths=lengths)
     return x, cache
+
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass in a prefill (`prefill_hidden`); Model.prefill_chunk
+
+
+def prefill_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: ModelConfig,
+                   chunk: int = PREFILL_CHUNK) -> tuple[jax.Array, KVCache]:
+    """Write right-padded prompts tokens [B, T] at positions [B, T] (as `forward_hidden` takes them)
+    into the cache, `chunk` tokens per forward pass, and return the final-normed hidden state at each
+    row's last valid position [B, D] (what the first new token is sampled from) with the cache.
+
+    Why chunks: one pass over T tokens holds [T, .] activations and, for global layers, [T, S]
+    scores: time and memory grew with the square of the prompt (16k tokens: 18 GB). A chunk attends
+    the ring plus itself on local layers and global keys in blocks of 2 x chunk slots
+    (`attend_blocked`), so the peak is the cache plus O(chunk x block), whatever the prompt length.
+    The chunks run in a `fori_loop` (one compiled chunk for every prompt bucket above `chunk`) that
+    stops after the last chunk holding a valid token of some row (a bucket's padding costs nothing).
+    Exact: chunked attention is the same softmax, evaluated in another order (float rounding only)."""
+    B, T = tokens.shape
+    rows = jnp.arange(B)
+    last = jnp.argmax(positions, axis=1)  # [B] column of each row's last valid token (0 if none)
+    if T <= chunk:
+        h, cache = forward_hidden(params, tokens, positions, cache, cfg, key_block=2 * chunk)
+        return h[rows, last], cache
+    n = -(-T // chunk)
+    if n * chunk > T:  # T is a bucket, a multiple of power-of-two chunks; other chunk sizes pad
+        tokens = jnp.pad(tokens, ((0, 0), (0, n * chunk - T)))
+        positions = jnp.pad(positions, ((0, 0), (0, n * chunk - T)), constant_values=-1)
+    used = jnp.max(jnp.where(positions[rows, last] >= 0, last, 0)) // chunk + 1  # chunks holding a valid token
+
+    def run(i, carry):
+        h_last, cache = carry
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1)  # [B, chunk]
+        h, cache = forward_hidden(params, take(tokens), take(positions), cache, cfg, key_block=2 * chunk)
+        col = last - i * chunk  # the row's last token, if it is in this chunk
+        here = (col >= 0) & (col < chunk)
+        return jnp.where(here[:, None], h[rows, jnp.clip(col, 0, chunk - 1)], h_last), cache
+
+    h_shape = jax.eval_shape(lambda: forward_hidden(params, tokens[:, :chunk], positions[:, :chunk], cache, cfg)[0])
+    h0 = jnp.zeros((B, h_shape.shape[-1]), h_shape.dtype)
+    return jax.lax.fori_loop(0, used, run, (h0, cache))
 
 
 def unembed(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:

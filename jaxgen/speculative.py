@@ -33,7 +33,7 @@ from jaxgen.cache import KVCache, init_cache, padded_positions
 from jaxgen.config import ModelConfig
 from jaxgen.engine import DecodeState, GenerateOutput, append_tokens, output, prefill, record
 from jaxgen.generate import fetch, prepare, stop_rows, to_completions
-from jaxgen.model import Model, forward, forward_hidden, unembed
+from jaxgen.model import PREFILL_CHUNK, Model, forward, forward_hidden, prefill_hidden, unembed
 
 
 @struct.dataclass
@@ -255,7 +255,7 @@ def _plain_step(params, s: SpecState, sp, max_new_tokens, stop_ids, seeds, *, cf
 def spec_prefill(params, draft_params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, *,
                  cfg: ModelConfig, draft_cfg: ModelConfig | None, gamma: int, max_new: int, cache_len: int,
                  candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0, kv_quant: str | None = None,
-                 penalties: bool = True, stop_strings=None) -> SpecState:
+                 penalties: bool = True, stop_strings=None, prefill_chunk: int = PREFILL_CHUNK) -> SpecState:
     """The target's (and the draft's) prefill and the first new token, as engine.prefill does
     (stop strings included: `append_tokens` cuts a block at the token that completes one)."""
     B, T = prompts.shape
@@ -263,12 +263,12 @@ def spec_prefill(params, draft_params, prompts, prompt_lengths, sp, max_new_toke
     # ring buffers with gamma + 1 spare slots: a pass writes that far ahead before rolling back
     base = prefill(params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
                    max_new=max_new, cache_len=cache_len, candidates=candidates, pad_id=pad_id, cache_extra=extra,
-                   kv_quant=kv_quant, penalties=penalties, stop_strings=stop_strings)
+                   kv_quant=kv_quant, penalties=penalties, stop_strings=stop_strings, prefill_chunk=prefill_chunk)
     draft_cache = None
     if draft_cfg is not None:
         draft_cache = init_cache(draft_cfg, B, cache_len, draft_params.embed.dtype, extra=extra, kv_quant=kv_quant)
-        _, draft_cache = forward_hidden(draft_params, prompts, padded_positions(prompt_lengths, T), draft_cache,
-                                        draft_cfg)
+        _, draft_cache = prefill_hidden(draft_params, prompts, padded_positions(prompt_lengths, T), draft_cache,
+                                        draft_cfg, prefill_chunk)
     hist = jnp.concatenate([prompts, jnp.full((B, max_new), pad_id, jnp.int32)], axis=1)  # [B, T + M]
     hist = hist.at[jnp.arange(B), prompt_lengths].set(base.tokens[:, 0])
     return SpecState(base=base, draft_cache=draft_cache, hist=hist, hist_len=prompt_lengths + base.num_new,
@@ -298,22 +298,25 @@ def spec_decode(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids
 def speculative_tokens(params, draft_params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, *,
                        cfg: ModelConfig, draft_cfg: ModelConfig | None, gamma: int, ngram: int, max_new: int,
                        cache_len: int, candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0,
-                       kv_quant: str | None = None, penalties: bool = True, stop_strings=None) -> SpecOutput:
+                       kv_quant: str | None = None, penalties: bool = True, stop_strings=None,
+                       prefill_chunk: int = PREFILL_CHUNK) -> SpecOutput:
     """Like engine.generate_tokens, decoding speculatively (static: gamma, ngram, draft_cfg; a
     draft_cfg of None means prompt lookup and draft_params is ignored)."""
     s = spec_prefill(params, draft_params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
                      draft_cfg=draft_cfg, gamma=gamma, max_new=max_new, cache_len=cache_len, candidates=candidates,
-                     pad_id=pad_id, kv_quant=kv_quant, penalties=penalties, stop_strings=stop_strings)
+                     pad_id=pad_id, kv_quant=kv_quant, penalties=penalties, stop_strings=stop_strings,
+                     prefill_chunk=prefill_chunk)
     return spec_decode(params, draft_params, s, sp, max_new_tokens, stop_ids, seeds, cfg=cfg, draft_cfg=draft_cfg,
                        gamma=gamma, ngram=ngram, candidates=candidates, pad_id=pad_id)
 
 
 _DECODE_STATIC = ("cfg", "draft_cfg", "gamma", "ngram", "candidates", "pad_id")
 speculative_jit = jax.jit(speculative_tokens, static_argnames=_DECODE_STATIC + ("max_new", "cache_len", "kv_quant",
-                                                                                "penalties"))
+                                                                                "penalties", "prefill_chunk"))
 # The two phases as separate programs, so `generate(..., timings=)` can time them apart.
 spec_prefill_jit = jax.jit(spec_prefill, static_argnames=("cfg", "draft_cfg", "gamma", "max_new", "cache_len",
-                                                          "candidates", "pad_id", "kv_quant", "penalties"))
+                                                          "candidates", "pad_id", "kv_quant", "penalties",
+                                                          "prefill_chunk"))
 spec_decode_jit = jax.jit(spec_decode, static_argnames=_DECODE_STATIC, donate_argnames="s")
 
 
@@ -368,7 +371,8 @@ def generate(model: Model, prompts, proposer: Proposer, *, candidates: int = smp
         raise ValueError(f"prompt + max_new_tokens + gamma + 1 = {cache_len} exceeds the context")
     dp = d.params if d is not None else None
     statics = dict(cfg=model.cfg, draft_cfg=d.cfg if d is not None else None, gamma=g, candidates=candidates)
-    lens = dict(max_new=p.max_new, cache_len=cache_len, kv_quant=model.kv_quant, penalties=p.penalties)
+    lens = dict(max_new=p.max_new, cache_len=cache_len, kv_quant=model.kv_quant, penalties=p.penalties,
+                prefill_chunk=model.prefill_chunk)
     if timings is None:
         res = speculative_jit(model.params, dp, **args, **statics, ngram=proposer.ngram, **lens)
     else:  # the same two phases as two programs, compiled ahead and timed apart (as generate.stream)

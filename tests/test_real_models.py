@@ -3,9 +3,11 @@ log-probabilities, alone and in one ragged batch. Fixtures come from tools/make_
 
 One loaded model and one set of generate calls per model (module scope), shared by every test.
 """
+import dataclasses
 import json
 import pathlib
 
+import numpy as np
 import pytest
 
 import jaxgen
@@ -30,6 +32,9 @@ class Real:
         # together: every short prompt in one ragged batch
         short = [c["prompt_ids"] for c in cases if len(c["prompt_ids"]) < 512]
         self.batch = jaxgen.generate(self.model, short, **kw)
+        # the long prompts again in chunks of 128 (6 chunks, global keys in blocks of 256)
+        small = dataclasses.replace(self.model, prefill_chunk=128)
+        self.chunked = [jaxgen.generate(small, [c["prompt_ids"]], **kw)[0] for c in cases if len(c["prompt_ids"]) > 512]
 
 
 _CACHE = {}
@@ -84,11 +89,19 @@ def test_greedy_tokens_equal_reference_in_ragged_batch(real):
 
 
 def test_long_prompt_wraps_sliding_window(real):
-    """A prompt longer than Gemma's 512 window: the local ring buffers wrap during prefill."""
+    """A prompt longer than Gemma's 512 window: the local ring buffers wrap during prefill, which runs
+    in chunks (2 of the default 512 tokens; 6 of 128): the reference's greedy tokens and top-10
+    log-probabilities either way."""
     long = [(c, g) for c, g in zip(real.fixture["cases"], real.alone) if len(c["prompt_ids"]) > 512]
-    assert long
-    for case, got in long:
+    assert long and len(long) == len(real.chunked)
+    for (case, got), small in zip(long, real.chunked):
         assert got.tokens == case["greedy_ids"]
+        assert small.tokens == case["greedy_ids"]
+        ref = dict(zip(case["top10_ids"], case["top10_logprobs"]))
+        for i, lp in small.top_logprobs[0]:
+            if i in ref:
+                assert abs(lp - ref[i]) < 2e-3, (i, lp, ref[i])
+        np.testing.assert_allclose(small.logprobs, got.logprobs, atol=1e-4)
 
 
 def test_top10_logprobs_match_reference(real):
