@@ -1,12 +1,14 @@
 """Long-prompt prefill on Gemma 3 270M float32, side by side.  python -m benchmarks.long_prompts
 
 For each prompt length (random token ids after BOS, batch 1) and system, a fresh process loads the
-model, runs one prefill that yields the first new token (the warm-up: compilation included), then a
-second, timed one; it reports prefill tokens/s of the second, the first call's time and the
-process's peak resident memory (VmHWM: load, compile and both calls). jaxgen: `generate(...,
-max_new_tokens=1)` (chunked prefill, `Model.prefill_chunk`; `--chunk` sets it). HF transformers:
-`generate(max_new_tokens=1)` with sdpa attention on the same GGUF, float32. A run past `--timeout`
-seconds or out of memory is reported as such. Writes benchmarks/results/<machine>-<date>-long.json
+model and prefills the prompt up to its first new token; it reports prefill tokens/s and the
+process's peak resident memory (VmHWM: load, compile and run). jaxgen: `stream(...,
+max_new_tokens=1, timings=)`, which compiles the prefill and decode programs ahead (compile_s) and
+times the prefill program alone (chunked prefill, `Model.prefill_chunk`; `--chunk` sets it). HF
+transformers: `generate(max_new_tokens=1)` with sdpa attention on the same GGUF, float32, timed on a
+second call after a warm-up one. A run past `--timeout` seconds or out of memory is reported as such
+(and longer prompts of that system are not tried). `--mixed`: `jaxgen batch` (refill) on a file of
+~100-token rows and two ~8k-token ones, wall time and peak RSS, at this revision and at `--before`. Writes benchmarks/results/<machine>-<date>-long.json
 and the README's bench-long table; `--before REV` also measures jaxgen at another git revision (a
 worktree) for the before/after rows.
 """
@@ -35,20 +37,19 @@ def worker_jaxgen(length: int, chunk: int) -> dict:
 
     import jaxgen
     from common import peak_rss_mb
+    from jaxgen.generate import stream
 
     model = jaxgen.load("gemma3-270m", "float32")
     if chunk and hasattr(model, "prefill_chunk"):
         model = dataclasses.replace(model, prefill_chunk=chunk)
     rss_loaded = peak_rss_mb()
     ids = prompt(length)
-    t = time.perf_counter()
-    jaxgen.generate(model, [ids], max_new_tokens=1, stop_ids=[])
+    t, timings = time.perf_counter(), {}
+    out = list(stream(model, [ids], max_new_tokens=1, stop_ids=[], timings=timings))[-1]
     first = time.perf_counter() - t
-    t = time.perf_counter()
-    out = jaxgen.generate(model, [ids], max_new_tokens=1, stop_ids=[])
-    el = time.perf_counter() - t
-    return {"first_call_s": first, "prefill_s": el, "prefill_tps": length / el, "token": out[0].tokens[0],
-            "rss_after_load_mb": rss_loaded, "peak_rss_mb": peak_rss_mb(),
+    el = timings["prefill_s"]  # the compiled prefill program alone, device-synchronized
+    return {"first_call_s": first, "compile_s": timings["compile_s"], "prefill_s": el, "prefill_tps": length / el,
+            "token": int(out.tokens[0, 0]), "rss_after_load_mb": rss_loaded, "peak_rss_mb": peak_rss_mb(),
             "chunk": getattr(model, "prefill_chunk", None)}
 
 
@@ -98,6 +99,63 @@ def run_one(system: str, length: int, a, python: str, cwd: pathlib.Path, gguf_pa
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+SENTENCE = ("The river runs past the old mill, under three stone bridges and along the market square, "
+            "where traders have sold bread, fish and cloth since the town was founded. ")
+
+
+def mixed_file(path: pathlib.Path, short: int, long: int, long_chars: int):
+    """`short` rows of ~100 tokens and `long` rows of ~long_chars / 4.5 tokens, the long ones spread."""
+    with open(path, "w") as f:
+        for i in range(short + long):
+            is_long = i % max(1, (short + long) // max(long, 1)) == 0 and i // max(1, (short + long) // long) < long
+            text = SENTENCE * (long_chars // len(SENTENCE) if is_long else 3)
+            f.write(json.dumps({"id": i, "prompt": f"Note {i}. {text}Summary of note {i}:"}) + "\n")
+
+
+def run_batch(python: str, cwd: pathlib.Path, inp: pathlib.Path, out: pathlib.Path, extra: list[str], timeout: int):
+    """Wall time and peak RSS (this child's own, from wait4) of one `jaxgen batch` run, and its plan."""
+    base = [python, "-m", "jaxgen.cli", "batch", "--input", str(inp), "--output", str(out), "--model", "gemma3-270m",
+            "--max-new-tokens", "32", "--batch-size", "32", "--ignore-stop", *extra]
+    env = dict(os.environ, PYTHONPATH=str(cwd))
+    plan = subprocess.run(base + ["--dry-run"], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    out.unlink(missing_ok=True)
+    t = time.perf_counter()
+    p = subprocess.Popen(base, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, status, usage = os.wait4(p.pid, 0)
+    except KeyboardInterrupt:
+        p.kill()
+        raise
+    wall = time.perf_counter() - t
+    err = p.stderr.read()
+    if status != 0:
+        return {"error": (err.strip().splitlines() or ["?"])[-1][:200], "wall_s": wall}
+    rows = [json.loads(x) for x in open(out)]
+    return {"wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "rows": len(rows),
+            "plan": json.loads(plan.stdout.strip().splitlines()[-1]) if plan.returncode == 0 else None,
+            "tokens": {str(r["id"]): r.get("tokens") for r in rows}}
+
+
+def mixed(a, runs) -> dict:
+    d = ROOT / ".benchmarks" / "mixed"
+    d.mkdir(parents=True, exist_ok=True)
+    inp = d / "mixed.jsonl"
+    mixed_file(inp, a.short_rows, a.long_rows, a.long_chars)
+    res = {}
+    for name, py, cwd in runs:
+        r = run_batch(py, cwd, inp, d / f"out-{name.replace('@', '-')}.jsonl", [], a.timeout)
+        res[name] = r
+        print(name, json.dumps({k: v for k, v in r.items() if k != "tokens"}), file=sys.stderr, flush=True)
+    names = [n for n in res if "tokens" in res[n]]
+    if len(names) == 2:
+        x, y = (res[n]["tokens"] for n in names)
+        res["same_tokens"] = sum(x[k] == y.get(k) for k in x)
+    for r in res.values():
+        if isinstance(r, dict):
+            r.pop("tokens", None)
+    return res
+
+
 def table(res: dict, lengths: list[int]) -> str:
     systems = list(res)
     head = "| prompt tokens | " + " | ".join(f"{s} prefill tok/s | {s} peak RSS GB" for s in systems) + " |"
@@ -124,6 +182,11 @@ def main(argv=None) -> int:
     ap.add_argument("--before", help="also run jaxgen at this git revision (its own worktree)")
     ap.add_argument("--timeout", type=int, default=1200)
     ap.add_argument("--tag", default="long")
+    ap.add_argument("--mixed", action="store_true",
+                    help="instead: `jaxgen batch` (refill) on a file of ~100-token rows and a few ~8k-token ones")
+    ap.add_argument("--short-rows", type=int, default=62)
+    ap.add_argument("--long-rows", type=int, default=2)
+    ap.add_argument("--long-chars", type=int, default=33000)
     ap.add_argument("--worker")
     a = ap.parse_args(argv)
     if a.worker:
@@ -132,7 +195,7 @@ def main(argv=None) -> int:
         print(json.dumps(out), flush=True)
         return 0
     from jaxgen.checkpoint import registry
-    from run import python_for, update_readme
+    from run import publish, python_for
 
     gguf_path = str(registry.gguf_path("gemma3-270m"))
     lengths = [int(x) for x in a.lengths.split(",")]
@@ -142,6 +205,13 @@ def main(argv=None) -> int:
         if not tree.exists():
             subprocess.run(["git", "worktree", "add", "--detach", str(tree), a.before], check=True, cwd=ROOT)
         runs.insert(0, (f"jaxgen@{a.before}", python_for("jaxgen"), tree))
+    day = datetime.date.today().isoformat()
+    stem = ROOT / "benchmarks" / "results" / f"{platform.machine()}-{os.cpu_count()}cpu-{day}"
+    if a.mixed:
+        res = mixed(a, [r for r in runs if r[0] != "hf"])
+        pathlib.Path(f"{stem}-mixed.json").write_text(json.dumps(res, indent=1))
+        print(json.dumps(res, indent=1))
+        return 0
     res = {}
     for name, py, cwd in runs:
         if py is None:
@@ -157,11 +227,7 @@ def main(argv=None) -> int:
                 break
     text = table(res, lengths)
     print(text)
-    day = datetime.date.today().isoformat()
-    path = ROOT / "benchmarks" / "results" / f"{platform.machine()}-{os.cpu_count()}cpu-{day}-{a.tag}.json"
-    path.write_text(json.dumps({"lengths": lengths, "results": res}, indent=1))
-    update_readme(f"Measured {day} on this machine ({platform.machine()}, {os.cpu_count()} CPUs), "
-                  f"`python -m benchmarks.long_prompts`; results: `{path.relative_to(ROOT)}`.\n\n{text}", "bench-long")
+    publish(a.tag, {"lengths": lengths, "results": res}, text, "python -m benchmarks.long_prompts")
     return 0
 
 

@@ -17,11 +17,9 @@ Each system runs in its own process (peers in their virtualenvs, see setup_peers
 benchmarks/results/<machine>-<date>-rollout.json and the README's bench-rollout table.
 """
 import argparse
-import datetime
 import json
 import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
@@ -242,7 +240,7 @@ def main(argv=None):
         print(json.dumps(SYSTEMS[a.worker](json.loads(a.spec))), flush=True)
         return 0
     from jaxgen.checkpoint import registry
-    from run import python_for, update_readme
+    from run import publish, python_for
 
     import jaxgen
 
@@ -276,12 +274,7 @@ def main(argv=None):
     text = table(res, spec)
     print(text)
     if not a.quick:
-        day = datetime.date.today().isoformat()
-        path = out_dir / f"{platform.machine()}-{os.cpu_count()}cpu-{day}-rollout.json"
-        path.write_text(json.dumps({"spec": spec, "results": res}, indent=1))
-        update_readme(f"Measured {day} on this machine ({platform.machine()}, {os.cpu_count()} CPUs), "
-                      f"`python -m benchmarks.rollout`; results: `{path.relative_to(ROOT)}`.\n\n{text}",
-                      "bench-rollout")
+        publish("rollout", {"spec": spec, "results": res}, text, "python -m benchmarks.rollout")
     return 0
 
 

@@ -195,6 +195,17 @@ def update_readme(text: str, name: str = "bench"):
     readme.write_text(s[:a] + "\n" + text + "\n" + s[b:])
 
 
+def publish(tag: str, results, text: str, command: str) -> pathlib.Path:
+    """Write results/<machine>-<date>-<tag>.json and put `text` between the README's bench-<tag> markers,
+    with the date, the machine and the command that measured it."""
+    day = datetime.date.today().isoformat()
+    path = ROOT / "benchmarks" / "results" / f"{platform.machine()}-{os.cpu_count()}cpu-{day}-{tag}.json"
+    path.write_text(json.dumps(results, indent=1))
+    update_readme(f"Measured {day} on this machine ({platform.machine()}, {os.cpu_count()} CPUs), "
+                  f"`{command}`; results: `{path.relative_to(ROOT)}`.\n\n{text}", f"bench-{tag}")
+    return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="jaxgen alone, small settings (CI keeps the harness working)")

@@ -3,8 +3,8 @@
 Input lines: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]} (chat template), with
 optional per-row overrides of max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
 presence_penalty, frequency_penalty and seed, and "n" (samples of the row, from one prefill), "stop"
-(a stop string or a list of them) and "prefix" (text the prompt continues; rows sharing one are
-prefilled on one copy of it). Output: one JSON line per input id, appended and flushed (fsync) as each
+(a stop string or a list of them), "prefix" (text the prompt continues; rows sharing one are
+prefilled on one copy of it) and one of "regex", "json_schema", "choices" (structured output). Output: one JSON line per input id, appended and flushed (fsync) as each
 batch finishes: {"id", "text", "tokens", "finish_reason", "stop_reason", "logprobs", "timing"}, with
 n > 1 {"id", "samples": [{"sample", "text", ...} x n], "timing"}, or {"id", "error"} for a row that
 cannot run (e.g. too long), which never stops the others.
@@ -14,13 +14,16 @@ killed mid-write) is cut off first, so a run killed at any moment and restarted 
 complete line per id. A row's seed is derived from (--seed, id), so its tokens do not depend on batch
 size, order, refilling or mesh. Rows are sorted by prompt length so each batch pads little and few
 programs compile (`--dry-run` lists them). With `--refill`, finished rows are replaced by waiting
-prompts between chunks of decode steps (continuous batching) instead of waiting for the longest row.
+prompts between chunks of decode steps (continuous batching) instead of waiting for the longest row;
+rows run in one running state per length class (`length_classes`), so a few long prompts do not size
+every slot's cache.
 
 Multi-host: after `jax.distributed.initialize()`, each process takes every process_count-th row and
 writes OUTPUT.process-<i>-of-<n> over its local devices.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -30,7 +33,8 @@ import zlib
 OVERRIDES = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
              "presence_penalty", "frequency_penalty", "seed")
 INT_OVERRIDES = ("max_new_tokens", "top_k", "seed")
-ROW_FIELDS = ("n", "stop", "prefix")  # per-row request fields besides the sampling overrides
+ROW_FIELDS = ("n", "stop", "prefix", "regex", "json_schema", "choices")  # per-row fields besides the overrides
+CONSTRAINTS = ("regex", "json_schema", "choices")  # structured output (jaxgen.constraints), one per row
 MAX_N = 64  # samples per row
 
 
@@ -67,6 +71,16 @@ def check_overrides(obj: dict) -> str | None:
             return f"stop has {len(stop)} strings; at most {MAX_STRINGS}"
     if "prefix" in obj and (not isinstance(obj["prefix"], str) or not obj["prefix"]):
         return f"prefix must be a non-empty string, got {obj['prefix']!r:.80}"
+    kinds = [k for k in CONSTRAINTS if k in obj]
+    if len(kinds) > 1:
+        return f"give at most one of regex, json_schema, choices (got {', '.join(kinds)})"
+    if kinds:
+        from jaxgen.constraints import to_regex
+
+        try:
+            to_regex(kinds[0], obj[kinds[0]])
+        except ValueError as e:
+            return str(e)
     try:
         make_sampling_params(1, **knobs)
     except ValueError as e:
@@ -188,6 +202,8 @@ def run_batch(model, rows: list[dict], defaults: dict, top_logprobs: int, propos
     request = dict(max_new_tokens=[r["max_new"] for r in rows], seed=[r["seed"] for r in rows],
                    stop_ids=defaults["stop_ids"], stop=[r.get("stop", []) for r in rows],
                    include_stop=defaults.get("include_stop", False), **knobs)
+    if any(r.get("constraint") for r in rows):
+        request["regex"] = [r.get("constraint") for r in rows]
     timing = {}
     if proposer is not None:
         out, stats = speculative.generate(model, [r["ids"] for r in rows], proposer, **request)
@@ -207,6 +223,33 @@ def _line(r: dict, cs: list, timing: dict) -> dict:
     return {"id": r["id"], "samples": [{"sample": c.sample, **c.fields()} for c in cs], "timing": timing}
 
 
+def length_classes(model, rows: list[dict], slots: int, prefix=None) -> list[list[dict]]:
+    """Rows split into refill runs by cache length (prompt bucket + new-token bucket), shortest first.
+    Why: one running state sizes every slot's KV cache for its longest row, and every decode step
+    attends all of a global layer's slots, so a few 8k-token rows among 100-token ones would make
+    every slot 8k long. A class with fewer rows than `slots` joins the next longer one (it cannot
+    fill a state of its own, and each state compiles its own programs); the longest stays."""
+    from jaxgen.generate import plan, prefix_slots
+
+    lp = len(prefix) if prefix is not None else 0
+    Tp = prefix_slots(model.cfg, lp)
+    d = model.mesh.shape["data"] if model.mesh is not None else 1
+    slots = -(-slots // d) * d  # as refill_plan rounds them
+    by_len: dict = {}
+    for r in rows:
+        by_len.setdefault(plan(model.cfg, 1, len(r["ids"]), r["max_new"], prefix=Tp, prefix_len=lp).cache_len,
+                          []).append(r)
+    classes, carry = [], []
+    for size in sorted(by_len):
+        carry += by_len[size]
+        if len(carry) >= slots:
+            classes.append(carry)
+            carry = []
+    if carry:  # the longest rows (fewer than the slots, or none shorter)
+        classes.append(carry)
+    return classes
+
+
 def refill_plan(model, rows: list[dict], slots: int, memory_bytes: int | None, defaults: dict, prefix=None):
     """The Plan of the one running state a refill run uses: `slots` rows (fewer if their KV cache
     would pass memory_bytes; a multiple of the mesh's data axis), a cache for the longest prompt +
@@ -217,7 +260,10 @@ def refill_plan(model, rows: list[dict], slots: int, memory_bytes: int | None, d
     from jaxgen.generate import plan
     from jaxgen.sampling import make_sampling_params, uses_penalties
 
+    from jaxgen.generate import BATCH_BUCKETS, bucket
+
     d = model.mesh.shape["data"] if model.mesh is not None else 1
+    slots = min(slots, bucket(len(rows), BATCH_BUCKETS, "rows"))  # no more slots than rows (rounded)
     stops = defaults["stop_ids"]
     n_stops = len(getattr(model.tokenizer, "stop_ids", ()) or ()) if stops is None else len(stops)
     # whether any row uses a penalty (then the running state carries the [B, V] token history)
@@ -258,6 +304,7 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
                    kv_quant=model.kv_quant, penalties=p.penalties, prefill_chunk=model.prefill_chunk)
 
     universe = sorted({s for r in rows for s in r.get("stop", [])})
+    constrained = sorted({r["constraint"] for r in rows if r.get("constraint")})  # one table for the run
     if len(universe) > sst.MAX_STRINGS:
         raise ValueError(f"the rows use {len(universe)} distinct stop strings; a --refill run takes at most "
                          f"{sst.MAX_STRINGS} (run with --no-refill: each static batch has its own)")
@@ -266,7 +313,9 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
         knobs = {k: [r.get(k, defaults[k]) for r in batch_rows] for k in knob_names}
         _, args, q = prepare(model, [r["ids"] for r in batch_rows], max_new_tokens=[r["max_new"] for r in batch_rows],
                              seed=[r["seed"] for r in batch_rows], stop_ids=defaults["stop_ids"],
-                             stop=[r.get("stop", []) for r in batch_rows], stop_universe=universe, prefix=prefix, **knobs)
+                             stop=[r.get("stop", []) for r in batch_rows], stop_universe=universe, prefix=prefix,
+                             **({"regex": [r.get("constraint") for r in batch_rows],
+                                 "constraint_universe": constrained} if constrained else {}), **knobs)
         assert q.stop_slots == NS and q.bias_slots == p.bias_slots, (q, p)  # every row shares the stop ids
         return args
 
@@ -276,6 +325,12 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
                  stop_ids=np.full((B, NS), -1, np.int32), seeds=np.zeros((B,), np.uint32),
                  stop_strings=sst.build([], model.tokenizer.token_bytes() if universe else [], cfg.vocab_size, rows=B,
                                         universe=universe))
+    if constrained:  # the running state's tables: every prefill of the run builds these same ones
+        from jaxgen import constraints as con
+
+        stops = defaults["stop_ids"] if defaults["stop_ids"] is not None else model.tokenizer.stop_ids
+        empty["constraints"], empty["constraint_start"] = con.build(
+            [], model.tokenizer.token_bytes(), cfg.vocab_size, sorted(set(stops)), rows=B, universe=constrained)
     state = prefill_jit(model.params, **place(model, empty), **statics)
     host = {k: empty[k] for k in ("sp", "max_new_tokens", "stop_ids", "seeds")}
     slot_row = [None] * B
@@ -357,8 +412,17 @@ def main(args) -> int:
     if args.prefix == "":
         raise ValueError("--prefix must be a non-empty string")
     proposer = None
+    from jaxgen.cli import constraint_args
+    from jaxgen.constraints import to_regex
+
+    default_constraint = constraint_args(args).get("regex")
+    for r in todo:  # each row's constraint as one regex (validated while reading), or the flags' default
+        kind = next((k for k in CONSTRAINTS if k in r), None)
+        r["constraint"] = to_regex(kind, r[kind], args.json_whitespace) if kind else default_constraint
     if args.speculative and (args.prefix is not None or any("prefix" in r or r.get("n", 1) > 1 for r in todo)):
         raise ValueError("--speculative takes neither a prefix nor n > 1 samples yet")
+    if args.speculative and any(r["constraint"] for r in todo):
+        raise ValueError("--speculative does not take a constraint (regex / json_schema / choices) yet")
     if args.speculative:  # static batches on one device (refill and meshes are not speculative yet)
         from jaxgen import speculative
 
@@ -369,6 +433,7 @@ def main(args) -> int:
         mesh = make_mesh(args.mesh, jax.local_devices())
     timings: dict = {}
     model = load(args.model, args.dtype, mesh=mesh, timings=timings, quant=args.quant, kv_quant=args.kv_quant)
+    model = dataclasses.replace(model, prefill_chunk=args.prefill_chunk)
     if proposer is not None:
         proposer = speculative.with_draft(proposer, lambda name: load(name, args.dtype, quant=args.quant))
     tok = model.tokenizer
@@ -406,13 +471,16 @@ def main(args) -> int:
     groups: dict = {}
     for r in ok:
         groups.setdefault((r["prefix"], r["n"]), []).append(r)
-    work = []  # (prefix text, n, refill Plan or None, static batches)
+    work = []  # (prefix text, n, rows, refill Plan or None, static batches)
     for (pre, n), g in groups.items():
         shared = _planning_prefix(model, prefixes[pre]) if pre is not None else None
-        refill = refill_plan(model, g, args.batch_size, memory, defaults, shared) if args.refill and n == 1 else None
-        work.append((pre, n, refill, [] if refill else plan_batches(model, g, args.batch_size, memory, shared, n)))
-    refill = next((w[2] for w in work if w[2] is not None), None)
-    batches = [b for w in work for b in w[3]]
+        if args.refill and n == 1:  # one running state per length class
+            for c in length_classes(model, g, args.batch_size, shared):
+                work.append((pre, n, c, refill_plan(model, c, args.batch_size, memory, defaults, shared), []))
+        else:
+            work.append((pre, n, g, None, plan_batches(model, g, args.batch_size, memory, shared, n)))
+    refills = [(len(w[2]), w[3]) for w in work if w[3] is not None]
+    batches = [b for w in work for b in w[4]]
     if args.dry_run:
         from jaxgen.generate import plan
 
@@ -426,8 +494,8 @@ def main(args) -> int:
                               {"batch": b, "prompt_len": t, "max_new": m, "batches": c} for (b, t, m), c in sorted(shapes.items())],
                           # with --refill (the default) there are no static batches: one running state
                           # of this shape decodes, and waiting rows are prefilled into its free slots
-                          "refill": {"slots": refill.batch, "cache_len": refill.cache_len, "max_new": refill.max_new,
-                                     "penalties": refill.penalties} if refill else None}))
+                          "refill": [{"rows": k, "slots": r.batch, "cache_len": r.cache_len, "max_new": r.max_new,
+                                      "penalties": r.penalties} for k, r in refills] or None}))
         return 0
     t0, n_done, n_tok = time.perf_counter(), 0, 0
     total = len(ok)
@@ -443,17 +511,17 @@ def main(args) -> int:
             eta = el / n_done * (total - n_done)
             print(f"\r[{n_done}/{total}] {n_tok / el:.1f} tok/s, ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
 
-        for pre, n, refill, batches in work:
-            shared = None
-            if pre is not None:  # prefilled once for all its rows
+        shared = {}
+        for pre, n, rows, refill, batches in work:
+            if pre is not None and pre not in shared:  # prefilled once for all its rows
                 from jaxgen.generate import prefill_prefix
 
-                shared = prefill_prefix(model, prefixes[pre])
+                shared[pre] = prefill_prefix(model, prefixes[pre])
             if refill:
-                rows = sorted(groups[(pre, n)], key=lambda r: -len(r["ids"]))
-                run_refill(model, rows, defaults, refill, args.chunk_steps, args.top_logprobs, emit, shared)
+                rows = sorted(rows, key=lambda r: -len(r["ids"]))
+                run_refill(model, rows, defaults, refill, args.chunk_steps, args.top_logprobs, emit, shared.get(pre))
             for b in batches:
-                emit(run_batch(model, b, defaults, args.top_logprobs, proposer, shared, n))
+                emit(run_batch(model, b, defaults, args.top_logprobs, proposer, shared.get(pre), n))
     el = time.perf_counter() - t0
     print(f"\ndone: {n_done} rows, {n_tok} tokens in {el:.1f}s ({n_tok / max(el, 1e-9):.1f} tok/s); "
           f"{len(errors) + len(too_long)} errors; {len(done)} already done; load {timings.get('load_s', 0):.1f}s",

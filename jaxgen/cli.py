@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -23,6 +24,33 @@ def _add_sampling_flags(p: argparse.ArgumentParser):
     p.add_argument("--include-stop", action="store_true", help="keep the matched stop string in the text")
     p.add_argument("--prefix", default=None, metavar="TEXT",
                    help="a prefix every prompt continues, prefilled once (encoded with BOS, prompts without)")
+    c = p.add_mutually_exclusive_group()
+    c.add_argument("--regex", default=None, help="structured output: the text matches this regex whole")
+    c.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="structured output: JSON text valid under the JSON schema in FILE (compact)")
+    c.add_argument("--choice", action="append", default=None, metavar="TEXT",
+                   help="structured output: the text is one of the --choice values (repeatable)")
+    p.add_argument("--json-whitespace", default=None, metavar="REGEX",
+                   help="with --json-schema: whitespace allowed between JSON tokens (default: none)")
+
+
+def constraint_args(args) -> dict:
+    """The constraint knobs of generate / batch from the flags, validated before anything loads."""
+    from jaxgen.constraints import to_regex
+
+    if args.json_schema is not None:
+        try:
+            text = open(args.json_schema, encoding="utf-8").read()
+        except OSError as e:
+            raise ValueError(f"--json-schema {args.json_schema}: {e.strerror}") from None
+        regex = to_regex("json_schema", text, args.json_whitespace)
+    elif args.regex is not None:
+        regex = to_regex("regex", args.regex)
+    elif args.choice is not None:
+        regex = to_regex("choices", [unescape(c) for c in args.choice])
+    else:
+        return {}
+    return {"regex": regex}
 
 
 def unescape(s: str) -> str:
@@ -89,10 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def _quant_args(p):
+    from jaxgen.model import PREFILL_CHUNK
+
     p.add_argument("--quant", default=None, choices=["int8", "int4"],
                    help="weight-only quantization in groups of 32 inputs: int8 or int4 (default: none)")
     p.add_argument("--kv-quant", default=None, choices=["int8"], help="store the KV cache in int8 (default: dtype)")
+    p.add_argument("--prefill-chunk", type=_positive, default=PREFILL_CHUNK, metavar="N",
+                   help=f"prompt tokens per prefill pass (default {PREFILL_CHUNK}; memory grows with it, not "
+                        "with the prompt)")
 
 
 TIMING_KEYS = ("load_s", "compile_s", "prefill_s", "decode_s", "new_tokens")  # every --json path's "timing"
@@ -169,6 +212,9 @@ def cmd_generate(args) -> int:
 
         proposer = speculative.parse(args.speculative, mesh=args.mesh, top_logprobs=args.top_logprobs)
     timings: dict = {}
+    constraint = constraint_args(args)  # a bad regex / schema fails here, before the model loads
+    if constraint and proposer is not None:
+        raise ValueError("--speculative does not take --regex / --json-schema / --choice yet")
     mesh = None
     if args.mesh:
         from jaxgen.sharding import make_mesh
@@ -176,6 +222,7 @@ def cmd_generate(args) -> int:
         mesh = make_mesh(args.mesh)  # a bad mesh fails here, before the model loads
     model = load(args.model, args.dtype, config=args.config, mesh=mesh, timings=timings, quant=args.quant,
                  kv_quant=args.kv_quant)
+    model = dataclasses.replace(model, prefill_chunk=args.prefill_chunk)
     tok = model.tokenizer
     texts = prompts
     if args.chat:
@@ -184,7 +231,7 @@ def cmd_generate(args) -> int:
         texts = [tok.apply_chat_template(msgs(p)) for p in prompts]
     stops = [unescape(s) for s in args.stop or ()]
     request = dict(max_new_tokens=args.max_new_tokens, seed=args.seed,
-                   stop_ids=[] if args.ignore_stop else None, stop=stops or None, **knobs)
+                   stop_ids=[] if args.ignore_stop else None, stop=stops or None, **knobs, **constraint)
     if args.prefix is not None:
         if proposer is not None:
             raise ValueError("--prefix does not combine with --speculative yet")

@@ -18,14 +18,16 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxgen import constraints as con
 from jaxgen import sampling as smp
 from jaxgen import stops as sst
 from jaxgen.cache import KVCache, init_cache, padded_positions, ring_size
 from jaxgen.config import ModelConfig
 from jaxgen.model import PREFILL_CHUNK, Params, forward_hidden, prefill_hidden, unembed
 
-STOP, LENGTH, STOP_STRING = 1, 2, 3  # finish codes; 0 = still running
-FINISH_REASONS = {STOP: "stop", LENGTH: "length", STOP_STRING: "stop"}
+STOP, LENGTH, STOP_STRING, CLOSED = 1, 2, 3, 4  # finish codes; 0 = still running
+# CLOSED: the row's constraint accepts its text and allows nothing more
+FINISH_REASONS = {STOP: "stop", LENGTH: "length", STOP_STRING: "stop", CLOSED: "stop"}
 
 
 @struct.dataclass
@@ -46,6 +48,10 @@ class DecodeState:
     stop_state: jax.Array  # [B] int32 stop-string automaton state of the row's text so far
     stops: sst.StopStrings  # the stop-string tables (replicated) and each row's mask [B]
     cache: KVCache
+    # Structured output (jaxgen.constraints): the tables (replicated) and each row's automaton state,
+    # 0 = unconstrained. None in programs whose request has no constraint (no per-step cost there).
+    cons: con.Constraints | None = None
+    cstate: jax.Array | None = None  # [B] int32
 
 
 @struct.dataclass
@@ -81,14 +87,18 @@ def append_tokens(s: DecodeState, cand: jax.Array, avail: jax.Array, logprobs: j
     j = jnp.arange(J)[None, :]
     is_stop = jnp.any(cand[:, :, None] == stop_ids[:, None, :], axis=-1)  # [B, J]
     str_states, str_hit = sst.advance(s.stops, s.stop_state, cand)  # [B, J] each
+    closed = jnp.zeros_like(is_stop)
+    if s.cons is not None:
+        c_states, closed = con.advance(s.cons, s.cstate, cand)  # [B, J] each
     room = max_new_tokens - s.num_new  # [B] >= 1 while active
     valid = (j < avail[:, None]) & (j < room[:, None])
-    first_stop = jnp.min(jnp.where((is_stop | str_hit) & valid, j, J), axis=1)
+    first_stop = jnp.min(jnp.where((is_stop | str_hit | closed) & valid, j, J), axis=1)
     n_emit = jnp.where(active, jnp.minimum(jnp.minimum(avail, room), first_stop + 1), 0)  # [B]
     emit = j < n_emit[:, None]  # [B, J]
     hit_stop = active & (first_stop < n_emit)
     at_stop = lambda a: jnp.take_along_axis(a, jnp.minimum(first_stop, J - 1)[:, None], 1)[:, 0]
     by_id = at_stop(is_stop)  # a stop id that also completes a stop string counts as the id
+    by_string = at_stop(str_hit)  # ... and a string completed on a closing token as the string
     hit_len = active & ~hit_stop & (s.num_new + n_emit >= max_new_tokens)
     r2 = jnp.arange(B)[:, None]
     cols = jnp.where(emit, s.num_new[:, None] + j, M)  # out of range -> dropped
@@ -103,9 +113,12 @@ def append_tokens(s: DecodeState, cand: jax.Array, avail: jax.Array, logprobs: j
         step=s.step + 1, tokens=s.tokens.at[r2, cols].set(cand, mode="drop"),
         logprobs=s.logprobs.at[r2, cols].set(logprobs.astype(jnp.float32), mode="drop"),
         last=jnp.where(n_emit > 0, last, s.last), done=s.done | hit_stop | hit_len,
-        finish=jnp.where(hit_stop, jnp.where(by_id, STOP, STOP_STRING), jnp.where(hit_len, LENGTH, s.finish)),
+        finish=jnp.where(hit_stop, jnp.where(by_id, STOP, jnp.where(by_string, STOP_STRING, CLOSED)),
+                         jnp.where(hit_len, LENGTH, s.finish)),
         num_new=s.num_new + n_emit, seen=seen, counts=counts,
         stop_state=jnp.where(n_emit > 0, at_last(str_states), s.stop_state))
+    if s.cons is not None:
+        state = state.replace(cstate=jnp.where(n_emit > 0, at_last(c_states), s.cstate))
     return state, n_emit
 
 
@@ -115,7 +128,10 @@ def record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, c
     B = logits.shape[0]
     rows = jnp.arange(B)
     hist = (s.seen, s.counts) if s.seen.shape[1] else (None, None)
-    tok = smp.sample(logits, smp.row_keys(seeds, s.num_new), sp, *hist, candidates)
+    allowed = logits
+    if s.cons is not None:  # before every sampling transform: they choose among the allowed tokens
+        allowed = jnp.where(con.allowed(s.cons, s.cstate, stop_ids), logits, -jnp.inf)
+    tok = smp.sample(allowed, smp.row_keys(seeds, s.num_new), sp, *hist, candidates)
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B]; no [B, V] log-softmax is materialized
     tok = jnp.where(s.done, pad_id, tok)
@@ -136,7 +152,8 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
             candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0, mesh=None,
             kv_quant: str | None = None, cache_extra: int = 0, penalties: bool = True, n: int = 1,
             stop_strings: sst.StopStrings | None = None, prefix: Prefix | None = None,
-            prefill_chunk: int = PREFILL_CHUNK) -> DecodeState:
+            prefill_chunk: int = PREFILL_CHUNK, constraints: con.Constraints | None = None,
+            constraint_start: jax.Array | None = None) -> DecodeState:
     """Prefill right-padded prompts [P, T] (`prefill_chunk` tokens per forward pass: see
     model.prefill_hidden) and sample the first new token of
     B = P * n decode rows: with n > 1 each prompt's cache row (and penalty history) is copied in-graph
@@ -147,7 +164,9 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
     penalties=False builds a state without the [B, V] penalty history (the penalty knobs are then
     ignored: `prepare` sets it from the request). stop_strings: the tables of `jaxgen.stops` with a
     mask for each of the B rows (None: no stop strings). prefix: a `prefill_prefix` result that every
-    prompt continues (prompts then hold only what follows it, at the positions after it)."""
+    prompt continues (prompts then hold only what follows it, at the positions after it).
+    constraints, constraint_start [B]: `jaxgen.constraints` tables and each row's start state (None:
+    no row is constrained, and the program carries nothing for it)."""
     P, T = prompts.shape
     B = P * n
     V = cfg.vocab_size
@@ -181,6 +200,8 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
         finish=jnp.zeros((B,), jnp.int32), num_new=jnp.zeros((B,), jnp.int32),
         seen=seen, counts=jnp.zeros((B, H), jnp.int32), stop_state=jnp.zeros((B,), jnp.int32),
         stops=stop_strings, cache=cache)
+    if constraints is not None:
+        state = state.replace(cons=jax.tree.map(jnp.asarray, constraints), cstate=jnp.asarray(constraint_start, jnp.int32))
     return _constrain(record(state, logits, sp, max_new_tokens, stop_ids, seeds, k, candidates, pad_id), mesh)
 
 
@@ -258,8 +279,8 @@ def insert(state: DecodeState, new: DecodeState, slots: jax.Array) -> DecodeStat
     cache = c.with_stacks(stacks, pos_local=put(c.pos_local, n.pos_local), pos_global=put(c.pos_global, n.pos_global),
                           lengths=put(c.lengths, n.lengths))
     rows = ("tokens", "logprobs", "top_ids", "top_logprobs", "last", "done", "finish", "num_new", "seen", "counts",
-            "stop_state")
-    # the stop-string tables are the running state's: every prefill of a run builds the same ones
+            "stop_state") + (("cstate",) if state.cons is not None else ())
+    # the stop-string (and constraint) tables are the running state's: every prefill of a run builds the same
     stops = state.stops.replace(mask=put(state.stops.mask, new.stops.mask))
     return state.replace(cache=cache, stops=stops, **{f: put(getattr(state, f), getattr(new, f)) for f in rows})
 
@@ -276,7 +297,9 @@ def generate_tokens(params: Params, prompts: jax.Array, prompt_lengths: jax.Arra
                     top_logprobs: int = 0, candidates: int = smp.DEFAULT_CANDIDATES,
                     pad_id: int = 0, mesh=None, kv_quant: str | None = None,
                     penalties: bool = True, n: int = 1, stop_strings: sst.StopStrings | None = None,
-                    prefix: Prefix | None = None, prefill_chunk: int = PREFILL_CHUNK) -> GenerateOutput:
+                    prefix: Prefix | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                    constraints: con.Constraints | None = None, constraint_start: jax.Array | None = None
+                    ) -> GenerateOutput:
     """Prefill right-padded prompts [P, T] in one pass, then decode up to `max_new` tokens for each
     of the B = P * n rows (n samples per prompt, prompt-major; see `prefill`).
 
@@ -287,13 +310,15 @@ def generate_tokens(params: Params, prompts: jax.Array, prompt_lengths: jax.Arra
     (None or "int8": the KV cache's storage), penalties (False: no [B, V] penalty history is carried
     and the repetition / presence / frequency knobs are ignored; `prepare`'s Plan says which a request
     needs), n (samples per prompt), prefill_chunk (prompt tokens per prefill pass). Optional, traced: stop_strings (`jaxgen.stops` tables, a mask per
-    row), prefix (a `prefill_prefix` result the prompts continue). The loop exits as soon as every
-    row is done.
+    row), prefix (a `prefill_prefix` result the prompts continue), constraints + constraint_start
+    (structured output: `jaxgen.constraints` tables, a start state per row). The loop exits as soon as
+    every row is done.
     """
     state = prefill(params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
                     max_new=max_new, cache_len=cache_len, top_logprobs=top_logprobs,
                     candidates=candidates, pad_id=pad_id, mesh=mesh, kv_quant=kv_quant, penalties=penalties, n=n,
-                    stop_strings=stop_strings, prefix=prefix, prefill_chunk=prefill_chunk)
+                    stop_strings=stop_strings, prefix=prefix, prefill_chunk=prefill_chunk,
+                    constraints=constraints, constraint_start=constraint_start)
     state = decode(params, state, sp, max_new_tokens, stop_ids, seeds, jnp.int32(max_new), cfg=cfg,
                    candidates=candidates, pad_id=pad_id, mesh=mesh)
     return output(state)

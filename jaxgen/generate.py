@@ -21,6 +21,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from jaxgen import constraints as con
 from jaxgen import sampling as smp
 from jaxgen import stops as sst
 from jaxgen.config import ModelConfig
@@ -207,14 +208,17 @@ def _per_sample(value, P: int, n: int, kind: str):
 
 def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, n: int = 1, stop=None,
             prefix=None, stop_universe: Sequence[str] | None = None, candidates: int = smp.DEFAULT_CANDIDATES,
-            **knobs):
+            regex=None, json_schema=None, choices=None, whitespace: str | None = None,
+            constraint_universe: Sequence[str] | None = None, **knobs):
     """Validate and pad a request into the arguments of `generate_jit` and its Plan.
 
     n > 1 asks for n samples of each prompt: per-row arguments get P * n rows in prompt-major order
     (knobs given per prompt are repeated for its samples), the prompts stay P rows (one prefill).
     stop: stop strings (see `stop_rows`); stop_universe fixes the table's string order (a refill run
     shares one table across its prefills). prefix: text, ids or a SharedPrefix (prefilled here, after
-    every check, when it is not one already)."""
+    every check, when it is not one already). regex / json_schema / choices: structured output (see
+    `jaxgen.constraints`; each for all prompts or one per prompt, None = free), built into tables over
+    the tokenizer's token bytes; constraint_universe fixes the table's regexes (a refill run)."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n (samples per prompt) must be an integer >= 1, got {n!r}")
     pre_ids = None
@@ -243,6 +247,10 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
     strings = stop_rows(stop, P, n)
     if any(strings) and not hasattr(model.tokenizer, "token_bytes"):
         raise ValueError("stop strings need a model with a tokenizer (to read tokens as text)")
+    regexes = [r for r in con.row_regexes(P, regex, json_schema, choices, whitespace) for _ in range(n)]
+    constrained = any(r is not None for r in regexes) or bool(constraint_universe)
+    if constrained and not hasattr(model.tokenizer, "token_bytes"):
+        raise ValueError("regex / json_schema / choices need a model with a tokenizer (to read tokens as text)")
     if stop_ids is None:
         stop_ids = list(getattr(model.tokenizer, "stop_ids", ()) or ())
     per_row_stops = len(stop_ids) > 0 and isinstance(stop_ids[0], (list, tuple))
@@ -284,6 +292,11 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
     args = dict(prompts=tok, prompt_lengths=pad(np.array([len(x) for x in ids], np.int32), 0, Pb), sp=sp,
                 max_new_tokens=pad(mnt, 0), stop_ids=stop_arr,
                 seeds=pad(np.asarray(seeds, np.uint32), 0), stop_strings=table)
+    if constrained:  # tables over the tokenizer's bytes; stop ids end a row only in an accepting state
+        ends = sorted({t for row in stops for t in row})
+        args["constraints"], start = con.build(regexes, model.tokenizer.token_bytes(), model.cfg.vocab_size, ends,
+                                               rows=B, universe=constraint_universe)
+        args["constraint_start"] = start
     if pre_ids is not None:
         args["prefix"] = prefill_prefix(model, prefix if isinstance(prefix, SharedPrefix) else pre_ids).state
     return ids, args, p
@@ -292,8 +305,8 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
 def generate(model: Model, prompts, *, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
              min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
              logit_bias=None, banned_ids=None, stop_ids=None, seed=0, top_logprobs: int = 0, n: int = 1,
-             stop=None, include_stop: bool = False, prefix=None,
-             candidates: int = smp.DEFAULT_CANDIDATES) -> list[Completion]:
+             stop=None, include_stop: bool = False, prefix=None, regex=None, json_schema=None, choices=None,
+             whitespace: str | None = None, candidates: int = smp.DEFAULT_CANDIDATES) -> list[Completion]:
     """Generate continuations for a list of prompts (strings, or lists of token ids).
 
     Every knob is a scalar or one value per prompt. temperature 0 (the default) is greedy decoding;
@@ -307,9 +320,17 @@ def generate(model: Model, prompts, *, max_new_tokens=64, temperature=0.0, top_k
     occurrence (include_stop=True keeps the string), its tokens and logprobs at that token, and
     `stop_reason` names the string. prefix: a shared prefix (text, ids, or `prefill_prefix(model, p)`
     to reuse it) that every prompt continues; equal to prepending it to every prompt.
+
+    Structured output (`jaxgen.constraints`): regex= (the text matches it whole), json_schema= (a dict
+    or JSON text; compact unless whitespace= gives the regex allowed between JSON tokens) or
+    choices= (one of these strings), each for every prompt or a list with one entry (None = free) per
+    prompt. Enforced in the compiled loop: the sampling transforms choose among the allowed tokens
+    (the masked distribution, renormalized), stop ids are allowed only where the text is complete,
+    and a row whose constraint allows nothing more ends with finish_reason "stop".
     """
     ids, args, p = prepare(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, seed=seed, n=n,
-                           stop=stop, prefix=prefix,
+                           stop=stop, prefix=prefix, regex=regex, json_schema=json_schema, choices=choices,
+                           whitespace=whitespace,
                            candidates=candidates, temperature=temperature, top_k=top_k, top_p=top_p,
                            min_p=min_p, repetition_penalty=repetition_penalty,
                            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
@@ -342,12 +363,14 @@ def place(model: Model, args: dict) -> dict:
     full = NamedSharding(model.mesh, PartitionSpec())
     if "prefix" in args:  # one row, read by every row
         args["prefix"] = jax.device_put(args["prefix"], full)
+    if "constraints" in args:  # tables read by every row
+        args["constraints"] = jax.device_put(args["constraints"], full)
     if "stop_strings" in args:  # tables read by every row; the row masks split like the rows
         t = args.pop("stop_strings")
         tables = jax.device_put((t.token_class, t.next_state, t.hit), full)
         args["stop_strings"] = t.replace(token_class=tables[0], next_state=tables[1], hit=tables[2],
                                          mask=jax.device_put(t.mask, batch_sharding(model.mesh, 1)))
-    rows = {k: v for k, v in args.items() if k not in ("prefix", "stop_strings")}
+    rows = {k: v for k, v in args.items() if k not in ("prefix", "stop_strings", "constraints")}
     rows = jax.tree.map(lambda a: jax.device_put(a, batch_sharding(model.mesh, np.ndim(a))), rows)
     return {**args, **rows}
 

@@ -59,6 +59,9 @@ class Params:
     unembed: jax.Array | None = None  # [D, V] if not cfg.tie_embeddings (same layout as embed)
 
 
+PREFILL_CHUNK = 512  # prompt tokens per forward pass of a prefill (`prefill_hidden`): Model.prefill_chunk
+
+
 @dataclasses.dataclass(frozen=True)
 class Model:
     """What generation needs: a config, params and (optionally) a tokenizer for text in/out. Loaders
@@ -68,7 +71,11 @@ class Model:
     tokenizer: Any = None
     mesh: Any = None  # a jax.sharding.Mesh when params are sharded (see jaxgen.sharding)
     kv_quant: str | None = None  # None (cache in the params' dtype) or "int8" (see jaxgen.cache)
-    prefill_chunk: int = 512  # prompt tokens per prefill forward pass (see prefill_hidden; == PREFILL_CHUNK)
+    prefill_chunk: int = PREFILL_CHUNK  # prompt tokens per prefill forward pass (see prefill_hidden)
+
+    def __post_init__(self):
+        if isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive integer, got {self.prefill_chunk!r}")
 
 
 def param_shapes(cfg: ModelConfig, dtype=jnp.float32) -> Params:
@@ -429,9 +436,6 @@ def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
     x = rms_norm(x, params.final_norm, cfg.norm_eps)
     cache = cache.with_stacks(stacks, pos_local=pos_local, pos_global=pos_global, lengths=lengths)
     return x, cache
-
-
-PREFILL_CHUNK = 512  # prompt tokens per forward pass in a prefill (`prefill_hidden`); Model.prefill_chunk
 
 
 def prefill_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: ModelConfig,

@@ -146,7 +146,7 @@ def cache_shardings(cache_shape: KVCache, mesh: Mesh, rules: dict = RULES) -> KV
 
 def state_shardings(state_shape, mesh: Mesh, rules: dict = RULES):
     """NamedShardings of an engine.DecodeState: every [B, ...] leaf split by rows on `data`; the
-    stop-string tables (read by every row) replicated."""
+    stop-string and constraint tables (read by every row) replicated."""
     rows = lambda s: NamedSharding(mesh, spec(("batch",) + (None,) * (len(s.shape) - 1), s.shape, mesh, rules))
     full = lambda s: NamedSharding(mesh, P())
     st = state_shape.stops
@@ -154,8 +154,9 @@ def state_shardings(state_shape, mesh: Mesh, rules: dict = RULES):
                        mask=rows(st.mask))
     return state_shape.replace(
         **{f.name: jax.tree.map(rows, getattr(state_shape, f.name))
-           for f in dataclasses.fields(state_shape) if f.name not in ("step", "cache", "stops")},
-        step=NamedSharding(mesh, P()), stops=stops, cache=cache_shardings(state_shape.cache, mesh, rules))
+           for f in dataclasses.fields(state_shape) if f.name not in ("step", "cache", "stops", "cons")},
+        step=NamedSharding(mesh, P()), stops=stops, cache=cache_shardings(state_shape.cache, mesh, rules),
+        cons=jax.tree.map(full, state_shape.cons))  # constraint tables: read by every row
 
 
 def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh, rules: dict = RULES) -> Params:

@@ -356,6 +356,9 @@ def generate(model: Model, prompts, proposer: Proposer, *, candidates: int = smp
         raise ValueError("speculative decoding takes one sample per prompt (n=1) for now")
     if request.get("prefix") is not None:
         raise ValueError("speculative decoding does not take a shared prefix yet (prepend it to the prompts)")
+    if any(request.get(k) is not None for k in ("regex", "json_schema", "choices")):
+        # drafts are not checked against the automaton: refused rather than inexact
+        raise ValueError("speculative decoding does not take a constraint (regex / json_schema / choices) yet")
     request.pop("top_logprobs", None)
     include_stop = request.pop("include_stop", False)
     d = proposer.draft

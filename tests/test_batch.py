@@ -131,7 +131,14 @@ def test_dry_run_lists_programs(model_dir, tmp_path, capsys):
     assert batch(model_dir, tmp_path / "in.jsonl", tmp_path / "out.jsonl", *flags) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["batches"] == 0 and not (tmp_path / "out.jsonl").exists()
-    want = {"slots": 8, "cache_len": 64 + 16, "max_new": 16, "penalties": False}  # byte-level prompts <= 64
+    # one running state per length class (byte-level prompts of <= 32 and of 33-64 tokens), each with at
+    # least the 4 rows of --batch-size; the 16-token bucket's rows (if any), fewer than 4, join the 32 one
+    tok = registry.load(model_dir).tokenizer
+    lens = [len(tok.encode(" ".join(WORDS[: 1 + (i * 5) % len(WORDS)]))) for i in range(10)]
+    short = sum(n <= 32 for n in lens)
+    assert short >= 4 and sum(n <= 16 for n in lens) < 4
+    want = [{"rows": short, "slots": 8, "cache_len": 32 + 16, "max_new": 16, "penalties": False},
+            {"rows": 10 - short, "slots": 8, "cache_len": 64 + 16, "max_new": 16, "penalties": False}]
     assert plan["refill"] == want
 
 
@@ -143,10 +150,10 @@ def test_memory_cap_limits_refill_slots(model_dir, tmp_path, capsys):
     write_input(tmp_path / "in.jsonl", 10)
     model = registry.load(model_dir)
     one = cache_bytes(model.cfg, 1, 64 + 16, model.params.embed.dtype)
-    cap = str(16.5 * one / (1 << 30))  # room for 16 rows of cache (two data-axis groups of 8), not 32
+    cap = str(8.5 * one / (1 << 30))  # room for 8 rows of cache (one data-axis group of 8), not 16 (10 rows)
     flags = ["--batch-size", "32", "--temperature", "0.7"]
     assert batch(model_dir, tmp_path / "in.jsonl", tmp_path / "o.jsonl", "--dry-run", *flags, "--memory-gb", cap) == 0
-    assert json.loads(capsys.readouterr().out)["refill"]["slots"] == 16
+    assert json.loads(capsys.readouterr().out)["refill"][0]["slots"] == 8
     assert batch(model_dir, tmp_path / "in.jsonl", tmp_path / "capped.jsonl", *flags, "--memory-gb", cap) == 0
     assert batch(model_dir, tmp_path / "in.jsonl", tmp_path / "free.jsonl", *flags) == 0
     tokens = lambda f: {k: v["tokens"] for k, v in read_output(tmp_path / f).items()}
@@ -224,21 +231,28 @@ def test_single_device_batch_equals_sharded(model_dir, tmp_path):
         assert {k: v["tokens"] for k, v in got.items()} == {k: v["tokens"] for k, v in want.items()}, mode
 
 
-def test_refill_equals_static_batches(model_dir, tmp_path):
-    """Mixed output lengths: continuous batching (rows joining a running batch) gives each id the
-    same tokens as static batches, and the same as each row alone."""
+def test_refill_equals_static_batches(model_dir, tmp_path, capsys):
+    """Mixed output lengths and two long prompts: continuous batching (rows joining a running batch,
+    one running state per length class) gives each id the same tokens as static batches, and the
+    same as each row alone."""
     inp = tmp_path / "in.jsonl"
+    n = 13
     with open(inp, "w") as f:
-        for i in range(11):
-            f.write(json.dumps({"id": i, "prompt": " ".join(WORDS[: 1 + i % 7]), "max_new_tokens": 1 + (i * 7) % 12}) + "\n")
+        for i in range(n):
+            prompt = " ".join(WORDS[: 1 + i % 4]) if i < 11 else " ".join(WORDS + WORDS[:i - 3])  # 2 long ones
+            f.write(json.dumps({"id": i, "prompt": prompt, "max_new_tokens": 1 + (i * 7) % 12}) + "\n")
     knobs = ["--temperature", "0.8", "--seed", "2", "--batch-size", "3", "--max-new-tokens", "12"]
     args = lambda out, *extra: ["batch", "--input", str(inp), "--output", str(tmp_path / out), "--model", model_dir,
                                 "--ignore-stop", *knobs, *extra]
+    assert cli.main(args("plan.jsonl", "--refill", "--dry-run")) == 0
+    states = json.loads(capsys.readouterr().out)["refill"]
+    assert [s["rows"] for s in states] == [11, 2]  # the long rows do not size the short rows' slots
+    assert states[0]["cache_len"] < states[1]["cache_len"] == 128
     assert cli.main(args("refill.jsonl", "--refill", "--chunk-steps", "2")) == 0
     assert cli.main(args("static.jsonl", "--no-refill")) == 0
     a, b = read_output(tmp_path / "refill.jsonl"), read_output(tmp_path / "static.jsonl")
-    assert sorted(a) == list(range(11))
-    for i in range(11):
+    assert sorted(a) == list(range(n))
+    for i in range(n):
         assert len(a[i]["tokens"]) == 1 + (i * 7) % 12
         assert a[i]["tokens"] == b[i]["tokens"] and a[i]["text"] == b[i]["text"]
         assert a[i]["logprobs"] == pytest.approx(b[i]["logprobs"], abs=1e-5)

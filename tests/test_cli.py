@@ -95,10 +95,16 @@ def test_bad_input_is_one_line_rc2(capsys, flags, message):
     assert err.startswith("jaxgen generate: error: ") and message in err and err.count("\n") == 1
 
 
-def test_prompt_longer_than_context(ckpt, capsys):
+def test_prompt_longer_than_context(ckpt, capsys, monkeypatch):
+    """One line naming both numbers (the prompt's tokens + max_new_tokens, and the context), from an
+    argument and from stdin alike (a JSONL row gets it as its error field: test_batch)."""
+    import re
+
     _, _, ck = ckpt
-    rc, _, err = run(capsys, ["generate", "x" * 200, "--model", str(ck)])
-    assert rc == 2 and "exceeds tiny-llama's context of 128 tokens" in err
+    want = re.compile(r"prompt 0: \d{3} tokens \+ max_new_tokens 64 exceeds tiny-llama's context of 128 tokens")
+    for argv, stdin in ((["x" * 200], None), ([], "x" * 200 + "\n")):
+        rc, _, err = run(capsys, ["generate", *argv, "--model", str(ck)], stdin, monkeypatch)
+        assert rc == 2 and want.search(err) and err.count("\n") == 1, err
 
 
 def test_mesh_flag_gives_the_same_tokens(ckpt, capsys):

@@ -17,10 +17,10 @@ SUFFIXES = [[5, 9, 2, 33, 7, 1, 8, 8, 21, 40, 3], [17, 4], [60, 2, 2, 9, 11, 12,
 KW = dict(max_new_tokens=10, stop_ids=[], temperature=1.0, top_k=20, seed=7)
 
 
-def same(a, b):
+def same(a, b, atol=2e-4):
     assert [(c.tokens, c.finish_reason) for c in a] == [(c.tokens, c.finish_reason) for c in b]
     for x, y in zip(a, b):
-        np.testing.assert_allclose(x.logprobs, y.logprobs, atol=2e-4)
+        np.testing.assert_allclose(x.logprobs, y.logprobs, atol=atol)
 
 
 def prefix_ids(n, seed=0, V=64):
@@ -70,7 +70,11 @@ def test_prefix_on_a_mesh_and_int8_cache(kind):
     else:
         model = Model(cfg, params, kv_quant="int8")
     pre = prefix_ids(9, seed=8)
-    same(generate(model, SUFFIXES, prefix=pre, **KW), generate(model, [pre + s for s in SUFFIXES], **KW))
+    # int8 keys: the prefix's keys are computed in another pass than the concatenated prompt's, and a
+    # last-bit difference can move a value across a 1/127 rounding step (6.6e-4 measured on an AMX
+    # CPU, at the pre-chunking commit too): tokens exactly, logprobs to 2e-3
+    same(generate(model, SUFFIXES, prefix=pre, **KW), generate(model, [pre + s for s in SUFFIXES], **KW),
+         2e-3 if kind == "int8-kv" else 2e-4)
 
 
 def test_bad_prefixes(gemma_model):

@@ -1,0 +1,319 @@
+"""Structured output: a regex, a JSON schema or a list of choices, enforced inside the compiled loop.
+
+A constraint is a regular language over the output text. outlines-core turns a regex and the
+vocabulary's token bytes into a token-level automaton (state x token -> state); JSON schemas become a
+regex first (`outlines_core.json_schema.build_regex_from_schema`, after `check_schema` has refused
+what it would silently drop), choices an alternation of escaped strings. On the device a row reads
+its automaton state [B]: the tokens with a transition are allowed, the row's stop ids only in an
+accepting state, and the state advances on the token appended; a row whose state is accepting with
+no transition left ends there (finish "stop"). No host round trip per token.
+
+Tables: most tokens behave alike in every state (all those that can never occur in a JSON number
+...), so tokens fall into classes: `token_class` [V] and `next_state` [Q, C] (-1: not allowed), with
+`accepting` / `closed` [Q]. Every constraint of a call shares one table (their states side by side,
+the classes their common refinement); state 0 is "unconstrained" (every class allowed, loops to 0),
+the start of rows without a constraint. Tables are padded to STATE_BUCKETS x CLASS_BUCKETS so that
+another constraint of a similar size reuses the compiled program; MAX_CELLS bounds Q x C.
+
+Compiled automata are cached on disk under $JAXGEN_CACHE/constraints, keyed by the regex and the
+vocabulary's bytes: a million rows with one schema build it once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import re
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+STATE_BUCKETS = (16, 64, 256, 1024, 4096, 16384)
+CLASS_BUCKETS = (64, 512, 4096, 32768, 262144)
+MAX_CELLS = 1 << 24  # Q x C table cells per call (int32: 64 MB), before padding
+KINDS = ("regex", "json_schema", "choices")
+
+# JSON Schema keywords enforced (by the regex outlines-core builds; tests validate outputs with
+# jsonschema) and annotations that constrain nothing. Anything else is refused, never dropped.
+_ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum",
+             "const", "minLength", "maxLength", "pattern", "anyOf", "oneOf", "allOf", "$defs", "definitions",
+             "$ref", "prefixItems"}
+_ANNOTATIONS = {"title", "description", "$schema", "$id", "$comment", "examples", "default"}
+_REFUSED_WHY = {
+    "minimum": "outlines-core drops numeric ranges", "maximum": "outlines-core drops numeric ranges",
+    "exclusiveMinimum": "outlines-core drops numeric ranges", "exclusiveMaximum": "outlines-core drops numeric ranges",
+    "multipleOf": "outlines-core drops it", "format": "string formats are not enforced",
+    "patternProperties": "not enforced", "uniqueItems": "not enforced", "dependentRequired": "not enforced",
+    "minProperties": "not enforced", "maxProperties": "not enforced", "if": "not enforced", "not": "not enforced",
+}
+
+
+@struct.dataclass
+class Constraints:
+    token_class: jax.Array  # [V] int32 class of each token id
+    next_state: jax.Array  # [Q, C] int32 state after a token of class c in state q; -1: not allowed
+    accepting: jax.Array  # [Q] bool the text so far is a whole match (stop ids allowed)
+    closed: jax.Array  # [Q] bool accepting and no token may follow: the row ends here
+
+
+def check_schema(schema, where: str = "schema"):
+    """Raise ValueError naming the first keyword that would not be enforced."""
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise ValueError(f"{where}: a JSON schema must be an object, got {schema!r:.80}")
+    for key, value in schema.items():
+        if key in _ANNOTATIONS:
+            continue
+        if key not in _ENFORCED:
+            why = _REFUSED_WHY.get(key, "unsupported")
+            raise ValueError(f"{where}: JSON schema keyword {key!r} is not supported ({why}); remove it or "
+                             f"express it with enum / pattern")
+        if key == "additionalProperties" and value not in (False, True) and not isinstance(value, dict):
+            raise ValueError(f"{where}: additionalProperties must be a boolean or a schema")
+        if key in ("properties", "$defs", "definitions"):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}.{key}: must be an object")
+            for name, sub in value.items():
+                check_schema(sub, f"{where}.{key}.{name}")
+        elif key in ("items", "additionalProperties") and isinstance(value, dict):
+            check_schema(value, f"{where}.{key}")
+        elif key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+            if not isinstance(value, list):
+                raise ValueError(f"{where}.{key}: must be a list of schemas")
+            for i, sub in enumerate(value):
+                check_schema(sub, f"{where}.{key}[{i}]")
+
+
+def to_regex(kind: str, value, whitespace: str | None = None) -> str:
+    """The regex of one constraint: kind "regex" (a Python-compatible regex), "json_schema" (a dict or
+    JSON text; whitespace: the regex allowed between JSON tokens, "" = compact, the default) or
+    "choices" (a non-empty list of strings, the output is exactly one of them)."""
+    if kind == "regex":
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"regex must be a non-empty string, got {value!r:.80}")
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"invalid regex {value!r:.80}: {e}") from None
+        return value
+    if kind == "choices":
+        if (not isinstance(value, (list, tuple)) or not value
+                or not all(isinstance(c, str) and c for c in value)):
+            raise ValueError(f"choices must be a non-empty list of non-empty strings, got {value!r:.80}")
+        return "(" + "|".join(re.escape(c) for c in value) + ")"
+    if kind == "json_schema":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"json_schema is not valid JSON ({e.msg})") from None
+        check_schema(value)
+        from outlines_core.json_schema import build_regex_from_schema
+
+        try:
+            return build_regex_from_schema(json.dumps(value, sort_keys=True), "" if whitespace is None else whitespace)
+        except Exception as e:  # outlines-core raises its own error types
+            raise ValueError(f"json_schema cannot be compiled: {str(e).splitlines()[0][:200]}") from None
+    raise ValueError(f"unknown constraint kind {kind!r}; choose one of {KINDS}")
+
+
+def row_regexes(rows: int, regex=None, json_schema=None, choices=None, whitespace: str | None = None
+                ) -> list[str | None]:
+    """One regex (or None: unconstrained) per row from the request's constraint arguments, each given
+    once for all rows or as a list with one entry (or None) per row. At most one kind per row."""
+    out: list[str | None] = [None] * rows
+    per_row = {"regex": lambda v: isinstance(v, (list, tuple)),
+               "json_schema": lambda v: isinstance(v, (list, tuple)),
+               "choices": lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+               and all(c is None or isinstance(c, (list, tuple)) for c in v)}
+    for kind, value in (("regex", regex), ("json_schema", json_schema), ("choices", choices)):
+        if value is None:
+            continue
+        values = list(value) if per_row[kind](value) else [value] * rows
+        if len(values) != rows:
+            raise ValueError(f"{kind} has {len(values)} entries but there are {rows} prompts")
+        for i, v in enumerate(values):
+            if v is None:
+                continue
+            if out[i] is not None:
+                raise ValueError(f"prompt {i}: give at most one of regex, json_schema, choices")
+            try:
+                out[i] = to_regex(kind, v, whitespace)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+    return out
+
+
+# ---- automata (host) ----------------------------------------------------------------------------
+_VOCAB: dict = {}  # (id(token_bytes), end ids) -> (token_bytes, digest): the vocabulary's cache key
+_MEMO: dict = {}  # (digest, regex, end ids) -> automaton
+
+
+def _vocab(token_bytes: Sequence[bytes], end_ids: Sequence[int]):
+    key = (id(token_bytes), tuple(end_ids))
+    if key not in _VOCAB:
+        h = hashlib.sha256()
+        for b in token_bytes:
+            h.update(len(b).to_bytes(4, "little") + b)
+        h.update(repr(sorted(end_ids)).encode())
+        _VOCAB[key] = (token_bytes, h.hexdigest())  # token_bytes held: its id stays unique
+    return _VOCAB[key]
+
+
+def _outlines_vocab(token_bytes, end_ids):
+    from outlines_core import Vocabulary
+
+    ends = set(end_ids)
+    groups: dict = {}
+    for i, b in enumerate(token_bytes):
+        if b and i not in ends:  # control tokens read as nothing; end ids are the stop ids' business
+            groups.setdefault(b, []).append(i)
+    eos = min(ends) if ends else len(token_bytes)
+    return Vocabulary(eos, groups), eos
+
+
+def automaton(regex: str, token_bytes: Sequence[bytes], end_ids: Sequence[int] = ()) -> dict:
+    """outlines-core's token automaton of `regex`, states renumbered 0 .. Q-1 (0 = initial): arrays
+    src, tok, dst [E] of its transitions (end ids left out) and `accepting` [Q]. Cached in memory and
+    on disk ($JAXGEN_CACHE/constraints/<sha256>.npz)."""
+    _, digest = _vocab(token_bytes, end_ids)
+    key = hashlib.sha256(f"{digest}\0{regex}".encode()).hexdigest()
+    if key in _MEMO:
+        return _MEMO[key]
+    path = _cache_dir() / f"{key}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            auto = {k: z[k] for k in ("src", "tok", "dst", "accepting")}
+    else:
+        auto = _build(regex, token_bytes, end_ids)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, **auto)
+        os.replace(tmp, path)  # atomic: a concurrent run sees the whole file or none
+    if len(_MEMO) >= 64:
+        _MEMO.pop(next(iter(_MEMO)))
+    _MEMO[key] = auto
+    return auto
+
+
+def _cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("JAXGEN_CACHE", pathlib.Path.home() / ".cache" / "jaxgen")) / "constraints"
+
+
+def _build(regex: str, token_bytes, end_ids) -> dict:
+    from outlines_core import Index
+
+    vocab, eos = _outlines_vocab(token_bytes, end_ids)
+    try:
+        index = Index(regex, vocab)
+    except Exception as e:
+        why = str(e).splitlines()[0]
+        if "incompatible" in why:  # a character no token can write: outlines-core names it
+            why = why[why.find("missing tokens"):].split(". ")[0] if "missing tokens" in why else why
+            raise ValueError(f"constraint {regex!r:.80}: no token sequence of this vocabulary satisfies it "
+                             f"({why[:160]})") from None
+        raise ValueError(f"constraint {regex!r:.80} cannot be compiled: {why[:200]}") from None
+    trans = index.get_transitions()  # {state: {token: next}}; ids are sparse
+    init = index.get_initial_state()
+    finals = set(index.get_final_states())
+    order = [init] + sorted((s for s in set(trans) | finals | {n for t in trans.values() for n in t.values()}
+                             if s != init))
+    number = {s: i for i, s in enumerate(order)}
+    src, tok, dst = [], [], []
+    for s, row in trans.items():
+        for t, n in row.items():
+            if t != eos:  # the end is allowed by the row's stop ids in accepting states
+                src.append(number[s]), tok.append(t), dst.append(number[n])
+    accepting = np.array([s in finals for s in order], bool)
+    if not accepting.any():
+        raise ValueError(f"constraint {regex!r:.80}: no token sequence of this vocabulary satisfies it")
+    return {"src": np.array(src, np.int32), "tok": np.array(tok, np.int32), "dst": np.array(dst, np.int32),
+            "accepting": accepting}
+
+
+def _bucket(n: int, buckets, what: str) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"the constraints need {n} {what}, more than the largest bucket {buckets[-1]}")
+
+
+def build(regexes: Sequence[str | None], token_bytes: Sequence[bytes], vocab_size: int, end_ids: Sequence[int] = (),
+          rows: int | None = None, universe: Sequence[str] | None = None) -> tuple[Constraints, np.ndarray]:
+    """Host tables for these rows' regexes (None: unconstrained; rows past the list too) and each
+    row's start state [rows]. `universe` fixes the regexes the table knows (a refill run's prefills
+    share one table); every row's regex must be among them."""
+    rows = len(regexes) if rows is None else rows
+    distinct = list(universe or ())
+    for r in regexes:
+        if r is not None and r not in distinct:
+            if universe is not None:
+                raise ValueError(f"constraint {r!r:.80} is not in the run's table")
+            distinct.append(r)
+    autos = [automaton(r, token_bytes, end_ids) for r in distinct]
+    offsets = np.cumsum([1] + [len(a["accepting"]) for a in autos])  # state 0: unconstrained
+    Q = int(offsets[-1])
+    src = np.concatenate([a["src"] + o for a, o in zip(autos, offsets)] + [np.zeros(0, np.int32)]).astype(np.int64)
+    tok = np.concatenate([a["tok"] for a in autos] + [np.zeros(0, np.int32)]).astype(np.int64)
+    dst = np.concatenate([a["dst"] + o for a, o in zip(autos, offsets)] + [np.zeros(0, np.int32)]).astype(np.int64)
+    # Token classes: tokens with the same transitions from every state. A token's signature is a
+    # random-weighted sum over its transitions (uint64, wrapping); equal signatures are then checked
+    # to mean equal transitions, so a collision cannot merge two different tokens silently.
+    w = np.random.default_rng(0).integers(1, 2 ** 63, size=Q, dtype=np.uint64)
+    sig = np.zeros(vocab_size, np.uint64)
+    with np.errstate(over="ignore"):
+        np.add.at(sig, tok, w[src] * (dst.astype(np.uint64) + np.uint64(2)))
+    _, first, token_class = np.unique(sig, return_index=True, return_inverse=True)
+    C = len(first)
+    if Q * C > MAX_CELLS:
+        raise ValueError(f"the constraints need {Q} states x {C} token classes = {Q * C:,} table cells, over the "
+                         f"budget of {MAX_CELLS:,} (jaxgen.constraints.MAX_CELLS); simplify the regex / schema "
+                         f"(e.g. smaller maxLength) or split the batch")
+    Qb, Cb = _bucket(Q, STATE_BUCKETS, "automaton states"), _bucket(C, CLASS_BUCKETS, "token classes")
+    next_state = np.full((Qb, Cb), -1, np.int32)
+    next_state[0, :] = 0
+    next_state[src, token_class[tok]] = dst
+    count = np.bincount(tok, minlength=vocab_size)
+    if not (np.array_equal(next_state[src, token_class[tok]], dst)
+            and np.array_equal(count, count[first][token_class])):
+        raise RuntimeError("token-class signature collision (report this); the table would be wrong")
+    accepting = np.zeros(Qb, bool)
+    accepting[0] = True
+    for a, o in zip(autos, offsets):
+        accepting[o:o + len(a["accepting"])] = a["accepting"]
+    out_degree = np.bincount(src, minlength=Qb)
+    closed = accepting & (out_degree == 0)
+    closed[0] = False
+    start = np.zeros(rows, np.int32)
+    for i, r in enumerate(regexes):
+        if r is not None:
+            start[i] = offsets[distinct.index(r)]
+    return Constraints(token_class=token_class.astype(np.int32), next_state=next_state, accepting=accepting,
+                       closed=closed), start
+
+
+# ---- on the device ------------------------------------------------------------------------------
+def allowed(c: Constraints, state: jax.Array, stop_ids: jax.Array) -> jax.Array:
+    """[B, V] bool: tokens the rows' states [B] allow; stop ids [B, NS] (-1 unused) only where accepting."""
+    B, V = state.shape[0], c.token_class.shape[0]
+    ok = jnp.take(c.next_state[state], c.token_class, axis=1) >= 0  # [B, C] -> [B, V]
+    ids = jnp.where(stop_ids >= 0, stop_ids, V)
+    acc = jnp.broadcast_to(c.accepting[state][:, None], ids.shape)
+    return ok.at[jnp.arange(B)[:, None], ids].set(acc, mode="drop")
+
+
+def advance(c: Constraints, state: jax.Array, tokens: jax.Array):
+    """States [B] after each of tokens [B, J] in turn, and whether each is closed: ([B, J], [B, J]).
+    A token without a transition (a stop id) leaves the state as it is."""
+    states = []
+    for j in range(tokens.shape[1]):  # J is 1, or a speculative block (small, static)
+        nxt = c.next_state[state, c.token_class[tokens[:, j]]]
+        state = jnp.where(nxt >= 0, nxt, state)
+        states.append(state)
+    states = jnp.stack(states, axis=1)
+    return states, c.closed[states]

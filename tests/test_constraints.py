@@ -1,0 +1,274 @@
+"""Structured output (jaxgen.constraints): regex, JSON schema and choices enforced in the compiled loop.
+
+Contracts: every finished constrained row matches (re.fullmatch / json.loads + jsonschema); the drawn
+distribution is the masked, renormalized one (chi-square against exact enumeration over whole
+outputs, top-k / top-p on); an unconstrained row in a constrained batch == the same row generated
+alone; n samples == prompts repeated; a 2x4 mesh == one device; another constraint of a similar
+size reuses the compiled program; bad constraints are one clear ValueError before anything compiles.
+"""
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import jsonschema
+import numpy as np
+import pytest
+from scipy import stats
+
+import jaxgen
+from jaxgen import constraints as con
+from jaxgen import sharding as shd
+from jaxgen.cache import init_cache
+from jaxgen.engine import generate_jit
+from jaxgen.model import Model, forward
+from tests.conftest import TINY_GEMMA, random_params
+from tests.test_sampling import reference_probs
+
+
+class JsonTokenizer:
+    """A 64-token vocabulary for JSON and digits: single characters, words, and pieces spanning
+    several grammar elements ('"}', '":', '1a'); id 0 is the end (no bytes), the rest filler."""
+    PIECES = [b""] + [bytes([c]) for c in b"0123456789abc"] + [
+        b"{", b"}", b"\"", b":", b",", b"[", b"]", b" ", b"true", b"false", b"null", b"\"a\"", b"ab", b"-", b"12",
+        b"1a", b"\"}", b"\":", b"x", b"yz"]
+
+    def __init__(self, V=64):
+        self.tb = [self.PIECES[i] if i < len(self.PIECES) else b"q" * (1 + i % 3) for i in range(V)]
+        self.stop_ids, self.vocab_size, self.bos_id, self.eos_id = (0,), V, None, 0
+
+    def token_bytes(self):
+        return self.tb
+
+    def decode(self, ids):
+        return b"".join(self.tb[int(i)] for i in ids).decode("utf-8", errors="replace")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Model(TINY_GEMMA, random_params(TINY_GEMMA), tokenizer=JsonTokenizer())
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("JAXGEN_CACHE", str(tmp_path_factory.getbasetemp() / "jaxgen-cache"))
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "boolean"},
+                                           "c": {"type": "array", "items": {"enum": [1, "a"]}, "minItems": 1,
+                                                 "maxItems": 2}},
+          "required": ["a", "b"], "additionalProperties": False}
+
+
+def test_outputs_satisfy_their_constraints(model):
+    """Sampled at temperature 1: every row that finished matches its constraint; most finish; the
+    free row of the batch is what it is without any constraint."""
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9]]
+    kw = dict(max_new_tokens=40, temperature=1.0, seed=3, n=8)
+    cons = dict(regex=[r"-?[0-9]{1,3}(\.[0-9])?", None, None, None], json_schema=[None, SCHEMA, None, None],
+                choices=[None, None, ["true", "ab12", "1a1"], None])
+    out = jaxgen.generate(model, prompts, **kw, **cons)
+    alone = {**kw, "seed": [3 * 1_000_003 + 24 + j for j in range(8)]}  # the seeds rows 24-31 had
+    free = jaxgen.generate(model, [prompts[3]], **alone)
+    assert [c.tokens for c in out[24:]] == [c.tokens for c in free]
+    finished = [c for c in out[:24] if c.finish_reason == "stop"]
+    assert len(finished) >= 20, [c.finish_reason for c in out[:24]]
+    for i, c in enumerate(out[:24]):
+        if c.finish_reason != "stop":
+            continue
+        if i < 8:
+            assert re.fullmatch(r"-?[0-9]{1,3}(\.[0-9])?", c.text), c.text
+        elif i < 16:
+            jsonschema.validate(json.loads(c.text), SCHEMA)
+        else:
+            assert c.text in ("true", "ab12", "1a1")
+    assert {c.text for c in out[16:24]} <= {"true", "ab12", "1a1"} and len({c.text for c in out[16:24]}) > 1
+
+
+def _exact(model, prompt, regex, sp_kw):
+    """{output tokens: probability} by enumeration: the masked logits of every prefix the automaton
+    allows, through the numpy reference of the sampling transforms."""
+    tb = model.tokenizer.token_bytes()
+    table, start = con.build([regex], tb, 64, (0,))
+    fwd = jax.jit(forward, static_argnames="cfg")
+
+    def logits(seq):
+        T = len(seq)
+        lg, _ = fwd(model.params, jnp.asarray([seq], jnp.int32), jnp.arange(T)[None], init_cache(model.cfg, 1, T),
+                    model.cfg)
+        return np.asarray(lg[0, -1])
+
+    out = {}
+
+    def walk(seq, state, p):
+        lg = logits(prompt + seq)
+        row = table.next_state[state][table.token_class]
+        ok = row >= 0
+        ok[0] = table.accepting[state]  # the end id
+        probs = reference_probs(np.where(ok, lg, -np.inf), **sp_kw)
+        for t in np.nonzero(probs > 0)[0]:
+            q = p * probs[t]
+            if t == 0 or table.closed[row[t]]:
+                out[tuple(seq + [int(t)])] = q
+            else:
+                walk(seq + [int(t)], int(row[t]), q)
+    walk([], int(start[0]), 1.0)
+    return out
+
+
+@pytest.mark.parametrize("regex, sp_kw", [(r"[0-9][a-c]", dict(temperature=1.0)),
+                                          (r"(1|12|ab)[0-9]?", dict(temperature=1.3, top_k=4, top_p=0.9))])
+def test_sampled_outputs_follow_the_masked_distribution(model, regex, sp_kw):
+    prompt = [5, 9, 2]
+    exact = _exact(model, prompt, regex, sp_kw)
+    assert 2 < len(exact) and abs(sum(exact.values()) - 1) < 1e-6
+    draws = []
+    for seed in range(3):  # 3 x 512 rows, one compiled program
+        out = jaxgen.generate(model, [prompt, prompt], n=256, max_new_tokens=4, regex=regex, seed=seed, **sp_kw)
+        draws += [tuple(c.tokens) for c in out]
+    obs = {k: 0 for k in exact}
+    for d in draws:
+        assert d in exact, f"drew {d}, which has probability 0"
+        obs[d] += 1
+    keys = sorted(exact)
+    exp = np.array([exact[k] for k in keys]) * len(draws)
+    chi2 = sum((obs[k] - e) ** 2 / e for k, e in zip(keys, exp))
+    p = stats.chi2.sf(chi2, len(keys) - 1)
+    assert p > 1e-3, (chi2, p, {k: (obs[k], round(e, 1)) for k, e in zip(keys, exp)})
+
+
+def test_greedy_n_samples_and_mesh(model):
+    """Greedy constrained == argmax among the allowed tokens (a prefix of the sampled outcomes' support);
+    n samples == the prompts repeated; a 2x4 mesh == one device."""
+    prompts = [[1, 2], [3, 4, 5]]
+    kw = dict(max_new_tokens=30, json_schema=SCHEMA, temperature=0.9, seed=4)
+    ref = jaxgen.generate(model, [p for p in prompts for _ in range(3)], **kw)
+    assert [c.tokens for c in jaxgen.generate(model, prompts, n=3, **kw)] == [c.tokens for c in ref]
+    mesh = shd.make_mesh("data=2,model=4")
+    sharded = Model(model.cfg, shd.shard_params(model.params, model.cfg, mesh), model.tokenizer, mesh=mesh)
+    got = jaxgen.generate(sharded, [p for p in prompts for _ in range(3)], **kw)
+    assert [c.tokens for c in got] == [c.tokens for c in ref]
+    g = jaxgen.generate(model, prompts, max_new_tokens=30, json_schema=SCHEMA)
+    for c in g:
+        assert c.finish_reason == "length" or jsonschema.validate(json.loads(c.text), SCHEMA) is None
+
+
+def test_similar_constraints_share_a_program(model, compile_counter):
+    kw = dict(max_new_tokens=8, temperature=1.0)
+    jaxgen.generate(model, [[1, 2]], regex=r"[0-9]{3}", **kw)
+    before, size = compile_counter.count(), generate_jit._cache_size()
+    for r in (r"[a-c]{2}[0-9]", r"(true|false)", r"-?[1-9]"):
+        jaxgen.generate(model, [[1, 2]], regex=r, **kw)
+    jaxgen.generate(model, [[3, 4]], choices=["ab", "12"], **kw)
+    assert generate_jit._cache_size() == size and compile_counter.count() == before
+
+
+def test_stop_strings_and_int8_weights(model):
+    from jaxgen.quant import quantize_params
+
+    out = jaxgen.generate(model, [[1, 2, 3]], n=6, max_new_tokens=30, temperature=1.0, seed=1,
+                          regex=r"[0-9]+(,[0-9]+)*", stop=",")
+    for c in out:  # stops at the first "," (the text cut before it) or ends as a whole number
+        assert re.fullmatch(r"[0-9]+", c.text), c
+    q = Model(model.cfg, quantize_params(model.params, "int8"), model.tokenizer)
+    for c in jaxgen.generate(q, [[1, 2, 3]], n=4, max_new_tokens=40, temperature=1.0, json_schema=SCHEMA):
+        assert c.finish_reason == "length" or jsonschema.validate(json.loads(c.text), SCHEMA) is None
+
+
+def test_disk_cache_builds_once(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXGEN_CACHE", str(tmp_path))
+    tb = model.tokenizer.token_bytes()
+    a = con.automaton(r"[0-9]{2}x", tb, (0,))
+    assert len(list((tmp_path / "constraints").glob("*.npz"))) == 1
+    con._MEMO.clear()
+    monkeypatch.setattr(con, "_build", lambda *a: pytest.fail("rebuilt a cached constraint"))
+    b = con.automaton(r"[0-9]{2}x", tb, (0,))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(regex="[0-9"), "invalid regex"),
+    (dict(json_schema="{not json"), "json_schema is not valid JSON"),
+    (dict(json_schema={"type": "integer", "minimum": 3}), "'minimum' is not supported"),
+    (dict(json_schema={"type": "object", "properties": {"s": {"type": "string", "format": "email"}}}),
+     "'format' is not supported"),
+    (dict(choices=[]), "choices must be a non-empty list"),
+    (dict(regex="[0-9]", choices=["a"]), "at most one of regex, json_schema, choices"),
+    (dict(regex=["[0-9]"] * 3), "regex has 3 entries but there are 2 prompts"),
+    (dict(regex="Z+"), "no token sequence"),
+])
+def test_bad_constraints(model, kw, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        jaxgen.generate(model, [[1], [2]], max_new_tokens=4, **kw)
+
+
+def test_budget_and_speculative_refusal(model, monkeypatch):
+    from jaxgen import speculative
+
+    monkeypatch.setattr(con, "MAX_CELLS", 10)
+    with pytest.raises(ValueError, match="over the budget of 10 .*MAX_CELLS"):
+        jaxgen.generate(model, [[1]], max_new_tokens=4, regex="[0-9]{5}")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="speculative decoding does not take a constraint"):
+        speculative.generate(model, [[1]], speculative.parse("lookup,ngram=2,gamma=2"), regex="[0-9]")
+
+
+# ---- command line and batch (test_cli's tiny llama checkpoint, byte-level vocabulary) -----------
+from tests.test_cli import ckpt  # noqa: E402,F401  (module-scoped fixture)
+
+
+def test_cli_flags_equal_the_api(ckpt, tmp_path, capsys):
+    from jaxgen import cli
+    from jaxgen.checkpoint import registry
+
+    ck = str(ckpt[2])
+    m = registry.load(ck)
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+                                  "additionalProperties": False}))
+    base = ["generate", "the cat", "--model", ck, "--json", "--max-new-tokens", "24", "--temperature", "1",
+            "--seed", "2"]
+    for flags, kw in ((["--regex", "[a-z]{2,6}"], dict(regex="[a-z]{2,6}")),
+                      (["--json-schema", str(schema)], dict(json_schema=schema.read_text())),
+                      (["--choice", "yes", "--choice", "no"], dict(choices=["yes", "no"]))):
+        assert cli.main(base + flags) == 0
+        row = json.loads(capsys.readouterr().out)
+        ref = jaxgen.generate(m, ["the cat"], max_new_tokens=24, temperature=1.0, seed=2, **kw)[0]
+        assert row["tokens"] == ref.tokens and row["text"] == ref.text, flags
+    assert cli.main(base + ["--regex", "[0-"]) == 2
+    assert "invalid regex" in capsys.readouterr().err
+    assert cli.main(base + ["--json-schema", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+
+
+def test_batch_fields_refill_and_static(ckpt, tmp_path, capsys):
+    """regex / json_schema / choices rows (and free rows) in one file: refill (one table for the run)
+    == static batches == the API row by row; bad constraint fields are errors with their line."""
+    from jaxgen import cli
+    from jaxgen.batch import row_seed
+    from jaxgen.checkpoint import registry
+
+    ck = str(ckpt[2])
+    m = registry.load(ck)
+    rows = [{"id": 0, "prompt": "a", "regex": "[0-9]{2,4}"}, {"id": 1, "prompt": "the", "choices": ["up", "down"]},
+            {"id": 2, "prompt": "tea", "json_schema": {"type": "array", "items": {"type": "boolean"},
+                                                        "maxItems": 3}},
+            {"id": 3, "prompt": "hot"}, {"id": 4, "prompt": "cat", "regex": "[0-9]{2,4}"}]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["batch", "--input", str(inp), "--model", ck, "--max-new-tokens", "16", "--temperature", "1",
+            "--batch-size", "2"]
+    outs = {}
+    for mode in ("--refill", "--no-refill"):
+        out = tmp_path / f"{mode}.jsonl"
+        assert cli.main(base + ["--output", str(out), mode]) == 0
+        outs[mode] = {r["id"]: r for r in map(json.loads, open(out))}
+    for r in rows:
+        kind = next((k for k in ("regex", "json_schema", "choices") if k in r), None)
+        ref = jaxgen.generate(m, [r["prompt"]], max_new_tokens=16, temperature=1.0, seed=[row_seed(0, r["id"])],
+                              **({kind: r[kind]} if kind else {}))[0]
+        assert outs["--refill"][r["id"]]["tokens"] == outs["--no-refill"][r["id"]]["tokens"] == ref.tokens, r
+    assert re.fullmatch("[0-9]{2,4}", outs["--refill"][0]["text"]) or outs["--refill"][0]["finish_reason"] == "length"
+    inp.write_text(json.dumps({"id": 9, "prompt": "a", "regex": "("}) + "\n")
+    assert cli.main(base + ["--output", str(tmp_path / "bad.jsonl")]) == 2
+    assert "in.jsonl:1: invalid regex" in capsys.readouterr().err
