@@ -115,10 +115,10 @@ def mixed_file(path: pathlib.Path, short: int, long: int, long_chars: int):
 def run_batch(python: str, cwd: pathlib.Path, inp: pathlib.Path, out: pathlib.Path, extra: list[str], timeout: int):
     """Wall time and peak RSS (this child's own, from wait4) of one `jaxgen batch` run, and its plan."""
     base = [python, "-m", "jaxgen.cli", "batch", "--input", str(inp), "--output", str(out), "--model", "gemma3-270m",
-            "--max-new-tokens", "32", "--batch-size", "32", "--ignore-stop", *extra]
+            "--max-new-tokens", "32", "--ignore-stop", *extra]
     env = dict(os.environ, PYTHONPATH=str(cwd))
-    plan = subprocess.run(base + ["--dry-run"], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
     out.unlink(missing_ok=True)
+    plan = subprocess.run(base + ["--dry-run"], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
     t = time.perf_counter()
     p = subprocess.Popen(base, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -128,8 +128,11 @@ def run_batch(python: str, cwd: pathlib.Path, inp: pathlib.Path, out: pathlib.Pa
         raise
     wall = time.perf_counter() - t
     err = p.stderr.read()
-    if status != 0:
-        return {"error": (err.strip().splitlines() or ["?"])[-1][:200], "wall_s": wall}
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        lines = [x for x in err.strip().splitlines() if "jaxgen batch:" in x] or err.strip().splitlines() or ["?"]
+        return {"error": f"exit {code}: {lines[-1][:200]}", "wall_s": round(wall, 1),
+                "peak_rss_mb": round(usage.ru_maxrss / 1024)}
     rows = [json.loads(x) for x in open(out)]
     return {"wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "rows": len(rows),
             "plan": json.loads(plan.stdout.strip().splitlines()[-1]) if plan.returncode == 0 else None,
@@ -143,7 +146,8 @@ def mixed(a, runs) -> dict:
     mixed_file(inp, a.short_rows, a.long_rows, a.long_chars)
     res = {}
     for name, py, cwd in runs:
-        r = run_batch(py, cwd, inp, d / f"out-{name.replace('@', '-')}.jsonl", [], a.timeout)
+        r = run_batch(py, cwd, inp, d / f"out-{name.replace('@', '-')}.jsonl", ["--batch-size", str(a.batch_size)],
+                      a.timeout)
         res[name] = r
         print(name, json.dumps({k: v for k, v in r.items() if k != "tokens"}), file=sys.stderr, flush=True)
     names = [n for n in res if "tokens" in res[n]]
@@ -184,6 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="long")
     ap.add_argument("--mixed", action="store_true",
                     help="instead: `jaxgen batch` (refill) on a file of ~100-token rows and a few ~8k-token ones")
+    ap.add_argument("--batch-size", type=int, default=32, help="--mixed: jaxgen batch --batch-size")
     ap.add_argument("--short-rows", type=int, default=62)
     ap.add_argument("--long-rows", type=int, default=2)
     ap.add_argument("--long-chars", type=int, default=33000)
@@ -209,7 +214,7 @@ def main(argv=None) -> int:
     stem = ROOT / "benchmarks" / "results" / f"{platform.machine()}-{os.cpu_count()}cpu-{day}"
     if a.mixed:
         res = mixed(a, [r for r in runs if r[0] != "hf"])
-        pathlib.Path(f"{stem}-mixed.json").write_text(json.dumps(res, indent=1))
+        pathlib.Path(f"{stem}-mixed-b{a.batch_size}.json").write_text(json.dumps(res, indent=1))
         print(json.dumps(res, indent=1))
         return 0
     res = {}

@@ -54,7 +54,9 @@ def check_overrides(obj: dict) -> str | None:
         v = obj[k]
         want_int = k in INT_OVERRIDES
         if isinstance(v, bool) or not isinstance(v, int if want_int else (int, float)):
-            return f"{k} must be {'an integer' if want_int else 'a number'}, got {v!r}"
+            return f"{k} must be {'an integer' if want_int else 'a number'}, got {v!r:.80}"
+        if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):  # JSON NaN / Infinity
+            return f"{k} must be a finite number, got {v!r}"
         if k not in ("max_new_tokens", "seed"):
             knobs[k] = v
     if obj.get("max_new_tokens", 1) < 1:
@@ -88,26 +90,54 @@ def check_overrides(obj: dict) -> str | None:
     return None
 
 
+def check_messages(messages) -> str | None:
+    """The problem with a row's chat messages, or None."""
+    if not isinstance(messages, list) or not messages:
+        return f"messages must be a non-empty list of {{role, content}} objects, got {messages!r:.80}"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            return f"messages[{i}] must be an object with exactly 'role' and 'content', got {m!r:.80}"
+        if m["role"] not in ("system", "user", "assistant"):
+            return f"messages[{i}].role must be system, user or assistant, got {m['role']!r:.40}"
+        if not isinstance(m["content"], str):
+            return f"messages[{i}].content must be a string, got {m['content']!r:.40}"
+    return None
+
+
 def read_requests(path: str, on_error: str = "fail") -> tuple[list[dict], list[dict]]:
-    """(requests, errors). Each request: {"id", "text"|"messages", "line", overrides...}."""
+    """(requests, errors). Each request: {"id", "text"|"messages", "line", overrides...}. Every
+    problem is reported as `PATH:LINE: id X: what is wrong` (without the id where the line has none):
+    under on_error "fail" the first one raises InputError, under "skip" each is printed, a row with an
+    id gets an {"id", "error"} line, and the rest run. Lines are decoded one by one (a line that is
+    not UTF-8 is one bad line)."""
     rows, errors, seen = [], [], set()
 
     def bad(n, msg, rid=None):
+        where = f"{path}:{n}: " + (f"id {rid!r}: " if rid is not None else "")
         if on_error == "fail":
-            raise InputError(f"{path}:{n}: {msg}")
-        print(f"jaxgen batch: skipping {path}:{n}: {msg}", file=sys.stderr)
+            raise InputError(where + msg)
+        print(f"jaxgen batch: skipping {where}{msg}", file=sys.stderr)
         if rid is not None and rid not in seen:
             errors.append({"id": rid, "error": msg})
             seen.add(rid)
 
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    if os.path.isdir(path):
+        raise InputError(f"--input {path} is a directory; give the path of a JSONL file")
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad(n, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+                continue
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad(n, f"not valid JSON ({e.msg})")
+            except (ValueError, RecursionError) as e:  # ValueError: also a number of over 4300 digits
+                why = e.msg if isinstance(e, json.JSONDecodeError) else (
+                    "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0][:100])
+                bad(n, f"not valid JSON ({why})")
                 continue
             if not isinstance(obj, dict) or "id" not in obj:
                 bad(n, "each line must be a JSON object with an 'id'")
@@ -117,10 +147,16 @@ def read_requests(path: str, on_error: str = "fail") -> tuple[list[dict], list[d
                 bad(n, f"id must be a string or integer, got {rid!r}")
                 continue
             if rid in seen:
-                bad(n, f"duplicate id {rid!r}")
+                bad(n, "duplicate id (the first line with it runs)", rid)
                 continue
             if ("prompt" in obj) == ("messages" in obj):
                 bad(n, "give exactly one of 'prompt' or 'messages'", rid)
+                continue
+            problem = (check_messages(obj["messages"]) if "messages" in obj else
+                       None if isinstance(obj["prompt"], str) and obj["prompt"] else
+                       f"prompt must be a non-empty string, got {obj['prompt']!r:.80}")
+            if problem:
+                bad(n, problem, rid)
                 continue
             unknown = set(obj) - {"id", "prompt", "messages", *OVERRIDES, *ROW_FIELDS}
             if unknown:
@@ -380,19 +416,56 @@ def _set_rows(h, dest, a):
     return h
 
 
-def append(f, objs: list[dict]):
-    """One write per line, flushed and fsynced: a kill leaves at most one torn last line."""
-    for obj in objs:
-        f.write((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"))
-    f.flush()
-    os.fsync(f.fileno())
+class OutputError(OSError):
+    """The output could not be written (a full disk, a lost mount): what was written stays whole."""
+
+
+def _write(fd: int, data: bytes) -> int:
+    return os.write(fd, data)
+
+
+def append(fd: int, objs: list[dict]):
+    """Append these lines to the output file (an O_APPEND descriptor) and fsync. A kill leaves at most
+    a torn last line (`done_ids` cuts it); a failed write (ENOSPC, EIO) is rolled back to the size
+    before this call, so the file holds only whole lines, and raises OutputError."""
+    if not objs:
+        return
+    data = b"".join((json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8") for obj in objs)
+    size = os.fstat(fd).st_size
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[_write(fd, view):]
+        os.fsync(fd)
+    except OSError as e:
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            pass  # `done_ids` cuts a torn line on the next run
+        raise OutputError(e.errno, f"writing the output failed: {e.strerror or e}") from None
+
+
+def lock_output(path: str) -> int:
+    """An exclusive flock on PATH.lock, held while the descriptor stays open. The kernel releases it
+    when the process dies (a killed run never blocks its resume); a second run on the same output
+    fails at once, naming the process that holds it (its pid is written in the lock file)."""
+    import fcntl
+
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise ValueError(f"{path} is being written by another jaxgen batch (pid {other}); wait for it to end "
+                         f"or give another --output") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def main(args) -> int:
     import jax
-
-    from jaxgen.checkpoint import load
-    from jaxgen.sharding import make_mesh
 
     rows, errors = read_requests(args.input, args.on_error)
     output = args.output
@@ -400,6 +473,22 @@ def main(args) -> int:
         rows = rows[jax.process_index()::jax.process_count()]
         errors = errors[jax.process_index()::jax.process_count()]
         output = f"{output}.process-{jax.process_index()}-of-{jax.process_count()}"
+    if os.path.isdir(output):
+        raise ValueError(f"--output {output} is a directory; give the path of a JSONL file")
+    lock = None if args.dry_run else lock_output(output)  # before reading what is done: one writer
+    try:
+        return _run(args, rows, errors, output)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _run(args, rows: list[dict], errors: list[dict], output: str) -> int:
+    import jax
+
+    from jaxgen.checkpoint import load
+    from jaxgen.sharding import make_mesh
+
     done = done_ids(output)
     todo = [r for r in rows if r["id"] not in done]
     errors = [e for e in errors if e["id"] not in done]
@@ -497,19 +586,22 @@ def main(args) -> int:
                           "refill": [{"rows": k, "slots": r.batch, "cache_len": r.cache_len, "max_new": r.max_new,
                                       "penalties": r.penalties} for k, r in refills] or None}))
         return 0
+    from tqdm import tqdm
+
     t0, n_done, n_tok = time.perf_counter(), 0, 0
-    total = len(ok)
-    with open(output, "ab") as f:
-        append(f, errors + too_long)
+    fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    # rows done, tokens/s and ETA while stderr is a terminal; the summary line below either way
+    bar = tqdm(total=len(ok), unit="row", dynamic_ncols=True, disable=None, file=sys.stderr)
+    try:
+        append(fd, errors + too_long)
 
         def emit(lines):
             nonlocal n_done, n_tok
-            append(f, lines)
+            append(fd, lines)
             n_done += len(lines)
             n_tok += sum(len(s["tokens"]) for x in lines for s in x.get("samples", [x]) if "tokens" in s)
-            el = time.perf_counter() - t0
-            eta = el / n_done * (total - n_done)
-            print(f"\r[{n_done}/{total}] {n_tok / el:.1f} tok/s, ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
+            bar.set_postfix_str(f"{n_tok / max(time.perf_counter() - t0, 1e-9):.1f} tok/s", refresh=False)
+            bar.update(len(lines))
 
         shared = {}
         for pre, n, rows, refill, batches in work:
@@ -522,8 +614,14 @@ def main(args) -> int:
                 run_refill(model, rows, defaults, refill, args.chunk_steps, args.top_logprobs, emit, shared.get(pre))
             for b in batches:
                 emit(run_batch(model, b, defaults, args.top_logprobs, proposer, shared.get(pre), n))
+    except OutputError as e:
+        raise OutputError(e.errno, f"{output}: {e.strerror}; {n_done} rows written, all of them whole: rerun the "
+                                   f"same command to resume") from None
+    finally:
+        bar.close()
+        os.close(fd)
     el = time.perf_counter() - t0
-    print(f"\ndone: {n_done} rows, {n_tok} tokens in {el:.1f}s ({n_tok / max(el, 1e-9):.1f} tok/s); "
+    print(f"done: {n_done} rows, {n_tok} tokens in {el:.1f}s ({n_tok / max(el, 1e-9):.1f} tok/s); "
           f"{len(errors) + len(too_long)} errors; {len(done)} already done; load {timings.get('load_s', 0):.1f}s",
           file=sys.stderr)
     return 0

@@ -348,6 +348,13 @@ def main(argv=None) -> int:
         # Bad input is reported as one line naming the problem, not a traceback.
         print(f"jaxgen {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        from jaxgen.batch import OutputError
+
+        if not isinstance(e, OutputError):
+            raise
+        print(f"jaxgen {args.command}: error: {e.strerror}", file=sys.stderr)  # what was written is whole
+        return 1
     except (MemoryError, RuntimeError) as e:
         if not _out_of_memory(e):
             raise  # an unexpected failure is a bug, not bad input: keep its traceback

@@ -25,9 +25,10 @@ from jaxgen.cache import KVCache, init_cache, padded_positions, ring_size
 from jaxgen.config import ModelConfig
 from jaxgen.model import PREFILL_CHUNK, Params, forward_hidden, prefill_hidden, unembed
 
-STOP, LENGTH, STOP_STRING, CLOSED = 1, 2, 3, 4  # finish codes; 0 = still running
-# CLOSED: the row's constraint accepts its text and allows nothing more
-FINISH_REASONS = {STOP: "stop", LENGTH: "length", STOP_STRING: "stop", CLOSED: "stop"}
+STOP, LENGTH, STOP_STRING, CLOSED, ERROR = 1, 2, 3, 4, 5  # finish codes; 0 = still running
+# CLOSED: the row's constraint accepts its text and allows nothing more; ERROR: the row's logits were
+# not finite (NaN / inf: corrupt weights or an overflow), so nothing was sampled from them
+FINISH_REASONS = {STOP: "stop", LENGTH: "length", STOP_STRING: "stop", CLOSED: "stop", ERROR: "error"}
 
 
 @struct.dataclass
@@ -141,9 +142,10 @@ def record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, c
         top_lp = top_lp - lse[:, None]
         col = lambda buf, val: buf.at[rows, idx].set(val.astype(buf.dtype), mode="drop")
         s = s.replace(top_ids=col(s.top_ids, top_ids), top_logprobs=col(s.top_logprobs, top_lp))
-    s, _ = append_tokens(s, tok[:, None], jnp.ones((B,), jnp.int32), (logits[rows, tok] - lse)[:, None],
+    broken = ~jnp.isfinite(lse) & ~s.done  # a NaN or +inf logit (or none finite): end the row, emit nothing
+    s, _ = append_tokens(s, tok[:, None], (~broken).astype(jnp.int32), (logits[rows, tok] - lse)[:, None],
                          max_new_tokens, stop_ids)
-    return s
+    return s.replace(done=s.done | broken, finish=jnp.where(broken, ERROR, s.finish))
 
 
 def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: smp.SamplingParams,

@@ -42,10 +42,14 @@ def bucket(n: int, buckets: Sequence[int], what: str) -> int:
     raise ValueError(f"{what} {n} exceeds the largest bucket {buckets[-1]}")
 
 
+ROW_ERROR = ("the model's logits became NaN or infinite at this step (corrupt weights, or an overflow in "
+             "this dtype); the row ended there")
+
+
 @dataclasses.dataclass
 class Completion:
     tokens: list[int]  # new ids (a stop token, if hit, is the last one)
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop", "length", or "error" (the model's logits for this row were NaN / inf)
     logprobs: list[float]  # raw-model log-probability of each new token
     text: str | None = None  # detokenized new tokens (stop token excluded), when a tokenizer is set
     prompt: str | list[int] | None = None
@@ -60,6 +64,8 @@ class Completion:
                "stop_reason": self.stop_reason, "logprobs": self.logprobs}
         if self.top_logprobs is not None:
             obj["top_logprobs"] = [[list(pair) for pair in step] for step in self.top_logprobs]
+        if self.finish_reason == "error":
+            obj["error"] = ROW_ERROR
         return obj
 
 

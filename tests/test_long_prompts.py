@@ -77,7 +77,10 @@ def _same(a, b, lp_tol=2e-5):
 @pytest.mark.parametrize("case", ["greedy", "sampled_n2", "prefix", "int8_kv"])
 def test_chunked_generate_equals_one_pass(tiny_model, case):
     """generate with prefill_chunk=16 (prompts of up to 9 chunks in a 256 bucket; global keys read in
-    blocks of 32) == the one-pass prefill, token for token."""
+    blocks of 32) == the one-pass prefill, token for token. Both configs greedy; the other cases on
+    the Gemma-like one (local rings and global layers), to keep the suite short."""
+    if case != "greedy" and tiny_model.cfg.name != "tiny-gemma":
+        pytest.skip("covered on tiny-gemma")
     cfg = tiny_model.cfg
     prompts = _prompts(cfg, [5, 37, 100, 130])
     kw = dict(max_new_tokens=12, stop_ids=[])

@@ -13,6 +13,7 @@ every shape is asserted, and every transpose or permute is named where it happen
 """
 from __future__ import annotations
 
+import contextlib
 import pathlib
 
 import jax
@@ -50,6 +51,20 @@ def open_gguf(path):
     if end > size:
         raise ValueError(f"{path}: truncated GGUF: tensor data needs {end} bytes, the file has {size}")
     return reader
+
+
+@contextlib.contextmanager
+def reading(path):
+    """Errors raised from inside a corrupt file's fields and tensors (a missing key, a field of the
+    wrong type, an index past an array) as one ValueError naming the file, not a traceback. Clear
+    errors (ValueError), memory and OS errors pass as they are."""
+    try:
+        yield
+    except (ValueError, MemoryError, OSError):
+        raise
+    except Exception as e:
+        raise ValueError(f"{path}: corrupt GGUF ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+                         ) from None
 
 
 def field(reader, key, default=None):

@@ -179,28 +179,44 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
         path, cfg = gguf_path(name_or_path), load_config(MODELS[name_or_path].preset)
     elif path.suffix == ".gguf":
         reader = gguf.open_gguf(path)
-        arch = gguf.architecture(reader)
-        if config is not None:
-            cfg = config if isinstance(config, ModelConfig) else load_config(config)
-        else:
-            cfg = _config_for_file(reader, arch, path)
+        with gguf.reading(path):
+            arch = gguf.architecture(reader)
+            if config is not None:
+                cfg = config if isinstance(config, ModelConfig) else load_config(config)
+            else:
+                cfg = _config_for_file(reader, arch, path)
     else:
         raise ValueError(f"unknown model {name_or_path!r}; known models: {sorted(MODELS)}, or a path to a "
                          f".gguf file or an Orbax checkpoint directory")
     reader = gguf.open_gguf(path)
-    host = gguf.load_params(reader, cfg, np.float32, quant=quant)
-    tok = from_gguf_fields(gguf.tokenizer_fields(reader))
+    with gguf.reading(path):
+        host = gguf.load_params(reader, cfg, np.float32, quant=quant)
+        tok = from_gguf_fields(gguf.tokenizer_fields(reader))
     if name_or_path in MODELS and use_cache:
         # Keep the full-precision (or quantized) conversion; other dtypes are a cast at restore time.
         final = _converted_dir(name_or_path, quant)
         tmp = final.parent / f".{final.name}.{os.getpid()}.partial"
         import shutil
+        for old in final.parent.glob(f".{final.name}.*.partial"):  # left by a conversion that was killed
+            pid = old.name.rsplit(".", 2)[-2]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
         orbax.save(tmp, cfg, host, tok)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype if a.dtype.kind == "f" else a.dtype), host)
     return model(cfg, params, tok)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _converted_dir(name: str, quant: str | None = None) -> pathlib.Path:
