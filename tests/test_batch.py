@@ -294,4 +294,4 @@ def test_bad_row_fields(model_dir, tmp_path, capsys):
         rc = cli.main(["batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"),
                        "--model", model_dir])
         err = capsys.readouterr().err
-        assert rc == 2 and f"in.jsonl:1: {msg}" in err and err.count("\n") == 1, (row, err)
+        assert rc == 2 and f"in.jsonl:1: id 1: {msg}" in err and err.count("\n") == 1, (row, err)

@@ -271,4 +271,4 @@ def test_batch_fields_refill_and_static(ckpt, tmp_path, capsys):
     assert re.fullmatch("[0-9]{2,4}", outs["--refill"][0]["text"]) or outs["--refill"][0]["finish_reason"] == "length"
     inp.write_text(json.dumps({"id": 9, "prompt": "a", "regex": "("}) + "\n")
     assert cli.main(base + ["--output", str(tmp_path / "bad.jsonl")]) == 2
-    assert "in.jsonl:1: invalid regex" in capsys.readouterr().err
+    assert "in.jsonl:1: id 9: invalid regex" in capsys.readouterr().err

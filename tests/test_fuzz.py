@@ -66,7 +66,7 @@ def test_reader_never_raises_and_keeps_every_valid_row(tmp_path_factory, items):
         assert str(e).startswith(str(path) + ":") and "\n" not in str(e)
 
 
-@settings(max_examples=SCALE // 10 or 12, deadline=None, derandomize=True,
+@settings(max_examples=SCALE // 10 or 6, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(items=lines)
 def test_batch_command_exits_0_or_2_with_one_line_per_valid_id(model_dir, tmp_path_factory, capsys, items):
@@ -99,7 +99,7 @@ def _corrupt(data: bytes, how: str, where: float, value: int) -> bytes:
     return data[:j] + (value * 0x9E3779B97F4A7C15 % 2**64).to_bytes(8, "little") + data[j + 8:]
 
 
-@settings(max_examples=SCALE or 40, deadline=None, derandomize=True,
+@settings(max_examples=SCALE or 20, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(how=st.sampled_from(["truncate", "flip", "header-byte", "u64"]), where=st.floats(0, 0.999),
        value=st.integers(0, 2**32))

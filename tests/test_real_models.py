@@ -150,12 +150,15 @@ SCHEMAS = [  # nested objects, arrays with bounds, enums, bounded strings, optio
 
 
 def test_json_schema_outputs_validate(real):
-    """Sampled at temperature 1 (n=8): every row that finished parses and validates under its schema."""
+    """Sampled at temperature 1 (n=4): every row that finished parses and validates under its schema.
+    Gemma here (SmolLM2 and more schemas: benchmarks/constraints.py), to keep the suite short."""
     import jsonschema
 
-    out = jaxgen.generate(real.model, ["A person record as JSON: "], n=8, max_new_tokens=96, temperature=1.0,
+    if real.name != "gemma3-270m":
+        pytest.skip("one real vocabulary in CI: Gemma's 262k")
+    out = jaxgen.generate(real.model, ["A person record as JSON: "], n=4, max_new_tokens=96, temperature=1.0,
                           seed=1, json_schema=SCHEMAS[0])
     finished = [c for c in out if c.finish_reason == "stop"]
-    assert len(finished) >= 4, [c.text for c in out]
+    assert len(finished) >= 2, [c.text for c in out]
     for c in finished:
         jsonschema.validate(json.loads(c.text), SCHEMAS[0])
