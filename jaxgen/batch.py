@@ -259,6 +259,12 @@ def _line(r: dict, cs: list, timing: dict) -> dict:
     return {"id": r["id"], "samples": [{"sample": c.sample, **c.fields()} for c in cs], "timing": timing}
 
 
+def _data_multiple(model, n: int) -> int:
+    """n rounded up to a multiple of the mesh's data axis (rows split evenly over it)."""
+    d = model.mesh.shape["data"] if model.mesh is not None else 1
+    return -(-n // d) * d
+
+
 def length_classes(model, rows: list[dict], slots: int, prefix=None) -> list[list[dict]]:
     """Rows split into refill runs by cache length (prompt bucket + new-token bucket), shortest first.
     Why: one running state sizes every slot's KV cache for its longest row, and every decode step
@@ -269,8 +275,7 @@ def length_classes(model, rows: list[dict], slots: int, prefix=None) -> list[lis
 
     lp = len(prefix) if prefix is not None else 0
     Tp = prefix_slots(model.cfg, lp)
-    d = model.mesh.shape["data"] if model.mesh is not None else 1
-    slots = -(-slots // d) * d  # as refill_plan rounds them
+    slots = _data_multiple(model, slots)  # as refill_plan rounds them
     by_len: dict = {}
     for r in rows:
         by_len.setdefault(plan(model.cfg, 1, len(r["ids"]), r["max_new"], prefix=Tp, prefix_len=lp).cache_len,
@@ -310,7 +315,7 @@ def refill_plan(model, rows: list[dict], slots: int, memory_bytes: int | None, d
     p = plan(model.cfg, 1, max(len(r["ids"]) for r in rows), max(r["max_new"] for r in rows), stop_slots=n_stops,
              penalties=penalties, prefix=prefix.bucket if prefix is not None else 0, prefix_len=lp)
     need = lambda b: cache_bytes(model.cfg, b, p.cache_len, model.params.embed.dtype, kv_quant=model.kv_quant)
-    b = -(-slots // d) * d
+    b = _data_multiple(model, slots)
     while memory_bytes is not None and b > d and need(b) > memory_bytes:
         b -= d
     if memory_bytes is not None and need(b) > memory_bytes:
