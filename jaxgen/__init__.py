@@ -1,6 +1,7 @@
 """jaxgen: fast, exact, composable autoregressive generation in JAX."""
 from jaxgen.cache import KVCache, cache_bytes, init_cache
 from jaxgen.config import ModelConfig, config_from_dict, load_config, preset_names
+from jaxgen.beam import BeamOutput, beam_search
 from jaxgen.engine import GenerateOutput, generate_jit, generate_tokens
 from jaxgen.generate import Completion, SharedPrefix, generate, plan, precompile, prefill_prefix, stream
 from jaxgen.checkpoint import load
@@ -10,4 +11,4 @@ from jaxgen.sampling import SamplingParams, make_sampling_params, sample
 __all__ = ["KVCache", "cache_bytes", "init_cache", "ModelConfig", "config_from_dict", "load_config",
            "preset_names", "Completion", "GenerateOutput", "Model", "generate", "generate_jit",
            "generate_tokens", "plan", "precompile", "prefill_prefix", "SharedPrefix", "stream", "load", "Params", "forward", "init_params", "score", "SamplingParams",
-           "make_sampling_params", "sample"]
+           "make_sampling_params", "sample", "BeamOutput", "beam_search"]

@@ -4,10 +4,13 @@ Input lines: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]} (cha
 optional per-row overrides of max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
 presence_penalty, frequency_penalty and seed, and "n" (samples of the row, from one prefill), "stop"
 (a stop string or a list of them), "prefix" (text the prompt continues; rows sharing one are
-prefilled on one copy of it) and one of "regex", "json_schema", "choices" (structured output). Output: one JSON line per input id, appended and flushed (fsync) as each
-batch finishes: {"id", "text", "tokens", "finish_reason", "stop_reason", "logprobs", "timing"}, with
-n > 1 {"id", "samples": [{"sample", "text", ...} x n], "timing"}, or {"id", "error"} for a row that
-cannot run (e.g. too long), which never stops the others.
+prefilled on one copy of it), one of "regex", "json_schema", "choices" (structured output), and
+"num_beams", "length_penalty", "early_stopping", "return_beams" (beam search, `jaxgen.beam`). Output:
+one JSON line per input id, appended and flushed (fsync) as each batch finishes: {"id", "text",
+"tokens", "finish_reason", "stop_reason", "logprobs", "timing"} (beam search adds "score"), with n > 1
+{"id", "samples": [{"sample", "text", ...} x n], "timing"}, with return_beams {"id", "beams": [{"beam",
+"text", ..., "score"} x num_beams], "timing"}, or {"id", "error"} for a row that cannot run (e.g. too
+long, or beam search with a sampling knob), which never stops the others.
 
 Restarting with the same output file skips ids already written; a torn last line (the process was
 killed mid-write) is cut off first, so a run killed at any moment and restarted ends with exactly one
@@ -33,7 +36,9 @@ import zlib
 OVERRIDES = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
              "presence_penalty", "frequency_penalty", "seed")
 INT_OVERRIDES = ("max_new_tokens", "top_k", "seed")
-ROW_FIELDS = ("n", "stop", "prefix", "regex", "json_schema", "choices")  # per-row fields besides the overrides
+ROW_FIELDS = ("n", "stop", "prefix", "regex", "json_schema", "choices", "num_beams", "length_penalty", "early_stopping",
+              "return_beams")  # per-row fields besides the overrides
+BEAM_FIELDS = ("num_beams", "length_penalty", "early_stopping", "return_beams")
 CONSTRAINTS = ("regex", "json_schema", "choices")  # structured output (jaxgen.constraints), one per row
 MAX_N = 64  # samples per row
 
@@ -73,6 +78,9 @@ def check_overrides(obj: dict) -> str | None:
             return f"stop has {len(stop)} strings; at most {MAX_STRINGS}"
     if "prefix" in obj and (not isinstance(obj["prefix"], str) or not obj["prefix"]):
         return f"prefix must be a non-empty string, got {obj['prefix']!r:.80}"
+    problem = check_beam_fields(obj)
+    if problem:
+        return problem
     kinds = [k for k in CONSTRAINTS if k in obj]
     if len(kinds) > 1:
         return f"give at most one of regex, json_schema, choices (got {', '.join(kinds)})"
@@ -87,6 +95,32 @@ def check_overrides(obj: dict) -> str | None:
         make_sampling_params(1, **knobs)
     except ValueError as e:
         return str(e)
+    return None
+
+
+def check_beam_fields(obj: dict) -> str | None:
+    """The problem with a row's beam-search fields (or with what they are combined with), or None."""
+    from jaxgen.beam import EARLY_STOPPING
+    from jaxgen.generate import BEAM_BUCKETS
+
+    k = obj.get("num_beams", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= BEAM_BUCKETS[-1]:
+        return f"num_beams must be an integer in [1, {BEAM_BUCKETS[-1]}], got {k!r:.40}"
+    lp = obj.get("length_penalty", 1.0)
+    if isinstance(lp, bool) or not isinstance(lp, (int, float)) or lp != lp or lp in (float("inf"), float("-inf")):
+        return f"length_penalty must be a finite number, got {lp!r:.40}"
+    es = obj.get("early_stopping", False)
+    if not isinstance(es, (bool, str)) or es not in EARLY_STOPPING:
+        return f"early_stopping must be true, false or \"never\", got {es!r:.40}"
+    if not isinstance(obj.get("return_beams", False), bool):
+        return f"return_beams must be true or false, got {obj['return_beams']!r:.40}"
+    if k > 1:
+        sampled = [f for f in ("temperature", "repetition_penalty", "presence_penalty", "frequency_penalty")
+                   if f in obj and obj[f] != (1.0 if f == "repetition_penalty" else 0.0)]
+        if obj.get("n", 1) != 1:
+            sampled.append("n")
+        if sampled:
+            return f"num_beams > 1 is deterministic beam search: it does not take {', '.join(sampled)}"
     return None
 
 
@@ -229,11 +263,14 @@ def run_batch(model, rows: list[dict], defaults: dict, top_logprobs: int, propos
 
     size = len(rows)
     knobs = {}
-    for k in OVERRIDES:
-        if k in ("max_new_tokens", "seed"):
+    beams = rows[0]["num_beams"] > 1  # a batch is all beam search or none (grouped by its beam bucket)
+    for k in OVERRIDES + (BEAM_FIELDS[1:3] if beams else ()):
+        if k in ("max_new_tokens", "seed") or beams and k in OVERRIDES:  # beam search: no sampling knobs
             continue
         vals = [r.get(k, defaults[k]) for r in rows]
         knobs[k] = vals[0] if len(set(vals)) == 1 else vals
+    if beams:
+        knobs.update(num_beams=[r["num_beams"] for r in rows], return_beams=True)
     t = time.perf_counter()
     request = dict(max_new_tokens=[r["max_new"] for r in rows], seed=[r["seed"] for r in rows],
                    stop_ids=defaults["stop_ids"], stop=[r.get("stop", []) for r in rows],
@@ -245,6 +282,17 @@ def run_batch(model, rows: list[dict], defaults: dict, top_logprobs: int, propos
         out, stats = speculative.generate(model, [r["ids"] for r in rows], proposer, **request)
         timing = {"tokens_per_target_pass": round(stats.tokens_per_pass, 3),
                   "acceptance_rate": round(stats.acceptance_rate, 3)}
+    elif beams:
+        out = jaxgen.generate(model, [r["ids"] for r in rows], prefix=prefix, **request)
+        timing.update(batch_s=round(time.perf_counter() - t, 4), batch_size=size)
+        lines, at = [], 0
+        for r in rows:  # each row's beams, best first
+            cs, at = out[at:at + r["num_beams"]], at + r["num_beams"]
+            if r.get("return_beams", defaults["return_beams"]):
+                lines.append({"id": r["id"], "beams": [{"beam": c.sample, **c.fields()} for c in cs], "timing": timing})
+            else:
+                lines.append(_line(r, cs[:1], timing))
+        return lines
     else:
         out = jaxgen.generate(model, [r["ids"] for r in rows], top_logprobs=top_logprobs, n=n, prefix=prefix,
                               **request)
@@ -534,6 +582,7 @@ def _run(args, rows: list[dict], errors: list[dict], output: str) -> int:
     defaults = {k: getattr(args, k) for k in OVERRIDES}
     defaults["stop_ids"] = [] if args.ignore_stop else None
     defaults["include_stop"] = args.include_stop
+    defaults.update({k: getattr(args, k) for k in BEAM_FIELDS})
     prefixes = {}  # prefix text -> its ids (encoded with BOS, as a prompt)
     for r in todo:
         text = r.get("prompt")
@@ -548,27 +597,37 @@ def _run(args, rows: list[dict], errors: list[dict], output: str) -> int:
         r["max_new"] = int(r.get("max_new_tokens", args.max_new_tokens))
         r["seed"] = row_seed(int(r.get("seed", args.seed)), r["id"])
         r["n"] = int(r.get("n", 1))
+        r["num_beams"] = int(r.get("num_beams", args.num_beams))
         stop = r.get("stop", default_stop)
         r["stop"] = [stop] if isinstance(stop, str) else list(stop)
     ok, too_long = [], []
     for r in todo:
         lp = len(prefixes[r["prefix"]]) if r["prefix"] is not None else 0
-        if not r["ids"] or lp + len(r["ids"]) + r["max_new"] > model.cfg.max_seq_len or r["max_new"] < 1:
+        beam_problem = r["num_beams"] > 1 and check_beam_fields(
+            {**{k: defaults[k] for k in OVERRIDES if k in ("temperature", "repetition_penalty", "presence_penalty",
+                                                         "frequency_penalty")}, **r})
+        if beam_problem or r["num_beams"] > 1 and (args.top_logprobs or proposer is not None):
+            too_long.append({"id": r["id"], "error": beam_problem or "num_beams > 1 (beam search) does not take "
+                             "--top-logprobs or --speculative"})
+        elif not r["ids"] or lp + len(r["ids"]) + r["max_new"] > model.cfg.max_seq_len or r["max_new"] < 1:
             what = f"prefix of {lp} tokens + " if lp else ""
             too_long.append({"id": r["id"], "error": f"{what}prompt of {len(r['ids'])} tokens + max_new_tokens "
                              f"{r['max_new']} does not fit {model.cfg.name}'s context of {model.cfg.max_seq_len}"})
         else:
             ok.append(r)
     memory = int(args.memory_gb * (1 << 30)) if args.memory_gb else None
-    # Rows sharing a prefix and a sample count run together: (prefix, n) -> rows, each group either one
-    # refill run (n == 1) or static batches.
+    # Rows sharing a prefix and a sample count (or beam bucket) run together: (prefix, n) -> rows, each
+    # group either one refill run (n == 1) or static batches (n samples or K beams per row).
+    from jaxgen.generate import BEAM_BUCKETS, bucket
+
     groups: dict = {}
     for r in ok:
-        groups.setdefault((r["prefix"], r["n"]), []).append(r)
+        k = bucket(r["num_beams"], BEAM_BUCKETS, "num_beams") if r["num_beams"] > 1 else 0
+        groups.setdefault((r["prefix"], k or r["n"], k > 0), []).append(r)
     work = []  # (prefix text, n, rows, refill Plan or None, static batches)
-    for (pre, n), g in groups.items():
+    for (pre, n, beams), g in groups.items():
         shared = _planning_prefix(model, prefixes[pre]) if pre is not None else None
-        if args.refill and n == 1:  # one running state per length class
+        if args.refill and n == 1 and not beams:  # one running state per length class
             for c in length_classes(model, g, args.batch_size, shared):
                 work.append((pre, n, c, refill_plan(model, c, args.batch_size, memory, defaults, shared), []))
         else:
@@ -579,10 +638,11 @@ def _run(args, rows: list[dict], errors: list[dict], output: str) -> int:
         from jaxgen.generate import plan
 
         shapes = {}
-        for b in batches:
-            p = plan(model.cfg, len(b), max(len(r["ids"]) for r in b), max(r["max_new"] for r in b), n=b[0]["n"])
-            shapes.setdefault((p.batch, p.prompt_len, p.max_new), 0)
-            shapes[(p.batch, p.prompt_len, p.max_new)] += 1
+        for _, n, _, _, bs in work:
+            for b in bs:
+                p = plan(model.cfg, len(b), max(len(r["ids"]) for r in b), max(r["max_new"] for r in b), n=n)
+                shapes.setdefault((p.batch, p.prompt_len, p.max_new), 0)
+                shapes[(p.batch, p.prompt_len, p.max_new)] += 1
         print(json.dumps({"rows": len(ok), "skipped_done": len(done), "errors": len(errors) + len(too_long),
                           "groups": len(work), "batches": len(batches), "programs": [
                               {"batch": b, "prompt_len": t, "max_new": m, "batches": c} for (b, t, m), c in sorted(shapes.items())],

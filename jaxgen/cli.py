@@ -32,6 +32,18 @@ def _add_sampling_flags(p: argparse.ArgumentParser):
                    help="structured output: the text is one of the --choice values (repeatable)")
     p.add_argument("--json-whitespace", default=None, metavar="REGEX",
                    help="with --json-schema: whitespace allowed between JSON tokens (default: none)")
+    b = p.add_argument_group("beam search (deterministic; HF transformers' semantics, see jaxgen.beam)")
+    b.add_argument("--num-beams", type=_positive, default=1, metavar="K", help="beams per prompt (default 1: no beam search)")
+    b.add_argument("--length-penalty", type=float, default=1.0, metavar="X",
+                   help="a finished beam scores sum(logprobs) / new_tokens ** X (default 1.0)")
+    b.add_argument("--early-stopping", nargs="?", const=True, default=False, choices=[True, "never"],
+                   type=lambda v: v if v == "never" else _bad_early_stopping(v),
+                   help="stop a prompt at K finished beams; 'never': only when no beam can improve")
+    b.add_argument("--return-beams", action="store_true", help="output all K beams with their scores, best first")
+
+
+def _bad_early_stopping(value: str):
+    raise argparse.ArgumentTypeError(f"--early-stopping takes no value or 'never', got {value!r}")
 
 
 def constraint_args(args) -> dict:
@@ -165,6 +177,48 @@ def _generate_speculative(args, model, texts, prompts, request, timings, propose
     return 0
 
 
+def _check_beam_flags(args):
+    """Beam search is deterministic: refuse the flags it would ignore, before the model loads."""
+    from jaxgen.generate import BEAM_BUCKETS, bucket
+
+    bucket(args.num_beams, BEAM_BUCKETS, "--num-beams")
+    sampled = [f"--{k.replace('_', '-')}" for k, off in (("temperature", 0.0), ("repetition_penalty", 1.0),
+                                                         ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                                                         ("n", 1), ("top_logprobs", 0)) if getattr(args, k, off) != off]
+    sampled += ["--speculative"] if getattr(args, "speculative", None) else []
+    if sampled:
+        raise ValueError(f"--num-beams {args.num_beams} (beam search) does not take {', '.join(sampled)}")
+
+
+def _generate_beams(args, model, texts, prompts, request, timings) -> int:
+    import time
+
+    from jaxgen.generate import generate_beams
+
+    t = time.perf_counter()
+    request = {k: v for k, v in request.items() if k not in ("seed", "temperature", "top_k", "top_p", "min_p",
+                                                             "repetition_penalty", "presence_penalty", "frequency_penalty")}
+    out = generate_beams(model, texts, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                         early_stopping=args.early_stopping, return_beams=args.return_beams,
+                         include_stop=args.include_stop, **request)
+    timings["generate_s"] = time.perf_counter() - t  # compile included: beam search is not streamed
+    k = args.num_beams if args.return_beams else 1
+    for i, c in enumerate(out):
+        p = prompts[i // k]
+        if args.json:
+            beam = {"beam": c.sample} if args.return_beams else {}
+            print(json.dumps({"prompt": p, **beam, **c.fields(), "timing": {
+                "load_s": timings.get("load_s"), "generate_s": timings["generate_s"]}}, ensure_ascii=False))
+        elif len(out) == 1:
+            print(c.text)
+        else:
+            print(f"--- {p!r}" + (f" beam {c.sample} (score {c.score:.4f})" if args.return_beams else "") + f"\n{c.text}")
+    n_tok = sum(len(c.tokens) for c in out)
+    print(f"[{n_tok} tokens in {k} beam(s) per prompt; load {timings.get('load_s', 0):.2f}s, beam search "
+          f"{timings['generate_s']:.2f}s (compile included)]", file=sys.stderr)
+    return 0
+
+
 def _read_prompts(args) -> list[str]:
     if args.prompts:
         return list(args.prompts)
@@ -206,6 +260,8 @@ def cmd_generate(args) -> int:
                  repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                  frequency_penalty=args.frequency_penalty)
     make_sampling_params(len(prompts), **knobs)  # bad knobs fail here, before the model loads
+    if args.num_beams > 1:
+        _check_beam_flags(args)
     proposer = None
     if args.speculative:  # likewise a bad --speculative
         from jaxgen import speculative
@@ -239,6 +295,8 @@ def cmd_generate(args) -> int:
     if proposer is not None:
         request["include_stop"] = args.include_stop
         return _generate_speculative(args, model, texts, prompts, request, timings, proposer)
+    if args.num_beams > 1:
+        return _generate_beams(args, model, texts, prompts, request, timings)
     k_samples = args.n
     n = len(prompts) * k_samples  # output rows: sample j of prompt p is row p * k_samples + j
     label = lambda i: f"{prompts[i // k_samples]!r}" + (f" sample {i % k_samples}" if k_samples > 1 else "")
@@ -306,6 +364,8 @@ def cmd_batch(args) -> int:
         raise ValueError(f"--batch-size and --chunk-steps must be >= 1, got {args.batch_size}, {args.chunk_steps}")
     make_sampling_params(1, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                          repetition_penalty=args.repetition_penalty)  # bad knobs fail before loading
+    if args.num_beams > 1:
+        _check_beam_flags(args)
     if args.distributed:
         import jax
 

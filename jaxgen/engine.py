@@ -5,6 +5,8 @@ validation, no Python callbacks, so they run inside a user's own `jax.jit` (RL r
   DecodeState: one forward pass over right-padded prompts [B, T], the first new token sampled.
 - `decode(params, state, ..., until)` -> DecodeState: a `lax.while_loop`, one token per row per step,
   until `until` steps or every row is done (so it can be run in chunks).
+- `start(...)` -> (DecodeState, logits): the prefill without its first choice (beam search scores
+  the logits instead of sampling them: `jaxgen.beam`).
 - `insert(state, new, slots)`: prefilled rows into a running state (continuous batching).
 - `generate_tokens(...)` -> GenerateOutput: prefill then decode, what `generate_jit` compiles.
 - `append_tokens` / `record`: where stops, budgets and the penalty history are decided (plain decoding
@@ -148,27 +150,15 @@ def record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, c
     return s.replace(done=s.done | broken, finish=jnp.where(broken, ERROR, s.finish))
 
 
-def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: smp.SamplingParams,
-            max_new_tokens: jax.Array, stop_ids: jax.Array, seeds: jax.Array, *, cfg: ModelConfig,
-            max_new: int, cache_len: int, top_logprobs: int = 0,
-            candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0, mesh=None,
-            kv_quant: str | None = None, cache_extra: int = 0, penalties: bool = True, n: int = 1,
-            stop_strings: sst.StopStrings | None = None, prefix: Prefix | None = None,
-            prefill_chunk: int = PREFILL_CHUNK, constraints: con.Constraints | None = None,
-            constraint_start: jax.Array | None = None) -> DecodeState:
-    """Prefill right-padded prompts [P, T] (`prefill_chunk` tokens per forward pass: see
-    model.prefill_hidden) and sample the first new token of
-    B = P * n decode rows: with n > 1 each prompt's cache row (and penalty history) is copied in-graph
-    to its n rows (prompt-major: rows p * n .. p * n + n - 1), which then sample independently, so n
-    samples cost one prefill. The per-row arguments (sp, max_new_tokens, stop_ids, seeds) have B rows.
-    With a `mesh`, the returned state is constrained to `sharding.state_shardings`; kv_quant="int8"
-    keeps the KV cache in int8 (see jaxgen.cache); cache_extra adds ring slots (speculative rollback);
-    penalties=False builds a state without the [B, V] penalty history (the penalty knobs are then
-    ignored: `prepare` sets it from the request). stop_strings: the tables of `jaxgen.stops` with a
-    mask for each of the B rows (None: no stop strings). prefix: a `prefill_prefix` result that every
-    prompt continues (prompts then hold only what follows it, at the positions after it).
-    constraints, constraint_start [B]: `jaxgen.constraints` tables and each row's start state (None:
-    no row is constrained, and the program carries nothing for it)."""
+def start(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, max_new_tokens: jax.Array, *,
+          cfg: ModelConfig, max_new: int, cache_len: int, top_logprobs: int = 0, pad_id: int = 0,
+          kv_quant: str | None = None, cache_extra: int = 0, penalties: bool = True, n: int = 1,
+          stop_strings: sst.StopStrings | None = None, prefix: Prefix | None = None,
+          prefill_chunk: int = PREFILL_CHUNK, constraints: con.Constraints | None = None,
+          constraint_start: jax.Array | None = None) -> tuple[DecodeState, jax.Array]:
+    """The prefill without its first choice: the decode state of B = P * n rows with nothing
+    generated yet, and the logits [B, V] of each row's first new token (`prefill` samples from them,
+    beam search scores them). Arguments as for `prefill`."""
     P, T = prompts.shape
     B = P * n
     V = cfg.vocab_size
@@ -204,7 +194,37 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
         stops=stop_strings, cache=cache)
     if constraints is not None:
         state = state.replace(cons=jax.tree.map(jnp.asarray, constraints), cstate=jnp.asarray(constraint_start, jnp.int32))
-    return _constrain(record(state, logits, sp, max_new_tokens, stop_ids, seeds, k, candidates, pad_id), mesh)
+    return state, logits
+
+
+def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: smp.SamplingParams,
+            max_new_tokens: jax.Array, stop_ids: jax.Array, seeds: jax.Array, *, cfg: ModelConfig,
+            max_new: int, cache_len: int, top_logprobs: int = 0,
+            candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0, mesh=None,
+            kv_quant: str | None = None, cache_extra: int = 0, penalties: bool = True, n: int = 1,
+            stop_strings: sst.StopStrings | None = None, prefix: Prefix | None = None,
+            prefill_chunk: int = PREFILL_CHUNK, constraints: con.Constraints | None = None,
+            constraint_start: jax.Array | None = None) -> DecodeState:
+    """Prefill right-padded prompts [P, T] (`prefill_chunk` tokens per forward pass: see
+    model.prefill_hidden) and sample the first new token of
+    B = P * n decode rows: with n > 1 each prompt's cache row (and penalty history) is copied in-graph
+    to its n rows (prompt-major: rows p * n .. p * n + n - 1), which then sample independently, so n
+    samples cost one prefill. The per-row arguments (sp, max_new_tokens, stop_ids, seeds) have B rows.
+    With a `mesh`, the returned state is constrained to `sharding.state_shardings`; kv_quant="int8"
+    keeps the KV cache in int8 (see jaxgen.cache); cache_extra adds ring slots (speculative rollback);
+    penalties=False builds a state without the [B, V] penalty history (the penalty knobs are then
+    ignored: `prepare` sets it from the request). stop_strings: the tables of `jaxgen.stops` with a
+    mask for each of the B rows (None: no stop strings). prefix: a `prefill_prefix` result that every
+    prompt continues (prompts then hold only what follows it, at the positions after it).
+    constraints, constraint_start [B]: `jaxgen.constraints` tables and each row's start state (None:
+    no row is constrained, and the program carries nothing for it)."""
+    state, logits = start(params, prompts, prompt_lengths, max_new_tokens, cfg=cfg, max_new=max_new,
+                          cache_len=cache_len, top_logprobs=top_logprobs, pad_id=pad_id, kv_quant=kv_quant,
+                          cache_extra=cache_extra, penalties=penalties, n=n, stop_strings=stop_strings,
+                          prefix=prefix, prefill_chunk=prefill_chunk, constraints=constraints,
+                          constraint_start=constraint_start)
+    return _constrain(record(state, logits, sp, max_new_tokens, stop_ids, seeds, top_logprobs, candidates, pad_id),
+                      mesh)
 
 
 def _no_stop_strings(V: int, B: int) -> sst.StopStrings:

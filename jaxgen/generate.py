@@ -57,11 +57,14 @@ class Completion:
     sample: int = 0  # which of the prompt's n samples this is
     # finish_reason "stop": the stop string that matched (text ends before it), or the stop id
     stop_reason: str | int | None = None
+    score: float | None = None  # beam search only: the beam's length-penalized score (see jaxgen.beam)
 
     def fields(self) -> dict:
         """The JSON fields of this completion (`jaxgen generate --json` and `jaxgen batch` lines)."""
         obj = {"text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
                "stop_reason": self.stop_reason, "logprobs": self.logprobs}
+        if self.score is not None:
+            obj["score"] = self.score
         if self.top_logprobs is not None:
             obj["top_logprobs"] = [[list(pair) for pair in step] for step in self.top_logprobs]
         if self.finish_reason == "error":
@@ -312,7 +315,8 @@ def generate(model: Model, prompts, *, max_new_tokens=64, temperature=0.0, top_k
              min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
              logit_bias=None, banned_ids=None, stop_ids=None, seed=0, top_logprobs: int = 0, n: int = 1,
              stop=None, include_stop: bool = False, prefix=None, regex=None, json_schema=None, choices=None,
-             whitespace: str | None = None, candidates: int = smp.DEFAULT_CANDIDATES) -> list[Completion]:
+             whitespace: str | None = None, num_beams=1, length_penalty=1.0, early_stopping=False,
+             return_beams: bool = False, candidates: int = smp.DEFAULT_CANDIDATES) -> list[Completion]:
     """Generate continuations for a list of prompts (strings, or lists of token ids).
 
     Every knob is a scalar or one value per prompt. temperature 0 (the default) is greedy decoding;
@@ -333,7 +337,23 @@ def generate(model: Model, prompts, *, max_new_tokens=64, temperature=0.0, top_k
     prompt. Enforced in the compiled loop: the sampling transforms choose among the allowed tokens
     (the masked distribution, renormalized), stop ids are allowed only where the text is complete,
     and a row whose constraint allows nothing more ends with finish_reason "stop".
+
+    Beam search (`jaxgen.beam`, HF transformers' semantics): num_beams > 1 (one width, or one per
+    prompt; any widths up to the same BEAM_BUCKETS bucket share one compiled program) returns each
+    prompt's best beam, or with return_beams=True its num_beams best (`Completion.sample` = rank),
+    each with its `score` (summed log-probability / new tokens ** length_penalty). early_stopping:
+    False (HF's default heuristic), True (stop at num_beams finished beams) or "never"; per prompt
+    too. Stop ids, stop strings and constraints end beams; sampling knobs, penalties, biases, n and
+    top_logprobs do not apply to it (refused).
     """
+    if _beam_widths(num_beams, len(prompts) if isinstance(prompts, (list, tuple)) else 1) is not None:
+        sampling = dict(temperature=temperature, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                        frequency_penalty=frequency_penalty, logit_bias=logit_bias, banned_ids=banned_ids)
+        return generate_beams(model, prompts, num_beams=num_beams, length_penalty=length_penalty,
+                              early_stopping=early_stopping, return_beams=return_beams, max_new_tokens=max_new_tokens,
+                              stop_ids=stop_ids, stop=stop, include_stop=include_stop, prefix=prefix, regex=regex,
+                              json_schema=json_schema, choices=choices, whitespace=whitespace, n=n,
+                              top_logprobs=top_logprobs, **sampling)
     ids, args, p = prepare(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, seed=seed, n=n,
                            stop=stop, prefix=prefix, regex=regex, json_schema=json_schema, choices=choices,
                            whitespace=whitespace,
@@ -345,6 +365,79 @@ def generate(model: Model, prompts, *, max_new_tokens=64, temperature=0.0, top_k
         raise ValueError(f"top_logprobs must be in [0, {model.cfg.vocab_size}], got {top_logprobs}")
     out = fetch(run(model, args, p, top_logprobs, candidates))
     return to_completions(model, prompts, out, len(ids) * n, n, stop_rows(stop, len(ids), n), include_stop)
+
+
+BEAM_BUCKETS = (2, 4, 8, 16, 32)  # the static beam maximum K of a compiled beam-search program
+_NO_BEAM_KNOBS = dict(temperature=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                      logit_bias=None, banned_ids=None, n=1, top_logprobs=0)
+
+
+def _beam_widths(num_beams, P: int):
+    """num_beams (one int, or one per prompt) as a list of P widths; None when no prompt asks for
+    more than one beam (plain decoding)."""
+    widths = list(num_beams) if isinstance(num_beams, (list, tuple, np.ndarray)) else [num_beams] * P
+    for w in widths:
+        if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1:
+            raise ValueError(f"num_beams must be an integer >= 1 (or one per prompt), got {w!r}")
+    if len(widths) != P:
+        raise ValueError(f"num_beams has {len(widths)} values but there are {P} prompts")
+    return widths if widths and max(widths) > 1 else None
+
+
+def generate_beams(model: Model, prompts, *, num_beams=4, length_penalty=1.0, early_stopping=False,
+                   return_beams: bool = False, stop=None, include_stop: bool = False, **request) -> list[Completion]:
+    """Beam search (see `generate` and `jaxgen.beam`): each prompt's best beam, or its num_beams best."""
+    from jaxgen.beam import EARLY_STOPPING, beam_jit
+
+    bad = [f"{k}={v!r}" for k, v in request.items()
+           if k in _NO_BEAM_KNOBS and not (v is None if _NO_BEAM_KNOBS[k] is None else np.all(np.asarray(v) == _NO_BEAM_KNOBS[k]))]
+    if bad:
+        raise ValueError(f"beam search is deterministic and scores raw log-probabilities: {', '.join(bad)} "
+                         "cannot be used with num_beams > 1")
+    request = {k: v for k, v in request.items() if k not in _NO_BEAM_KNOBS}
+    if not isinstance(prompts, (list, tuple)):
+        _encode_prompts(model, prompts)  # raises the usual message
+    P = len(prompts)
+    widths = _beam_widths(num_beams, P) or [1] * P
+    K = bucket(max(widths), BEAM_BUCKETS, "num_beams")
+    per_prompt = lambda v, what, conv: [conv(x, what) for x in (v if isinstance(v, (list, tuple, np.ndarray)) else [v] * P)]
+
+    def penalty(x, what):
+        if isinstance(x, bool) or not isinstance(x, (int, float, np.number)) or not np.isfinite(x):
+            raise ValueError(f"{what} must be a finite number, got {x!r}")
+        return float(x)
+
+    def stopping(x, what):
+        key = x if isinstance(x, (bool, str)) else None
+        if key not in EARLY_STOPPING:
+            raise ValueError(f"{what} must be True, False or 'never', got {x!r}")
+        return EARLY_STOPPING[key]
+
+    lps, es = per_prompt(length_penalty, "length_penalty", penalty), per_prompt(early_stopping, "early_stopping", stopping)
+    if len(lps) != P or len(es) != P:
+        raise ValueError(f"length_penalty / early_stopping need one value or one per prompt ({P} prompts)")
+    ids, args, p = prepare(model, prompts, n=K, stop=stop, **request)
+    for k in ("sp", "seeds"):
+        del args[k]
+    pad = lambda vals, dtype: np.concatenate([np.asarray(vals, dtype), np.zeros(p.batch - P, dtype)])
+    args.update(width=pad(widths, np.int32), length_penalty=pad(lps, np.float32), early_stopping=pad(es, np.int32))
+    out = fetch(beam_jit(model.params, **place(model, args), cfg=model.cfg, max_new=p.max_new, cache_len=p.cache_len,
+                         beams=K, mesh=model.mesh, kv_quant=model.kv_quant, prefill_chunk=model.prefill_chunk))
+    flat = lambda a: a.reshape((-1,) + a.shape[2:])
+    gen = GenerateOutput(tokens=flat(out.tokens), num_new=flat(out.num_new), finish=flat(out.finish),
+                         logprobs=flat(out.logprobs), top_ids=np.zeros(flat(out.tokens).shape + (0,), np.int32),
+                         top_logprobs=np.zeros(flat(out.tokens).shape + (0,), np.float32), steps=out.steps)
+    beams = to_completions(model, prompts, gen, P * K, K, stop_rows(stop, P, K), include_stop)
+    results = []
+    for i, c in enumerate(beams):
+        rank, score = i % K, float(out.scores[i // K, i % K])
+        if rank >= (widths[i // K] if return_beams else 1):
+            continue
+        if not np.isfinite(score):  # no hypothesis: every continuation had NaN / inf logits
+            c = dataclasses.replace(c, tokens=[], logprobs=[], text="" if c.text is not None else None,
+                                    finish_reason="error", stop_reason=None)
+        results.append(dataclasses.replace(c, score=score if np.isfinite(score) else None))
+    return results
 
 
 def run(model: Model, args: dict, p: Plan, top_logprobs: int = 0,

@@ -162,3 +162,22 @@ def test_json_schema_outputs_validate(real):
     assert len(finished) >= 2, [c.text for c in out]
     for c in finished:
         jsonschema.validate(json.loads(c.text), SCHEMAS[0])
+
+
+def test_beam_search_equals_hf(real):
+    """Every beam HF transformers' `generate(num_beams=k, do_sample=False, num_return_sequences=k)`
+    returns (tools/make_beam_fixtures.py: widths 4 / 3 / 2, length penalties 1.0 / 0.5 / 1.5, early
+    stopping False / True / "never"), in rank order with its score, from one jaxgen call with those
+    knobs per prompt (one compiled program)."""
+    if real.name != "gemma3-270m":
+        pytest.skip("the beam fixture is Gemma's")
+    cases = json.loads((FIXTURES / "gemma3-270m-beam.json").read_text())["cases"]
+    per = lambda key: [c[key] for c in cases]
+    out = jaxgen.generate(real.model, per("prompt_ids"), num_beams=per("num_beams"), max_new_tokens=per("max_new_tokens"),
+                          length_penalty=per("length_penalty"), early_stopping=per("early_stopping"),
+                          stop_ids=per("stop_ids"), return_beams=True)
+    assert len(out) == sum(per("num_beams"))
+    for c in cases:
+        got, out = out[:c["num_beams"]], out[c["num_beams"]:]
+        assert [g.tokens for g in got] == [b["ids"] for b in c["beams"]], c["prompt"][:40]
+        np.testing.assert_allclose([g.score for g in got], [b["score"] for b in c["beams"]], atol=5e-4)
