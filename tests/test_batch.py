@@ -165,7 +165,7 @@ def test_refill_keeps_every_stop_id(model_dir):
     """More stop ids than the old hard-coded 4 slots: refill stops each row at any of them, as
     generate does (it used to drop the 5th and later)."""
     import jaxgen
-    from jaxgen import batch as B
+    from jaxgen import batch_run as B
 
     model = registry.load(model_dir)
     tok = model.tokenizer

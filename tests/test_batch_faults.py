@@ -16,6 +16,7 @@ import pytest
 
 import jaxgen
 from jaxgen import batch as B
+from jaxgen import batch_run as BR
 from jaxgen.checkpoint import registry
 from jaxgen.model import Model
 
@@ -214,10 +215,10 @@ def test_nan_logits_end_the_row_with_error(model_dir):
     alone = jaxgen.generate(model, [good_ids], max_new_tokens=6, stop_ids=[], temperature=0.8, seed=3, banned_ids=[bad])
     assert out[0].finish_reason == "length" and out[0].tokens == alone[0].tokens
     rows = [{"id": i, "ids": p, "max_new": 6, "seed": 5, "line": i} for i, p in enumerate(prompts)]
-    defaults = {k: None for k in B.OVERRIDES} | dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+    defaults = {k: None for k in BR.OVERRIDES} | dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
                                                      repetition_penalty=1.0, presence_penalty=0.0,
                                                      frequency_penalty=0.0, stop_ids=[])
-    lines = B.run_batch(broken, rows, defaults, 0)
+    lines = BR.run_batch(broken, rows, defaults, 0)
     assert lines[1]["finish_reason"] == "error" and "error" in lines[1] and lines[1]["tokens"] == []
     assert lines[0]["finish_reason"] == "length" and len(lines[0]["tokens"]) == 6
     assert np.all(np.isfinite(lines[0]["logprobs"]))

@@ -1,0 +1,525 @@
+"""Running `jaxgen batch` rows, with no files: the row format (fields, checks, the per-row seed),
+resolving each row's fields from the flags' defaults, grouping rows into static batches and refill
+runs, and running them into output lines (`execute(..., emit)`). `jaxgen.batch` reads and writes the
+JSONL files around it; `jaxgen.ray` runs it inside Ray Data actors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import zlib
+
+OVERRIDES = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+             "presence_penalty", "frequency_penalty", "seed")
+INT_OVERRIDES = ("max_new_tokens", "top_k", "seed")
+ROW_FIELDS = ("n", "stop", "prefix", "regex", "json_schema", "choices", "num_beams", "length_penalty", "early_stopping",
+              "return_beams")  # per-row fields besides the overrides
+BEAM_FIELDS = ("num_beams", "length_penalty", "early_stopping", "return_beams")
+CONSTRAINTS = ("regex", "json_schema", "choices")  # structured output (jaxgen.constraints), one per row
+MAX_N = 64  # samples per row
+
+
+def check_overrides(obj: dict) -> str | None:
+    """The problem with a row's override values (type or range), or None. Checked while reading the
+    file, so a bad value stops the run (or is skipped) with its line number before anything runs."""
+    from jaxgen.sampling import make_sampling_params
+
+    knobs = {}
+    for k in OVERRIDES:
+        if k not in obj:
+            continue
+        v = obj[k]
+        want_int = k in INT_OVERRIDES
+        if isinstance(v, bool) or not isinstance(v, int if want_int else (int, float)):
+            return f"{k} must be {'an integer' if want_int else 'a number'}, got {v!r:.80}"
+        if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):  # JSON NaN / Infinity
+            return f"{k} must be a finite number, got {v!r}"
+        if k not in ("max_new_tokens", "seed"):
+            knobs[k] = v
+    if obj.get("max_new_tokens", 1) < 1:
+        return f"max_new_tokens must be >= 1, got {obj['max_new_tokens']!r}"
+    if "n" in obj and (isinstance(obj["n"], bool) or not isinstance(obj["n"], int) or not 1 <= obj["n"] <= MAX_N):
+        return f"n must be an integer in [1, {MAX_N}], got {obj['n']!r}"
+    if "stop" in obj:
+        from jaxgen.stops import MAX_STRINGS
+
+        stop = [obj["stop"]] if isinstance(obj["stop"], str) else obj["stop"]
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            return f"stop must be a non-empty string or a list of them, got {obj['stop']!r:.80}"
+        if len(stop) > MAX_STRINGS:
+            return f"stop has {len(stop)} strings; at most {MAX_STRINGS}"
+    if "prefix" in obj and (not isinstance(obj["prefix"], str) or not obj["prefix"]):
+        return f"prefix must be a non-empty string, got {obj['prefix']!r:.80}"
+    problem = check_beam_fields(obj)
+    if problem:
+        return problem
+    kinds = [k for k in CONSTRAINTS if k in obj]
+    if len(kinds) > 1:
+        return f"give at most one of regex, json_schema, choices (got {', '.join(kinds)})"
+    if kinds:
+        from jaxgen.constraints import to_regex
+
+        try:
+            to_regex(kinds[0], obj[kinds[0]])
+        except ValueError as e:
+            return str(e)
+    try:
+        make_sampling_params(1, **knobs)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def check_beam_fields(obj: dict) -> str | None:
+    """The problem with a row's beam-search fields (or with what they are combined with), or None."""
+    from jaxgen.beam import EARLY_STOPPING
+    from jaxgen.generate import BEAM_BUCKETS
+
+    k = obj.get("num_beams", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= BEAM_BUCKETS[-1]:
+        return f"num_beams must be an integer in [1, {BEAM_BUCKETS[-1]}], got {k!r:.40}"
+    lp = obj.get("length_penalty", 1.0)
+    if isinstance(lp, bool) or not isinstance(lp, (int, float)) or lp != lp or lp in (float("inf"), float("-inf")):
+        return f"length_penalty must be a finite number, got {lp!r:.40}"
+    es = obj.get("early_stopping", False)
+    if not isinstance(es, (bool, str)) or es not in EARLY_STOPPING:
+        return f"early_stopping must be true, false or \"never\", got {es!r:.40}"
+    if not isinstance(obj.get("return_beams", False), bool):
+        return f"return_beams must be true or false, got {obj['return_beams']!r:.40}"
+    if k > 1:
+        sampled = [f for f in ("temperature", "repetition_penalty", "presence_penalty", "frequency_penalty")
+                   if f in obj and obj[f] != (1.0 if f == "repetition_penalty" else 0.0)]
+        if obj.get("n", 1) != 1:
+            sampled.append("n")
+        if sampled:
+            return f"num_beams > 1 is deterministic beam search: it does not take {', '.join(sampled)}"
+    return None
+
+
+def check_messages(messages) -> str | None:
+    """The problem with a row's chat messages, or None."""
+    if not isinstance(messages, list) or not messages:
+        return f"messages must be a non-empty list of {{role, content}} objects, got {messages!r:.80}"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            return f"messages[{i}] must be an object with exactly 'role' and 'content', got {m!r:.80}"
+        if m["role"] not in ("system", "user", "assistant"):
+            return f"messages[{i}].role must be system, user or assistant, got {m['role']!r:.40}"
+        if not isinstance(m["content"], str):
+            return f"messages[{i}].content must be a string, got {m['content']!r:.40}"
+    return None
+
+
+def row_seed(seed: int, rid) -> int:
+    return zlib.crc32(f"{seed}:{rid}".encode()) & 0x7FFFFFFF
+
+
+def plan_batches(model, rows: list[dict], batch_size: int, memory_bytes: int | None, prefix=None, n: int = 1):
+    """Sort by length; cut into batches of <= batch_size decode rows (rows x n samples) whose cache
+    fits memory_bytes."""
+    from jaxgen.cache import cache_bytes
+    from jaxgen.generate import plan, prefix_slots
+
+    lp = len(prefix) if prefix is not None else 0
+    Tp = prefix_slots(model.cfg, lp)
+    rows = sorted(rows, key=lambda r: (len(r["ids"]), str(r["id"])))
+    batches, cur = [], []
+    for r in rows:
+        trial = cur + [r]
+        p = plan(model.cfg, len(trial), max(len(x["ids"]) for x in trial), max(x["max_new"] for x in trial), n=n,
+                 prefix=Tp, prefix_len=lp)
+        need = cache_bytes(model.cfg, p.rows, p.cache_len, model.params.embed.dtype, kv_quant=model.kv_quant)
+        fits = memory_bytes is None or need <= memory_bytes
+        if cur and (len(trial) * n > batch_size or not fits):
+            batches.append(cur)
+            cur = [r]
+        else:
+            cur = trial
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def run_batch(model, rows: list[dict], defaults: dict, top_logprobs: int, proposer=None, prefix=None,
+              n: int = 1) -> list[dict]:
+    import jaxgen
+    from jaxgen import speculative
+
+    size = len(rows)
+    knobs = {}
+    beams = rows[0].get("num_beams", 1) > 1  # a batch is all beam search or none (grouped by its beam bucket)
+    for k in OVERRIDES + (BEAM_FIELDS[1:3] if beams else ()):
+        if k in ("max_new_tokens", "seed") or beams and k in OVERRIDES:  # beam search: no sampling knobs
+            continue
+        vals = [r.get(k, defaults[k]) for r in rows]
+        knobs[k] = vals[0] if len(set(vals)) == 1 else vals
+    if beams:
+        knobs.update(num_beams=[r["num_beams"] for r in rows], return_beams=True)
+    t = time.perf_counter()
+    request = dict(max_new_tokens=[r["max_new"] for r in rows], seed=[r["seed"] for r in rows],
+                   stop_ids=defaults["stop_ids"], stop=[r.get("stop", []) for r in rows],
+                   include_stop=defaults.get("include_stop", False), **knobs)
+    if any(r.get("constraint") for r in rows):
+        request["regex"] = [r.get("constraint") for r in rows]
+    timing = {}
+    if proposer is not None:
+        out, stats = speculative.generate(model, [r["ids"] for r in rows], proposer, **request)
+        timing = {"tokens_per_target_pass": round(stats.tokens_per_pass, 3),
+                  "acceptance_rate": round(stats.acceptance_rate, 3)}
+    elif beams:
+        out = jaxgen.generate(model, [r["ids"] for r in rows], prefix=prefix, **request)
+        timing.update(batch_s=round(time.perf_counter() - t, 4), batch_size=size)
+        lines, at = [], 0
+        for r in rows:  # each row's beams, best first
+            cs, at = out[at:at + r["num_beams"]], at + r["num_beams"]
+            if r.get("return_beams", defaults["return_beams"]):
+                lines.append({"id": r["id"], "beams": [{"beam": c.sample, **c.fields()} for c in cs], "timing": timing})
+            else:
+                lines.append(_line(r, cs[:1], timing))
+        return lines
+    else:
+        out = jaxgen.generate(model, [r["ids"] for r in rows], top_logprobs=top_logprobs, n=n, prefix=prefix,
+                              **request)
+    timing.update(batch_s=round(time.perf_counter() - t, 4), batch_size=size)
+    return [_line(r, out[i * n:(i + 1) * n], timing) for i, r in enumerate(rows)]
+
+
+def _line(r: dict, cs: list, timing: dict) -> dict:
+    """The output line of input row r from its generate.Completions (n of them)."""
+    if len(cs) == 1:
+        return {"id": r["id"], **cs[0].fields(), "timing": timing}
+    return {"id": r["id"], "samples": [{"sample": c.sample, **c.fields()} for c in cs], "timing": timing}
+
+
+def _data_multiple(model, n: int) -> int:
+    """n rounded up to a multiple of the mesh's data axis (rows split evenly over it)."""
+    d = model.mesh.shape["data"] if model.mesh is not None else 1
+    return -(-n // d) * d
+
+
+def length_classes(model, rows: list[dict], slots: int, prefix=None) -> list[list[dict]]:
+    """Rows split into refill runs by cache length (prompt bucket + new-token bucket), shortest first.
+    Why: one running state sizes every slot's KV cache for its longest row, and every decode step
+    attends all of a global layer's slots, so a few 8k-token rows among 100-token ones would make
+    every slot 8k long. A class with fewer rows than `slots` joins the next longer one (it cannot
+    fill a state of its own, and each state compiles its own programs); the longest stays."""
+    from jaxgen.generate import plan, prefix_slots
+
+    lp = len(prefix) if prefix is not None else 0
+    Tp = prefix_slots(model.cfg, lp)
+    slots = _data_multiple(model, slots)  # as refill_plan rounds them
+    by_len: dict = {}
+    for r in rows:
+        by_len.setdefault(plan(model.cfg, 1, len(r["ids"]), r["max_new"], prefix=Tp, prefix_len=lp).cache_len,
+                          []).append(r)
+    classes, carry = [], []
+    for size in sorted(by_len):
+        carry += by_len[size]
+        if len(carry) >= slots:
+            classes.append(carry)
+            carry = []
+    if carry:  # the longest rows (fewer than the slots, or none shorter)
+        classes.append(carry)
+    return classes
+
+
+def refill_plan(model, rows: list[dict], slots: int, memory_bytes: int | None, defaults: dict, prefix=None):
+    """The Plan of the one running state a refill run uses: `slots` rows (fewer if their KV cache
+    would pass memory_bytes; a multiple of the mesh's data axis), a cache for the longest prompt +
+    the largest max_new_tokens, and the stop-id / penalty layout every row's request needs."""
+    import dataclasses
+
+    from jaxgen.cache import cache_bytes
+    from jaxgen.generate import plan
+    from jaxgen.sampling import make_sampling_params, uses_penalties
+
+    from jaxgen.generate import BATCH_BUCKETS, bucket
+
+    d = model.mesh.shape["data"] if model.mesh is not None else 1
+    slots = min(slots, bucket(len(rows), BATCH_BUCKETS, "rows"))  # no more slots than rows (rounded)
+    stops = defaults["stop_ids"]
+    n_stops = len(getattr(model.tokenizer, "stop_ids", ()) or ()) if stops is None else len(stops)
+    # whether any row uses a penalty (then the running state carries the [B, V] token history)
+    penalty_knobs = {k: [r.get(k, defaults[k]) for r in rows]
+                     for k in ("repetition_penalty", "presence_penalty", "frequency_penalty")}
+    penalties = uses_penalties(make_sampling_params(len(rows), **penalty_knobs))
+    lp = len(prefix) if prefix is not None else 0
+    p = plan(model.cfg, 1, max(len(r["ids"]) for r in rows), max(r["max_new"] for r in rows), stop_slots=n_stops,
+             penalties=penalties, prefix=prefix.bucket if prefix is not None else 0, prefix_len=lp)
+    need = lambda b: cache_bytes(model.cfg, b, p.cache_len, model.params.embed.dtype, kv_quant=model.kv_quant)
+    b = _data_multiple(model, slots)
+    while memory_bytes is not None and b > d and need(b) > memory_bytes:
+        b -= d
+    if memory_bytes is not None and need(b) > memory_bytes:
+        raise ValueError(f"--memory-gb {memory_bytes / (1 << 30):g}: the KV cache of {b} row(s) of "
+                         f"{p.cache_len} tokens needs {need(b) / (1 << 30):.3g} GB")
+    return dataclasses.replace(p, batch=b)
+
+
+def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logprobs: int, emit, prefix=None):
+    """Continuous batching: p.batch rows decode together; when rows finish, waiting prompts are
+    prefilled and inserted into their slots between chunks of `chunk` decode steps, instead of the
+    batch waiting for its longest row. One running-state shape for the whole run (`refill_plan`), so
+    the programs are: decode, insert, and one prefill per (new-row bucket, prompt bucket). The stop
+    strings of all rows form one table (the running state's); a prefix is prefilled once."""
+    import jax
+    import numpy as np
+
+    from jaxgen import sampling as smp
+    from jaxgen import stops as sst
+    from jaxgen.engine import decode_jit, insert_jit, output, prefill_jit
+    from jaxgen.generate import fetch, place, prepare, to_completions
+
+    cfg = model.cfg
+    B, NS = p.batch, p.stop_slots
+    knob_names = [k for k in OVERRIDES if k not in ("max_new_tokens", "seed")]
+    statics = dict(cfg=cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=top_logprobs, mesh=model.mesh,
+                   kv_quant=model.kv_quant, penalties=p.penalties, prefill_chunk=model.prefill_chunk)
+
+    universe = sorted({s for r in rows for s in r.get("stop", [])})
+    constrained = sorted({r["constraint"] for r in rows if r.get("constraint")})  # one table for the run
+    if len(universe) > sst.MAX_STRINGS:
+        raise ValueError(f"the rows use {len(universe)} distinct stop strings; a --refill run takes at most "
+                         f"{sst.MAX_STRINGS} (run with --no-refill: each static batch has its own)")
+
+    def request(batch_rows):
+        knobs = {k: [r.get(k, defaults[k]) for r in batch_rows] for k in knob_names}
+        _, args, q = prepare(model, [r["ids"] for r in batch_rows], max_new_tokens=[r["max_new"] for r in batch_rows],
+                             seed=[r["seed"] for r in batch_rows], stop_ids=defaults["stop_ids"],
+                             stop=[r.get("stop", []) for r in batch_rows], stop_universe=universe, prefix=prefix,
+                             **({"regex": [r.get("constraint") for r in batch_rows],
+                                 "constraint_universe": constrained} if constrained else {}), **knobs)
+        assert q.stop_slots == NS and q.bias_slots == p.bias_slots, (q, p)  # every row shares the stop ids
+        return args
+
+    # The running batch starts as all-padding rows (done); host copies of its per-row arguments.
+    empty = dict(prompts=np.zeros((B, 16), np.int32), prompt_lengths=np.zeros((B,), np.int32),
+                 sp=smp.make_sampling_params(B, bias_slots=p.bias_slots), max_new_tokens=np.zeros((B,), np.int32),
+                 stop_ids=np.full((B, NS), -1, np.int32), seeds=np.zeros((B,), np.uint32),
+                 stop_strings=sst.build([], model.tokenizer.token_bytes() if universe else [], cfg.vocab_size, rows=B,
+                                        universe=universe))
+    if constrained:  # the running state's tables: every prefill of the run builds these same ones
+        from jaxgen import constraints as con
+
+        stops = defaults["stop_ids"] if defaults["stop_ids"] is not None else model.tokenizer.stop_ids
+        empty["constraints"], empty["constraint_start"] = con.build(
+            [], model.tokenizer.token_bytes(), cfg.vocab_size, sorted(set(stops)), rows=B, universe=constrained)
+    state = prefill_jit(model.params, **place(model, empty), **statics)
+    host = {k: empty[k] for k in ("sp", "max_new_tokens", "stop_ids", "seeds")}
+    slot_row = [None] * B
+    pending = list(rows)
+    t0 = time.perf_counter()
+    while pending or any(r is not None for r in slot_row):
+        free = [i for i, r in enumerate(slot_row) if r is None]
+        take, pending = pending[:len(free)], pending[len(free):]
+        if take:
+            args = request(take)
+            new = prefill_jit(model.params, **place(model, args), **statics)
+            b = args["prompts"].shape[0]
+            dest = np.array(free[:len(take)] + [B] * (b - len(take)), np.int32)  # padding rows dropped
+            state = insert_jit(state, new, dest)
+            for key in host:
+                src = args[key]
+                host[key] = jax.tree.map(lambda h, a: _set_rows(h, dest[:len(take)], a[:len(take)]), host[key], src)
+            for i, r in zip(dest, take):
+                slot_row[int(i)] = r
+        state = decode_jit(model.params, state, **place(model, host), until=np.int32(int(state.step) + chunk),
+                           cfg=cfg, mesh=model.mesh)
+        done = fetch(state.done)
+        finished = [i for i, r in enumerate(slot_row) if r is not None and bool(done[i])]
+        if finished:
+            out = fetch(output(state))
+            out = out.replace(**{f: getattr(out, f)[finished] for f in
+                                 ("tokens", "num_new", "finish", "logprobs", "top_ids", "top_logprobs")})
+            timing = {"elapsed_s": round(time.perf_counter() - t0, 4), "slots": B}
+            cs = to_completions(model, [None] * len(finished), out, len(finished), 1,
+                                [slot_row[i].get("stop", []) for i in finished], defaults.get("include_stop", False))
+            emit([_line(slot_row[i], [c], timing) for i, c in zip(finished, cs)])
+            for i in finished:
+                slot_row[i] = None
+
+
+def _planning_prefix(model, ids):
+    """A SharedPrefix with its sizes only (no device state), to plan shapes before anything runs."""
+    from jaxgen.generate import SharedPrefix, prefix_slots
+
+    return SharedPrefix(ids=tuple(ids), bucket=prefix_slots(model.cfg, len(ids)), state=None, model=model.cfg.name,
+                        kv_quant=model.kv_quant)
+
+
+def _set_rows(h, dest, a):
+    h = h.copy()
+    h[dest] = a
+    return h
+
+
+
+
+def check_row(obj: dict) -> str | None:
+    """The problem with a row (a JSON object with an id), or None: exactly one of prompt / messages,
+    known fields only, valid values."""
+    if ("prompt" in obj) == ("messages" in obj):
+        return "give exactly one of 'prompt' or 'messages'"
+    problem = (check_messages(obj["messages"]) if "messages" in obj else
+               None if isinstance(obj["prompt"], str) and obj["prompt"] else
+               f"prompt must be a non-empty string, got {obj['prompt']!r:.80}")
+    if problem:
+        return problem
+    unknown = set(obj) - {"id", "prompt", "messages", *OVERRIDES, *ROW_FIELDS}
+    if unknown:
+        return f"unknown fields {sorted(unknown)}"
+    return check_overrides(obj)
+
+
+def defaults_of(args) -> dict:
+    """The per-row defaults the flags give (sampling knobs, stop ids, beam fields)."""
+    defaults = {k: getattr(args, k) for k in OVERRIDES + BEAM_FIELDS}
+    defaults["stop_ids"] = [] if args.ignore_stop else None
+    defaults["include_stop"] = args.include_stop
+    return defaults
+
+
+def setup(args, timings: dict | None = None):
+    """Check the flags that need no model, then load it (on a mesh of the local devices when there are
+    several, or --mesh): (model, speculative proposer or None)."""
+    import jax
+
+    from jaxgen.checkpoint import load
+    from jaxgen.cli import constraint_args, unescape
+    from jaxgen.sharding import make_mesh
+
+    if any(not unescape(s) for s in args.stop or ()):
+        raise ValueError("--stop must be a non-empty string")
+    if args.prefix == "":
+        raise ValueError("--prefix must be a non-empty string")
+    constraint_args(args)  # a bad --regex / --json-schema / --choice fails before the model loads
+    proposer = None
+    if args.speculative:  # static batches on one device (refill and meshes are not speculative yet)
+        from jaxgen import speculative
+
+        proposer = speculative.parse(args.speculative, mesh=args.mesh, top_logprobs=args.top_logprobs)
+        args.refill = False
+    mesh = None
+    if not proposer and (args.mesh or jax.local_device_count() > 1):
+        mesh = make_mesh(args.mesh, jax.local_devices())
+    model = load(args.model, args.dtype, mesh=mesh, timings=timings, quant=args.quant, kv_quant=args.kv_quant)
+    model = dataclasses.replace(model, prefill_chunk=args.prefill_chunk)
+    if proposer is not None:
+        proposer = speculative.with_draft(proposer, lambda name: load(name, args.dtype, quant=args.quant))
+    return model, proposer
+
+
+def resolve(args, model, rows: list[dict], proposer=None) -> tuple[list[dict], list[dict], dict]:
+    """Each checked row's fields from the row or the flags: ids (chat template, prefix), budget, seed,
+    n, beams, stop strings, constraint. Returns (runnable rows, {"id", "error"} lines for rows that
+    cannot run, {prefix text: its ids})."""
+    from jaxgen.cli import constraint_args, unescape
+    from jaxgen.constraints import to_regex
+
+    default_stop = [unescape(s) for s in args.stop or ()]
+    default_constraint = constraint_args(args).get("regex")
+    for r in rows:  # each row's constraint as one regex (validated while reading), or the flags' default
+        kind = next((k for k in CONSTRAINTS if k in r), None)
+        r["constraint"] = to_regex(kind, r[kind], args.json_whitespace) if kind else default_constraint
+    if proposer is not None and (args.prefix is not None or any("prefix" in r or r.get("n", 1) > 1 for r in rows)):
+        raise ValueError("--speculative takes neither a prefix nor n > 1 samples yet")
+    if proposer is not None and any(r["constraint"] for r in rows):
+        raise ValueError("--speculative does not take a constraint (regex / json_schema / choices) yet")
+    tok = model.tokenizer
+    prefixes = {}  # prefix text -> its ids (encoded with BOS, as a prompt)
+    ok, errors = [], []
+    for r in rows:
+        text = r.get("prompt")
+        try:
+            if "messages" in r:
+                text = tok.apply_chat_template(r["messages"])
+            elif args.chat:
+                text = tok.apply_chat_template([{"role": "user", "content": text}])
+        except ValueError as e:  # e.g. a base model without a template: this row cannot run, the others can
+            errors.append({"id": r["id"], "error": str(e)})
+            r["ids"] = None
+            continue
+        r["prefix"] = r.get("prefix", args.prefix)
+        if r["prefix"] is not None and r["prefix"] not in prefixes:
+            prefixes[r["prefix"]] = tok.encode(r["prefix"])
+        r["ids"] = tok.encode(text, add_bos=False if r["prefix"] is not None else None)
+        r["max_new"] = int(r.get("max_new_tokens", args.max_new_tokens))
+        r["seed"] = row_seed(int(r.get("seed", args.seed)), r["id"])
+        r["n"] = int(r.get("n", 1))
+        r["num_beams"] = int(r.get("num_beams", args.num_beams))
+        stop = r.get("stop", default_stop)
+        r["stop"] = [stop] if isinstance(stop, str) else list(stop)
+    for r in rows:
+        if r["ids"] is None:
+            continue
+        lp = len(prefixes[r["prefix"]]) if r["prefix"] is not None else 0
+        # (a beam row's own sampling fields are refused; the flags' sampling defaults are for sampled rows)
+        beam_problem = r["num_beams"] > 1 and check_beam_fields(r)
+        if beam_problem or r["num_beams"] > 1 and (args.top_logprobs or proposer is not None):
+            errors.append({"id": r["id"], "error": beam_problem or "num_beams > 1 (beam search) does not take "
+                           "--top-logprobs or --speculative"})
+        elif not r["ids"] or lp + len(r["ids"]) + r["max_new"] > model.cfg.max_seq_len or r["max_new"] < 1:
+            what = f"prefix of {lp} tokens + " if lp else ""
+            errors.append({"id": r["id"], "error": f"{what}prompt of {len(r['ids'])} tokens + max_new_tokens "
+                           f"{r['max_new']} does not fit {model.cfg.name}'s context of {model.cfg.max_seq_len}"})
+        else:
+            ok.append(r)
+    return ok, errors, prefixes
+
+
+def plan_work(args, model, rows: list[dict], prefixes: dict) -> list[tuple]:
+    """Rows sharing a prefix and a sample count (or beam bucket) run together: each group one refill
+    run per length class (n == 1, --refill) or static batches (n samples or K beams per row). Returns
+    [(prefix text, n, rows, refill Plan or None, static batches)]."""
+    from jaxgen.generate import BEAM_BUCKETS, bucket
+
+    memory = int(args.memory_gb * (1 << 30)) if args.memory_gb else None
+    defaults = defaults_of(args)
+    groups: dict = {}
+    for r in rows:
+        k = bucket(r["num_beams"], BEAM_BUCKETS, "num_beams") if r["num_beams"] > 1 else 0
+        groups.setdefault((r["prefix"], k or r["n"], k > 0), []).append(r)
+    work = []
+    for (pre, n, beams), g in groups.items():
+        shared = _planning_prefix(model, prefixes[pre]) if pre is not None else None
+        if args.refill and n == 1 and not beams:  # one running state per length class
+            for c in length_classes(model, g, args.batch_size, shared):
+                work.append((pre, n, c, refill_plan(model, c, args.batch_size, memory, defaults, shared), []))
+        else:
+            work.append((pre, n, g, None, plan_batches(model, g, args.batch_size, memory, shared, n)))
+    return work
+
+
+def describe(model, work: list[tuple]) -> dict:
+    """The `--dry-run` summary of planned work: static batch programs and refill states."""
+    from jaxgen.generate import plan
+
+    shapes = {}
+    for _, n, _, _, bs in work:
+        for b in bs:
+            p = plan(model.cfg, len(b), max(len(r["ids"]) for r in b), max(r["max_new"] for r in b), n=n)
+            shapes.setdefault((p.batch, p.prompt_len, p.max_new), 0)
+            shapes[(p.batch, p.prompt_len, p.max_new)] += 1
+    refills = [(len(w[2]), w[3]) for w in work if w[3] is not None]
+    return {"groups": len(work), "batches": sum(len(w[4]) for w in work), "programs": [
+        {"batch": b, "prompt_len": t, "max_new": m, "batches": c} for (b, t, m), c in sorted(shapes.items())],
+        # with --refill (the default) there are no static batches: one running state
+        # of this shape decodes, and waiting rows are prefilled into its free slots
+        "refill": [{"rows": k, "slots": r.batch, "cache_len": r.cache_len, "max_new": r.max_new,
+                    "penalties": r.penalties} for k, r in refills] or None}
+
+
+def execute(args, model, work: list[tuple], prefixes: dict, emit, proposer=None):
+    """Run the planned work, passing each finished group of output lines to emit(lines)."""
+    from jaxgen.generate import prefill_prefix
+
+    defaults = defaults_of(args)
+    shared = {}
+    for pre, n, rows, refill, batches in work:
+        if pre is not None and pre not in shared:  # prefilled once for all its rows
+            shared[pre] = prefill_prefix(model, prefixes[pre])
+        if refill:
+            rows = sorted(rows, key=lambda r: -len(r["ids"]))
+            run_refill(model, rows, defaults, refill, args.chunk_steps, args.top_logprobs, emit, shared.get(pre))
+        for b in batches:
+            emit(run_batch(model, b, defaults, args.top_logprobs, proposer, shared.get(pre), n))
