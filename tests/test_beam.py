@@ -20,7 +20,7 @@ from jaxgen import constraints as con
 from jaxgen.beam import beam_jit
 from jaxgen.cache import init_cache, padded_positions
 from jaxgen.model import Model, forward
-from tests.conftest import TINY_GEMMA, random_params
+from tests.conftest import CONFIGS, TINY_GEMMA, random_params
 from tests.test_constraints import SCHEMA, JsonTokenizer
 
 T_REF = 48  # the reference's padded sequence length (one compiled forward)
@@ -104,9 +104,20 @@ def check(model, got, want):
     assert [c.sample for c in got] == list(range(len(got)))  # ranks, best first
 
 
-@pytest.mark.parametrize("length_penalty, early_stopping", [(1.0, False), (0.0, True), (2.0, "never"),
-                                                            (-0.5, False), (1.0, "never")])
-def test_beams_equal_brute_force(tiny_model, length_penalty, early_stopping):
+_MODELS = {}
+
+
+def tiny(name):
+    if name not in _MODELS:
+        _MODELS[name] = Model(CONFIGS[name], random_params(CONFIGS[name]))
+    return _MODELS[name]
+
+
+@pytest.mark.parametrize("name, length_penalty, early_stopping", [
+    ("gemma", 1.0, False), ("gemma", 0.0, True), ("gemma", 2.0, "never"), ("gemma", -0.5, False),
+    ("qwen", 1.0, "never"), ("qwen", 0.5, True)])  # every mode on one tiny model, two on the other
+def test_beams_equal_brute_force(name, length_penalty, early_stopping):
+    tiny_model = tiny(name)
     prompts = [[5, 9, 2, 7], [11, 3], [1, 2, 3, 4, 5, 6]]
     widths, max_new = [4, 3, 2], [10, 12, 9]
     # stop ids that do win: the 4th token of each prompt's best beam without them (and another id)

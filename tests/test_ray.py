@@ -8,13 +8,14 @@ import json
 import os
 import pathlib
 import signal
+import subprocess
+import sys
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
 import jaxgen.ray as jray  # noqa: E402
-from jaxgen import cli  # noqa: E402
 from tests.test_cli import ckpt  # noqa: E402,F401  (module-scoped fixture: a tiny checkpoint)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -49,15 +50,17 @@ def cluster(tmp_path_factory):
     # the reads that feed them never schedule)
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
+    yield env
     ray.shutdown()
 
 
-def batch_lines(ck, inp, out, extra=()):
-    # on one device, like each actor here
-    assert cli.main(["batch", "--input", str(inp), "--output", str(out), "--model", ck, "--max-new-tokens", "10",
-                     "--temperature", "0.8", "--batch-size", "4", "--on-error", "skip", "--mesh", "data=1",
-                     *extra]) == 0
+def batch_lines(ck, inp, out, env):
+    """`jaxgen batch` as a command, in the actors' environment (one device, their compile cache, which
+    it fills with the programs they then load instead of compiling)."""
+    p = subprocess.run([sys.executable, "-m", "jaxgen.cli", "batch", "--input", str(inp), "--output", str(out),
+                        "--model", ck, "--max-new-tokens", "10", "--temperature", "0.8", "--batch-size", "4",
+                        "--on-error", "skip"], env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
     return {json.dumps(x["id"]): x for x in map(json.loads, open(out))}
 
 
@@ -83,8 +86,7 @@ def test_stage_equals_jaxgen_batch(cluster, ckpt, tmp_path):
     ck = str(ckpt[2])
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows()))
-    want = batch_lines(ck, inp, tmp_path / "out.jsonl")
-    import sys
+    want = batch_lines(ck, inp, tmp_path / "out.jsonl", cluster)
 
     sys.path.insert(0, str(ROOT / "examples"))
     from ray_batch import run  # the README's runnable example: JSONL in, N actors, JSONL out
@@ -121,7 +123,7 @@ def test_killed_actor_is_retried_and_bad_rows_are_fields(cluster, ckpt, tmp_path
            {"id": 104, "prompt": "z", "max_new_tokens": 100000}]
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in good + bad))
-    want = batch_lines(ck, inp, tmp_path / "out.jsonl")
+    want = batch_lines(ck, inp, tmp_path / "out.jsonl", cluster)
     ds = ray.data.read_json(str(inp)).map_batches(
         KillOnce, fn_constructor_args=(str(tmp_path / "killed"),), fn_constructor_kwargs=dict(model=ck, **OPTIONS),
         compute=ray.data.ActorPoolStrategy(size=1), batch_size=8, batch_format="pandas", max_restarts=-1,
