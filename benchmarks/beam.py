@@ -29,20 +29,26 @@ def prompts(batch: int) -> list[str]:
     return [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
 
 
+def timed(run, reps: int):
+    """(first call s: the compile for jaxgen, [s of each of `reps` more calls], the last output)."""
+    t = time.perf_counter()
+    run()
+    first = time.perf_counter() - t
+    times, out = [], None
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - t)
+    return first, times, out
+
+
 def worker_jaxgen(s: dict) -> dict:
     import jaxgen
 
     model = jaxgen.load("gemma3-270m", "float32")
     texts = prompts(s["batch"])
     run = lambda: jaxgen.generate(model, texts, num_beams=s["k"], max_new_tokens=s["new_tokens"], stop_ids=[])
-    t = time.perf_counter()
-    run()
-    first = time.perf_counter() - t
-    times, out = [], None
-    for _ in range(s["reps"]):
-        t = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - t)
+    first, times, out = timed(run, s["reps"])
     return {"first_call_s": first, "times_s": times, "tokens": [c.tokens for c in out]}
 
 
@@ -65,14 +71,7 @@ def worker_hf(s: dict) -> dict:
         with torch.inference_mode():
             return model.generate(x, attention_mask=mask, max_new_tokens=s["new_tokens"], min_new_tokens=s["new_tokens"],
                                   num_beams=s["k"], do_sample=False, eos_token_id=None, pad_token_id=0)
-    t = time.perf_counter()
-    run()
-    first = time.perf_counter() - t
-    times, out = [], None
-    for _ in range(s["reps"]):
-        t = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - t)
+    first, times, out = timed(run, s["reps"])
     return {"first_call_s": first, "times_s": times, "tokens": out[:, T:].tolist(),
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__}}
 
