@@ -73,7 +73,7 @@ def check_overrides(obj: dict) -> str | None:
 def check_beam_fields(obj: dict) -> str | None:
     """The problem with a row's beam-search fields (or with what they are combined with), or None."""
     from jaxgen.beam import EARLY_STOPPING
-    from jaxgen.generate import BEAM_BUCKETS
+    from jaxgen.generate import BEAM_BUCKETS, NO_BEAM_KNOBS
 
     k = obj.get("num_beams", 1)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= BEAM_BUCKETS[-1]:
@@ -87,10 +87,7 @@ def check_beam_fields(obj: dict) -> str | None:
     if not isinstance(obj.get("return_beams", False), bool):
         return f"return_beams must be true or false, got {obj['return_beams']!r:.40}"
     if k > 1:
-        sampled = [f for f in ("temperature", "repetition_penalty", "presence_penalty", "frequency_penalty")
-                   if f in obj and obj[f] != (1.0 if f == "repetition_penalty" else 0.0)]
-        if obj.get("n", 1) != 1:
-            sampled.append("n")
+        sampled = [f for f, off in NO_BEAM_KNOBS.items() if f in obj and obj[f] != off]
         if sampled:
             return f"num_beams > 1 is deterministic beam search: it does not take {', '.join(sampled)}"
     return None

@@ -179,12 +179,10 @@ def _generate_speculative(args, model, texts, prompts, request, timings, propose
 
 def _check_beam_flags(args):
     """Beam search is deterministic: refuse the flags it would ignore, before the model loads."""
-    from jaxgen.generate import BEAM_BUCKETS, bucket
+    from jaxgen.generate import BEAM_BUCKETS, NO_BEAM_KNOBS, bucket
 
     bucket(args.num_beams, BEAM_BUCKETS, "--num-beams")
-    sampled = [f"--{k.replace('_', '-')}" for k, off in (("temperature", 0.0), ("repetition_penalty", 1.0),
-                                                         ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
-                                                         ("n", 1), ("top_logprobs", 0)) if getattr(args, k, off) != off]
+    sampled = [f"--{k.replace('_', '-')}" for k, off in NO_BEAM_KNOBS.items() if getattr(args, k, off) != off]
     sampled += ["--speculative"] if getattr(args, "speculative", None) else []
     if sampled:
         raise ValueError(f"--num-beams {args.num_beams} (beam search) does not take {', '.join(sampled)}")

@@ -368,7 +368,9 @@ def generate(model: Model, prompts, *, max_new_tokens=64, temperature=0.0, top_k
 
 
 BEAM_BUCKETS = (2, 4, 8, 16, 32)  # the static beam maximum K of a compiled beam-search program
-_NO_BEAM_KNOBS = dict(temperature=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+# knobs beam search does not take (it scores raw log-probabilities), with their off values: the API,
+# the CLI and batch rows refuse the same ones
+NO_BEAM_KNOBS = dict(temperature=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
                       logit_bias=None, banned_ids=None, n=1, top_logprobs=0)
 
 
@@ -390,11 +392,11 @@ def generate_beams(model: Model, prompts, *, num_beams=4, length_penalty=1.0, ea
     from jaxgen.beam import EARLY_STOPPING, beam_jit
 
     bad = [f"{k}={v!r}" for k, v in request.items()
-           if k in _NO_BEAM_KNOBS and not (v is None if _NO_BEAM_KNOBS[k] is None else np.all(np.asarray(v) == _NO_BEAM_KNOBS[k]))]
+           if k in NO_BEAM_KNOBS and not (v is None if NO_BEAM_KNOBS[k] is None else np.all(np.asarray(v) == NO_BEAM_KNOBS[k]))]
     if bad:
         raise ValueError(f"beam search is deterministic and scores raw log-probabilities: {', '.join(bad)} "
                          "cannot be used with num_beams > 1")
-    request = {k: v for k, v in request.items() if k not in _NO_BEAM_KNOBS}
+    request = {k: v for k, v in request.items() if k not in NO_BEAM_KNOBS}
     if not isinstance(prompts, (list, tuple)):
         _encode_prompts(model, prompts)  # raises the usual message
     P = len(prompts)

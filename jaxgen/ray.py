@@ -37,9 +37,7 @@ def _python(v):
     """A value from a Ray block (numpy scalars and arrays, pandas nulls) as plain Python."""
     if hasattr(v, "tolist"):  # numpy array or scalar
         v = v.tolist()
-    if isinstance(v, list):
-        return [_python(x) for x in v]
-    if isinstance(v, tuple):
+    if isinstance(v, (list, tuple)):
         return [_python(x) for x in v]
     if isinstance(v, dict):
         return {k: _python(x) for k, x in v.items()}
@@ -103,7 +101,7 @@ def _column_row(line: dict) -> dict:
 def batch_args(**options):
     """`jaxgen batch`'s flags with these options set (their Python names), checked as the command
     checks them."""
-    from jaxgen.batch_run import check_beam_fields, check_overrides
+    from jaxgen.batch_run import OVERRIDES, check_beam_fields, check_overrides
     from jaxgen.cli import build_parser
 
     args = build_parser().parse_args(["batch", "--input", "-", "--output", "-"])
@@ -111,8 +109,7 @@ def batch_args(**options):
         if k in ("input", "output", "command", "dry_run", "on_error", "distributed") or not hasattr(args, k):
             raise TypeError(f"jaxgen.ray.Generate got an unexpected option {k!r}")
         setattr(args, k, v)
-    row = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",
-                                         "repetition_penalty", "presence_penalty", "frequency_penalty", "seed")}
+    row = {k: getattr(args, k) for k in OVERRIDES}
     problem = check_overrides(row) or check_beam_fields({**row, "num_beams": args.num_beams,
                                                          "length_penalty": args.length_penalty,
                                                          "early_stopping": args.early_stopping,
