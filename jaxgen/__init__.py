@@ -1,4 +1,6 @@
 """jaxgen: fast, exact, composable autoregressive generation in JAX."""
+__version__ = "0.2.0"
+
 from jaxgen.cache import KVCache, cache_bytes, init_cache
 from jaxgen.config import ModelConfig, config_from_dict, load_config, preset_names
 from jaxgen.beam import BeamOutput, beam_search
@@ -8,7 +10,7 @@ from jaxgen.checkpoint import load
 from jaxgen.model import Model, Params, forward, init_params, score
 from jaxgen.sampling import SamplingParams, make_sampling_params, sample
 
-__all__ = ["KVCache", "cache_bytes", "init_cache", "ModelConfig", "config_from_dict", "load_config",
+__all__ = ["__version__", "KVCache", "cache_bytes", "init_cache", "ModelConfig", "config_from_dict", "load_config",
            "preset_names", "Completion", "GenerateOutput", "Model", "generate", "generate_jit",
            "generate_tokens", "plan", "precompile", "prefill_prefix", "SharedPrefix", "stream", "load", "Params", "forward", "init_params", "score", "SamplingParams",
            "make_sampling_params", "sample", "BeamOutput", "beam_search"]

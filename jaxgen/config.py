@@ -11,11 +11,13 @@ beyond `activation`:
 Norm weights in jaxgen's params are always the full multiplier (`x_normed * w`). Gemma checkpoints
 store `w - 1` and apply `(1 + w)`; loaders fold the +1 in, so the model has one RMSNorm.
 
-Presets live in `configs/<name>.toml`, one file each, whose keys are exactly the fields below.
+Presets live in `jaxgen/configs/<name>.toml` (package data: a built wheel carries them), one file each,
+whose keys are exactly the fields below.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import pathlib
 from typing import Any
@@ -25,7 +27,7 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = importlib.resources.files("jaxgen") / "configs"  # a Traversable: inside the installed package
 ACTIVATIONS = ("gelu_tanh", "silu")
 
 
@@ -114,15 +116,16 @@ def config_from_dict(d: dict[str, Any]) -> ModelConfig:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+    return sorted(p.name[:-len(".toml")] for p in CONFIG_DIR.iterdir() if p.name.endswith(".toml"))
 
 
 def load_config(name_or_path: str) -> ModelConfig:
-    """A preset by exact name (`configs/<name>.toml`) or a path to a .toml file."""
+    """A preset by exact name (`jaxgen/configs/<name>.toml`) or a path to a .toml file."""
     path = pathlib.Path(name_or_path)
-    if not path.suffix == ".toml":
-        path = CONFIG_DIR / f"{name_or_path}.toml"
-        if not path.exists():
-            raise ValueError(f"unknown config preset {name_or_path!r}; known presets: {preset_names()}")
-    with open(path, "rb") as f:
-        return config_from_dict(tomllib.load(f))
+    if path.suffix == ".toml":
+        with open(path, "rb") as f:
+            return config_from_dict(tomllib.load(f))
+    preset = CONFIG_DIR / f"{name_or_path}.toml"
+    if not preset.is_file():
+        raise ValueError(f"unknown config preset {name_or_path!r}; known presets: {preset_names()}")
+    return config_from_dict(tomllib.loads(preset.read_text(encoding="utf-8")))
