@@ -32,19 +32,19 @@ import os
 import sys
 import time
 
-from jaxgen.batch_run import check_row, describe, execute, plan_work, resolve, setup
+from jaxgen.batch_run import check_flags, check_row, describe, execute, plan_work, resolve, setup
 from jaxgen.batch_run import row_seed  # noqa: F401  (part of this module's interface: a row's seed)
 
 class InputError(ValueError):
     pass
 
 
-def read_requests(path: str, on_error: str = "fail") -> tuple[list[dict], list[dict]]:
+def read_requests(path: str, on_error: str = "fail", num_beams: int = 1) -> tuple[list[dict], list[dict]]:
     """(requests, errors). Each request: {"id", "text"|"messages", "line", overrides...}. Every
     problem is reported as `PATH:LINE: id X: what is wrong` (without the id where the line has none):
     under on_error "fail" the first one raises InputError, under "skip" each is printed, a row with an
     id gets an {"id", "error"} line, and the rest run. Lines are decoded one by one (a line that is
-    not UTF-8 is one bad line)."""
+    not UTF-8 is one bad line). num_beams: the flags' default for rows without their own."""
     rows, errors, seen = [], [], set()
 
     def bad(n, msg, rid=None):
@@ -58,8 +58,10 @@ def read_requests(path: str, on_error: str = "fail") -> tuple[list[dict], list[d
 
     if os.path.isdir(path):
         raise InputError(f"--input {path} is a directory; give the path of a JSONL file")
+    n = lines = 0
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
+            lines += bool(raw.strip())
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -84,12 +86,14 @@ def read_requests(path: str, on_error: str = "fail") -> tuple[list[dict], list[d
             if rid in seen:
                 bad(n, "duplicate id (the first line with it runs)", rid)
                 continue
-            problem = check_row(obj)
+            problem = check_row(obj, num_beams)
             if problem:
                 bad(n, problem, rid)
                 continue
             seen.add(rid)
             rows.append({**obj, "line": n})
+    if not lines:
+        raise InputError(f"--input {path} has no rows (" + (f"{n} blank lines)" if n else "an empty file)"))
     return rows, errors
 
 
@@ -165,7 +169,8 @@ def lock_output(path: str) -> int:
 def main(args) -> int:
     import jax
 
-    rows, errors = read_requests(args.input, args.on_error)
+    rows, errors = read_requests(args.input, args.on_error, args.num_beams)
+    check_flags(args, rows)  # flags no row would use, before the model loads
     output = args.output
     if jax.process_count() > 1:
         rows = rows[jax.process_index()::jax.process_count()]
@@ -173,6 +178,9 @@ def main(args) -> int:
         output = f"{output}.process-{jax.process_index()}-of-{jax.process_count()}"
     if os.path.isdir(output):
         raise ValueError(f"--output {output} is a directory; give the path of a JSONL file")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--output {args.output}: the directory {folder} does not exist")
     lock = None if args.dry_run else lock_output(output)  # before reading what is done: one writer
     try:
         return _run(args, rows, errors, output)

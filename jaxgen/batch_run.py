@@ -9,88 +9,66 @@ import dataclasses
 import time
 import zlib
 
-OVERRIDES = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-             "presence_penalty", "frequency_penalty", "seed")
-INT_OVERRIDES = ("max_new_tokens", "top_k", "seed")
-ROW_FIELDS = ("n", "stop", "prefix", "regex", "json_schema", "choices", "num_beams", "length_penalty", "early_stopping",
-              "return_beams")  # per-row fields besides the overrides
-BEAM_FIELDS = ("num_beams", "length_penalty", "early_stopping", "return_beams")
-CONSTRAINTS = ("regex", "json_schema", "choices")  # structured output (jaxgen.constraints), one per row
-MAX_N = 64  # samples per row
+from jaxgen import knobs as kn
+
+ROW_FIELDS = tuple(k.name for k in kn.KNOBS.values() if k.row)  # a line's fields besides id, prompt | messages
+# the sampling transforms' knobs, which a static batch passes to `generate` one value per row
+SAMPLING = tuple(k.name for k in kn.KNOBS.values() if k.row and k.per_row and k.beam == "no" and k.name != "seed")
+BEAM_FIELDS = tuple(k.name for k in kn.KNOBS.values() if k.row and (k.beam == "only" or k.name == "num_beams"))
 
 
-def check_overrides(obj: dict) -> str | None:
-    """The problem with a row's override values (type or range), or None. Checked while reading the
-    file, so a bad value stops the run (or is skipped) with its line number before anything runs."""
-    from jaxgen.sampling import make_sampling_params
-
-    knobs = {}
-    for k in OVERRIDES:
-        if k not in obj:
-            continue
-        v = obj[k]
-        want_int = k in INT_OVERRIDES
-        if isinstance(v, bool) or not isinstance(v, int if want_int else (int, float)):
-            return f"{k} must be {'an integer' if want_int else 'a number'}, got {v!r:.80}"
-        if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):  # JSON NaN / Infinity
-            return f"{k} must be a finite number, got {v!r}"
-        if k not in ("max_new_tokens", "seed"):
-            knobs[k] = v
-    if obj.get("max_new_tokens", 1) < 1:
-        return f"max_new_tokens must be >= 1, got {obj['max_new_tokens']!r}"
-    if "n" in obj and (isinstance(obj["n"], bool) or not isinstance(obj["n"], int) or not 1 <= obj["n"] <= MAX_N):
-        return f"n must be an integer in [1, {MAX_N}], got {obj['n']!r}"
-    if "stop" in obj:
-        from jaxgen.stops import MAX_STRINGS
-
-        stop = [obj["stop"]] if isinstance(obj["stop"], str) else obj["stop"]
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            return f"stop must be a non-empty string or a list of them, got {obj['stop']!r:.80}"
-        if len(stop) > MAX_STRINGS:
-            return f"stop has {len(stop)} strings; at most {MAX_STRINGS}"
-    if "prefix" in obj and (not isinstance(obj["prefix"], str) or not obj["prefix"]):
-        return f"prefix must be a non-empty string, got {obj['prefix']!r:.80}"
-    problem = check_beam_fields(obj)
-    if problem:
-        return problem
-    kinds = [k for k in CONSTRAINTS if k in obj]
+def check_fields(obj: dict, num_beams: int = 1) -> str | None:
+    """The problem with a row's knob fields (each value by `jaxgen.knobs`, then how they combine), or
+    None. num_beams: the flags' default for rows without their own. Checked while reading the file,
+    so a bad value stops the run (or is skipped) with its line number before anything runs."""
+    for name in ROW_FIELDS:
+        if name in obj:
+            problem = kn.problem(name, obj[name])
+            if problem:
+                return problem
+    kinds = [k for k in kn.CONSTRAINTS if k in obj]
     if len(kinds) > 1:
         return f"give at most one of regex, json_schema, choices (got {', '.join(kinds)})"
-    if kinds:
-        from jaxgen.constraints import to_regex
-
-        try:
-            to_regex(kinds[0], obj[kinds[0]])
-        except ValueError as e:
-            return str(e)
-    try:
-        make_sampling_params(1, **knobs)
-    except ValueError as e:
-        return str(e)
+    if obj.get("num_beams", num_beams) > 1:
+        refused = [k for k in obj if k in ROW_FIELDS and kn.KNOBS[k].beam == "no"]
+        if refused:
+            return f"num_beams > 1 is deterministic beam search: it does not take {', '.join(refused)}"
+    else:
+        only = [k for k in obj if k in ROW_FIELDS and kn.KNOBS[k].beam == "only"]
+        if only:
+            return f"{', '.join(only)} only appl{'ies' if len(only) == 1 else 'y'} to beam search (num_beams > 1)"
     return None
 
 
-def check_beam_fields(obj: dict) -> str | None:
-    """The problem with a row's beam-search fields (or with what they are combined with), or None."""
-    from jaxgen.beam import EARLY_STOPPING
-    from jaxgen.generate import BEAM_BUCKETS, NO_BEAM_KNOBS
-
-    k = obj.get("num_beams", 1)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= BEAM_BUCKETS[-1]:
-        return f"num_beams must be an integer in [1, {BEAM_BUCKETS[-1]}], got {k!r:.40}"
-    lp = obj.get("length_penalty", 1.0)
-    if isinstance(lp, bool) or not isinstance(lp, (int, float)) or lp != lp or lp in (float("inf"), float("-inf")):
-        return f"length_penalty must be a finite number, got {lp!r:.40}"
-    es = obj.get("early_stopping", False)
-    if not isinstance(es, (bool, str)) or es not in EARLY_STOPPING:
-        return f"early_stopping must be true, false or \"never\", got {es!r:.40}"
-    if not isinstance(obj.get("return_beams", False), bool):
-        return f"return_beams must be true or false, got {obj['return_beams']!r:.40}"
-    if k > 1:
-        sampled = [f for f, off in NO_BEAM_KNOBS.items() if f in obj and obj[f] != off]
-        if sampled:
-            return f"num_beams > 1 is deterministic beam search: it does not take {', '.join(sampled)}"
+def speculative_problem(args, rows: list[dict]) -> str | None:
+    """What speculative decoding cannot run among these rows (with the flags' defaults), or None."""
+    if args.prefix is not None or any("prefix" in r or r.get("n", 1) > 1 for r in rows):
+        return "--speculative takes neither a prefix nor n > 1 samples yet"
+    if any(getattr(args, k) is not None for k in ("regex", "json_schema", "choice")) or any(
+            k in r for r in rows for k in kn.CONSTRAINTS):
+        return "--speculative does not take a constraint (regex / json_schema / choices) yet"
     return None
+
+
+def check_flags(args, rows: list[dict]):
+    """Refuse the batch flags that no row of the file would use (the flags are defaults for rows)."""
+    from jaxgen.flags import check
+
+    given = check(args, "batch")
+    if not any(r.get("num_beams", args.num_beams) > 1 for r in rows):
+        only = [kn.KNOBS[k].flag for k in given if kn.KNOBS[k].beam == "only"]
+        if only:
+            raise ValueError(f"{', '.join(only)} only appl{'ies' if len(only) == 1 else 'y'} to beam search, and "
+                             "no row has num_beams > 1")
+    if args.json_whitespace is not None and args.json_schema is None and not any("json_schema" in r for r in rows):
+        raise ValueError("--json-whitespace only applies with --json-schema or rows with a json_schema, and there "
+                         "are none")
+    if args.speculative:
+        from jaxgen import speculative
+
+        speculative.parse(args.speculative, mesh=args.mesh, top_logprobs=args.top_logprobs)
+        if speculative_problem(args, rows):
+            raise ValueError(speculative_problem(args, rows))
 
 
 def check_messages(messages) -> str | None:
@@ -145,15 +123,15 @@ def run_batch(model, rows: list[dict], defaults: dict, top_logprobs: int, propos
     size = len(rows)
     knobs = {}
     beams = rows[0].get("num_beams", 1) > 1  # a batch is all beam search or none (grouped by its beam bucket)
-    for k in OVERRIDES + (BEAM_FIELDS[1:3] if beams else ()):
-        if k in ("max_new_tokens", "seed") or beams and k in OVERRIDES:  # beam search: no sampling knobs
-            continue
+    for k in BEAM_FIELDS[1:3] if beams else SAMPLING:  # beam search takes no sampling knobs (nor a seed)
         vals = [r.get(k, defaults[k]) for r in rows]
         knobs[k] = vals[0] if len(set(vals)) == 1 else vals
     if beams:
         knobs.update(num_beams=[r["num_beams"] for r in rows], return_beams=True)
+    else:
+        knobs["seed"] = [r["seed"] for r in rows]
     t = time.perf_counter()
-    request = dict(max_new_tokens=[r["max_new"] for r in rows], seed=[r["seed"] for r in rows],
+    request = dict(max_new_tokens=[r["max_new"] for r in rows],
                    stop_ids=defaults["stop_ids"], stop=[r.get("stop", []) for r in rows],
                    include_stop=defaults.get("include_stop", False), **knobs)
     if any(r.get("constraint") for r in rows):
@@ -269,7 +247,7 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
 
     cfg = model.cfg
     B, NS = p.batch, p.stop_slots
-    knob_names = [k for k in OVERRIDES if k not in ("max_new_tokens", "seed")]
+    knob_names = SAMPLING
     statics = dict(cfg=cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=top_logprobs, mesh=model.mesh,
                    kv_quant=model.kv_quant, penalties=p.penalties, prefill_chunk=model.prefill_chunk)
 
@@ -352,9 +330,9 @@ def _set_rows(h, dest, a):
 
 
 
-def check_row(obj: dict) -> str | None:
+def check_row(obj: dict, num_beams: int = 1) -> str | None:
     """The problem with a row (a JSON object with an id), or None: exactly one of prompt / messages,
-    known fields only, valid values."""
+    known fields only, valid values (num_beams: the flags' default for rows without their own)."""
     if ("prompt" in obj) == ("messages" in obj):
         return "give exactly one of 'prompt' or 'messages'"
     problem = (check_messages(obj["messages"]) if "messages" in obj else
@@ -362,34 +340,28 @@ def check_row(obj: dict) -> str | None:
                f"prompt must be a non-empty string, got {obj['prompt']!r:.80}")
     if problem:
         return problem
-    unknown = set(obj) - {"id", "prompt", "messages", *OVERRIDES, *ROW_FIELDS}
+    unknown = set(obj) - {"id", "prompt", "messages", *ROW_FIELDS}
     if unknown:
         return f"unknown fields {sorted(unknown)}"
-    return check_overrides(obj)
+    return check_fields(obj, num_beams)
 
 
 def defaults_of(args) -> dict:
     """The per-row defaults the flags give (sampling knobs, stop ids, beam fields)."""
-    defaults = {k: getattr(args, k) for k in OVERRIDES + BEAM_FIELDS}
+    defaults = {k: getattr(args, k) for k in SAMPLING + BEAM_FIELDS + ("max_new_tokens", "seed")}
     defaults["stop_ids"] = [] if args.ignore_stop else None
     defaults["include_stop"] = args.include_stop
     return defaults
 
 
 def setup(args, timings: dict | None = None):
-    """Check the flags that need no model, then load it (on a mesh of the local devices when there are
-    several, or --mesh): (model, speculative proposer or None)."""
+    """Load the model of checked flags (on a mesh of the local devices when there are several, or
+    --mesh): (model, speculative proposer or None)."""
     import jax
 
     from jaxgen.checkpoint import load
-    from jaxgen.cli import constraint_args, unescape
     from jaxgen.sharding import make_mesh
 
-    if any(not unescape(s) for s in args.stop or ()):
-        raise ValueError("--stop must be a non-empty string")
-    if args.prefix == "":
-        raise ValueError("--prefix must be a non-empty string")
-    constraint_args(args)  # a bad --regex / --json-schema / --choice fails before the model loads
     proposer = None
     if args.speculative:  # static batches on one device (refill and meshes are not speculative yet)
         from jaxgen import speculative
@@ -410,18 +382,16 @@ def resolve(args, model, rows: list[dict], proposer=None) -> tuple[list[dict], l
     """Each checked row's fields from the row or the flags: ids (chat template, prefix), budget, seed,
     n, beams, stop strings, constraint. Returns (runnable rows, {"id", "error"} lines for rows that
     cannot run, {prefix text: its ids})."""
-    from jaxgen.cli import constraint_args, unescape
     from jaxgen.constraints import to_regex
+    from jaxgen.flags import constraint_regex, unescape
 
     default_stop = [unescape(s) for s in args.stop or ()]
-    default_constraint = constraint_args(args).get("regex")
+    default_constraint = constraint_regex(args)
     for r in rows:  # each row's constraint as one regex (validated while reading), or the flags' default
-        kind = next((k for k in CONSTRAINTS if k in r), None)
+        kind = next((k for k in kn.CONSTRAINTS if k in r), None)
         r["constraint"] = to_regex(kind, r[kind], args.json_whitespace) if kind else default_constraint
-    if proposer is not None and (args.prefix is not None or any("prefix" in r or r.get("n", 1) > 1 for r in rows)):
-        raise ValueError("--speculative takes neither a prefix nor n > 1 samples yet")
-    if proposer is not None and any(r["constraint"] for r in rows):
-        raise ValueError("--speculative does not take a constraint (regex / json_schema / choices) yet")
+    if proposer is not None and speculative_problem(args, rows):
+        raise ValueError(speculative_problem(args, rows))
     tok = model.tokenizer
     prefixes = {}  # prefix text -> its ids (encoded with BOS, as a prompt)
     ok, errors = [], []
@@ -450,11 +420,11 @@ def resolve(args, model, rows: list[dict], proposer=None) -> tuple[list[dict], l
         if r["ids"] is None:
             continue
         lp = len(prefixes[r["prefix"]]) if r["prefix"] is not None else 0
-        # (a beam row's own sampling fields are refused; the flags' sampling defaults are for sampled rows)
-        beam_problem = r["num_beams"] > 1 and check_beam_fields(r)
-        if beam_problem or r["num_beams"] > 1 and (args.top_logprobs or proposer is not None):
-            errors.append({"id": r["id"], "error": beam_problem or "num_beams > 1 (beam search) does not take "
-                           "--top-logprobs or --speculative"})
+        # (a beam row's own sampling fields were refused while reading; the flags' sampling defaults are
+        # for sampled rows)
+        if r["num_beams"] > 1 and (args.top_logprobs or proposer is not None):
+            errors.append({"id": r["id"], "error": "num_beams > 1 (beam search) does not take --top-logprobs or "
+                           "--speculative"})
         elif not r["ids"] or lp + len(r["ids"]) + r["max_new"] > model.cfg.max_seq_len or r["max_new"] < 1:
             what = f"prefix of {lp} tokens + " if lp else ""
             errors.append({"id": r["id"], "error": f"{what}prompt of {len(r['ids'])} tokens + max_new_tokens "

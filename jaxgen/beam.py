@@ -188,25 +188,24 @@ def _constrain(b: BeamState, mesh) -> BeamState:
     return b.replace(run=eng._constrain(b.run, mesh), **rest)
 
 
-def beam_search(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, max_new_tokens: jax.Array,
-                stop_ids: jax.Array, width: jax.Array, length_penalty: jax.Array, early_stopping: jax.Array, *,
-                cfg, max_new: int, cache_len: int, beams: int, pad_id: int = 0, mesh=None,
-                kv_quant: str | None = None, stop_strings: sst.StopStrings | None = None,
-                prefix: eng.Prefix | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                constraints: con.Constraints | None = None, constraint_start: jax.Array | None = None
-                ) -> BeamOutput:
-    """Beam search for right-padded prompts [P, T] with up to `beams` (K, static) beams each.
-
-    Traced: prompt_lengths [P] (0 = padding), max_new_tokens and stop_ids per row ([B], [B, NS] with
-    B = P * K), width [P] (each prompt's beams, 1 .. K), length_penalty [P] f32, early_stopping [P]
-    (EARLY_STOPPING codes), stop_strings / constraints with B rows as in `engine.generate_tokens`.
-    Returns every prompt's K best finished hypotheses, best first."""
+def beam_start(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, max_new_tokens: jax.Array,
+               stop_ids: jax.Array, width: jax.Array, length_penalty: jax.Array, early_stopping: jax.Array, *,
+               cfg, max_new: int, cache_len: int, beams: int, pad_id: int = 0, mesh=None,
+               kv_quant: str | None = None, stop_strings: sst.StopStrings | None = None,
+               prefix: eng.Prefix | None = None, prefill_chunk: int = PREFILL_CHUNK,
+               constraints: con.Constraints | None = None, constraint_start: jax.Array | None = None
+               ) -> BeamState:
+    """The prefill and the first beam step of `beam_search` (same arguments): its loop's start."""
     state, logits = eng.start(params, prompts, prompt_lengths, max_new_tokens, cfg=cfg, max_new=max_new,
                               cache_len=cache_len, pad_id=pad_id, kv_quant=kv_quant, penalties=False, n=beams,
                               stop_strings=stop_strings, prefix=prefix, prefill_chunk=prefill_chunk,
                               constraints=constraints, constraint_start=constraint_start)
-    b = _constrain(init(state, logits, width, length_penalty, early_stopping, max_new_tokens, stop_ids), mesh)
+    return _constrain(init(state, logits, width, length_penalty, early_stopping, max_new_tokens, stop_ids), mesh)
 
+
+def beam_loop(params: Params, b: BeamState, max_new_tokens: jax.Array, stop_ids: jax.Array, *, cfg, max_new: int,
+              mesh=None) -> BeamOutput:
+    """The rest of `beam_search` from `beam_start`'s state: a step per new token until every prompt is done."""
     def cond(b: BeamState):
         return (b.run.step < max_new) & ~jnp.all(b.run.done)
 
@@ -222,5 +221,28 @@ def beam_search(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, m
                       logprobs=b.fin_logprobs, scores=b.fin_score, steps=b.run.step)
 
 
-beam_jit = jax.jit(beam_search, static_argnames=("cfg", "max_new", "cache_len", "beams", "pad_id", "mesh", "kv_quant",
-                                                 "prefill_chunk"))
+def beam_search(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, max_new_tokens: jax.Array,
+                stop_ids: jax.Array, width: jax.Array, length_penalty: jax.Array, early_stopping: jax.Array, *,
+                cfg, max_new: int, cache_len: int, beams: int, pad_id: int = 0, mesh=None,
+                kv_quant: str | None = None, stop_strings: sst.StopStrings | None = None,
+                prefix: eng.Prefix | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                constraints: con.Constraints | None = None, constraint_start: jax.Array | None = None
+                ) -> BeamOutput:
+    """Beam search for right-padded prompts [P, T] with up to `beams` (K, static) beams each.
+
+    Traced: prompt_lengths [P] (0 = padding), max_new_tokens and stop_ids per row ([B], [B, NS] with
+    B = P * K), width [P] (each prompt's beams, 1 .. K), length_penalty [P] f32, early_stopping [P]
+    (EARLY_STOPPING codes), stop_strings / constraints with B rows as in `engine.generate_tokens`.
+    Returns every prompt's K best finished hypotheses, best first."""
+    b = beam_start(params, prompts, prompt_lengths, max_new_tokens, stop_ids, width, length_penalty, early_stopping,
+                   cfg=cfg, max_new=max_new, cache_len=cache_len, beams=beams, pad_id=pad_id, mesh=mesh,
+                   kv_quant=kv_quant, stop_strings=stop_strings, prefix=prefix, prefill_chunk=prefill_chunk,
+                   constraints=constraints, constraint_start=constraint_start)
+    return beam_loop(params, b, max_new_tokens, stop_ids, cfg=cfg, max_new=max_new, mesh=mesh)
+
+
+_STATICS = ("cfg", "max_new", "cache_len", "beams", "pad_id", "mesh", "kv_quant", "prefill_chunk")
+beam_jit = jax.jit(beam_search, static_argnames=_STATICS)
+# the same computation as two programs, so that a caller can time the prefill and the search apart
+beam_start_jit = jax.jit(beam_start, static_argnames=_STATICS)
+beam_loop_jit = jax.jit(beam_loop, static_argnames=("cfg", "max_new", "mesh"))

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from jaxgen import constraints as con
+from jaxgen import knobs as kn
 from jaxgen import sampling as smp
 from jaxgen import stops as sst
 from jaxgen.config import ModelConfig
@@ -29,17 +30,9 @@ from jaxgen.engine import (FINISH_REASONS, STOP, STOP_STRING, GenerateOutput, Pr
                            output, prefill_jit, prefill_prefix_jit)
 from jaxgen.model import Model
 
-PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-NEW_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
-SLOT_BUCKETS = smp.SLOT_BUCKETS  # stop ids per row (and, in sampling, biased/banned ids per row)
-
-
-def bucket(n: int, buckets: Sequence[int], what: str) -> int:
-    for b in buckets:
-        if n <= b:
-            return b
-    raise ValueError(f"{what} {n} exceeds the largest bucket {buckets[-1]}")
+# every shape rounds up to a bucket (the buckets and the one rounding rule live in jaxgen.knobs)
+from jaxgen.knobs import (BATCH_BUCKETS, BEAM_BUCKETS, NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, SLOT_BUCKETS,  # noqa: E402,F401
+                          bucket)
 
 
 ROW_ERROR = ("the model's logits became NaN or infinite at this step (corrupt weights, or an overflow in "
@@ -187,9 +180,8 @@ def stop_rows(stop, P: int, n: int = 1) -> list[list[str]]:
     else:
         rows = [list(stop)] * P
     for i, r in enumerate(rows):
-        for s in r:
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"prompt {i}: a stop string must be a non-empty string, got {s!r}")
+        if kn.problem("stop", r):
+            raise ValueError(f"prompt {i}: {kn.problem('stop', r)}")
     return [r for r in rows for _ in range(n)]
 
 
@@ -218,7 +210,7 @@ def _per_sample(value, P: int, n: int, kind: str):
 def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, n: int = 1, stop=None,
             prefix=None, stop_universe: Sequence[str] | None = None, candidates: int = smp.DEFAULT_CANDIDATES,
             regex=None, json_schema=None, choices=None, whitespace: str | None = None,
-            constraint_universe: Sequence[str] | None = None, **knobs):
+            constraint_universe: Sequence[str] | None = None, top_logprobs: int = 0, **knobs):
     """Validate and pad a request into the arguments of `generate_jit` and its Plan.
 
     n > 1 asks for n samples of each prompt: per-row arguments get P * n rows in prompt-major order
@@ -227,9 +219,17 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
     shares one table across its prefills). prefix: text, ids or a SharedPrefix (prefilled here, after
     every check, when it is not one already). regex / json_schema / choices: structured output (see
     `jaxgen.constraints`; each for all prompts or one per prompt, None = free), built into tables over
-    the tokenizer's token bytes; constraint_universe fixes the table's regexes (a refill run)."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n (samples per prompt) must be an integer >= 1, got {n!r}")
+    the tokenizer's token bytes; constraint_universe fixes the table's regexes (a refill run).
+    top_logprobs is checked here (it shapes the program's output, not its arguments)."""
+    V = model.cfg.vocab_size
+    kn.check("n", n)
+    kn.check("top_logprobs", top_logprobs, vocab_size=V)
+    kn.check("candidates", candidates)
+    if whitespace is not None:
+        kn.check("whitespace", whitespace)
+        if json_schema is None or (isinstance(json_schema, (list, tuple)) and all(x is None for x in json_schema)):
+            raise ValueError("whitespace applies to json_schema constraints only (the whitespace between JSON "
+                             "tokens), and no prompt has one")
     pre_ids = None
     if isinstance(prefix, SharedPrefix):
         if (prefix.model, prefix.kv_quant) != (model.cfg.name, model.kv_quant):
@@ -237,15 +237,15 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
                              f"{model.cfg.name} (kv_quant={model.kv_quant})")
         pre_ids = list(prefix.ids)
     elif prefix is not None:
+        if isinstance(prefix, str):
+            kn.check("prefix", prefix)
         pre_ids = _encode(model, prefix, "prefix")
     ids = _encode_prompts(model, prompts, add_bos=False if pre_ids is not None else None)
     P = len(ids)
     R = P * n  # sample rows
-    if R > BATCH_BUCKETS[-1]:
-        raise ValueError(f"{P} prompts x n={n} samples = {R} rows exceeds the largest batch bucket {BATCH_BUCKETS[-1]}")
-    mnt = smp._per_row("max_new_tokens", _per_sample(max_new_tokens, P, n, "scalar"), R, np.int32)
-    if np.any(mnt <= 0):
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+    if kn.rows_per_call(P, n):
+        raise ValueError(kn.rows_per_call(P, n))
+    mnt = kn.per_row("max_new_tokens", _per_sample(max_new_tokens, P, n, "scalar"), R, np.int32)
     longest = max(len(x) for x in ids)
     lp = len(pre_ids) if pre_ids is not None else 0
     for i, x in enumerate(ids):
@@ -262,12 +262,16 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
         raise ValueError("regex / json_schema / choices need a model with a tokenizer (to read tokens as text)")
     if stop_ids is None:
         stop_ids = list(getattr(model.tokenizer, "stop_ids", ()) or ())
+    if not isinstance(stop_ids, (list, tuple, np.ndarray)):
+        kn.check("stop_ids", stop_ids)
     per_row_stops = len(stop_ids) > 0 and isinstance(stop_ids[0], (list, tuple))
     if per_row_stops and len(stop_ids) not in (P, R):
         raise ValueError(f"stop_ids has {len(stop_ids)} rows but there are {P} prompts")
     if per_row_stops and len(stop_ids) == P:
         stop_ids = _per_sample(stop_ids, P, n, "list")
     stops = [list(stop_ids[i]) if per_row_stops else list(stop_ids) for i in range(R)]
+    for row in stops:
+        kn.check("stop_ids", row, vocab_size=V)
     most = max(len(s) for s in stops)
     knobs = {k: _per_sample(v, P, n, "bias" if k == "logit_bias" else "list" if k == "banned_ids" else "scalar")
              for k, v in knobs.items()}
@@ -275,14 +279,14 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
     Tp = prefix_slots(model.cfg, lp)
     p = plan(model.cfg, P, longest, int(mnt.max()), stop_slots=most, bias_slots=sp.bias_ids.shape[1],
              penalties=smp.uses_penalties(sp), n=n, prefix=Tp, prefix_len=lp)
-    if np.isscalar(seed) or np.ndim(seed) == 0:
+    if not isinstance(seed, (list, tuple, np.ndarray)):
         # Row i of a scalar seed s uses s * 1_000_003 + i (i counts sample rows); pass one seed per
         # row to make a row's samples independent of its place in the batch.
-        seeds = (int(seed) * 1_000_003 + np.arange(R)) % (2 ** 31)
-    elif n > 1 and np.ndim(seed) == 1 and len(seed) == P:  # one seed per prompt: sample j of it uses s * 1_000_003 + j
-        seeds = (np.repeat(np.asarray(seed, np.int64), n) * 1_000_003 + np.tile(np.arange(n), P)) % (2 ** 31)
+        seeds = (int(kn.check("seed", seed)) * 1_000_003 + np.arange(R)) % (2 ** 31)
+    elif n > 1 and len(seed) == P:  # one seed per prompt: sample j of it uses s * 1_000_003 + j
+        seeds = (np.repeat(kn.per_row("seed", seed, P, np.int64), n) * 1_000_003 + np.tile(np.arange(n), P)) % (2 ** 31)
     else:
-        seeds = smp._per_row("seed", seed, R, np.int64)
+        seeds = kn.per_row("seed", seed, R, np.int64)
     if model.mesh is not None:  # rows split evenly over the data axis
         d = model.mesh.shape["data"]
         p = dataclasses.replace(p, batch=-(-p.batch // d) * d)
@@ -343,35 +347,22 @@ def generate(model: Model, prompts, *, max_new_tokens=64, temperature=0.0, top_k
     prompt's best beam, or with return_beams=True its num_beams best (`Completion.sample` = rank),
     each with its `score` (summed log-probability / new tokens ** length_penalty). early_stopping:
     False (HF's default heuristic), True (stop at num_beams finished beams) or "never"; per prompt
-    too. Stop ids, stop strings and constraints end beams; sampling knobs, penalties, biases, n and
-    top_logprobs do not apply to it (refused).
+    too. Stop ids, stop strings and constraints end beams; sampling knobs (temperature, top_k, top_p,
+    min_p, seed), penalties, biases, n and top_logprobs do not apply to it (refused: `jaxgen.knobs`).
     """
+    request = {k: v for k, v in locals().items() if k in kn.KNOBS}  # every knob, by its jaxgen.knobs name
+    kn.check("include_stop", include_stop)
     if _beam_widths(num_beams, len(prompts) if isinstance(prompts, (list, tuple)) else 1) is not None:
-        sampling = dict(temperature=temperature, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                        frequency_penalty=frequency_penalty, logit_bias=logit_bias, banned_ids=banned_ids)
-        return generate_beams(model, prompts, num_beams=num_beams, length_penalty=length_penalty,
-                              early_stopping=early_stopping, return_beams=return_beams, max_new_tokens=max_new_tokens,
-                              stop_ids=stop_ids, stop=stop, include_stop=include_stop, prefix=prefix, regex=regex,
-                              json_schema=json_schema, choices=choices, whitespace=whitespace, n=n,
-                              top_logprobs=top_logprobs, **sampling)
-    ids, args, p = prepare(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, seed=seed, n=n,
-                           stop=stop, prefix=prefix, regex=regex, json_schema=json_schema, choices=choices,
-                           whitespace=whitespace,
-                           candidates=candidates, temperature=temperature, top_k=top_k, top_p=top_p,
-                           min_p=min_p, repetition_penalty=repetition_penalty,
-                           presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                           logit_bias=logit_bias, banned_ids=banned_ids)
-    if top_logprobs < 0 or top_logprobs > model.cfg.vocab_size:
-        raise ValueError(f"top_logprobs must be in [0, {model.cfg.vocab_size}], got {top_logprobs}")
+        return generate_beams(model, prompts, **request)
+    only = kn.beam_only(request)
+    if only:
+        raise ValueError(f"{', '.join(only)} only appl{'ies' if len(only) == 1 else 'y'} to beam search "
+                         "(num_beams > 1)")
+    for k in ("num_beams", "length_penalty", "early_stopping", "return_beams", "include_stop"):
+        del request[k]
+    ids, args, p = prepare(model, prompts, **request)
     out = fetch(run(model, args, p, top_logprobs, candidates))
     return to_completions(model, prompts, out, len(ids) * n, n, stop_rows(stop, len(ids), n), include_stop)
-
-
-BEAM_BUCKETS = (2, 4, 8, 16, 32)  # the static beam maximum K of a compiled beam-search program
-# knobs beam search does not take (it scores raw log-probabilities), with their off values: the API,
-# the CLI and batch rows refuse the same ones
-NO_BEAM_KNOBS = dict(temperature=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-                      logit_bias=None, banned_ids=None, n=1, top_logprobs=0)
 
 
 def _beam_widths(num_beams, P: int):
@@ -379,52 +370,68 @@ def _beam_widths(num_beams, P: int):
     more than one beam (plain decoding)."""
     widths = list(num_beams) if isinstance(num_beams, (list, tuple, np.ndarray)) else [num_beams] * P
     for w in widths:
-        if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1:
-            raise ValueError(f"num_beams must be an integer >= 1 (or one per prompt), got {w!r}")
+        kn.check("num_beams", w)
     if len(widths) != P:
         raise ValueError(f"num_beams has {len(widths)} values but there are {P} prompts")
     return widths if widths and max(widths) > 1 else None
 
 
 def generate_beams(model: Model, prompts, *, num_beams=4, length_penalty=1.0, early_stopping=False,
-                   return_beams: bool = False, stop=None, include_stop: bool = False, **request) -> list[Completion]:
-    """Beam search (see `generate` and `jaxgen.beam`): each prompt's best beam, or its num_beams best."""
-    from jaxgen.beam import EARLY_STOPPING, beam_jit
+                   return_beams: bool = False, stop=None, include_stop: bool = False, timings: dict | None = None,
+                   **request) -> list[Completion]:
+    """Beam search (see `generate` and `jaxgen.beam`): each prompt's best beam, or its num_beams best.
+    Refuses the knobs beam search does not take (`jaxgen.knobs`: sampling, penalties, n, ...). If
+    `timings` is a dict it receives compile_s, prefill_s, decode_s (the prefill and the search run as
+    two programs, compiled ahead and timed apart, as in `stream`) and new_tokens (of the results)."""
+    import time
 
-    bad = [f"{k}={v!r}" for k, v in request.items()
-           if k in NO_BEAM_KNOBS and not (v is None if NO_BEAM_KNOBS[k] is None else np.all(np.asarray(v) == NO_BEAM_KNOBS[k]))]
+    from jaxgen.beam import EARLY_STOPPING, beam_jit, beam_loop_jit, beam_start_jit
+
+    bad = kn.beam_refused(request)
     if bad:
         raise ValueError(f"beam search is deterministic and scores raw log-probabilities: {', '.join(bad)} "
                          "cannot be used with num_beams > 1")
-    request = {k: v for k, v in request.items() if k not in NO_BEAM_KNOBS}
+    request = {k: v for k, v in request.items() if not (k in kn.KNOBS and kn.KNOBS[k].beam == "no")}
+    kn.check("return_beams", return_beams)
+    kn.check("include_stop", include_stop)
     if not isinstance(prompts, (list, tuple)):
         _encode_prompts(model, prompts)  # raises the usual message
     P = len(prompts)
     widths = _beam_widths(num_beams, P) or [1] * P
     K = bucket(max(widths), BEAM_BUCKETS, "num_beams")
-    per_prompt = lambda v, what, conv: [conv(x, what) for x in (v if isinstance(v, (list, tuple, np.ndarray)) else [v] * P)]
 
-    def penalty(x, what):
-        if isinstance(x, bool) or not isinstance(x, (int, float, np.number)) or not np.isfinite(x):
-            raise ValueError(f"{what} must be a finite number, got {x!r}")
-        return float(x)
+    def per_prompt(name, v):
+        values = list(v) if isinstance(v, (list, tuple, np.ndarray)) else [v] * P
+        if len(values) != P:
+            raise ValueError(f"{name} needs one value or one per prompt ({P} prompts), got {len(values)}")
+        return [kn.check(name, x) for x in values]
 
-    def stopping(x, what):
-        key = x if isinstance(x, (bool, str)) else None
-        if key not in EARLY_STOPPING:
-            raise ValueError(f"{what} must be True, False or 'never', got {x!r}")
-        return EARLY_STOPPING[key]
-
-    lps, es = per_prompt(length_penalty, "length_penalty", penalty), per_prompt(early_stopping, "early_stopping", stopping)
-    if len(lps) != P or len(es) != P:
-        raise ValueError(f"length_penalty / early_stopping need one value or one per prompt ({P} prompts)")
+    lps = [float(x) for x in per_prompt("length_penalty", length_penalty)]
+    es = [EARLY_STOPPING[x if isinstance(x, str) else bool(x)] for x in per_prompt("early_stopping", early_stopping)]
     ids, args, p = prepare(model, prompts, n=K, stop=stop, **request)
     for k in ("sp", "seeds"):
         del args[k]
     pad = lambda vals, dtype: np.concatenate([np.asarray(vals, dtype), np.zeros(p.batch - P, dtype)])
     args.update(width=pad(widths, np.int32), length_penalty=pad(lps, np.float32), early_stopping=pad(es, np.int32))
-    out = fetch(beam_jit(model.params, **place(model, args), cfg=model.cfg, max_new=p.max_new, cache_len=p.cache_len,
-                         beams=K, mesh=model.mesh, kv_quant=model.kv_quant, prefill_chunk=model.prefill_chunk))
+    statics = dict(cfg=model.cfg, max_new=p.max_new, cache_len=p.cache_len, beams=K, mesh=model.mesh,
+                   kv_quant=model.kv_quant, prefill_chunk=model.prefill_chunk)
+    args = place(model, args)
+    if timings is None:
+        out = fetch(beam_jit(model.params, **args, **statics))
+    else:
+        loop = dict(max_new_tokens=args["max_new_tokens"], stop_ids=args["stop_ids"])
+        t0 = time.perf_counter()
+        lowered = beam_start_jit.lower(model.params, **args, **statics)
+        start_c = lowered.compile()
+        state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), lowered.out_info,
+                             start_c.output_shardings)  # the loop takes the state as the start lays it out
+        loop_c = beam_loop_jit.lower(model.params, state, **loop, cfg=model.cfg, max_new=p.max_new,
+                                     mesh=model.mesh).compile()
+        t1 = time.perf_counter()
+        b = jax.block_until_ready(start_c(model.params, **args))
+        t2 = time.perf_counter()
+        out = fetch(jax.block_until_ready(loop_c(model.params, b, **loop)))
+        timings.update(compile_s=t1 - t0, prefill_s=t2 - t1, decode_s=time.perf_counter() - t2)
     flat = lambda a: a.reshape((-1,) + a.shape[2:])
     gen = GenerateOutput(tokens=flat(out.tokens), num_new=flat(out.num_new), finish=flat(out.finish),
                          logprobs=flat(out.logprobs), top_ids=np.zeros(flat(out.tokens).shape + (0,), np.int32),
@@ -439,6 +446,8 @@ def generate_beams(model: Model, prompts, *, num_beams=4, length_penalty=1.0, ea
             c = dataclasses.replace(c, tokens=[], logprobs=[], text="" if c.text is not None else None,
                                     finish_reason="error", stop_reason=None)
         results.append(dataclasses.replace(c, score=score if np.isfinite(score) else None))
+    if timings is not None:
+        timings["new_tokens"] = sum(len(c.tokens) for c in results)
     return results
 
 
@@ -525,10 +534,15 @@ def stream(model: Model, prompts, *, chunk_steps: int = 8, top_logprobs: int = 0
     """
     import time
 
-    if chunk_steps < 1:
-        raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
-    request.pop("include_stop", None)  # outputs are token arrays here; `to_completions` cuts text
-    ids, args, p = prepare(model, prompts, candidates=candidates, **request)
+    if isinstance(chunk_steps, bool) or not isinstance(chunk_steps, (int, np.integer)) or chunk_steps < 1:
+        raise ValueError(f"chunk_steps must be an integer >= 1, got {chunk_steps!r}")
+    beam = [k for k in ("num_beams", "length_penalty", "early_stopping", "return_beams")
+            if not kn.is_off(k, request.pop(k, None))]
+    if beam:
+        raise ValueError(f"stream() does not run beam search ({', '.join(beam)}): a beam is known only when the "
+                         "search ends; use generate(num_beams=...)")
+    kn.check("include_stop", request.pop("include_stop", False))  # outputs are token arrays; `to_completions` cuts text
+    ids, args, p = prepare(model, prompts, candidates=candidates, top_logprobs=top_logprobs, **request)
     statics = dict(cfg=model.cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=top_logprobs,
                    candidates=candidates, mesh=model.mesh, kv_quant=model.kv_quant, penalties=p.penalties, n=p.n,
                    prefill_chunk=model.prefill_chunk)

@@ -25,12 +25,16 @@ is read as the integer.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import re
 
 PLAIN = ("text", "tokens", "logprobs", "finish_reason", "score", "error")
 AS_JSON = ("stop_reason", "top_logprobs", "samples", "beams", "timing")
-INTEGERS = ("max_new_tokens", "top_k", "seed", "n", "num_beams")
+from jaxgen import knobs as kn
+
+INTEGERS = tuple(k.name for k in kn.KNOBS.values() if k.row and k.kind == "int")  # columns pandas may make floats
 
 
 def _python(v):
@@ -99,26 +103,50 @@ def _column_row(line: dict) -> dict:
 
 
 def batch_args(**options):
-    """`jaxgen batch`'s flags with these options set (their Python names), checked as the command
-    checks them."""
-    from jaxgen.batch_run import OVERRIDES, check_beam_fields, check_overrides
-    from jaxgen.cli import build_parser
+    """`jaxgen batch`'s flags with these options set (by their Python names), parsed and checked as the
+    command parses and checks them: each option becomes its flag (a list: the flag repeated; True / False:
+    the switch on or off), so the Ray stage and the command line cannot disagree. json_schema may also
+    be the schema itself (a dict) instead of a file."""
+    from jaxgen.flags import build_parser, check
 
-    args = build_parser().parse_args(["batch", "--input", "-", "--output", "-"])
+    argv, schema = ["batch", "--input", "-", "--output", "-"], None
+    parser = build_parser(raise_errors=True)
+    flags = {a.dest: a for a in parser.commands["batch"]._actions if a.option_strings}
     for k, v in options.items():
-        if k in ("input", "output", "command", "dry_run", "on_error", "distributed") or not hasattr(args, k):
+        if k in ("input", "output", "dry_run", "on_error", "distributed", "help") or k not in flags:
             raise TypeError(f"jaxgen.ray.Generate got an unexpected option {k!r}")
-        setattr(args, k, v)
-    row = {k: getattr(args, k) for k in OVERRIDES}
-    problem = check_overrides(row) or check_beam_fields({**row, "num_beams": args.num_beams,
-                                                         "length_penalty": args.length_penalty,
-                                                         "early_stopping": args.early_stopping,
-                                                         "return_beams": args.return_beams})
-    if problem:
-        raise ValueError(problem)
-    if args.batch_size < 1 or args.chunk_steps < 1:
-        raise ValueError(f"batch_size and chunk_steps must be >= 1, got {args.batch_size}, {args.chunk_steps}")
+        action, flag = flags[k], flags[k].option_strings[0]
+        if v is None:
+            continue  # the default
+        if k == "json_schema" and isinstance(v, dict):
+            schema = v
+        elif action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # a switch
+            if not isinstance(v, bool):
+                raise ValueError(f"{k} must be true or false, got {v!r:.80}")
+            argv += [flag if v else f"--no-{flag[2:]}"] if isinstance(action, argparse.BooleanOptionalAction) else (
+                [flag] if v else [])
+        elif k == "early_stopping" and isinstance(v, bool):  # a switch that also takes 'never'
+            argv += [flag] if v else []
+        elif action.option_strings and isinstance(action, argparse._AppendAction):
+            argv += [x for item in ([v] if isinstance(v, str) else v) for x in (flag, _text(k, item))]
+        else:
+            argv += [flag, _text(k, v)]
+    try:
+        args = parser.parse_args(argv)
+    except ValueError as e:  # argparse's message names the flag: name the option instead
+        raise ValueError(re.sub(r"argument --([\w-]+)", lambda m: "option " + m.group(1).replace("-", "_"),
+                                str(e))) from None
+    if schema is not None:
+        args.json_schema = schema
+    check(args, "batch", options=True)
     return args
+
+
+def _text(option: str, v) -> str:
+    """An option's value as its flag's text (numbers round-trip exactly through repr)."""
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise ValueError(f"{option} must be a number or a string, got {v!r:.80}")
+    return v if isinstance(v, str) else repr(v)
 
 
 class Generate:
@@ -129,12 +157,12 @@ class Generate:
         import time
 
         from jaxgen.batch_run import setup
-        from jaxgen.cli import _persistent_compile_cache
+        from jaxgen.checkpoint.registry import persistent_compile_cache
 
         self.args = batch_args(**options)
         # compiled programs on disk, as the jaxgen command keeps them: an actor restarted after a failure
         # or a preemption, and the other actors of a host, load them instead of compiling
-        _persistent_compile_cache()
+        persistent_compile_cache()
         t = time.perf_counter()
         self.model, self.proposer = setup(self.args)
         self.startup_s = time.perf_counter() - t  # load (and mesh); programs compile on the first block
@@ -151,7 +179,7 @@ class Generate:
             if not isinstance(rid, (str, int)) or isinstance(rid, bool):
                 lines[i] = {"id": rid, "error": f"each row needs an 'id' (a string or integer), got {rid!r:.40}"}
                 continue
-            problem = check_row(r)
+            problem = check_row(r, self.args.num_beams)
             if problem:
                 lines[i] = {"id": rid, "error": problem}
             else:

@@ -34,10 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-DEFAULT_CANDIDATES = 256
-# Biased / banned ids per row (and generate's stop ids per row) are padded to one of these slot
-# counts, like every other shape: 1 to 8 entries share one compiled program, 9 to 64 the next.
-SLOT_BUCKETS = (8, 64, 512, 4096)
+from jaxgen import knobs as kn
+from jaxgen.knobs import DEFAULT_CANDIDATES, SLOT_BUCKETS  # noqa: F401  (a request's limits live in jaxgen.knobs)
 
 
 @struct.dataclass
@@ -53,17 +51,6 @@ class SamplingParams:  # every field is per row
     bias_values: jax.Array  # [B, NB] f32 added to those logits; -inf bans the token
 
 
-def _per_row(name, value, batch, dtype):
-    a = np.asarray(value, dtype=dtype)
-    if a.ndim == 0:
-        a = np.full((batch,), a, dtype)
-    if a.shape != (batch,):
-        raise ValueError(f"{name} must be a scalar or have one value per prompt ({batch}), got shape {a.shape}")
-    if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return a
-
-
 def make_sampling_params(batch: int, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
                          repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
                          logit_bias=None, banned_ids=None, vocab_size: int | None = None,
@@ -77,24 +64,10 @@ def make_sampling_params(batch: int, *, temperature=0.0, top_k=0, top_p=1.0, min
     Raises ValueError naming the bad knob before anything is compiled.
     """
     f32, i32 = np.float32, np.int32
-    t = _per_row("temperature", temperature, batch, f32)
-    k = _per_row("top_k", top_k, batch, i32)
-    p = _per_row("top_p", top_p, batch, f32)
-    mp = _per_row("min_p", min_p, batch, f32)
-    rp = _per_row("repetition_penalty", repetition_penalty, batch, f32)
-    if np.any(t < 0):
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if np.any(k < 0):
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k!r}")
-    if np.any(k > candidates):
-        raise ValueError(f"top_k must be <= {candidates} (the candidate set; raise `candidates` to "
-                         f"allow more), got {top_k!r}")
-    if np.any((p <= 0) | (p > 1)):
-        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
-    if np.any((mp < 0) | (mp > 1)):
-        raise ValueError(f"min_p must be in [0, 1] (0 = off), got {min_p!r}")
-    if np.any(rp <= 0):
-        raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty!r}")
+    row = lambda name, value, dtype: kn.per_row(name, value, batch, dtype, candidates=candidates)
+    t, k, p, mp, rp = (row(name, value, dtype) for name, value, dtype in (
+        ("temperature", temperature, f32), ("top_k", top_k, i32), ("top_p", top_p, f32), ("min_p", min_p, f32),
+        ("repetition_penalty", repetition_penalty, f32)))
 
     rows = [dict() for _ in range(batch)]
     for name, spec, as_dict in (("logit_bias", logit_bias, True), ("banned_ids", banned_ids, False)):
@@ -105,11 +78,10 @@ def make_sampling_params(batch: int, *, temperature=0.0, top_k=0, top_p=1.0, min
             raise ValueError(f"{name} has {len(spec)} entries but there are {batch} prompts")
         for r in range(batch):
             entry = spec[r] if per_row else spec
+            kn.check(name, entry if as_dict else list(entry), vocab_size=vocab_size)
             items = entry.items() if as_dict else ((i, -np.inf) for i in entry)
             for tok, val in items:
                 tok = int(tok)
-                if tok < 0 or (vocab_size is not None and tok >= vocab_size):
-                    raise ValueError(f"{name}: token id {tok} is outside the vocabulary [0, {vocab_size})")
                 rows[r][tok] = -np.inf if val == -np.inf else rows[r].get(tok, 0.0) + float(val)
     most = max((len(r) for r in rows), default=0)
     nb = bias_slots or next((b for b in SLOT_BUCKETS if most <= b), None)  # a bucket: few compilations
@@ -122,8 +94,8 @@ def make_sampling_params(batch: int, *, temperature=0.0, top_k=0, top_p=1.0, min
         bias_values[r, :len(d)] = list(d.values())
     return SamplingParams(
         temperature=t, top_k=k, top_p=p, min_p=mp, repetition_penalty=rp,
-        presence_penalty=_per_row("presence_penalty", presence_penalty, batch, f32),
-        frequency_penalty=_per_row("frequency_penalty", frequency_penalty, batch, f32),
+        presence_penalty=row("presence_penalty", presence_penalty, f32),
+        frequency_penalty=row("frequency_penalty", frequency_penalty, f32),
         bias_ids=bias_ids, bias_values=bias_values)
 
 

@@ -26,7 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-MAX_STRINGS = 32  # distinct stop strings per call (bits of the int32 row mask)
+from jaxgen.knobs import MAX_STOP_STRINGS, bucket
+
+MAX_STRINGS = MAX_STOP_STRINGS  # distinct stop strings per call (bits of the int32 row mask)
 STATE_BUCKETS = (16, 64, 256, 1024, 4096)
 CLASS_BUCKETS = (64, 512, 4096, 32768, 262144)
 
@@ -37,13 +39,6 @@ class StopStrings:
     next_state: jax.Array  # [Q, C] int32 state after reading a token of class c in state q
     hit: jax.Array  # [Q, C] int32 bit i set: reading that token completes stop string i
     mask: jax.Array  # [B] int32 bit i set: the row stops on stop string i
-
-
-def _bucket(n: int, buckets, what: str) -> int:
-    for b in buckets:
-        if n <= b:
-            return b
-    raise ValueError(f"the stop strings need {n} automaton {what}, more than the largest bucket {buckets[-1]}")
 
 
 def _automaton(patterns: list[bytes]):
@@ -141,8 +136,8 @@ def _tables(distinct: list[str], token_bytes: Sequence[bytes], V: int):
     state, hit = state[:, inv], hit[:, inv]  # back to token-id order
     cols = np.concatenate([state, hit], axis=0).T  # [V, 2Q]: a token's behaviour in every state
     uniq, token_class = _classes(cols)
-    Qb = _bucket(Q, STATE_BUCKETS, "states")
-    Cb = _bucket(len(uniq), CLASS_BUCKETS, "token classes")
+    Qb = bucket(Q, STATE_BUCKETS, "stop-string automaton states")
+    Cb = bucket(len(uniq), CLASS_BUCKETS, "stop-string token classes")
     next_state = np.zeros((Qb, Cb), np.int32)
     hits = np.zeros((Qb, Cb), np.int64)
     next_state[:Q, :len(uniq)] = uniq[:, :Q].T
@@ -173,10 +168,6 @@ def advance(t: StopStrings, state: jax.Array, tokens: jax.Array):
         state = t.next_state[state, c]
         states.append(state)
     return jnp.stack(states, axis=1), jnp.stack(hits, axis=1)
-
-
-def repeat_rows(t: StopStrings, n: int) -> StopStrings:
-    return t.replace(mask=jnp.repeat(t.mask, n, axis=0))
 
 
 def cut(text: str, strings: Sequence[str], keep: bool = False) -> tuple[str, str | None]:

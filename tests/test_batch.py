@@ -41,15 +41,31 @@ def batch(model_dir, inp, out, *flags):
 
 
 def test_one_line_per_id_with_overrides(model_dir, tmp_path):
+    """One line per id, each row's own overrides applied: its tokens are generate()'s for that row alone
+    with those knobs and its (--seed, id) seed."""
+    import jaxgen
+    from jaxgen.batch import row_seed
+
     write_input(tmp_path / "in.jsonl", 10)
+    lines = [json.loads(x) for x in open(tmp_path / "in.jsonl")]
+    for i, r in enumerate(lines):  # sampled rows with per-row knobs among greedy ones
+        if i % 3 == 1:
+            r.update(temperature=0.9, top_k=5, seed=i)
+        elif i % 3 == 2:
+            r.update(temperature=1.1, top_p=0.8, min_p=0.05, repetition_penalty=1.2)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert batch(model_dir, tmp_path / "in.jsonl", tmp_path / "out.jsonl", "--batch-size", "4") == 0
     out = read_output(tmp_path / "out.jsonl")
     assert sorted(out) == sorted(f"r{i}" for i in range(10))
     assert len(open(tmp_path / "out.jsonl").readlines()) == 10
-    tok = registry.load(model_dir).tokenizer
-    for rid, r in out.items():
-        assert len(r["tokens"]) == (3 if rid == "r3" else 6) and r["finish_reason"] == "length"
-        assert r["text"] == tok.decode(r["tokens"]) and len(r["logprobs"]) == len(r["tokens"])
+    model = registry.load(model_dir)
+    for r in lines:
+        got = out[r["id"]]
+        knobs = {k: r[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty") if k in r}
+        want = jaxgen.generate(model, [r["prompt"]], max_new_tokens=r.get("max_new_tokens", 6), stop_ids=[],
+                               seed=[row_seed(r.get("seed", 0), r["id"])], **knobs)[0]
+        assert (got["tokens"], got["text"]) == (want.tokens, want.text), r
+        assert len(got["tokens"]) == (3 if r["id"] == "r3" else 6) and got["finish_reason"] == "length"
 
 
 def test_deterministic_across_batch_sizes_and_order(model_dir, tmp_path):
@@ -141,12 +157,12 @@ def test_memory_cap_limits_refill_slots(model_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"id": 3, "prompt": "a", "temperature": -1}', "temperature must be >= 0"),
-    ('{"id": 3, "prompt": "a", "top_p": 0}', "top_p must be in (0, 1]"),
-    ('{"id": 3, "prompt": "a", "max_new_tokens": 0}', "max_new_tokens must be >= 1"),
+    ('{"id": 3, "prompt": "a", "temperature": -1}', "temperature must be a finite number >= 0 (0 = greedy), got -1"),
+    ('{"id": 3, "prompt": "a", "top_p": 0}', "top_p must be a finite number in (0, 1] (1 = off), got 0"),
+    ('{"id": 3, "prompt": "a", "max_new_tokens": 0}', "max_new_tokens must be an integer in [1, 32768], got 0"),
     ('{"id": 3, "prompt": "a", "max_new_tokens": 2.5}', "max_new_tokens must be an integer"),
     ('{"id": 3, "prompt": "a", "top_k": "5"}', "top_k must be an integer"),
-    ('{"id": 3, "prompt": "a", "temperature": true}', "temperature must be a number")])
+    ('{"id": 3, "prompt": "a", "temperature": true}', "temperature must be a finite number")])
 def test_bad_override_value_stops_before_anything_runs(model_dir, tmp_path, capsys, line, message):
     """A bad per-row value is found while reading, with its line number, before any batch is written
     (it used to abort the run partway); with --on-error skip that row gets an error line."""
@@ -174,7 +190,7 @@ def test_refill_keeps_every_stop_id(model_dir):
                            seed=[r["seed"] for r in rows])
     filler = [t for t in range(model.cfg.vocab_size) if all(t not in c.tokens for c in free)][:6]
     stops = filler + [free[0].tokens[3]]  # the 7th stop id is the one row 0 meets
-    defaults = {k: None for k in B.OVERRIDES} | dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0,
+    defaults = {k: None for k in B.SAMPLING} | dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0,
                                                      repetition_penalty=1.0, presence_penalty=0.0,
                                                      frequency_penalty=0.0, stop_ids=stops)
     p = B.refill_plan(model, rows, 2, None, defaults)
@@ -288,7 +304,7 @@ def test_n_stop_and_prefix_fields(model_dir, tmp_path):
 
 
 def test_bad_row_fields(model_dir, tmp_path, capsys):
-    for row, msg in (({"n": 0}, "n must be an integer in [1, 64]"), ({"stop": ""}, "stop must be a non-empty"),
+    for row, msg in (({"n": 0}, "n must be an integer in [1, 1024]"), ({"stop": ""}, "stop must be a non-empty"),
                      ({"stop": ["a", 3]}, "stop must be"), ({"prefix": 5}, "prefix must be a non-empty string")):
         (tmp_path / "in.jsonl").write_text(json.dumps({"id": 1, "prompt": "the", **row}) + "\n")
         rc = cli.main(["batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"),

@@ -45,9 +45,9 @@ BAD_ROWS = [  # (line, what the message says)
     ('{"id": 3, "messages": [{"role": "user"}]}', "messages[0] must be an object with exactly 'role' and 'content'"),
     ('{"id": 3, "messages": [{"role": "robot", "content": "hi"}]}', "messages[0].role must be system, user"),
     ('{"id": 3, "messages": "hi"}', "messages must be a non-empty list"),
-    ('{"id": 3, "prompt": "a", "temperature": "hot"}', "temperature must be a number, got 'hot'"),
+    ('{"id": 3, "prompt": "a", "temperature": "hot"}', "temperature must be a finite number >= 0 (0 = greedy), got 'hot'"),
     ('{"id": 3, "prompt": "a", "temperature": NaN}', "temperature must be a finite number"),
-    ('{"id": 3, "prompt": "a", "max_new_tokens": -3}', "max_new_tokens must be >= 1, got -3"),
+    ('{"id": 3, "prompt": "a", "max_new_tokens": -3}', "max_new_tokens must be an integer in [1, 32768], got -3"),
     ('{"id": 3, "prompt": 7}', "prompt must be a non-empty string"),
     ('{"id": 3, "prompt": ""}', "prompt must be a non-empty string"),
 ]
@@ -215,7 +215,7 @@ def test_nan_logits_end_the_row_with_error(model_dir):
     alone = jaxgen.generate(model, [good_ids], max_new_tokens=6, stop_ids=[], temperature=0.8, seed=3, banned_ids=[bad])
     assert out[0].finish_reason == "length" and out[0].tokens == alone[0].tokens
     rows = [{"id": i, "ids": p, "max_new": 6, "seed": 5, "line": i} for i, p in enumerate(prompts)]
-    defaults = {k: None for k in BR.OVERRIDES} | dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+    defaults = {k: None for k in BR.SAMPLING} | dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
                                                      repetition_penalty=1.0, presence_penalty=0.0,
                                                      frequency_penalty=0.0, stop_ids=[])
     lines = BR.run_batch(broken, rows, defaults, 0)

@@ -195,17 +195,23 @@ def test_stop_strings_and_constraints_end_beams(json_model):
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(num_beams=0), "num_beams must be an integer >= 1"),
-    (dict(num_beams="4"), "num_beams must be an integer >= 1"),
+    (dict(num_beams=0), "num_beams must be an integer in [1, 32] (1 = no beam search), got 0"),
+    (dict(num_beams="4"), "num_beams must be an integer in [1, 32] (1 = no beam search), got '4'"),
     (dict(num_beams=[2, 3]), "num_beams has 2 values but there are 1 prompts"),
-    (dict(num_beams=64), "num_beams 64 exceeds the largest bucket 32"),
+    (dict(num_beams=64), "num_beams must be an integer in [1, 32] (1 = no beam search), got 64"),
     (dict(num_beams=2, temperature=0.7), "temperature=0.7 cannot be used with num_beams > 1"),
     (dict(num_beams=2, n=2), "n=2 cannot be used with num_beams > 1"),
     (dict(num_beams=2, repetition_penalty=1.2), "repetition_penalty=1.2 cannot be used"),
     (dict(num_beams=2, top_logprobs=3), "top_logprobs=3 cannot be used"),
-    (dict(num_beams=2, early_stopping="sometimes"), "early_stopping must be True, False or 'never'"),
-    (dict(num_beams=2, length_penalty=float("nan")), "length_penalty must be a finite number"),
-    (dict(num_beams=2, length_penalty=[1.0, 2.0]), "one value or one per prompt (1 prompts)"),
+    # beam search used to ignore these silently
+    (dict(num_beams=2, top_k=5), "top_k=5 cannot be used with num_beams > 1"),
+    (dict(num_beams=2, top_p=0.9), "top_p=0.9 cannot be used with num_beams > 1"),
+    (dict(num_beams=2, min_p=0.1), "min_p=0.1 cannot be used with num_beams > 1"),
+    (dict(num_beams=2, seed=7), "seed=7 cannot be used with num_beams > 1"),
+    (dict(num_beams=2, early_stopping="sometimes"), "early_stopping must be true, false or 'never', got 'sometimes'"),
+    (dict(num_beams=2, length_penalty=float("nan")), "length_penalty must be a finite number, got nan"),
+    (dict(num_beams=2, length_penalty=[1.0, 2.0]), "length_penalty needs one value or one per prompt (1 prompts)"),
+    (dict(length_penalty=0.5), "length_penalty only applies to beam search (num_beams > 1)"),
 ])
 def test_bad_beam_knobs(gemma_model, kw, message):
     with pytest.raises(ValueError, match=None) as e:
@@ -236,7 +242,9 @@ def test_cli_and_batch_equal_the_api(ckpt, tmp_path, capsys):
         (c.prompt, c.sample, c.tokens, c.text) for c in ref]
     assert [r["score"] for r in rows] == pytest.approx([c.score for c in ref], abs=1e-6)
     for bad, message in ((["--temperature", "0.8"], "does not take --temperature"),
-                         (["--n", "2"], "does not take --n"), (["--num-beams", "64"], "--num-beams 64 exceeds")):
+                         (["--top-k", "5"], "does not take --top-k"), (["--seed", "3"], "does not take --seed"),
+                         (["--n", "2"], "does not take --n"),
+                         (["--num-beams", "64"], "--num-beams must be an integer in [1, 32] (1 = no beam search), got 64")):
         assert cli.main(["generate", "x", "--model", ck, "--num-beams", "2"] + bad) == 2
         assert message in capsys.readouterr().err
 

@@ -7,6 +7,8 @@ hand: JAXGEN_FUZZ_EXAMPLES=500 python -m pytest tests/test_fuzz.py.
 import json
 import os
 
+import pytest
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -56,6 +58,10 @@ def _write(path, items):
 def test_reader_never_raises_and_keeps_every_valid_row(tmp_path_factory, items):
     path = tmp_path_factory.mktemp("fuzz") / "in.jsonl"
     valid = _write(path, items)
+    if not any(line.strip() for line in path.read_bytes().split(b"\n")):  # nothing to run: one clear error
+        with pytest.raises(B.InputError, match="has no rows"):
+            B.read_requests(str(path), "skip")
+        return
     rows, errors = B.read_requests(str(path), "skip")
     assert [r["id"] for r in rows if str(r["id"]).startswith("valid-")] == valid
     ids = [r["id"] for r in rows] + [e["id"] for e in errors]

@@ -1,3 +1,4 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -5,7 +6,7 @@ import pytest
 
 from jaxgen.cache import init_cache
 from jaxgen.engine import generate_jit
-from jaxgen.generate import generate, plan, precompile, run
+from jaxgen.generate import generate, plan, precompile, run, stream
 from jaxgen.model import Model
 from jaxgen.model import forward
 from tests.conftest import TINY_GEMMA, TINY_QWEN, random_params
@@ -141,18 +142,45 @@ def test_max_new_tokens_per_row(gemma_model):
     (dict(prompts=[[1, 99999]]), "outside"),
     (dict(prompts=[[1] * 600]), "exceeds"),
     (dict(prompts=[[1] * 500], max_new_tokens=100), "context of 512"),
-    (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens must be >= 1"),
-    (dict(prompts=[[1]], max_new_tokens=-3), "max_new_tokens must be >= 1"),
-    (dict(prompts=[[1]], temperature=-1.0), "temperature must be >= 0"),
-    (dict(prompts=[[1]], top_p=0.0), r"top_p must be in \(0, 1\]"),
-    (dict(prompts=[[1]], top_p=1.01), r"top_p must be in \(0, 1\]"),
-    (dict(prompts=[[1]], top_k=-2), "top_k must be >= 0"),
+    (dict(prompts=[[1]], max_new_tokens=0), r"max_new_tokens must be an integer in \[1, 32768\], got 0"),
+    (dict(prompts=[[1]], max_new_tokens=-3), r"max_new_tokens must be an integer in \[1, 32768\], got -3"),
+    (dict(prompts=[[1]], max_new_tokens=2.5), r"max_new_tokens must be an integer in \[1, 32768\], got 2.5"),
+    (dict(prompts=[[1]], max_new_tokens=40000), r"max_new_tokens must be an integer in \[1, 32768\], got 40000"),
+    (dict(prompts=[[1]], temperature=-1.0), "temperature must be a finite number >= 0"),
+    (dict(prompts=[[1]], top_p=0.0), r"top_p must be a finite number in \(0, 1\]"),
+    (dict(prompts=[[1]], top_p=1.01), r"top_p must be a finite number in \(0, 1\]"),
+    (dict(prompts=[[1]], top_k=-2), r"top_k must be an integer in \[0, 256\]"),
+    (dict(prompts=[[1]], stop_ids=[64]), r"stop_ids must be a list of token ids in \[0, 64\), got \[64\]"),
+    (dict(prompts=[[1]], stop_ids=5), "stop_ids must be a list of token ids"),
+    (dict(prompts=[[1]], top_logprobs=-1), r"top_logprobs must be an integer in \[0, 64\], got -1"),
+    (dict(prompts=[[1]], seed=-1), r"seed must be an integer in \[0, 4294967295\], got -1"),
+    (dict(prompts=[[1]], seed=[1.5]), r"seed must be an integer"),
+    (dict(prompts=[[1]], whitespace=" ?"), "whitespace applies to json_schema constraints only"),
+    (dict(prompts=[[1]], length_penalty=2.0), r"length_penalty only applies to beam search \(num_beams > 1\)"),
+    (dict(prompts=[[1]], return_beams=True), r"return_beams only applies to beam search"),
+    (dict(prompts=[[1]], include_stop="yes"), "include_stop must be true or false"),
     (dict(prompts=["hello"]), "need a model with a tokenizer"),
 ])
 def test_bad_input_is_a_clear_error_before_compiling(gemma_model, compile_counter, kwargs, msg):
     before = compile_counter.count()
     with pytest.raises(ValueError, match=msg):
         generate(gemma_model, **kwargs)
+    assert compile_counter.count() == before
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(top_logprobs=-1), r"top_logprobs must be an integer in \[0, 64\], got -1"),
+    (dict(num_beams=2), r"stream\(\) does not run beam search \(num_beams\)"),
+    (dict(length_penalty=0.5), r"stream\(\) does not run beam search \(length_penalty\)"),
+    (dict(chunk_steps=0), "chunk_steps must be an integer >= 1, got 0"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer"),
+])
+def test_stream_refuses_bad_input_before_compiling(gemma_model, compile_counter, kwargs, msg):
+    """stream() checks what generate() checks (it used to pass top_logprobs=-1 to XLA, and num_beams
+    to `prepare`, which failed with an internal TypeError)."""
+    before = compile_counter.count()
+    with pytest.raises(ValueError, match=msg):
+        next(stream(gemma_model, PROMPTS, **kwargs))
     assert compile_counter.count() == before
 
 
@@ -250,7 +278,7 @@ def test_state_carries_penalty_history_only_when_used(gemma_model):
         _, args, p = prepare(gemma_model, PROMPTS, max_new_tokens=4, **knobs)
         shape = jax.eval_shape(lambda a: prefill_jit(gemma_model.params, **a, cfg=gemma_model.cfg, max_new=p.max_new,
                                                      cache_len=p.cache_len, penalties=p.penalties), args)
-        assert shape.seen.shape == shape.counts.shape == (p.batch, width), knobs
+        chex.assert_shape([shape.seen, shape.counts], (p.batch, width))
 
 
 N_KNOBS = [dict(temperature=0.9, top_k=20, seed=5),
@@ -295,7 +323,7 @@ def test_n_samples_prefill_each_prompt_once(gemma_model):
     assert state.tokens.shape[0] == state.cache.lengths.shape[0] == 32
 
 
-@pytest.mark.parametrize("n, msg", [(0, "n \\(samples per prompt\\) must be an integer >= 1"),
+@pytest.mark.parametrize("n, msg", [(0, r"n must be an integer in \[1, 1024\], got 0"),
                                     (True, "must be an integer"), (400, "exceeds the largest batch bucket")])
 def test_bad_n(gemma_model, n, msg):
     with pytest.raises(ValueError, match=msg):

@@ -120,7 +120,7 @@ def test_killed_actor_is_retried_and_bad_rows_are_fields(cluster, ckpt, tmp_path
     bad = [{"id": 100, "prompt": "x", "temperature": -1.0}, {"id": 101, "prompt": ""},
            {"id": 102, "prompt": "y", "num_beams": 2, "n": 2}, {"id": 103, "messages": [{"role": "user"}]},
            {"id": 105, "messages": [{"role": "user", "content": "hi"}]},  # this base model has no chat template
-           {"id": 104, "prompt": "z", "max_new_tokens": 100000}]
+           {"id": 104, "prompt": "z", "max_new_tokens": 1000}]
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in good + bad))
     want = batch_lines(ck, inp, tmp_path / "out.jsonl", cluster)

@@ -1,5 +1,7 @@
 """Each sampler's empirical distribution over many seeds matches an independent numpy reference of the
 documented semantics (sort-based, as HF transformers does it)."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,16 +152,20 @@ def test_row_sample_independent_of_batch():
 
 
 @pytest.mark.parametrize("knobs,msg", [
-    (dict(temperature=-0.5), "temperature must be >= 0"),
-    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
-    (dict(top_k=-1), "top_k must be >= 0"),
-    (dict(top_k=300), "top_k must be <= 256"),
-    (dict(min_p=2.0), r"min_p must be in \[0, 1\]"),
-    (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
-    (dict(temperature=float("nan")), "temperature must be finite"),
+    (dict(temperature=-0.5), re.escape("temperature must be a finite number >= 0 (0 = greedy), got -0.5")),
+    (dict(top_p=0.0), re.escape("top_p must be a finite number in (0, 1] (1 = off), got 0.0")),
+    (dict(top_p=1.5), re.escape("top_p must be a finite number in (0, 1] (1 = off), got 1.5")),
+    (dict(top_k=-1), re.escape("top_k must be an integer in [0, 256] (0 = off), got -1")),
+    (dict(top_k=300), re.escape("top_k must be an integer in [0, 256] (0 = off), got 300")),
+    (dict(top_k=2.5), re.escape("top_k must be an integer in [0, 256] (0 = off), got 2.5")),
+    (dict(min_p=2.0), re.escape("min_p must be a finite number in [0, 1] (0 = off), got 2.0")),
+    (dict(repetition_penalty=0.0), re.escape("repetition_penalty must be a finite number > 0 (1 = off), got 0.0")),
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(presence_penalty=float("inf")), "presence_penalty must be a finite number"),
     (dict(temperature=[1.0, 2.0]), "one value per prompt"),
-    (dict(banned_ids=[V + 3]), "outside the vocabulary"),
+    (dict(temperature=[1.0, -2.0, 1.0]), "temperature must be a finite number >= 0 .*got -2.0"),
+    (dict(banned_ids=[V + 3]), re.escape(f"banned_ids must be a list of token ids in [0, {V}), got [{V + 3}]")),
+    (dict(logit_bias={1: float("nan")}), "logit_bias must be a {token id: finite number or -inf} mapping"),
 ])
 def test_bad_knobs(knobs, msg):
     with pytest.raises(ValueError, match=msg):

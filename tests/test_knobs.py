@@ -1,0 +1,235 @@
+"""The knob table (`jaxgen.knobs`) and the four front ends derived from it: the Python API, the command
+line, `jaxgen batch` rows and the Ray stage's options. Every knob goes through every front end that
+has it: a bad value is refused with the same message (the front end's name for the knob, then the
+table's range) and, off the Python API, before any model loads; a good value reaches `generate`
+unchanged, and the same request gives the same tokens through all four."""
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import jaxgen
+from jaxgen import cli, flags
+from jaxgen import knobs as kn
+from jaxgen import ray as jray
+from jaxgen.batch import row_seed
+from jaxgen.batch_run import check_row
+from jaxgen.checkpoint import registry
+
+from .test_cli import ckpt  # noqa: F401  (the module-scoped tiny checkpoint fixture)
+
+NO_MODEL = "/nonexistent/model.gguf"  # a check made after loading would report this path instead
+
+# one refused and one accepted (non-default) value per knob; a knob added to the table without them fails
+BAD = dict(max_new_tokens=0, temperature=-1.0, top_k=-1, top_p=1.5, min_p=math.nan, repetition_penalty=0.0,
+           presence_penalty=math.nan, frequency_penalty=math.inf, seed=-1, logit_bias={0: math.nan}, banned_ids=[-1],
+           stop_ids=[-3], stop=[""], include_stop="yes", prefix="", regex="[0-", json_schema={"type": "integer", "minimum": 1},
+           choices=[""], whitespace="(", n=0, top_logprobs=-1, candidates=0, num_beams=33, length_penalty=math.nan,
+           early_stopping="sometimes", return_beams="yes")
+GOOD = dict(max_new_tokens=5, temperature=0.7, top_k=7, top_p=0.9, min_p=0.05, repetition_penalty=1.3,
+            presence_penalty=0.4, frequency_penalty=0.2, seed=11, logit_bias={3: 1.5}, banned_ids=[4], stop_ids=[5],
+            stop=["ab", "\n"], include_stop=True, prefix="the", regex="[a-z]+", json_schema={"type": "integer"},
+            choices=["yes", "no"], whitespace=" ?", n=3, top_logprobs=2, candidates=64, num_beams=3, length_penalty=0.5,
+            early_stopping="never", return_beams=True)
+
+
+def test_every_knob_has_test_values():
+    assert set(BAD) == set(GOOD) == set(kn.KNOBS)
+    for name in kn.KNOBS:
+        assert kn.problem(name, GOOD[name], vocab_size=259) is None, name
+        assert kn.problem(name, BAD[name], vocab_size=259), name
+        assert not kn.is_off(name, GOOD[name]) and kn.is_off(name, kn.KNOBS[name].default), name
+
+
+def _text(v) -> list[str]:
+    """A value as the command line spells it (repeatable flags: one text per item)."""
+    return [str(x) for x in v] if isinstance(v, list) else [repr(v) if isinstance(v, float) else str(v)]
+
+
+def _argv(command, name, value, tmp_path) -> list[str]:
+    k = kn.KNOBS[name]
+    if k.kind == "bool":
+        return [k.flag] if value else []
+    if k.kind == "schema":  # the flag takes a file
+        path = tmp_path / "schema.json"
+        path.write_text(json.dumps(value))
+        return [k.flag, str(path)]
+    return [x for t in _text(value) for x in (k.flag, t)]
+
+
+def _context(name) -> dict:
+    """What a knob needs beside it to be checked as a value (not refused for its company)."""
+    k = kn.KNOBS[name]
+    return {"num_beams": 2} if k.beam == "only" else {"json_schema": {"type": "integer"}} if name == "whitespace" else {}
+
+
+def _cli_context(name) -> list[str]:
+    k = kn.KNOBS[name]
+    return ["--num-beams", "2"] if k.beam == "only" else ["--json-schema", "SCHEMA"] if name == "whitespace" else []
+
+
+@pytest.mark.parametrize("name", sorted(kn.KNOBS))
+def test_a_bad_value_is_refused_with_one_message_everywhere(name, ckpt, tmp_path, capsys):
+    k, bad = kn.KNOBS[name], BAD[name]
+    model = registry.load(str(ckpt[2]))
+    limits = dict(vocab_size=model.cfg.vocab_size, candidates=kn.DEFAULT_CANDIDATES)
+    with pytest.raises(ValueError) as e:  # the Python API
+        jaxgen.generate(model, ["the cat"], **{**_context(name), name: bad})
+    assert kn.problem(name, bad, **limits) in str(e.value)
+    (tmp_path / "SCHEMA").write_text('{"type": "integer"}')
+    for command in k.commands if k.flag else ():  # the command line, before the model loads
+        head = ["generate", "hi"] if command == "generate" else ["batch", "--input", str(tmp_path / "in.jsonl"),
+                                                                 "--output", str(tmp_path / "out.jsonl")]
+        (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "x", "num_beams": 2}\n')
+        argv = head + ["--model", NO_MODEL] + [str(tmp_path / x) if x == "SCHEMA" else x for x in _cli_context(name)]
+        if k.kind == "bool":
+            continue  # a switch cannot be given a bad value
+        assert cli.main(argv + _argv(command, name, bad, tmp_path)) == 2
+        out, err = capsys.readouterr()
+        want = kn.problem(name, bad, k.flag, candidates=kn.DEFAULT_CANDIDATES)  # (the vocabulary is not known yet)
+        assert out == "" and err == f"jaxgen {command}: error: {want}\n", (command, err)
+    if k.row:  # a `jaxgen batch` row: refused while reading, with its line and id
+        row = {"id": 7, "prompt": "x", **_context(name), name: bad}
+        row.pop("json_schema", None) if name == "whitespace" else None
+        assert check_row(row) == kn.problem(name, bad)
+        (tmp_path / "in.jsonl").write_text(json.dumps(row) + "\n")
+        assert cli.main(["batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"),
+                         "--model", NO_MODEL]) == 2
+        err = capsys.readouterr().err
+        assert err == f"jaxgen batch: error: {tmp_path / 'in.jsonl'}:1: id 7: {kn.problem(name, bad)}\n", err
+    if k.flag and "batch" in k.commands and k.kind != "bool":  # a Ray stage option (named by its Python name)
+        options = {"num_beams": 2} if k.beam == "only" else {}
+        options[k.dest] = bad
+        with pytest.raises(ValueError) as e:
+            jray.batch_args(**options)
+        assert str(e.value) == kn.problem(name, bad, k.dest, candidates=kn.DEFAULT_CANDIDATES)
+
+
+@pytest.mark.parametrize("name", sorted(k.name for k in kn.KNOBS.values() if k.flag))
+def test_a_good_value_reaches_the_request_unchanged(name, tmp_path):
+    """The generate command's flags, the batch flags and the Ray options give the API's value."""
+    k, good = kn.KNOBS[name], GOOD[name]
+    for command in k.commands:
+        head = ["generate", "hi"] if command == "generate" else ["batch", "--input", "i", "--output", "o"]
+        args = flags.build_parser().parse_args(head + _argv(command, name, good, tmp_path))
+        value = flags.knob_value(args, k)
+        if k.kind == "schema":
+            assert json.loads(open(value).read()) == good
+        else:
+            assert value == good
+        if command == "generate" and name not in kn.CONSTRAINTS + ("whitespace",):
+            assert cli.request_of(args, None)[name] == good
+        if command == "batch":
+            ray_args = jray.batch_args(**{k.dest: good}, **({"num_beams": 2} if k.beam == "only" else {}))
+            assert flags.knob_value(ray_args, k) == good
+    if name == "choices":
+        args = flags.build_parser().parse_args(["generate", "x", "--choice", "yes", "--choice", "no"])
+        assert flags.constraint_regex(args) == jaxgen.constraints.to_regex("choices", ["yes", "no"])
+
+
+def test_ray_options_take_a_string_as_one_value():
+    """Ray's `stop="</answer>"` was nine one-character stop strings and `choice="yes"` the regex (y|e|s)."""
+    args = jray.batch_args(stop="</answer>", choice="yes")
+    assert args.stop == ["</answer>"] and flags.constraint_regex(args) == "(yes)"
+    assert jray.batch_args(stop=["a", "b"]).stop == ["a", "b"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "hi", "--chunk-steps", "0"], "argument --chunk-steps: must be a positive integer, got '0'"),
+    (["generate", "hi", "--n", "100000"], "--n must be an integer in [1, 1024], got 100000"),
+    (["generate", "a", "b", "--n", "600"], "2 prompts x n=600 samples = 1200 rows exceeds the largest batch bucket 1024"),
+    (["generate", "hi", "--max-new-tokens", "10000000"], "--max-new-tokens must be an integer in [1, 32768], got 10000000"),
+    (["generate", "hi", "--top-logprobs", "-1"], "--top-logprobs must be an integer in [0, the vocabulary size], got -1"),
+    (["generate", "hi", "--stop", ""], "--stop must be a non-empty string"),
+    (["generate", "hi", "--num-beams", "2", "--length-penalty", "nan"], "--length-penalty must be a finite number, got nan"),
+    (["generate", "hi", "--length-penalty", "0.5"], "--length-penalty only applies to beam search (--num-beams > 1)"),
+    (["generate", "hi", "--return-beams"], "--return-beams only applies to beam search (--num-beams > 1)"),
+    (["generate", "hi", "--early-stopping"], "--early-stopping only applies to beam search (--num-beams > 1)"),
+    (["generate", "hi", "--system", "be brief"], "--system only applies with --chat"),
+    (["generate", "hi", "--json-whitespace", " ?"], "--json-whitespace only applies with --json-schema"),
+    (["generate", "hi", "--num-beams", "2", "--top-k", "5", "--seed", "3"],
+     "--num-beams 2 (beam search) does not take --top-k, --seed"),
+    (["batch", "--input", "IN", "--output", "o.jsonl", "--memory-gb", "-1"], "argument --memory-gb: must be a positive number"),
+    (["batch", "--input", "IN", "--output", "o.jsonl", "--chunk-steps", "0"], "argument --chunk-steps: must be a positive"),
+    (["batch", "--input", "IN", "--output", "o.jsonl", "--presence-penalty", "nan"], "--presence-penalty must be a finite number"),
+    (["batch", "--input", "IN", "--output", "o.jsonl", "--frequency-penalty", "inf"], "--frequency-penalty must be a finite number"),
+    (["batch", "--input", "EMPTY", "--output", "o.jsonl"], "has no rows (an empty file)"),
+    (["batch", "--input", "IN", "--output", "/no/such/dir/o.jsonl"], "--output /no/such/dir/o.jsonl: the directory /no/such/dir does not exist"),
+    (["batch", "--input", "IN", "--output", "o.jsonl", "--length-penalty", "0.5"],
+     "--length-penalty only applies to beam search, and no row has num_beams > 1"),
+    (["batch", "--input", "IN", "--output", "o.jsonl", "--json-whitespace", " "], "--json-whitespace only applies with --json-schema"),
+    (["batch", "--input", "IN", "--output", "o.jsonl", "--speculative", "lookup", "--prefix", "x"],
+     "--speculative takes neither a prefix nor n > 1 samples yet"),
+])
+def test_bad_input_is_one_line_before_the_model_loads(argv, message, tmp_path, capsys, monkeypatch):
+    """Every case of the solid-ground review: one line, exit 2, and no model load (the model given does
+    not exist, so a check made after loading would name it instead)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "IN").write_text('{"id": 1, "prompt": "x"}\n')
+    (tmp_path / "EMPTY").write_text("")
+    rc = cli.main(argv + ["--model", NO_MODEL])
+    out, err = capsys.readouterr()
+    assert (rc, out) == (2, "") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.jsonl.lock").exists()
+
+
+def test_the_same_request_gives_the_same_tokens_through_every_front_end(ckpt, tmp_path, capsys, monkeypatch):
+    """Every sampling knob at a non-default value (one set as flags, one as a batch row's fields, one as
+    Ray options) gives generate()'s tokens: the API, `jaxgen generate`, `jaxgen batch` and the Ray stage
+    (its callable run on a block, no cluster needed)."""
+    ck = str(ckpt[2])
+    model = registry.load(ck)
+    knobs = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.02, repetition_penalty=1.2, presence_penalty=0.3,
+                 frequency_penalty=0.1)
+    flag_argv = [x for name, v in knobs.items() for x in (kn.KNOBS[name].flag, repr(v))]
+    kw = dict(max_new_tokens=7, stop=["e t"], stop_ids=[], **knobs)
+    api = jaxgen.generate(model, ["the cat", "a dog"], seed=5, **kw)
+    assert cli.main(["generate", "the cat", "a dog", "--model", ck, "--json", "--max-new-tokens", "7", "--stop", "e t",
+                     "--ignore-stop", "--seed", "5", *flag_argv]) == 0
+    assert [json.loads(x)["tokens"] for x in capsys.readouterr().out.splitlines()] == [c.tokens for c in api]
+
+    rows = [{"id": "a", "prompt": "the cat", **knobs}, {"id": "b", "prompt": "a dog", **knobs}]
+    want = {r["id"]: jaxgen.generate(model, [r["prompt"]], seed=[row_seed(5, r["id"])], **kw)[0].tokens for r in rows}
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for i, extra in enumerate(([], flag_argv)):  # knobs as row fields, then as flags (the rows' defaults)
+        inp = tmp_path / "in.jsonl"
+        if extra:
+            inp = tmp_path / "bare.jsonl"
+            inp.write_text("".join(json.dumps({"id": r["id"], "prompt": r["prompt"]}) + "\n" for r in rows))
+        assert cli.main(["batch", "--input", str(inp), "--output", str(tmp_path / f"out{i}.jsonl"), "--model", ck,
+                         "--max-new-tokens", "7", "--stop", "e t", "--ignore-stop", "--seed", "5", *extra]) == 0
+        got = {r["id"]: r["tokens"] for r in map(json.loads, open(tmp_path / f"out{i}.jsonl"))}
+        assert got == want, i
+    monkeypatch.setenv("JAXGEN_COMPILE_CACHE", "0")  # (the stage turns JAX's disk cache on for its process)
+    stage = jray.Generate(model=ck, max_new_tokens=7, stop="e t", ignore_stop=True, seed=5, **knobs)
+    out = stage(pd.DataFrame([{"id": r["id"], "prompt": r["prompt"]} for r in rows]))
+    assert {row["id"]: json.loads(json.dumps(list(row["tokens"]))) for _, row in out.iterrows()} == want
+
+
+def test_signature_defaults_are_the_tables():
+    """generate()'s keyword defaults are the table's (the off values its checks and beam search use)."""
+    import inspect
+
+    params = inspect.signature(jaxgen.generate).parameters
+    for name, k in kn.KNOBS.items():
+        assert name in params and params[name].default == k.default, name
+    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        assert inspect.signature(jaxgen.make_sampling_params).parameters[name].default == kn.KNOBS[name].default
+
+
+def test_per_row_values_are_checked_one_by_one():
+    assert list(kn.per_row("top_k", [1, 2, 3], 3, np.int32)) == [1, 2, 3]
+    with pytest.raises(ValueError, match=r"top_k must be an integer in \[0, 256\] \(0 = off\), got 2.5"):
+        kn.per_row("top_k", [1, 2.5, 3], 3, np.int32, candidates=256)
+    with pytest.raises(ValueError, match="one value per prompt"):
+        kn.per_row("top_k", [1, 2], 3, np.int32)
+
+
+def test_readme_shows_the_table():
+    import pathlib
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("<!-- knobs:start -->\n")[1].split("\n<!-- knobs:end -->")[0]
+    assert block == kn.markdown(), "run `python -m jaxgen.knobs` and paste its table into the README"
