@@ -149,8 +149,7 @@ def test_greedy_n_samples_and_mesh(model):
     got = jaxgen.generate(sharded, [p for p in prompts for _ in range(3)], **kw)
     assert [c.tokens for c in got] == [c.tokens for c in ref]
     g = jaxgen.generate(model, prompts, max_new_tokens=30, json_schema=SCHEMA)
-    for c in g:
-        assert c.finish_reason == "length" or jsonschema.validate(json.loads(c.text), SCHEMA) is None
+    _assert_valid(g, SCHEMA, least=len(g))
 
 
 def test_similar_constraints_share_a_program(model, compile_counter):
@@ -171,8 +170,17 @@ def test_stop_strings_and_int8_weights(model):
     for c in out:  # stops at the first "," (the text cut before it) or ends as a whole number
         assert re.fullmatch(r"[0-9]+", c.text), c
     q = Model(model.cfg, quantize_params(model.params, "int8"), model.tokenizer)
-    for c in jaxgen.generate(q, [[1, 2, 3]], n=4, max_new_tokens=40, temperature=1.0, json_schema=SCHEMA):
-        assert c.finish_reason == "length" or jsonschema.validate(json.loads(c.text), SCHEMA) is None
+    _assert_valid(jaxgen.generate(q, [[1, 2, 3]], n=8, max_new_tokens=40, temperature=1.0, json_schema=SCHEMA),
+                  SCHEMA, least=6)
+
+
+def _assert_valid(outs, schema, least: int):
+    """At least `least` rows finished (so the check below checks something), and every row that did
+    parses and validates; a row cut by the budget is a prefix the automaton could still complete."""
+    finished = [c for c in outs if c.finish_reason == "stop"]
+    assert len(finished) >= least, [(c.finish_reason, c.text) for c in outs]
+    for c in finished:
+        jsonschema.validate(json.loads(c.text), schema)
 
 
 def test_disk_cache_builds_once(model, tmp_path, monkeypatch):
@@ -196,10 +204,38 @@ def test_disk_cache_builds_once(model, tmp_path, monkeypatch):
     (dict(regex="[0-9]", choices=["a"]), "at most one of regex, json_schema, choices"),
     (dict(regex=["[0-9]"] * 3), "regex has 3 entries but there are 2 prompts"),
     (dict(regex="Z+"), "no token sequence"),
+    # what outlines-core would drop silently (so an invalid row would pass): refused until jaxgen enforces it
+    (dict(json_schema={"type": "object", "properties": {"t": {"type": "string"}, "g": {"type": "string"}},
+                       "oneOf": [{"properties": {"t": {"enum": ["code"]}}, "required": ["g"]},
+                                 {"properties": {"t": {"enum": ["token"]}}}]}),
+     "'oneOf' beside 'properties' is not enforced"),
+    (dict(json_schema={"type": "string", "pattern": "^[a-c]+$", "minLength": 2}), "'pattern' beside 'minLength'"),
+    (dict(json_schema={"oneOf": [{"type": "integer"}, {"type": "number"}]}), "'oneOf' branches 0 and 1 can both match"),
+    (dict(json_schema={"allOf": [{"type": "object"}, {"properties": {"a": {"type": "integer"}}}]}),
+     "'allOf' of 2 schemas"),
+    (dict(json_schema={"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["b"]}),
+     "required property 'b' is not among 'properties'"),
+    (dict(json_schema={"type": "object", "required": ["a"]}), "'required' without 'properties'"),
+    (dict(json_schema={"type": "string", "anyOf": [{"maxLength": 3}, {"pattern": "a+"}]}),
+     "'type' beside 'anyOf' is not enforced"),
+    (dict(json_schema={"type": "string", "enum": ["a", 1]}), "enum value 1 is not of type 'string'"),
 ])
 def test_bad_constraints(model, kw, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         jaxgen.generate(model, [[1], [2]], max_new_tokens=4, **kw)
+
+
+@pytest.mark.parametrize("schema", [
+    {"oneOf": [{"type": "string"}, {"type": "null"}]},  # disjoint types: oneOf == anyOf
+    {"oneOf": [{"const": "a"}, {"const": "b"}, {"enum": [1, 2]}]},  # disjoint values
+    {"type": "object", "properties": {"k": {"type": "integer"}}, "required": ["k"], "additionalProperties": False},
+    {"type": "integer", "minLength": 3},  # a string keyword on an integer: JSON Schema itself ignores it
+    {"$ref": "#/$defs/n", "$defs": {"n": {"type": "integer"}}},
+    {"type": "string", "oneOf": [{"const": "a"}, {"const": "b"}]},  # type dropped, but every branch is a string
+])
+def test_schemas_outlines_core_enforces_whole_are_accepted(schema):
+    con.check_schema(schema)
+    assert con.to_regex("json_schema", schema)
 
 
 def test_budget_and_speculative_refusal(model, monkeypatch):

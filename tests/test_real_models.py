@@ -102,9 +102,10 @@ def test_long_prompt_wraps_sliding_window(real):
         assert got.tokens == case["greedy_ids"]
         assert small.tokens == case["greedy_ids"]
         ref = dict(zip(case["top10_ids"], case["top10_logprobs"]))
-        for i, lp in small.top_logprobs[0]:
-            if i in ref:
-                assert abs(lp - ref[i]) < 2e-3, (i, lp, ref[i])
+        ours = dict(small.top_logprobs[0])
+        assert len(set(ours) & set(ref)) >= 9, (sorted(ours), sorted(ref))  # a near-tie may swap the 10th
+        for i in set(ours) & set(ref):
+            assert abs(ours[i] - ref[i]) < 2e-3, (i, ours[i], ref[i])
         np.testing.assert_allclose(small.logprobs, got.logprobs, atol=1e-4)
 
 
