@@ -78,15 +78,21 @@ def _logprobs_fn():
     return jax.jit(logprobs, static_argnames=("cfg", "kv_quant"))
 
 
-def compare(ref, model, chunks: list[list[int]]) -> dict:
-    """ppl of `model` and mean KL(ref || model) per token over the chunks (each [T] ids)."""
+def compare(ref, model, chunks: list[list[int]], ref_cache: dict | None = None) -> dict:
+    """ppl of `model` and mean KL(ref || model) per token over the chunks (each [T] ids). ref_cache: a
+    dict that keeps ref's log-probs per chunk, for comparing several models against one ref."""
     import jax.numpy as jnp
 
     fn = _logprobs_fn()
     nll, kl, n = 0.0, 0.0, 0
-    for ids in chunks:
+    for i, ids in enumerate(chunks):
         t = jnp.asarray([ids], jnp.int32)
-        lp_ref = fn(ref.params, t, ref.cfg, ref.kv_quant)
+        if ref_cache is not None and i in ref_cache:
+            lp_ref = ref_cache[i]
+        else:
+            lp_ref = fn(ref.params, t, ref.cfg, ref.kv_quant)
+            if ref_cache is not None:
+                ref_cache[i] = lp_ref
         lp = lp_ref if model is ref else fn(model.params, t, model.cfg, model.kv_quant)
         picked = jnp.take_along_axis(lp, t[:, 1:, None], axis=-1)[..., 0]
         nll -= float(picked.sum())
@@ -137,22 +143,29 @@ def main(argv=None):
     base = jaxgen.load(a.model, "float32")
     chunks = token_chunks(base.tokenizer, a.tokens_per_text, a.chunk)
     cases = json.loads((ROOT / "tests" / "fixtures" / f"{a.model}.json").read_text())["cases"]
-    rows = {}
+    rows, ref_cache = {}, {}
     for v in a.variants.split(","):
         m = variant_model(base, v)
-        r = compare(base, m, chunks)
+        r = compare(base, m, chunks, ref_cache)
         r.update(greedy_agreement(m, cases))
         r["param_bytes"] = quant.param_bytes(m.params)
         r["cache_bytes"] = cache_bytes(m.cfg, 1, 4096, m.params.embed.dtype, kv_quant=m.kv_quant)
         rows[v] = r
         print(v, json.dumps(r), file=sys.stderr, flush=True)
+    import datetime
+    import os
+    import platform
+
+    day = datetime.date.today().isoformat()
     out = ROOT / "benchmarks" / "results" / f"quality-{a.model}.json"
-    out.write_text(json.dumps({"model": a.model, "chunks": len(chunks), "chunk": a.chunk,
+    out.write_text(json.dumps({"model": a.model, "date": day, "machine": f"{platform.machine()}-{os.cpu_count()}cpu",
+                               "chunks": len(chunks), "chunk": a.chunk,
                                "tokens": rows["float32"]["tokens"] if "float32" in rows else None,
                                "texts": list(texts()), "variants": rows}, indent=1))
     text = table(rows) + (f"\n\n{a.model}; {len(chunks)} chunks of {a.chunk} tokens (prose: the Python license; code: "
                           "textwrap.py and json/decoder.py), teacher-forced; greedy agreement on the 7 reference "
-                          "prompts against the float32 greedy tokens. `python -m benchmarks.quality` regenerates this.")
+                          f"prompts against the float32 greedy tokens. Measured {day} by `python -m benchmarks.quality`; "
+                          f"results: `benchmarks/results/quality-{a.model}.json`.")
     print(text)
     if not a.no_readme:
         from benchmarks.run import update_readme

@@ -28,12 +28,9 @@ from jaxgen import stops as sst
 from jaxgen.config import ModelConfig
 from jaxgen.engine import (FINISH_REASONS, STOP, STOP_STRING, GenerateOutput, Prefix, decode_jit, generate_jit,
                            output, prefill_jit, prefill_prefix_jit)
-from jaxgen.model import Model
-
 # every shape rounds up to a bucket (the buckets and the one rounding rule live in jaxgen.knobs)
-from jaxgen.knobs import (BATCH_BUCKETS, BEAM_BUCKETS, NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, SLOT_BUCKETS,  # noqa: E402,F401
-                          bucket)
-
+from jaxgen.knobs import BATCH_BUCKETS, BEAM_BUCKETS, NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, SLOT_BUCKETS, bucket  # noqa: F401
+from jaxgen.model import Model
 
 ROW_ERROR = ("the model's logits became NaN or infinite at this step (corrupt weights, or an overflow in "
              "this dtype); the row ended there")

@@ -35,7 +35,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "qwen: Qwen2.5-Coder real-model tests, opt-in with --run-qwen")
 
 
+# The longest files first (measured with --durations): CI runs `-n 2 --dist loadfile`, where pytest-xdist
+# hands files to its two workers in collection order, so a long file started last would run alone at
+# the end. Within a file the order is kept.
+LONGEST_FIRST = ["test_real_models", "test_notebooks", "test_quant_real", "test_ray", "test_generate", "test_batch",
+                 "test_constraints", "test_long_prompts", "test_prefix", "test_cli", "test_speculative",
+                 "test_knobs", "test_benchmarks", "test_beam", "test_stops", "test_multihost"]
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # (stable)
     if config.getoption("--run-qwen"):
         return
     skip = pytest.mark.skip(reason="Qwen real-model test: opt in with --run-qwen")

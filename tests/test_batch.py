@@ -58,13 +58,16 @@ def test_one_line_per_id_with_overrides(model_dir, tmp_path):
     out = read_output(tmp_path / "out.jsonl")
     assert sorted(out) == sorted(f"r{i}" for i in range(10))
     assert len(open(tmp_path / "out.jsonl").readlines()) == 10
-    model = registry.load(model_dir)
-    for r in lines:
+    # the reference: every row in one API call, with its own knobs and seed (a row's tokens do not depend
+    # on its batch: tests/test_generate.py)
+    knob = lambda k, off: [r.get(k, off) for r in lines]
+    want = jaxgen.generate(registry.load(model_dir), [r["prompt"] for r in lines], max_new_tokens=knob("max_new_tokens", 6),
+                           stop_ids=[], seed=[row_seed(r.get("seed", 0), r["id"]) for r in lines],
+                           temperature=knob("temperature", 0.0), top_k=knob("top_k", 0), top_p=knob("top_p", 1.0),
+                           min_p=knob("min_p", 0.0), repetition_penalty=knob("repetition_penalty", 1.0))
+    for r, w in zip(lines, want):
         got = out[r["id"]]
-        knobs = {k: r[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty") if k in r}
-        want = jaxgen.generate(model, [r["prompt"]], max_new_tokens=r.get("max_new_tokens", 6), stop_ids=[],
-                               seed=[row_seed(r.get("seed", 0), r["id"])], **knobs)[0]
-        assert (got["tokens"], got["text"]) == (want.tokens, want.text), r
+        assert (got["tokens"], got["text"]) == (w.tokens, w.text), r
         assert len(got["tokens"]) == (3 if r["id"] == "r3" else 6) and got["finish_reason"] == "length"
 
 

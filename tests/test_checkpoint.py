@@ -3,6 +3,7 @@ map, every transpose and the llama q/k permutation are checked against the param
 bad files and bad names fail with a message naming the problem."""
 import dataclasses
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -178,7 +179,7 @@ def test_orbax_round_trip_with_tokenizer(tiny_file, tmp_path):
     assert model.cfg == TINY_LLAMA
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(model.params))  # on device, not numpy
     restacked = jax.tree.map(np.asarray, stack_layers(model.params))
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), restacked)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, params), restacked)
     assert model.tokenizer.encode(" the tea") == tok.encode(" the tea")
     bf = registry.load(str(tmp_path / "ck"), "bfloat16")
     assert bf.params.embed.dtype == jax.numpy.bfloat16

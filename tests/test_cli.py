@@ -337,11 +337,15 @@ def test_chat_and_system_flags(chat_ckpt, capsys, tmp_path):
     rc, out, err = run(capsys, ["generate", "the cat", "--model", chat_ckpt, "--json", "--chat", "--system", "be brief",
                                 "--max-new-tokens", "5", "--ignore-stop"])
     assert rc == 0, err
-    assert json.loads(out)["tokens"] == want.tokens and json.loads(out)["prompt"] == "the cat"
+    row = json.loads(out)
+    assert (row["tokens"], row["prompt"]) == (want.tokens, "the cat")
+    assert row["logprobs"] == pytest.approx(want.logprobs, abs=1e-6)
     plain = jaxgen.generate(model, [tok.apply_chat_template(msgs[1:])], **kw)[0]
     rc, out, err = run(capsys, ["generate", "the cat", "--model", chat_ckpt, "--json", "--chat", "--max-new-tokens", "5",
                                 "--ignore-stop"])
-    assert json.loads(out)["tokens"] == plain.tokens != want.tokens
+    row = json.loads(out)
+    assert (row["tokens"], row["logprobs"]) == (plain.tokens, pytest.approx(plain.logprobs, abs=1e-6))
+    assert row["logprobs"] != pytest.approx(want.logprobs, abs=1e-4)  # (the system message changes the prompt)
     rows = [{"id": 1, "prompt": "the cat"}, {"id": 2, "messages": msgs}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert cli.main(["batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"), "--model",

@@ -54,6 +54,11 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("JAXGEN_CACHE", str(tmp_path_factory.getbasetemp() / "jaxgen-cache"))
 
 
+# BOUNDED's documents are at most 34 characters long (a token writes at least one): 40 tokens finish any row
+BOUNDED = {"type": "object", "properties": {"a": {"enum": [1, 22, 333]}, "b": {"type": "boolean"},
+                                            "c": {"type": "array", "items": {"enum": [1, "a"]}, "minItems": 1,
+                                                  "maxItems": 2}},
+           "required": ["a", "b"], "additionalProperties": False}
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "boolean"},
                                            "c": {"type": "array", "items": {"enum": [1, "a"]}, "minItems": 1,
                                                  "maxItems": 2}},
@@ -148,8 +153,8 @@ def test_greedy_n_samples_and_mesh(model):
     sharded = Model(model.cfg, shd.shard_params(model.params, model.cfg, mesh), model.tokenizer, mesh=mesh)
     got = jaxgen.generate(sharded, [p for p in prompts for _ in range(3)], **kw)
     assert [c.tokens for c in got] == [c.tokens for c in ref]
-    g = jaxgen.generate(model, prompts, max_new_tokens=30, json_schema=SCHEMA)
-    _assert_valid(g, SCHEMA, least=len(g))
+    g = jaxgen.generate(model, prompts, max_new_tokens=40, json_schema=BOUNDED)
+    _assert_valid(g, BOUNDED, least=len(g))  # every document of BOUNDED fits in 40 tokens: every row ends
 
 
 def test_similar_constraints_share_a_program(model, compile_counter):
@@ -170,8 +175,8 @@ def test_stop_strings_and_int8_weights(model):
     for c in out:  # stops at the first "," (the text cut before it) or ends as a whole number
         assert re.fullmatch(r"[0-9]+", c.text), c
     q = Model(model.cfg, quantize_params(model.params, "int8"), model.tokenizer)
-    _assert_valid(jaxgen.generate(q, [[1, 2, 3]], n=8, max_new_tokens=40, temperature=1.0, json_schema=SCHEMA),
-                  SCHEMA, least=6)
+    _assert_valid(jaxgen.generate(q, [[1, 2, 3]], n=8, max_new_tokens=40, temperature=1.0, json_schema=BOUNDED),
+                  BOUNDED, least=8)
 
 
 def _assert_valid(outs, schema, least: int):

@@ -4,6 +4,7 @@ string), and Orbax checkpoints restore the params."""
 import importlib.util
 import pathlib
 
+import chex
 import jax
 import numpy as np
 
@@ -25,4 +26,4 @@ def test_train_and_sample_short(tmp_path):
     assert np.mean(log["stopped"][-10:]) > 0.5 > np.mean(log["stopped"][:3])  # answers end at the stop string
     cfg, restored, _ = orbax.restore(tmp_path / "step_00040")
     assert cfg == ex.CFG
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, restored))
+    chex.assert_trees_all_equal(params, restored)

@@ -7,7 +7,6 @@ import json
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 
 import jaxgen
@@ -175,10 +174,9 @@ def test_bad_input_is_one_line_before_the_model_loads(argv, message, tmp_path, c
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.jsonl.lock").exists()
 
 
-def test_the_same_request_gives_the_same_tokens_through_every_front_end(ckpt, tmp_path, capsys, monkeypatch):
-    """Every sampling knob at a non-default value (one set as flags, one as a batch row's fields, one as
-    Ray options) gives generate()'s tokens: the API, `jaxgen generate`, `jaxgen batch` and the Ray stage
-    (its callable run on a block, no cluster needed)."""
+def test_the_same_request_gives_the_same_tokens_through_every_front_end(ckpt, tmp_path, capsys):
+    """Every sampling knob at a non-default value (as flags, as a batch row's fields, as Ray options)
+    gives generate()'s tokens through the API, `jaxgen generate` and `jaxgen batch`."""
     ck = str(ckpt[2])
     model = registry.load(ck)
     knobs = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.02, repetition_penalty=1.2, presence_penalty=0.3,
@@ -202,10 +200,10 @@ def test_the_same_request_gives_the_same_tokens_through_every_front_end(ckpt, tm
                          "--max-new-tokens", "7", "--stop", "e t", "--ignore-stop", "--seed", "5", *extra]) == 0
         got = {r["id"]: r["tokens"] for r in map(json.loads, open(tmp_path / f"out{i}.jsonl"))}
         assert got == want, i
-    monkeypatch.setenv("JAXGEN_COMPILE_CACHE", "0")  # (the stage turns JAX's disk cache on for its process)
-    stage = jray.Generate(model=ck, max_new_tokens=7, stop="e t", ignore_stop=True, seed=5, **knobs)
-    out = stage(pd.DataFrame([{"id": r["id"], "prompt": r["prompt"]} for r in rows]))
-    assert {row["id"]: json.loads(json.dumps(list(row["tokens"]))) for _, row in out.iterrows()} == want
+    # the Ray stage: its options are the batch flags (test_a_good_value_reaches_the_request_unchanged) and
+    # its rows run through the same code as `jaxgen batch` (tests/test_ray.py: stage == batch, row for row)
+    args = jray.batch_args(model=ck, max_new_tokens=7, stop="e t", ignore_stop=True, seed=5, **knobs)
+    assert {k: getattr(args, k) for k in knobs} == knobs and args.stop == ["e t"]
 
 
 def test_signature_defaults_are_the_tables():

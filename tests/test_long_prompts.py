@@ -7,6 +7,7 @@ prompt where the one-pass program's grows with its square.
 """
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +60,7 @@ def test_prefill_hidden_equals_one_forward(tiny_model):
     run = jax.jit(prefill_hidden, static_argnames=("cfg", "chunk"))
     last, cache = run(params, tokens, pos, init_cache(cfg, 3, 80), cfg, chunk=8)
     np.testing.assert_allclose(last, ref_last, atol=2e-5, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5), cache, ref_cache)
+    chex.assert_trees_all_close(cache, ref_cache, atol=2e-5, rtol=1e-5)
 
 
 def _prompts(cfg, lengths, seed=0):

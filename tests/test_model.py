@@ -1,3 +1,4 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +40,7 @@ def test_per_layer_params_equal_stacked(tiny_model):
     per_layer = unstack_layers(tiny_model.params)
     assert isinstance(per_layer.layers, tuple) and len(per_layer.layers) == cfg.n_layers
     assert per_layer.layers[1].wq.shape == tiny_model.params.layers.wq.shape[1:]
-    jax.tree.map(np.testing.assert_array_equal, stack_layers(per_layer), tiny_model.params)
+    chex.assert_trees_all_equal(stack_layers(per_layer), tiny_model.params)
     B, T = 2, 15
     tokens = jax.random.randint(jax.random.key(4), (B, T), 0, cfg.vocab_size)
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -51,7 +52,7 @@ def test_per_layer_params_equal_stacked(tiny_model):
             got.append(lg)
         outs[name] = (jnp.concatenate(got, 1), cache)
     np.testing.assert_allclose(outs["per_layer"][0], outs["stacked"][0], atol=2e-5, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), outs["per_layer"][1], outs["stacked"][1])
+    chex.assert_trees_all_close(outs["per_layer"][1], outs["stacked"][1], atol=2e-5, rtol=0)
 
 
 def test_chunked_prefill_equals_full_forward(tiny_model):
@@ -95,7 +96,8 @@ def test_real_presets_shapes_without_memory(name):
     cache = cache_shapes(cfg, 2, 1024, jnp.bfloat16)
     tok = jax.ShapeDtypeStruct((2, 16), jnp.int32)
     logits, new_cache = jax.eval_shape(lambda p, t, c: _forward(p, t, t, c, cfg), params, tok, cache)
-    assert logits.shape == (2, 16, cfg.vocab_size) and logits.dtype == jnp.float32
+    chex.assert_shape(logits, (2, 16, cfg.vocab_size))
+    chex.assert_type(logits, jnp.float32)
     assert jax.tree.map(lambda a: (a.shape, a.dtype), new_cache) == jax.tree.map(lambda a: (a.shape, a.dtype), cache)
 
 

@@ -1,5 +1,5 @@
 """`jaxgen batch` as a Ray Data stage (jaxgen.ray), on a local Ray cluster this module starts (2 actor
-processes). Contracts: the stage's output for 64 rows == `jaxgen batch`'s on the same file, row
+processes). Contracts: the stage's output for 32 rows == `jaxgen batch`'s on the same file, row
 for row (rows of every kind: overrides, n samples, stop strings, beams; constraints run the same code);
 an actor killed mid-run is restarted by Ray and its block retried, every id still exactly once with
 the same tokens; bad rows get an error field and never fail the job.
@@ -85,15 +85,15 @@ OPTIONS = dict(max_new_tokens=10, temperature=0.8, batch_size=4)
 def test_stage_equals_jaxgen_batch(cluster, ckpt, tmp_path):
     ck = str(ckpt[2])
     inp = tmp_path / "in.jsonl"
-    inp.write_text("".join(json.dumps(r) + "\n" for r in rows()))
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows(32)))  # 4 rows of each of the 8 kinds
     want = batch_lines(ck, inp, tmp_path / "out.jsonl", cluster)
 
     sys.path.insert(0, str(ROOT / "examples"))
     from ray_batch import run  # the README's runnable example: JSONL in, N actors, JSONL out
 
-    stats = run(str(inp), str(tmp_path / "ray.jsonl"), actors=2, block_rows=32, model=ck, **OPTIONS)
+    stats = run(str(inp), str(tmp_path / "ray.jsonl"), actors=2, block_rows=16, model=ck, **OPTIONS)
     got = [json.loads(x) for x in open(tmp_path / "ray.jsonl")]
-    assert stats["rows"] == len(got) == 64
+    assert stats["rows"] == len(got) == 32
     assert sorted(json.dumps(x["id"]) for x in got) == sorted(want)  # every id exactly once
     for line in got:
         same(line, want[json.dumps(line["id"])])
@@ -116,7 +116,7 @@ class KillOnce(jray.Generate):
 
 def test_killed_actor_is_retried_and_bad_rows_are_fields(cluster, ckpt, tmp_path):
     ck = str(ckpt[2])
-    good = rows(24, ids=int)  # Arrow needs one type per column: here int ids, above strings
+    good = rows(16, ids=int)  # Arrow needs one type per column: here int ids, above strings
     bad = [{"id": 100, "prompt": "x", "temperature": -1.0}, {"id": 101, "prompt": ""},
            {"id": 102, "prompt": "y", "num_beams": 2, "n": 2}, {"id": 103, "messages": [{"role": "user"}]},
            {"id": 105, "messages": [{"role": "user", "content": "hi"}]},  # this base model has no chat template

@@ -132,6 +132,8 @@ def test_gemma_reference_text(real):
 
 
 def test_stream_equals_generate(real):
+    if real.name != "gemma3-270m":
+        pytest.skip("stream == generate does not depend on the model: one real model (and tiny ones) in CI")
     prompts = ["The capital of France is", "Once upon a time"]
     kw = dict(max_new_tokens=20, temperature=0.9, top_p=0.95, seed=5, stop_ids=[])
     ref = jaxgen.generate(real.model, prompts, **kw)

@@ -121,8 +121,8 @@ def gguf_path(name: str) -> pathlib.Path:
 def resolve_dtype(dtype) -> jnp.dtype:
     """"auto": float32 on CPU, bfloat16 on GPU/TPU. On this project's 2-core CPU float32 decodes
     faster at batch 1 and bfloat16 faster at batch 8 / 32 (the README's benchmark table), and only
-    float32 reproduces the reference fixtures exactly (bfloat16's greedy continuation of the
-    quickstart prompt leaves the float32/HF reference after 15 tokens), so it is the CPU default. On
+    float32 reproduces the reference fixtures exactly (bfloat16's greedy tokens leave the float32/HF
+    reference on some prompts: the README's quality table), so it is the CPU default. On
     accelerators bfloat16 halves the bytes read per step and is the dtype the models were trained in."""
     if isinstance(dtype, str) and dtype == "auto":
         return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
