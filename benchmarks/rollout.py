@@ -208,7 +208,7 @@ def table(res, spec):
             "|---|---|---|---|---|---|---|---|"]
     base = g.get("wall_s")
     for key, label in (("grpo_n", "jaxgen n=8 (one prefill per prompt)"), ("grpo_repeated", "jaxgen, prompts repeated x8"),
-                       ("grpo_hf", "HF generate num_return_sequences=8"), ("grpo_gemma", "gemma Sampler, prompts repeated x8")):
+                       ("grpo_hf", "HF generate num_return_sequences=8 (first call)"), ("grpo_gemma", "gemma Sampler, prompts repeated x8")):
         r = res.get(key)
         if not r:
             rows.append(f"| GRPO {spec_pg} | {label} | not run | | | | | |")
