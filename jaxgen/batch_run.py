@@ -14,7 +14,7 @@ from jaxgen import knobs as kn
 ROW_FIELDS = tuple(k.name for k in kn.KNOBS.values() if k.row)  # a line's fields besides id, prompt | messages
 # the sampling transforms' knobs, which a static batch passes to `generate` one value per row
 SAMPLING = tuple(k.name for k in kn.KNOBS.values() if k.row and k.per_row and k.beam == "no" and k.name != "seed")
-BEAM_FIELDS = tuple(k.name for k in kn.KNOBS.values() if k.row and (k.beam == "only" or k.name == "num_beams"))
+BEAM_FIELDS = kn.BEAM_KNOBS  # (every one a row field too)
 
 
 def check_fields(obj: dict, num_beams: int = 1) -> str | None:
@@ -34,9 +34,8 @@ def check_fields(obj: dict, num_beams: int = 1) -> str | None:
         if refused:
             return f"num_beams > 1 is deterministic beam search: it does not take {', '.join(refused)}"
     else:
-        only = [k for k in obj if k in ROW_FIELDS and kn.KNOBS[k].beam == "only"]
-        if only:
-            return f"{', '.join(only)} only appl{'ies' if len(only) == 1 else 'y'} to beam search (num_beams > 1)"
+        if only := [k for k in obj if k in ROW_FIELDS and kn.KNOBS[k].beam == "only"]:
+            return f"{kn.only_for_beams(only)} (num_beams > 1)"
     return None
 
 
@@ -51,15 +50,13 @@ def speculative_problem(args, rows: list[dict]) -> str | None:
 
 
 def check_flags(args, rows: list[dict]):
-    """Refuse the batch flags that no row of the file would use (the flags are defaults for rows)."""
-    from jaxgen.flags import check
+    """Refuse the batch flags that no row of the file would use (the flags are defaults for rows); their
+    values were checked already (`flags.check`, before the file was read)."""
+    from jaxgen.flags import given
 
-    given = check(args, "batch")
     if not any(r.get("num_beams", args.num_beams) > 1 for r in rows):
-        only = [kn.KNOBS[k].flag for k in given if kn.KNOBS[k].beam == "only"]
-        if only:
-            raise ValueError(f"{', '.join(only)} only appl{'ies' if len(only) == 1 else 'y'} to beam search, and "
-                             "no row has num_beams > 1")
+        if only := [kn.KNOBS[k].flag for k in given(args, "batch") if kn.KNOBS[k].beam == "only"]:
+            raise ValueError(f"{kn.only_for_beams(only)}, and no row has num_beams > 1")
     if args.json_whitespace is not None and args.json_schema is None and not any("json_schema" in r for r in rows):
         raise ValueError("--json-whitespace only applies with --json-schema or rows with a json_schema, and there "
                          "are none")
@@ -67,8 +64,8 @@ def check_flags(args, rows: list[dict]):
         from jaxgen import speculative
 
         speculative.parse(args.speculative, mesh=args.mesh, top_logprobs=args.top_logprobs)
-        if speculative_problem(args, rows):
-            raise ValueError(speculative_problem(args, rows))
+        if problem := speculative_problem(args, rows):
+            raise ValueError(problem)
 
 
 def check_messages(messages) -> str | None:
@@ -247,7 +244,6 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
 
     cfg = model.cfg
     B, NS = p.batch, p.stop_slots
-    knob_names = SAMPLING
     statics = dict(cfg=cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=top_logprobs, mesh=model.mesh,
                    kv_quant=model.kv_quant, penalties=p.penalties, prefill_chunk=model.prefill_chunk)
 
@@ -258,7 +254,7 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
                          f"{sst.MAX_STRINGS} (run with --no-refill: each static batch has its own)")
 
     def request(batch_rows):
-        knobs = {k: [r.get(k, defaults[k]) for r in batch_rows] for k in knob_names}
+        knobs = {k: [r.get(k, defaults[k]) for r in batch_rows] for k in SAMPLING}
         _, args, q = prepare(model, [r["ids"] for r in batch_rows], max_new_tokens=[r["max_new"] for r in batch_rows],
                              seed=[r["seed"] for r in batch_rows], stop_ids=defaults["stop_ids"],
                              stop=[r.get("stop", []) for r in batch_rows], stop_universe=universe, prefix=prefix,
@@ -390,8 +386,8 @@ def resolve(args, model, rows: list[dict], proposer=None) -> tuple[list[dict], l
     for r in rows:  # each row's constraint as one regex (validated while reading), or the flags' default
         kind = next((k for k in kn.CONSTRAINTS if k in r), None)
         r["constraint"] = to_regex(kind, r[kind], args.json_whitespace) if kind else default_constraint
-    if proposer is not None and speculative_problem(args, rows):
-        raise ValueError(speculative_problem(args, rows))
+    if proposer is not None and (problem := speculative_problem(args, rows)):
+        raise ValueError(problem)
     tok = model.tokenizer
     prefixes = {}  # prefix text -> its ids (encoded with BOS, as a prompt)
     ok, errors = [], []

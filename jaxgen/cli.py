@@ -28,8 +28,7 @@ def _generate_speculative(args, model, texts, prompts, request, timings, propose
     from jaxgen.checkpoint import load
 
     proposer = speculative.with_draft(proposer, lambda name: load(name, args.dtype, quant=args.quant))
-    request = {k: v for k, v in request.items() if k not in ("n", "num_beams", "length_penalty", "early_stopping",
-                                                             "return_beams", "prefix")}  # refused before loading
+    request = {k: v for k, v in request.items() if k not in kn.BEAM_KNOBS + ("n", "prefix")}  # refused before loading
     outs, stats = speculative.generate(model, texts, proposer, timings=timings, **request)
     spec = {"target_passes": stats.passes, "drafted": stats.drafted, "accepted": stats.accepted,
             "acceptance_rate": stats.acceptance_rate, "tokens_per_pass": stats.tokens_per_pass, "gamma": stats.gamma}
@@ -105,8 +104,8 @@ def cmd_generate(args) -> int:
     # everything that needs no model is checked first: a bad flag costs no load
     prompts = _read_prompts(args)
     flags.check(args, "generate")
-    if kn.rows_per_call(len(prompts), args.n):
-        raise ValueError(kn.rows_per_call(len(prompts), args.n))
+    if problem := kn.rows_per_call(len(prompts), args.n):
+        raise ValueError(problem)
     proposer = None
     if args.speculative:
         from jaxgen import speculative

@@ -151,42 +151,45 @@ def knob_value(args, k: kn.Knob):
     return v
 
 
-def check(args, command: str, options: bool = False) -> dict:
-    """Refuse, as one ValueError line, every bad value of `command`'s flags and every flag that would be
-    ignored, before anything loads. Returns the knobs given (not at their default) by name. Messages
-    name a flag as `--flag`, or with options=True by its Python name (the Ray stage's options)."""
-    name = lambda flag: flag[2:].replace("-", "_") if options else flag
-    label = lambda knob: name(kn.KNOBS[knob].flag)
-    given = {}
+def given(args, command: str) -> dict:
+    """The knobs `command`'s flags give other than their defaults, by name (values as the API takes them)."""
+    out = {}
     for k in kn.KNOBS.values():
         if k.flag is None or command not in k.commands:
             continue
         v = knob_value(args, k)
-        if v is None or (not isinstance(v, list) and kn.is_off(k.name, v) and type(v) is type(k.default)):
-            continue  # the default
-        given[k.name] = v
-        if k.kind == "schema" and isinstance(v, str):
+        if v is not None and (isinstance(v, list) or not kn.is_off(k.name, v) or type(v) is not type(k.default)):
+            out[k.name] = v
+    return out
+
+
+def check(args, command: str, options: bool = False) -> dict:
+    """Refuse, as one ValueError line, every bad value of `command`'s flags and every flag that would be
+    ignored, before anything loads. Returns `given(args, command)`. Messages name a flag as `--flag`, or
+    with options=True by its Python name (the Ray stage's options)."""
+    name = lambda flag: flag[2:].replace("-", "_") if options else flag
+    label = lambda knob: name(kn.KNOBS[knob].flag)
+    given_knobs = given(args, command)
+    for knob, v in given_knobs.items():
+        if kn.KNOBS[knob].kind == "schema" and isinstance(v, str):
             continue  # a file: read and checked by `constraint_regex`
-        problem = kn.problem(k.name, v, label(k.name), candidates=kn.DEFAULT_CANDIDATES)  # (the flags' candidates)
-        if problem:
+        if problem := kn.problem(knob, v, label(knob), candidates=kn.DEFAULT_CANDIDATES):  # (the flags' candidates)
             raise ValueError(problem)
-    if given.get("num_beams", 1) > 1:
-        refused = [label(n) for n in given if kn.KNOBS[n].beam == "no"]
+    if given_knobs.get("num_beams", 1) > 1:
+        refused = [label(n) for n in given_knobs if kn.KNOBS[n].beam == "no"]
         refused += [name("--speculative")] if getattr(args, "speculative", None) else []
         if refused:
-            raise ValueError(f"{label('num_beams')} {given['num_beams']} (beam search) does not take "
+            raise ValueError(f"{label('num_beams')} {given_knobs['num_beams']} (beam search) does not take "
                              f"{', '.join(refused)}")
     elif command == "generate":  # (a batch's rows may ask for beam search: `batch_run.check_flags` sees them)
-        only = [label(n) for n in given if kn.KNOBS[n].beam == "only"]
-        if only:
-            raise ValueError(f"{', '.join(only)} only appl{'ies' if len(only) == 1 else 'y'} to beam search "
-                             f"({label('num_beams')} > 1)")
-        if "whitespace" in given and "json_schema" not in given:
+        if only := [label(n) for n in given_knobs if kn.KNOBS[n].beam == "only"]:
+            raise ValueError(f"{kn.only_for_beams(only)} ({label('num_beams')} > 1)")
+        if "whitespace" in given_knobs and "json_schema" not in given_knobs:
             raise ValueError(f"{label('whitespace')} only applies with {label('json_schema')}")
         if getattr(args, "system", None) is not None and not args.chat:
             raise ValueError("--system only applies with --chat (it is the chat template's system message)")
     constraint_regex(args)  # a bad schema file
-    return given
+    return given_knobs
 
 
 def constraint_regex(args) -> str | None:

@@ -177,8 +177,8 @@ def stop_rows(stop, P: int, n: int = 1) -> list[list[str]]:
     else:
         rows = [list(stop)] * P
     for i, r in enumerate(rows):
-        if kn.problem("stop", r):
-            raise ValueError(f"prompt {i}: {kn.problem('stop', r)}")
+        if problem := kn.problem("stop", r):
+            raise ValueError(f"prompt {i}: {problem}")
     return [r for r in rows for _ in range(n)]
 
 
@@ -240,8 +240,8 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
     ids = _encode_prompts(model, prompts, add_bos=False if pre_ids is not None else None)
     P = len(ids)
     R = P * n  # sample rows
-    if kn.rows_per_call(P, n):
-        raise ValueError(kn.rows_per_call(P, n))
+    if problem := kn.rows_per_call(P, n):
+        raise ValueError(problem)
     mnt = kn.per_row("max_new_tokens", _per_sample(max_new_tokens, P, n, "scalar"), R, np.int32)
     longest = max(len(x) for x in ids)
     lp = len(pre_ids) if pre_ids is not None else 0
@@ -351,11 +351,9 @@ def generate(model: Model, prompts, *, max_new_tokens=64, temperature=0.0, top_k
     kn.check("include_stop", include_stop)
     if _beam_widths(num_beams, len(prompts) if isinstance(prompts, (list, tuple)) else 1) is not None:
         return generate_beams(model, prompts, **request)
-    only = kn.beam_only(request)
-    if only:
-        raise ValueError(f"{', '.join(only)} only appl{'ies' if len(only) == 1 else 'y'} to beam search "
-                         "(num_beams > 1)")
-    for k in ("num_beams", "length_penalty", "early_stopping", "return_beams", "include_stop"):
+    if only := kn.beam_only(request):
+        raise ValueError(f"{kn.only_for_beams(only)} (num_beams > 1)")
+    for k in kn.BEAM_KNOBS + ("include_stop",):
         del request[k]
     ids, args, p = prepare(model, prompts, **request)
     out = fetch(run(model, args, p, top_logprobs, candidates))
@@ -533,8 +531,7 @@ def stream(model: Model, prompts, *, chunk_steps: int = 8, top_logprobs: int = 0
 
     if isinstance(chunk_steps, bool) or not isinstance(chunk_steps, (int, np.integer)) or chunk_steps < 1:
         raise ValueError(f"chunk_steps must be an integer >= 1, got {chunk_steps!r}")
-    beam = [k for k in ("num_beams", "length_penalty", "early_stopping", "return_beams")
-            if not kn.is_off(k, request.pop(k, None))]
+    beam = [k for k in kn.BEAM_KNOBS if not kn.is_off(k, request.pop(k, None))]
     if beam:
         raise ValueError(f"stream() does not run beam search ({', '.join(beam)}): a beam is known only when the "
                          "search ends; use generate(num_beams=...)")

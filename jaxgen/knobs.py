@@ -118,6 +118,7 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
        help="beam search: output all K beams with their scores, best first"),
 )}
 CONSTRAINTS = ("regex", "json_schema", "choices")  # structured output: at most one per prompt
+BEAM_KNOBS = tuple(k.name for k in KNOBS.values() if k.beam == "only" or k.name == "num_beams")  # beam search's own
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -269,6 +270,11 @@ def beam_refused(request: dict) -> list[str]:
 def beam_only(request: dict) -> list[str]:
     """The beam-search-only knobs of `request` given with a value other than their default."""
     return [k for k, v in request.items() if k in KNOBS and KNOBS[k].beam == "only" and not is_off(k, v)]
+
+
+def only_for_beams(names: list[str]) -> str:
+    """The start of the message refusing beam-search-only knobs (each front end names them its way)."""
+    return f"{', '.join(names)} only appl{'ies' if len(names) == 1 else 'y'} to beam search"
 
 
 def rows_per_call(prompts: int, n: int) -> str | None:

@@ -30,10 +30,10 @@ import json
 import math
 import re
 
-PLAIN = ("text", "tokens", "logprobs", "finish_reason", "score", "error")
-AS_JSON = ("stop_reason", "top_logprobs", "samples", "beams", "timing")
 from jaxgen import knobs as kn
 
+PLAIN = ("text", "tokens", "logprobs", "finish_reason", "score", "error")
+AS_JSON = ("stop_reason", "top_logprobs", "samples", "beams", "timing")
 INTEGERS = tuple(k.name for k in kn.KNOBS.values() if k.row and k.kind == "int")  # columns pandas may make floats
 
 
@@ -127,7 +127,7 @@ def batch_args(**options):
                 [flag] if v else [])
         elif k == "early_stopping" and isinstance(v, bool):  # a switch that also takes 'never'
             argv += [flag] if v else []
-        elif action.option_strings and isinstance(action, argparse._AppendAction):
+        elif isinstance(action, argparse._AppendAction):
             argv += [x for item in ([v] if isinstance(v, str) else v) for x in (flag, _text(k, item))]
         else:
             argv += [flag, _text(k, v)]
