@@ -1,12 +1,15 @@
 """Model configuration: one frozen, hashable dataclass (a static jit argument) and its presets.
 
-Both families jaxgen loads are described by plain fields, with no mode strings that switch code paths
-beyond `activation`:
+Every family jaxgen loads (GGUF: gemma3, llama, qwen2; HF directories: llama, mistral, qwen2, qwen3,
+gemma2, gemma3: see jaxgen/checkpoint/hf.py) is described by plain fields, with no mode strings that
+switch code paths beyond `activation` and `rope_type`:
 
-- Gemma 3: GQA, q/k RMSNorm, pre+post ("sandwich") norms, GeGLU (tanh-gelu), tied embeddings scaled by
-  sqrt(d_model), a per-layer pattern of sliding-window local and global attention with their own RoPE
-  bases, and query_pre_attn_scalar.
-- Llama / Qwen2: SwiGLU, plain RMSNorm, optional QKV bias, optional untied output, one RoPE theta.
+- Gemma 2/3: GQA, pre+post ("sandwich") norms, GeGLU (tanh-gelu), tied embeddings scaled by
+  sqrt(d_model), a per-layer pattern of sliding-window local and global attention (Gemma 3 with their
+  own RoPE bases), query_pre_attn_scalar; Gemma 3 q/k RMSNorm, Gemma 2 attention and final softcaps.
+- Llama / Mistral / Qwen2 / Qwen3: SwiGLU, plain RMSNorm, optional QKV bias (Qwen2), q/k RMSNorm
+  (Qwen3), optional untied output, one RoPE theta (Llama 3.x: "llama3" frequency scaling), Mistral's
+  window on every layer.
 
 Norm weights in jaxgen's params are always the full multiplier (`x_normed * w`). Gemma checkpoints
 store `w - 1` and apply `(1 + w)`; loaders fold the +1 in, so the model has one RMSNorm.
@@ -29,6 +32,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 CONFIG_DIR = importlib.resources.files("jaxgen") / "configs"  # a Traversable: inside the installed package
 ACTIVATIONS = ("gelu_tanh", "silu")
+ROPE_TYPES = ("default", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +50,15 @@ class ModelConfig:
     activation: str = "silu"  # "silu" -> SwiGLU (Llama/Qwen2), "gelu_tanh" -> GeGLU (Gemma)
     rope_theta: float = 10_000.0  # RoPE base of global layers
     rope_local_theta: float = 10_000.0  # RoPE base of sliding-window layers (Gemma 3: 10k vs 1M)
-    rope_scaling: float = 1.0  # linear position scaling of global layers (1.0 = none)
-    sliding_window: int = 0  # window of local layers in tokens; 0 = every layer is global
-    global_every: int = 1  # layer i is global iff i % global_every == global_every - 1
+    rope_type: str = "default"  # RoPE of global layers: "default" (positions / rope_scaling) or "llama3"
+    rope_scaling: float = 1.0  # the scaling factor of global layers' RoPE (1.0 = none)
+    rope_low_freq_factor: float = 1.0  # "llama3" only: wavelengths past original / this are divided by the factor
+    rope_high_freq_factor: float = 4.0  # "llama3" only: wavelengths under original / this are kept
+    rope_original_max_len: int = 8192  # "llama3" only: the pre-training context those two refer to
+    sliding_window: int = 0  # window of local layers in tokens (a query sees itself and window - 1 before)
+    # One letter per layer: "L" a sliding-window (local) layer, "G" a global one; "" = every layer
+    # global. Gemma 3 270M: "LLLLLG" three times; Gemma 2: "LG" repeated; Mistral: all "L".
+    layer_pattern: str = ""
     query_pre_attn_scalar: float = 0.0  # attention scale is this ** -0.5; 0 -> head_dim ** -0.5
     qk_norm: bool = False  # RMSNorm over H on q and k before RoPE (Gemma 3)
     sandwich_norm: bool = False  # extra norms after attention and after the MLP (Gemma 2/3)
@@ -56,6 +66,7 @@ class ModelConfig:
     tie_embeddings: bool = True  # unembedding is the token embedding (transposed by the einsum)
     embed_scale: bool = False  # multiply embeddings by sqrt(d_model) (Gemma)
     final_logit_softcap: float = 0.0  # cap * tanh(logits / cap); 0 = off (Gemma 2; not Gemma 3)
+    attn_logit_softcap: float = 0.0  # the same on attention scores, before the mask (Gemma 2); 0 = off
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -63,17 +74,24 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig {self.name!r}: {msg}")
 
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
-                  "max_seq_len", "global_every"):
+                  "max_seq_len", "rope_original_max_len"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f"{f} must be a positive int")
         need(self.n_heads % self.n_kv_heads == 0,
              f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         need(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         need(self.sliding_window >= 0, "sliding_window must be >= 0")
+        need(self.rope_type in ROPE_TYPES, f"rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+        need(self.rope_scaling > 0 and self.rope_high_freq_factor > self.rope_low_freq_factor > 0,
+             "rope_scaling and the rope frequency factors must be > 0, high > low")
+        need(set(self.layer_pattern) <= {"L", "G"} and len(self.layer_pattern) in (0, self.n_layers),
+             f"layer_pattern must be {self.n_layers} letters L (local) / G (global), or empty, got {self.layer_pattern!r}")
+        need("L" not in self.layer_pattern or self.sliding_window > 0, "local layers ('L') need sliding_window > 0")
+        need(self.final_logit_softcap >= 0 and self.attn_logit_softcap >= 0, "softcaps must be >= 0")
         need(self.norm_eps > 0, "norm_eps must be > 0")
 
     # ---- derived layer layout -------------------------------------------------------------------
     def is_global(self, layer: int) -> bool:
-        return self.sliding_window == 0 or layer % self.global_every == self.global_every - 1
+        return not self.layer_pattern or self.layer_pattern[layer] == "G"
 
     @property
     def layer_kinds(self) -> tuple[bool, ...]:
@@ -104,7 +122,14 @@ FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 
 def config_from_dict(d: dict[str, Any]) -> ModelConfig:
-    """Build a config, rejecting unknown or missing fields by name (no silent defaults for typos)."""
+    """Build a config, rejecting unknown or missing fields by name (no silent defaults for typos).
+    A config written before layer_pattern (jaxgen 0.2: `global_every` N, layer i global iff
+    i % N == N - 1 when sliding_window > 0) is read as the same pattern."""
+    if "global_every" in d and "layer_pattern" not in d:
+        d = dict(d)
+        every = d.pop("global_every")
+        if d.get("sliding_window", 0) and isinstance(every, int) and every > 0:
+            d["layer_pattern"] = "".join("G" if i % every == every - 1 else "L" for i in range(d.get("n_layers", 0)))
     unknown = sorted(set(d) - set(FIELDS))
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown}; known fields: {list(FIELDS)}")

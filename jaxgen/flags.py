@@ -78,11 +78,13 @@ def add_model_flags(p: argparse.ArgumentParser, generate: bool):
     from jaxgen.model import PREFILL_CHUNK
 
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"a registry name ({', '.join(sorted(MODELS))}) or a .gguf / Orbax path")
+                   help=f"a registry name ({', '.join(sorted(MODELS))}), a .gguf file, an HF checkpoint directory "
+                        f"(config.json + safetensors) or an Orbax checkpoint directory")
     if generate:
         p.add_argument("--config", default=None, help="preset name or .toml for a .gguf no preset matches")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto: float32 on CPU (exact reference text), bfloat16 on GPU/TPU")
+                   help="auto: an HF directory's own dtype; else float32 on CPU (exact reference text), "
+                        "bfloat16 on GPU/TPU")
     p.add_argument("--mesh", default=None, help="shard over devices, e.g. data=2,model=4 (default: "
                    + ("one device)" if generate else "all local devices on data)"))
     p.add_argument("--quant", default=None, choices=["int8", "int4"],
@@ -129,7 +131,7 @@ def build_parser(raise_errors: bool = False) -> argparse.ArgumentParser:
                    help="call jax.distributed.initialize() first (multi-host: run on every host)")
 
     c = sub.add_parser("convert", help="write a model as an Orbax checkpoint (params + config + tokenizer)")
-    c.add_argument("src", help="registry name or .gguf path")
+    c.add_argument("src", help="registry name, .gguf path or HF checkpoint directory")
     c.add_argument("dst", help="new directory")
     c.add_argument("--config", default=None, help="preset name or .toml for a .gguf no preset matches")
     c.add_argument("--quant", default=None, choices=["int8", "int4"],

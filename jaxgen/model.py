@@ -146,10 +146,33 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return (y * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float, scaling: float = 1.0):
-    """cos, sin [B, T, H/2] for positions [B, T]."""
-    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [H/2]
-    angle = (positions.astype(jnp.float32) / scaling)[..., None] * inv_freq  # [B, T, H/2]
+def rope_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+    """Inverse frequencies [H/2] (float32, host) of a layer kind's RoPE. Local layers: plain, their own
+    base. Global layers: "default" divides positions by rope_scaling (linear scaling: the same as
+    dividing every frequency); "llama3" (Llama 3.1+) divides the low frequencies by the factor, keeps
+    the high ones and interpolates between, by wavelength against the original context."""
+    H = cfg.head_dim
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv = (1.0 / theta ** (np.arange(0, H, 2, dtype=np.float64) / H))  # [H/2]
+    if local:
+        return inv.astype(np.float32)
+    factor = cfg.rope_scaling
+    if cfg.rope_type == "llama3":
+        wavelen = 2 * np.pi / inv
+        low_wavelen = cfg.rope_original_max_len / cfg.rope_low_freq_factor  # longer: scaled
+        high_wavelen = cfg.rope_original_max_len / cfg.rope_high_freq_factor  # shorter: kept
+        smooth = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        inv = np.where(wavelen > low_wavelen, inv / factor,
+                       np.where(wavelen < high_wavelen, inv, (1 - smooth) * inv / factor + smooth * inv))
+    else:
+        inv = inv / factor
+    return inv.astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray):
+    """cos, sin [B, T, H/2] for positions [B, T] and inverse frequencies [H/2] (`rope_frequencies`)."""
+    angle = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
     return jnp.cos(angle), jnp.sin(angle)
 
 
@@ -161,9 +184,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
-def _scores(q: jax.Array, k, scale: float) -> jax.Array:
+def _scores(q: jax.Array, k, scale: float, softcap: float = 0.0) -> jax.Array:
     """Scores [B, K, G, T, S] (f32) of q [B, T, K, G, H] against k [B, S, K, H] or an int8 pair
-    (values, scales [B, S, K]): the key scale multiplies the scores (no dequantized copy of the cache)."""
+    (values, scales [B, S, K]): the key scale multiplies the scores (no dequantized copy of the cache).
+    softcap > 0: softcap * tanh(scores / softcap) (Gemma 2), applied before any mask."""
     k_scale = None
     if isinstance(k, tuple):
         k, k_scale = k
@@ -171,7 +195,7 @@ def _scores(q: jax.Array, k, scale: float) -> jax.Array:
     s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     if k_scale is not None:
         s = s * k_scale.transpose(0, 2, 1)[:, :, None, None, :]  # [B, K, 1, 1, S]
-    return s
+    return softcap * jnp.tanh(s / softcap) if softcap else s
 
 
 def _mix(probs: jax.Array, v, dtype) -> jax.Array:
@@ -184,20 +208,21 @@ def _mix(probs: jax.Array, v, dtype) -> jax.Array:
     return jnp.einsum("bkgts,bskh->bkgth", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
 
-def attend(q: jax.Array, k, v, mask: jax.Array, scale: float) -> jax.Array:
+def attend(q: jax.Array, k, v, mask: jax.Array, scale: float, softcap: float = 0.0) -> jax.Array:
     """q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]; softmax in f32.
     k / v may be int8 cache pairs (values [B, S, K, H], scales [B, S, K]): the key scale multiplies
     the scores and the value scale the probabilities; the int8 values of this layer are converted
     here (a per-step, per-layer conversion; scales are never applied to the cache itself)."""
     B, T, N, H = q.shape
     K = (k[0] if isinstance(k, tuple) else k).shape[2]
-    scores = _scores(q.reshape(B, T, K, N // K, H), k, scale)  # [B, K, G, T, S]
+    scores = _scores(q.reshape(B, T, K, N // K, H), k, scale, softcap)  # [B, K, G, T, S]
     scores = jnp.where(mask[:, None, None], scores, kvc.NEG_INF)
     out = _mix(jax.nn.softmax(scores, axis=-1), v, q.dtype)  # [B, K, G, T, H]
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
 
 
-def attend_blocked(q: jax.Array, k, v, q_pos: jax.Array, k_pos: jax.Array, scale: float, block: int) -> jax.Array:
+def attend_blocked(q: jax.Array, k, v, q_pos: jax.Array, k_pos: jax.Array, scale: float, block: int,
+                   softcap: float = 0.0) -> jax.Array:
     """Causal attention of a prefill chunk over a global layer's whole cache, as `attend` with the
     mask attention_mask(q_pos, k_pos, 0) computes it, holding one key block of scores at a time.
 
@@ -221,7 +246,7 @@ def attend_blocked(q: jax.Array, k, v, q_pos: jax.Array, k_pos: jax.Array, scale
         take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, block, axis=1)
         fresh = start + jnp.arange(block) >= i * block  # [block]
         pos = jnp.where(fresh[None, :], take(k_pos), -1)  # [B, block]
-        s = _scores(qg, jax.tree.map(take, k), scale)  # [B, K, G, T, block]
+        s = _scores(qg, jax.tree.map(take, k), scale, softcap)  # [B, K, G, T, block]
         s = jnp.where(kvc.attention_mask(q_pos, pos, 0)[:, None, None], s, kvc.NEG_INF)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         # While a row has seen only masked keys, m is NEG_INF and they weigh exp(0): the first visible
@@ -334,11 +359,11 @@ def _layer(cfg: ModelConfig, carry, xs, ctx):
         q_l, k_l = rot["local"]
         k_buf, v_buf = _index(kl, li), _index(vl, li)  # [B, W, K, H]
         if T == 1:  # already written
-            return attend(q_l, k_buf, v_buf, ctx["mask_local"], cfg.attn_scale)
+            return attend(q_l, k_buf, v_buf, ctx["mask_local"], cfg.attn_scale, cfg.attn_logit_softcap)
         # A multi-token chunk may wrap the ring past keys its early queries need: attend over the
         # old ring plus the chunk (the write comes after).
         keys, vals = _concat_chunk(k_buf, k_l), _concat_chunk(v_buf, v)  # [B, W + T, K, H]
-        return attend(q_l, keys, vals, ctx["mask_local_chunk"], cfg.attn_scale)
+        return attend(q_l, keys, vals, ctx["mask_local_chunk"], cfg.attn_scale, cfg.attn_logit_softcap)
 
     def global_(kl, vl, kg, vg):
         q_g, k_g = rot["global"]
@@ -347,8 +372,8 @@ def _layer(cfg: ModelConfig, carry, xs, ctx):
             k_buf, v_buf = kvc.write(k_buf, k_g, ctx["slots_global"]), kvc.write(v_buf, v, ctx["slots_global"])
         if "mask_global" not in ctx:  # a prefill chunk over a long cache: one key block at a time
             return attend_blocked(q_g, k_buf, v_buf, ctx["positions"], ctx["pos_global"], cfg.attn_scale,
-                                  ctx["key_block"])
-        return attend(q_g, k_buf, v_buf, ctx["mask_global"], cfg.attn_scale)
+                                  ctx["key_block"], cfg.attn_logit_softcap)
+        return attend(q_g, k_buf, v_buf, ctx["mask_global"], cfg.attn_scale, cfg.attn_logit_softcap)
 
     if T == 1:
         kl, vl, kg, vg = write(kl, vl, kg, vg)
@@ -399,7 +424,7 @@ def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
 
     lengths = kvc.new_lengths(cache.lengths, positions)  # [B]
     W, S = cache.window_slots, cache.max_len
-    ctx = {"rope_global": rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+    ctx = {"rope_global": rope_tables(positions, rope_frequencies(cfg)),
            "slots_global": kvc.slots_for(positions, lengths, S)}
     pos_global = kvc.write(cache.pos_global, positions, ctx["slots_global"])  # [B, S]
     if T > 1 and 0 < key_block < S:  # no [B, T, S] mask either
@@ -409,7 +434,7 @@ def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
     pos_local = cache.pos_local
     if cfg.n_local:
         window = cfg.sliding_window
-        ctx["rope_local"] = rope_tables(positions, cfg.head_dim, cfg.rope_local_theta)
+        ctx["rope_local"] = rope_tables(positions, rope_frequencies(cfg, local=True))
         ctx["slots_local"] = kvc.slots_for(positions, lengths, W)
         if T > 1:  # keys: the old ring, then the chunk
             # Ring slots past the row's length are stale (speculative decoding rolls a row back by

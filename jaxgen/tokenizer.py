@@ -1,11 +1,16 @@
-"""Tokenizers: one small protocol, two implementations built from a GGUF file's tokenizer arrays.
+"""Tokenizers: one small protocol, two implementations, built from a GGUF file's tokenizer arrays or
+an HF checkpoint directory's tokenizer files.
 
 - `SentencePieceTokenizer` (Gemma): a SentencePiece ModelProto assembled from tokens/scores/types
-  (llama.cpp's token types equal SentencePiece's piece types) and loaded by `sentencepiece`.
+  (llama.cpp's token types equal SentencePiece's piece types), or a directory's `tokenizer.model`,
+  loaded by `sentencepiece`.
 - `BPETokenizer` (Llama-3-style, SmolLM2, Qwen2): a byte-level BPE built by the `tokenizers` package
-  from vocab + merges, with the pre-tokenizer regex that the GGUF's `tokenizer.ggml.pre` names.
+  from vocab + merges, with the pre-tokenizer regex that the GGUF's `tokenizer.ggml.pre` names; or any
+  directory's `tokenizer.json` as it is (byte-level, or SentencePiece-style with byte fallback).
 
-Both serialize to a small JSON-able dict (stored beside Orbax checkpoints) and stream-decode.
+Both serialize to a small JSON-able dict (stored beside Orbax checkpoints) and stream-decode. A chat
+template (the checkpoint's own Jinja text) travels in that dict and renders through `jaxgen.chat`;
+the hand-written "gemma" / "chatml" formats are the fallback for checkpoints without one.
 """
 from __future__ import annotations
 
@@ -48,8 +53,25 @@ class _Base:
         self.chat_format = spec.get("chat_format", "")
         self.default_system = spec.get("default_system")
         self.stop_ids = tuple(spec.get("stop_ids") or (self.eos_id,))
+        self.chat_template = spec.get("chat_template") or None  # the checkpoint's Jinja template
+        self.special_tokens = dict(spec.get("special_tokens") or {})  # {"bos_token": "<s>", ...} for templates
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    def apply_chat_template(self, messages: list[dict], tools: list | None = None,
+                            add_generation_prompt: bool = True) -> str:
+        """The conversation as text, ready for `encode`: the checkpoint's template rendered as
+        transformers renders it (a BOS the template writes is left to `encode`, which adds it as an
+        id when add_bos: the same ids as HF's tokenized template), else the fallback format."""
+        if self.chat_template:
+            from jaxgen import chat
+
+            text = chat.render(self.chat_template, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                               special_tokens=self.special_tokens)
+            bos = self.special_tokens.get("bos_token")
+            if self.add_bos and bos and text.startswith(bos):
+                text = text[len(bos):]
+            return text
+        if tools:
+            raise ValueError("tools= needs a chat template that renders them; this checkpoint has none")
         for m in messages:
             if set(m) - {"role", "content"} or m.get("role") not in ("system", "user", "assistant"):
                 raise ValueError(f"chat messages need role in system/user/assistant and content, got {m!r}")
@@ -64,12 +86,12 @@ class _Base:
                     content, system = f"{system}\n\n{content}", None
                 role = "model" if m["role"] == "assistant" else "user"
                 out.append(f"<start_of_turn>{role}\n{content}<end_of_turn>\n")
-            return "".join(out) + "<start_of_turn>model\n"
+            return "".join(out) + ("<start_of_turn>model\n" if add_generation_prompt else "")
         if self.chat_format == "chatml":
             if self.default_system and (not messages or messages[0]["role"] != "system"):
                 messages = [{"role": "system", "content": self.default_system}] + list(messages)
             turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-            return turns + "<|im_start|>assistant\n"
+            return turns + ("<|im_start|>assistant\n" if add_generation_prompt else "")
         raise ValueError("this tokenizer has no chat template (a base model?)")
 
     def stream_decoder(self) -> "StreamDecoder":
@@ -115,7 +137,8 @@ class SentencePieceTokenizer(_Base):
         stops = [f["eos_id"]] + [tokens.index(t) for t in ("<end_of_turn>",) if t in tokens]
         return cls({"kind": "sentencepiece", "proto": m.SerializeToString(), "bos_id": f["bos_id"],
                     "eos_id": f["eos_id"], "pad_id": f["pad_id"], "add_bos": f["add_bos"],
-                    "chat_format": "gemma" if "<start_of_turn>" in tokens else "", "stop_ids": stops})
+                    "chat_format": "gemma" if "<start_of_turn>" in tokens else "", "stop_ids": stops,
+                    "chat_template": f.get("chat_template") or None, "special_tokens": _gguf_special(f)})
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         ids = self.sp.encode(text)
@@ -183,7 +206,8 @@ class BPETokenizer(_Base):
         return cls({"kind": "bpe", "tokenizer_json": tk.to_str(), "bos_id": f.get("bos_id"),
                     "eos_id": f["eos_id"], "pad_id": f.get("pad_id"), "add_bos": f["add_bos"],
                     "chat_format": "chatml" if "<|im_start|>" in tokens else "",
-                    "default_system": system.group(1) if system else None, "stop_ids": stops})
+                    "default_system": system.group(1) if system else None, "stop_ids": stops,
+                    "chat_template": template or None, "special_tokens": _gguf_special(f)})
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         ids = self.tk.encode(text, add_special_tokens=False).ids
@@ -201,18 +225,43 @@ class BPETokenizer(_Base):
             return self._token_bytes
         inverse = {c: b for b, c in _gpt2_byte_chars().items()}
         added = {i: t.content for i, t in self.tk.get_added_tokens_decoder().items()}
+        byte_level = _is_byte_level(self._spec["tokenizer_json"])
         out = []
         for i in range(self.vocab_size):
             if i in added:
                 out.append(added[i].encode("utf-8"))
                 continue
             piece = self.tk.id_to_token(i) or ""
-            out.append(bytes(inverse[c] for c in piece) if all(c in inverse for c in piece) else piece.encode("utf-8"))
+            if not byte_level:  # SentencePiece-style: '\u2581' is a space, <0xNN> a byte (byte fallback)
+                byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+                out.append(bytes([int(byte.group(1), 16)]) if byte else piece.replace("\u2581", " ").encode("utf-8"))
+            elif all(c in inverse for c in piece):
+                out.append(bytes(inverse[c] for c in piece))
+            else:
+                out.append(piece.encode("utf-8"))
         self._token_bytes = out
         return out
 
     def to_dict(self) -> dict:
         return dict(self._spec)
+
+
+def _gguf_special(f: dict) -> dict:
+    """The special-token strings a GGUF's chat template may use (bos_token, eos_token, ...)."""
+    tokens = f["tokens"]
+    names = {"bos_token": f.get("bos_id"), "eos_token": f.get("eos_id"), "pad_token": f.get("pad_id"),
+             "unk_token": f.get("unk_id")}
+    return {k: tokens[i] for k, i in names.items() if isinstance(i, int) and 0 <= i < len(tokens)}
+
+
+def _is_byte_level(tokenizer_json: str) -> bool:
+    """Whether a tokenizer.json decodes through GPT-2's byte-level map (else SentencePiece-style)."""
+    import json
+
+    spec = json.loads(tokenizer_json)
+    decoder = spec.get("decoder") or {}
+    kinds = [d.get("type") for d in decoder.get("decoders", [decoder])] if isinstance(decoder, dict) else []
+    return "ByteLevel" in kinds or not (spec.get("model") or {}).get("byte_fallback", False) and "ByteFallback" not in kinds
 
 
 def _gpt2_byte_chars() -> dict[int, str]:
@@ -263,6 +312,76 @@ def from_gguf_fields(f: dict) -> Tokenizer:
     if f["model"] == "gpt2":
         return BPETokenizer.from_gguf_fields(f)
     raise ValueError(f"unsupported GGUF tokenizer model {f['model']!r} (supported: llama, gpt2)")
+
+
+def _token_text(v) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    return v.get("content") if isinstance(v, dict) else v if isinstance(v, str) else None
+
+
+def from_hf_dir(path, config: dict) -> Tokenizer | None:
+    """The tokenizer of an HF checkpoint directory: `tokenizer.json` (through `tokenizers`) or else
+    `tokenizer.model` (through `sentencepiece`), with tokenizer_config.json / special_tokens_map.json
+    (special tokens, add_bos_token, the chat template), chat_template.jinja (the template, preferred)
+    and generation_config.json (eos_token_id: an id or a list, as Llama 3 ends on any of three).
+    None when the directory has neither file (it still loads, for token-id prompts)."""
+    import json
+    import pathlib
+
+    path = pathlib.Path(path)
+    read = lambda name: json.loads((path / name).read_text(encoding="utf-8")) if (path / name).is_file() else {}
+    tcfg, smap, gcfg = read("tokenizer_config.json"), read("special_tokens_map.json"), read("generation_config.json")
+    special = {k: _token_text(tcfg.get(k, smap.get(k))) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    special = {k: v for k, v in special.items() if v}
+    template = tcfg.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    if (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    if (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer as HFTokenizer
+
+        text = (path / "tokenizer.json").read_text(encoding="utf-8")
+        try:
+            tk = HFTokenizer.from_str(text)
+        except Exception as e:
+            raise ValueError(f"{path / 'tokenizer.json'}: not a tokenizers file ({str(e).splitlines()[0][:200]})") from None
+        to_id = tk.token_to_id
+        spec = {"kind": "bpe", "tokenizer_json": text}
+    elif (path / "tokenizer.model").is_file():
+        import sentencepiece as spm
+
+        proto = (path / "tokenizer.model").read_bytes()
+        try:
+            sp = spm.SentencePieceProcessor(model_proto=proto)
+        except Exception as e:
+            raise ValueError(f"{path / 'tokenizer.model'}: not a SentencePiece model ({e})") from None
+        to_id = lambda t: (i if (i := sp.piece_to_id(t)) != sp.unk_id() or t == sp.id_to_piece(i) else None)
+        spec = {"kind": "sentencepiece", "proto": proto}
+        special.setdefault("bos_token", sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None)
+        special.setdefault("eos_token", sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None)
+        special = {k: v for k, v in special.items() if v}
+    else:
+        return None
+    ids = lambda v: [v] if isinstance(v, int) else [i for i in v if isinstance(i, int)] if isinstance(v, list) else []
+    bos_id = to_id(special["bos_token"]) if "bos_token" in special else next(iter(ids(config.get("bos_token_id"))), None)
+    eos = [to_id(special["eos_token"])] if "eos_token" in special else []
+    eos += ids(gcfg.get("eos_token_id")) + ids(config.get("eos_token_id"))
+    eos = [i for i in dict.fromkeys(eos) if i is not None]
+    if not eos:
+        raise ValueError(f"{path}: no end-of-sequence token in tokenizer_config.json, generation_config.json "
+                         f"or config.json (eos_token / eos_token_id)")
+    add_bos = tcfg.get("add_bos_token")
+    if add_bos is None:  # what HF's encode does: the tokenizer.json post-processor adds BOS, or not
+        if spec["kind"] == "bpe":
+            add_bos = bos_id is not None and tk.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+        else:
+            add_bos = bos_id is not None
+    pad = to_id(special["pad_token"]) if "pad_token" in special else None
+    spec.update(bos_id=bos_id, eos_id=eos[0], pad_id=pad if pad is not None else 0, add_bos=bool(add_bos),
+                stop_ids=eos, chat_template=template or None, special_tokens=special, chat_format="")
+    return (BPETokenizer if spec["kind"] == "bpe" else SentencePieceTokenizer)(spec)
 
 
 def from_dict(spec: dict) -> Tokenizer:

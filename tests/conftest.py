@@ -17,7 +17,7 @@ from jaxgen.model import init_params  # noqa: E402
 TINY_GEMMA = ModelConfig(
     name="tiny-gemma", vocab_size=64, d_model=32, n_layers=8, n_heads=4, n_kv_heads=2, head_dim=16,
     d_ff=64, max_seq_len=512, activation="gelu_tanh", rope_theta=1e6, rope_local_theta=1e4,
-    sliding_window=5, global_every=3, query_pre_attn_scalar=16.0, qk_norm=True, sandwich_norm=True,
+    sliding_window=5, layer_pattern="LLGLLGLL", query_pre_attn_scalar=16.0, qk_norm=True, sandwich_norm=True,
     embed_scale=True)
 # Qwen2-like: SwiGLU, QKV bias, untied output, all-global.
 TINY_QWEN = ModelConfig(

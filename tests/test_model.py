@@ -106,7 +106,7 @@ def test_scan_keeps_compile_size_flat_in_depth(tiny_model):
     cfg = tiny_model.cfg
     sizes = []
     for mult in (1, 4):
-        c = cfg.replace(n_layers=cfg.n_layers * mult)
+        c = cfg.replace(n_layers=cfg.n_layers * mult, layer_pattern=cfg.layer_pattern * mult)
         hlo = jax.jit(lambda p, t, ca: _forward(p, t, t, ca, c)).lower(
             param_shapes(c), jax.ShapeDtypeStruct((1, 4), jnp.int32), cache_shapes(c, 1, 16)).as_text()
         sizes.append(len(hlo))

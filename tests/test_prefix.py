@@ -36,7 +36,7 @@ def test_prefix_equals_concatenated_prompts(tiny_model, n_prefix):
 @functools.lru_cache
 def window_model():
     # Gemma 3's 512-token sliding window with a 700-token prefix: the ring buffers wrap inside it
-    cfg = TINY_GEMMA.replace(name="tiny-gemma-w512", sliding_window=512, max_seq_len=2048, n_layers=4)
+    cfg = TINY_GEMMA.replace(name="tiny-gemma-w512", sliding_window=512, max_seq_len=2048, n_layers=4, layer_pattern="LLGL")
     return Model(cfg, random_params(cfg))
 
 

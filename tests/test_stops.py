@@ -193,7 +193,7 @@ def test_real_tokenizer_bytes_and_stops(name):
         ids = [int(i) for i in rng.integers(0, tok.vocab_size, rng.integers(1, 10))]
         assert b"".join(tb[i] for i in ids).decode("utf-8", errors="replace") == tok.decode(ids)
     V = tok.vocab_size
-    cfg = TINY_GEMMA.replace(name=f"tiny-{name}-vocab", vocab_size=V, n_layers=3)
+    cfg = TINY_GEMMA.replace(name=f"tiny-{name}-vocab", vocab_size=V, n_layers=3, layer_pattern="LLG")
     model = Model(cfg, random_params(cfg), tokenizer=tok)
     pieces = ["\n", "\n\n", "\n\n\n", "</", "answer", ">", " answer", "<", "/", " the", ".", "é"]
     favour = sorted({i for p in pieces for i in tok.encode(p, add_bos=False)})

@@ -49,7 +49,7 @@ MODELS = {
 }
 DEFAULT_MODEL = "gemma3-270m"
 # Bumped whenever GGUF conversion changes (weights or tokenizer), so stale cached conversions are not used.
-CONVERT_VERSION = 3
+CONVERT_VERSION = 4
 
 
 class ModelNotInstalledError(RuntimeError):
@@ -132,8 +132,10 @@ def resolve_dtype(dtype) -> jnp.dtype:
 def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_cache: bool = True,
          shardings=None, mesh=None, timings: dict | None = None, quant: str | None = None,
          kv_quant: str | None = None):
-    """A ready `Model` (config, params on device, tokenizer) from a registry name, a .gguf path or an
-    Orbax checkpoint directory. `config` (a ModelConfig, preset name or .toml path) is for a .gguf that
+    """A ready `Model` (config, params on device, tokenizer) from a registry name, a .gguf path, an
+    HF checkpoint directory (config.json + safetensors: jaxgen.checkpoint.hf) or an Orbax checkpoint
+    directory. For an HF directory dtype "auto" is the checkpoint's own (bf16 stays bf16), and with a
+    mesh every device reads its own slice of each tensor from the files. `config` (a ModelConfig, preset name or .toml path) is for a .gguf that
     no preset matches; the file's header is still checked against it. `mesh`: place params on
     `jaxgen.sharding`'s rules for it (Orbax restores straight onto them) and return a sharded Model;
     `shardings` instead gives an explicit Params tree of shardings.
@@ -146,13 +148,13 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
     decoding, longer compiles), unless explicit `shardings` (a stacked Params tree) are given.
     Quantized layers stay stacked (see unstack_layers)."""
     from jaxgen import quant as qmod
-    from jaxgen.checkpoint import gguf, orbax
+    from jaxgen.checkpoint import gguf, hf, orbax
     from jaxgen.config import ModelConfig, load_config
     from jaxgen.model import Model, unstack_layers
     from jaxgen.tokenizer import from_gguf_fields
 
     t0 = time.perf_counter()
-    dtype = resolve_dtype(dtype)
+    dtype_arg, dtype = dtype, resolve_dtype(dtype)
     path = pathlib.Path(name_or_path)
     if config is not None and (name_or_path in MODELS or path.suffix != ".gguf"):
         raise ValueError("config= applies only to a .gguf path (registry models and Orbax checkpoints carry "
@@ -166,7 +168,9 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
         from jaxgen.sharding import param_shardings
 
         target = param_shardings(cfg, mesh, params=params) if mesh is not None else shardings
-        return params if target is None else jax.device_put(params, target)
+        if target is None:  # host (numpy) leaves, e.g. an HF checkpoint's, go to the default device
+            return jax.tree.map(jnp.asarray, params)
+        return jax.device_put(params, target)
 
     def model(cfg, params, tok):  # params are placed once, in their final layout
         if quant and not qmod.is_quantized(params):  # e.g. a float Orbax checkpoint
@@ -177,6 +181,15 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
             params = unstack_layers(params)
         return _done(Model(cfg, place(cfg, params), tok, mesh, kv_quant=kv_quant), t0, timings)
 
+    if name_or_path not in MODELS and path.is_dir() and hf.is_hf_dir(path):
+        if config is not None:
+            raise ValueError("config= does not apply to an HF checkpoint directory (its config.json is read)")
+        want = None if isinstance(dtype_arg, str) and dtype_arg == "auto" else dtype
+        cfg, params, tok, _ = hf.load(path, want, mesh=None if shardings is not None else mesh)
+        if shardings is not None:
+            from jaxgen.model import stack_layers
+            params = stack_layers(params)
+        return model(cfg, params, tok)
     ckpt = path if name_or_path not in MODELS and path.is_dir() else None
     if name_or_path in MODELS and use_cache and orbax.is_checkpoint(_converted_dir(name_or_path, quant)):
         ckpt = _converted_dir(name_or_path, quant)
@@ -195,7 +208,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
                 cfg = _config_for_file(reader, arch, path)
     else:
         raise ValueError(f"unknown model {name_or_path!r}; known models: {sorted(MODELS)}, or a path to a "
-                         f".gguf file or an Orbax checkpoint directory")
+                         f".gguf file, an HF checkpoint directory or an Orbax checkpoint directory")
     reader = gguf.open_gguf(path)
     with gguf.reading(path):
         host = gguf.load_params(reader, cfg, np.float32, quant=quant)
