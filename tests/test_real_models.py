@@ -7,6 +7,7 @@ import dataclasses
 import json
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -69,7 +70,8 @@ def test_chat_template_matches_hf(real):
         pytest.skip(f"no chat-template fixture for {real.name}")
     tok = real.model.tokenizer
     for case in chat[real.name]["cases"]:
-        text = tok.apply_chat_template(case["messages"])
+        text = tok.apply_chat_template(case["messages"], tools=case.get("tools"),
+                                       add_generation_prompt=case.get("add_generation_prompt", True))
         want = case["text"]
         if tok.add_bos:  # the template writes BOS as text; jaxgen's encode adds it as an id
             assert want.startswith("<bos>"), want[:10]
@@ -190,3 +192,34 @@ def test_beam_search_equals_hf(real):
         got, out = out[:c["num_beams"]], out[c["num_beams"]:]
         assert [g.tokens for g in got] == [b["ids"] for b in c["beams"]], c["prompt"][:40]
         np.testing.assert_allclose([g.score for g in got], [b["score"] for b in c["beams"]], atol=5e-4)
+
+
+def test_hf_directory_equals_gguf(real, tmp_path):
+    """The model written as an HF checkpoint directory (hf.save: safetensors, tokenizer.json or
+    tokenizer.model, tokenizer_config.json with the chat template, generation_config.json) loads back
+    with the same config and params; the directory's own tokenizer gives HF's ids (text and chat
+    fixtures) and the greedy tokens are HF's."""
+    from jaxgen.checkpoint import hf
+
+    d = hf.save(real.model, tmp_path / real.name)
+    back = load(str(d), "float32")
+    assert back.cfg == real.model.cfg
+    diff = jax.tree.map(lambda a, b: float(jax.numpy.max(jax.numpy.abs(a - b))), back.params, real.model.params)
+    assert max(jax.tree.leaves(diff)) <= 1e-6, diff  # exact but for Gemma's norms: (w - 1) + 1 in float32
+    tok = back.tokenizer
+    want = real.model.tokenizer
+    assert (tok.add_bos, tok.bos_id, set(tok.stop_ids)) == (want.add_bos, want.bos_id, set(want.stop_ids))
+    for case in real.fixture["tokenizer"]:
+        assert tok.encode(case["text"], add_bos=False) == case["ids"], repr(case["text"])
+    chat = json.loads((FIXTURES / "chat-templates.json").read_text()).get(real.name, {"cases": []})
+    for case in chat["cases"] if real.model.tokenizer.chat_template else []:
+        text = tok.apply_chat_template(case["messages"], tools=case.get("tools"),
+                                       add_generation_prompt=case.get("add_generation_prompt", True))
+        assert tok.encode(text) == case["ids"], case["messages"]
+    # one prompt per call, as `real.alone` ran them: the same config, params layout and shapes, so the
+    # compiled program is reused
+    for i in [i for i in real.alone if len(real.fixture["cases"][i]["prompt_ids"]) <= 16][:3]:
+        case = real.fixture["cases"][i]
+        got = jaxgen.generate(back, [case["prompt"]], max_new_tokens=real.fixture["meta"]["new_tokens"],
+                              stop_ids=[], top_logprobs=10)[0]
+        assert got.tokens == case["greedy_ids"], case["prompt"]

@@ -6,8 +6,11 @@ needed; none of these is a jaxgen dependency) and the model packages installed:
 
     python tools/make_chat_fixtures.py gemma3-270m smollm2-135m qwen2.5-coder-0.5b [--out tests/fixtures]
 
-Writes chat-templates.json: per model, per conversation, the template's text (generation prompt
-added) and its token ids (HF's tokenizer built from the GGUF).
+Writes chat-templates.json: per model, the template and its special-token strings, and per
+conversation the template's text (generation prompt added) and its token ids (HF's tokenizer built
+from the GGUF). Templates that render tools (Qwen2.5's) also get tool-use conversations (tools=,
+an assistant tool call, a tool result), and every template a conversation without the generation
+prompt: the tests render the stored template with jaxgen.chat and compare texts (no model needed).
 
 Gemma 3 270M is a base model and its GGUF carries no template; for it the template below is given to
 HF, written from the format of the Gemma 3 instruction-tuned models (the one jaxgen follows): BOS,
@@ -45,6 +48,20 @@ CONVERSATIONS = [
 ]
 
 
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "the city's name"}},
+                   "required": ["city"]}}}]
+TOOL_CONVERSATIONS = [
+    [{"role": "system", "content": "You can call tools."}, {"role": "user", "content": "Weather in Paris?"}],
+    [{"role": "user", "content": "Weather in Paris?"},
+     {"role": "assistant", "content": "", "tool_calls": [
+         {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+     {"role": "tool", "content": '{"temp_c": 18, "sky": "clear \u00e9t\u00e9"}'},
+     {"role": "user", "content": "And in Tokyo?"}],
+]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="+")
@@ -57,16 +74,29 @@ def main():
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         template = None if tok.chat_template else GEMMA3_FORMAT
         cases = []
-        for msgs in CONVERSATIONS:
-            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, chat_template=template)
+        used = template or tok.chat_template
+        runs = [(m, None, True) for m in CONVERSATIONS] + [(CONVERSATIONS[2], None, False)]
+        if "tools" in used:
+            runs += [(m, TOOLS, True) for m in TOOL_CONVERSATIONS]
+        for msgs, tools, gen in runs:
+            text = tok.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen,
+                                           chat_template=template)
             ids = tok(text, add_special_tokens=False)["input_ids"]
-            cases.append({"messages": msgs, "text": text, "ids": ids})
+            case = {"messages": msgs, "text": text, "ids": ids}
+            if tools:
+                case["tools"] = tools
+            if not gen:
+                case["add_generation_prompt"] = False
+            cases.append(case)
             print(name, repr(text[:120]), file=sys.stderr)
         import transformers
 
         source = "the GGUF's template" if template is None else "the Gemma 3 format (GEMMA3_FORMAT)"
+        special = {k: getattr(tok, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+                   if getattr(tok, k, None)}
         fixtures[name] = {"reference": f"transformers {transformers.__version__} apply_chat_template "
-                                       f"(add_generation_prompt=True), {source}", "cases": cases}
+                                       f"(add_generation_prompt=True unless a case says), {source}",
+                          "template": used, "special_tokens": special, "cases": cases}
     out.write_text(json.dumps(fixtures, ensure_ascii=False, indent=1))
     print("wrote", out, file=sys.stderr)
 

@@ -168,8 +168,9 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
         from jaxgen.sharding import param_shardings
 
         target = param_shardings(cfg, mesh, params=params) if mesh is not None else shardings
-        if target is None:  # host (numpy) leaves, e.g. an HF checkpoint's, go to the default device
-            return jax.tree.map(jnp.asarray, params)
+        if target is None:  # host (numpy) leaves (an HF checkpoint's) go to the default device, committed
+            # as every other load's arrays are (so models of one config share their compiled programs)
+            return jax.device_put(params, jax.local_devices()[0])
         return jax.device_put(params, target)
 
     def model(cfg, params, tok):  # params are placed once, in their final layout
