@@ -367,7 +367,8 @@ def setup(args, timings: dict | None = None):
     mesh = None
     if not proposer and (args.mesh or jax.local_device_count() > 1):
         mesh = make_mesh(args.mesh, jax.local_devices())
-    model = load(args.model, args.dtype, mesh=mesh, timings=timings, quant=args.quant, kv_quant=args.kv_quant)
+    model = load(args.model, args.dtype, mesh=mesh, timings=timings, quant=args.quant, kv_quant=args.kv_quant,
+                 need_tokenizer=True)
     model = dataclasses.replace(model, prefill_chunk=args.prefill_chunk)
     if proposer is not None:
         proposer = speculative.with_draft(proposer, lambda name: load(name, args.dtype, quant=args.quant))

@@ -124,7 +124,7 @@ def cmd_generate(args) -> int:
         mesh = make_mesh(args.mesh)
     timings: dict = {}
     model = load(args.model, args.dtype, config=args.config, mesh=mesh, timings=timings, quant=args.quant,
-                 kv_quant=args.kv_quant)
+                 kv_quant=args.kv_quant, need_tokenizer=True)
     model = dataclasses.replace(model, prefill_chunk=args.prefill_chunk)
     tok = model.tokenizer
     texts = prompts

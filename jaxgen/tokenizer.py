@@ -261,7 +261,8 @@ def _is_byte_level(tokenizer_json: str) -> bool:
     spec = json.loads(tokenizer_json)
     decoder = spec.get("decoder") or {}
     kinds = [d.get("type") for d in decoder.get("decoders", [decoder])] if isinstance(decoder, dict) else []
-    return "ByteLevel" in kinds or not (spec.get("model") or {}).get("byte_fallback", False) and "ByteFallback" not in kinds
+    fallback = (spec.get("model") or {}).get("byte_fallback", False) or "ByteFallback" in kinds
+    return "ByteLevel" in kinds or not fallback
 
 
 def _gpt2_byte_chars() -> dict[int, str]:
@@ -329,11 +330,23 @@ def from_hf_dir(path, config: dict) -> Tokenizer | None:
     import pathlib
 
     path = pathlib.Path(path)
-    read = lambda name: json.loads((path / name).read_text(encoding="utf-8")) if (path / name).is_file() else {}
+    def read(name):
+        if not (path / name).is_file():
+            return {}
+        try:
+            d = json.loads((path / name).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path / name}: not readable JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path / name}: not a JSON object")
+        return d
+
     tcfg, smap, gcfg = read("tokenizer_config.json"), read("special_tokens_map.json"), read("generation_config.json")
     special = {k: _token_text(tcfg.get(k, smap.get(k))) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
     special = {k: v for k, v in special.items() if v}
     template = tcfg.get("chat_template")
+    if template is not None and not isinstance(template, (str, list)):
+        raise ValueError(f"{path / 'tokenizer_config.json'}: chat_template must be a string or a list")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
@@ -346,7 +359,8 @@ def from_hf_dir(path, config: dict) -> Tokenizer | None:
         try:
             tk = HFTokenizer.from_str(text)
         except Exception as e:
-            raise ValueError(f"{path / 'tokenizer.json'}: not a tokenizers file ({str(e).splitlines()[0][:200]})") from None
+            why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise ValueError(f"{path / 'tokenizer.json'}: not a tokenizers file ({why})") from None
         to_id = tk.token_to_id
         spec = {"kind": "bpe", "tokenizer_json": text}
     elif (path / "tokenizer.model").is_file():
@@ -365,7 +379,8 @@ def from_hf_dir(path, config: dict) -> Tokenizer | None:
     else:
         return None
     ids = lambda v: [v] if isinstance(v, int) else [i for i in v if isinstance(i, int)] if isinstance(v, list) else []
-    bos_id = to_id(special["bos_token"]) if "bos_token" in special else next(iter(ids(config.get("bos_token_id"))), None)
+    bos_id = to_id(special["bos_token"]) if "bos_token" in special else next(iter(ids(config.get("bos_token_id"))),
+                                                                                None)
     eos = [to_id(special["eos_token"])] if "eos_token" in special else []
     eos += ids(gcfg.get("eos_token_id")) + ids(config.get("eos_token_id"))
     eos = [i for i in dict.fromkeys(eos) if i is not None]

@@ -5,6 +5,8 @@ Example counts are kept small for CI (derandomized: the same examples every run)
 hand: JAXGEN_FUZZ_EXAMPLES=500 python -m pytest tests/test_fuzz.py.
 """
 import json
+import pathlib
+import shutil
 import os
 
 import pytest
@@ -122,3 +124,67 @@ def test_corrupt_gguf_is_one_clear_line(ckpt, tmp_path_factory, capsys, how, whe
     else:
         row = json.loads(out)
         assert row["finish_reason"] in ("length", "error")
+
+
+HF_FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hf" / "qwen3"
+CONFIG_KEYS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "intermediate_size", "rope_parameters", "model_type", "layer_types", "sliding_window",
+               "use_sliding_window", "tie_word_embeddings", "rms_norm_eps", "max_position_embeddings", "hidden_act"]
+
+
+def _copy_hf_fixture(d):
+    """The tiny Qwen3 fixture with a word-level tokenizer of its 128 ids ("t0" .. "t127"; "t2" ends)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    for f in HF_FIXTURE.iterdir():
+        shutil.copy(f, d / f.name)
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t3"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "t2", "add_bos_token": False}))
+
+
+def _run_hf_dir(d, capsys):
+    rc = cli.main(["generate", "t5 t6 t7", "--model", str(d), "--max-new-tokens", "2", "--ignore-stop", "--json"])
+    out, err = capsys.readouterr()
+    assert rc in (0, 2), err[-2000:]
+    if rc == 2:
+        assert err.startswith("jaxgen generate: error: ") and err.count("\n") == 1, err[-2000:]
+    return rc
+
+
+@settings(max_examples=SCALE or 15, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(how=st.sampled_from(["truncate", "flip", "header-byte", "u64"]), where=st.floats(0, 0.999),
+       value=st.integers(0, 2**32))
+def test_corrupt_safetensors_is_one_clear_line(tmp_path_factory, capsys, how, where, value):
+    """Random corruptions of an HF directory's safetensors file (its 8-byte header length, JSON header,
+    tensor data): exit 0 or one line, exit 2."""
+    d = tmp_path_factory.mktemp("hf")
+    _copy_hf_fixture(d)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(_corrupt(data, how, where, value))
+    _run_hf_dir(d, capsys)
+
+
+def test_hf_directory_with_tokenizer_runs_and_without_is_one_line(tmp_path, capsys):
+    """The fuzz tests' uncorrupted directory generates (exit 0); without tokenizer files the command
+    line refuses it in one line before reading the weights."""
+    _copy_hf_fixture(tmp_path)
+    assert _run_hf_dir(tmp_path, capsys) == 0
+    (tmp_path / "tokenizer.json").unlink()
+    assert _run_hf_dir(tmp_path, capsys) == 2
+
+
+@settings(max_examples=SCALE or 12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(key=st.sampled_from(CONFIG_KEYS), value=values)
+def test_bad_config_json_value_is_one_clear_line(tmp_path_factory, capsys, key, value):
+    """Any JSON value in a config.json key the loader reads: exit 0 or one line, exit 2 (absurd sizes
+    are refused before anything is allocated)."""
+    d = tmp_path_factory.mktemp("hf")
+    _copy_hf_fixture(d)
+    raw = json.loads((d / "config.json").read_text())
+    raw[key] = value
+    (d / "config.json").write_text(json.dumps(raw))
+    _run_hf_dir(d, capsys)

@@ -222,3 +222,18 @@ def test_bad_directory_on_the_command_line_exits_2(tmp_path, capsys):
     assert cli.main(["generate", "hi", "--model", str(d)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model_type 'falcon' is not supported" in err, err
+
+
+def test_quant_from_safetensors_equals_quantizing_the_float_load(models):
+    """--quant int8 from an HF directory: the same QMatrix leaves as quantizing the float load, and the
+    same tokens as that quantized model."""
+    from jaxgen import quant
+
+    q = jaxgen.load(str(HF / "qwen3"), quant="int8")
+    want = quant.quantize_params(jax.device_get(models("qwen3").params), "int8")  # on the host, as load does
+    for a, b in zip(jax.tree.leaves(q.params), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    prompts = [c["prompt_ids"] for c in reference("qwen3")]
+    same = jaxgen.Model(q.cfg, want)
+    assert [g.tokens for g in jaxgen.generate(q, prompts, max_new_tokens=6, stop_ids=[])] == \
+        [g.tokens for g in jaxgen.generate(same, prompts, max_new_tokens=6, stop_ids=[])]

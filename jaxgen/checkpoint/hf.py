@@ -105,9 +105,34 @@ def text_config(raw: dict, where="config.json") -> tuple[str, dict]:
         "sliding_window", "final_logit_softcapping", "attn_logit_softcapping")}}
 
 
+def _num(d: dict, key: str, where, default=None, positive=True) -> float:
+    """A finite number (> 0, or >= 0) from a config dict, or one line naming the key and value."""
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise ValueError(f"{where}: {key} {v!r} must be a {'positive' if positive else 'non-negative'} number")
+    return float(v)
+
+
+def _int(d: dict, key: str, where, default=None, minimum: int = 1) -> int:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{where}: {key} {v!r} must be an integer >= {minimum}")
+    return v
+
+
+def _bool(d: dict, key: str, where, default=False) -> bool:
+    v = d.get(key, default)
+    if not isinstance(v, bool):
+        raise ValueError(f"{where}: {key} {v!r} must be true or false")
+    return v
+
+
 def _rope(c: dict, kind: str, where: str) -> dict:
     """A layer kind's RoPE as {"theta", "type", "factor", ...}: from rope_parameters (transformers 5,
     maybe keyed by layer type) or rope_theta / rope_scaling (published)."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if c.get(key) is not None and not isinstance(c[key], dict):
+            raise ValueError(f"{where}: {key} {c[key]!r} must be an object")
     params = c.get("rope_parameters")
     if isinstance(params, dict) and kind in params and isinstance(params[kind], dict):
         params = params[kind]
@@ -115,19 +140,23 @@ def _rope(c: dict, kind: str, where: str) -> dict:
         key, p = "rope_parameters", dict(params)
     else:
         key, p = "rope_scaling", dict(c.get("rope_scaling") or {})
-        theta = c.get("rope_local_base_freq") if kind == "sliding_attention" and "rope_local_base_freq" in c else c["rope_theta"]
+        local = kind == "sliding_attention" and "rope_local_base_freq" in c
+        theta = c.get("rope_local_base_freq") if local else c.get("rope_theta")
         p.setdefault("rope_theta", theta)
-        if kind == "sliding_attention" and "rope_local_base_freq" in c:
+        if local:
             p = {"rope_theta": theta}  # published Gemma 3: rope_scaling applies to global layers only
+    where = f"{where}: {key}"
     rtype = p.get("rope_type", p.get("type", "default"))
-    out = {"theta": float(p["rope_theta"]), "type": "default", "factor": 1.0}
+    out = {"theta": _num(p, "rope_theta", where), "type": "default", "factor": 1.0}
     if rtype == "linear":
-        out["factor"] = float(p["factor"])
+        out["factor"] = _num(p, "factor", where)
     elif rtype == "llama3":
-        out.update(type="llama3", factor=float(p["factor"]), low=float(p["low_freq_factor"]),
-                   high=float(p["high_freq_factor"]), original=int(p["original_max_position_embeddings"]))
+        out.update(type="llama3", factor=_num(p, "factor", where), low=_num(p, "low_freq_factor", where),
+                   high=_num(p, "high_freq_factor", where), original=_int(p, "original_max_position_embeddings", where))
+        if out["high"] <= out["low"]:
+            raise ValueError(f"{where}: high_freq_factor must be greater than low_freq_factor")
     elif rtype != "default":
-        raise ValueError(f"{where}: {key} rope_type {rtype!r} is not supported (jaxgen implements default, "
+        raise ValueError(f"{where} rope_type {rtype!r} is not supported (jaxgen implements default, "
                          f"linear and llama3 RoPE)")
     return out
 
@@ -138,32 +167,45 @@ def _layer_pattern(family: str, c: dict, n_layers: int, where: str) -> tuple[str
     types = c.get("layer_types")
     if types is not None:
         letters = {"sliding_attention": "L", "full_attention": "G"}
-        bad = [t for t in types if t not in letters]
+        if not isinstance(types, list):
+            raise ValueError(f"{where}: layer_types {types!r} must be a list")
+        bad = [t for t in types if not isinstance(t, str) or t not in letters]
         if bad or len(types) != n_layers:
             raise ValueError(f"{where}: layer_types {bad[0] if bad else types!r} is not supported "
                              f"(expected {n_layers} of {sorted(letters)})")
         pattern = "".join(letters[t] for t in types)
-        if family in ("qwen2", "qwen3") and not c.get("use_sliding_window"):
+        if family in ("qwen2", "qwen3") and not _bool(c, "use_sliding_window", where):
             pattern = "G" * n_layers  # Qwen: no window unless use_sliding_window, whatever the rest says
     elif family == "gemma2":  # even layers slide, odd layers are global
         pattern = "".join("L" if i % 2 == 0 else "G" for i in range(n_layers))
     elif family == "gemma3_text":
-        p = int(c["sliding_window_pattern"])
+        p = _int(c, "sliding_window_pattern", where)
         pattern = "".join("G" if (i + 1) % p == 0 else "L" for i in range(n_layers))
     elif family == "mistral":
         pattern = "L" * n_layers if window else "G" * n_layers
-    elif family in ("qwen2", "qwen3") and c.get("use_sliding_window") and window:
-        pattern = "".join("L" if i >= c["max_window_layers"] else "G" for i in range(n_layers))
+    elif family in ("qwen2", "qwen3") and _bool(c, "use_sliding_window", where) and window:
+        first = _int(c, "max_window_layers", where, minimum=0)
+        pattern = "".join("L" if i >= first else "G" for i in range(n_layers))
     else:
         pattern = "G" * n_layers
-    if "L" in pattern and not (isinstance(window, int) and window > 0):
+    if "L" in pattern and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"{where}: sliding_window {window!r} must be a positive integer for sliding layers")
     return ("" if "L" not in pattern else pattern), (window if "L" in pattern else 0)
 
 
 def config_from_hf(raw: dict, name: str = "hf", where: str = "config.json") -> ModelConfig:
     """A ModelConfig from config.json's keys (either form). One small mapping for every family; what
-    differs by family is named where it happens."""
+    differs by family is named where it happens. Every value read is type-checked: a bad one is one
+    ValueError line naming the key (fuzzed in tests/test_fuzz.py)."""
+    try:
+        return _config_from_hf(raw, name, where)
+    except ValueError:
+        raise
+    except Exception as e:  # a safety net: a value of a shape no check above anticipated
+        raise ValueError(f"{where}: unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _config_from_hf(raw: dict, name: str, where: str) -> ModelConfig:
     family, c = text_config(raw, where)
     gemma = family in GEMMA
     for key in ("attention_bias", "mlp_bias"):
@@ -172,7 +214,7 @@ def config_from_hf(raw: dict, name: str = "hf", where: str = "config.json") -> M
     if c.get("use_bidirectional_attention"):
         raise ValueError(f"{where}: use_bidirectional_attention true (an embedding model) is not supported")
     act_key = "hidden_activation" if gemma else "hidden_act"
-    if c.get(act_key) not in ACTIVATIONS:
+    if not isinstance(c.get(act_key), str) or c[act_key] not in ACTIVATIONS:
         raise ValueError(f"{where}: {act_key} {c.get(act_key)!r} is not supported (jaxgen: {sorted(ACTIVATIONS)})")
     ints = {}
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -182,40 +224,44 @@ def config_from_hf(raw: dict, name: str = "hf", where: str = "config.json") -> M
             raise ValueError(f"{where}: {key} {v!r} must be a positive integer")
         ints[key] = v
     heads = ints["num_attention_heads"]
-    kv = c.get("num_key_value_heads") or heads
-    head_dim = c.get("head_dim") or ints["hidden_size"] // heads
+    kv = _int(c, "num_key_value_heads", where) if c.get("num_key_value_heads") is not None else heads
+    head_dim = _int(c, "head_dim", where) if c.get("head_dim") is not None else ints["hidden_size"] // heads
     D, L, F, V = ints["hidden_size"], ints["num_hidden_layers"], ints["intermediate_size"], ints["vocab_size"]
-    if not all(isinstance(x, int) and x > 0 for x in (kv, head_dim)):
-        raise ValueError(f"{where}: num_key_value_heads {kv!r} / head_dim {head_dim!r} must be positive integers")
+    if head_dim < 1 or head_dim % 2 or heads % kv:
+        raise ValueError(f"{where}: head_dim {head_dim} must be even and num_attention_heads {heads} a multiple "
+                         f"of num_key_value_heads {kv}")
     n_params = V * D * 2 + L * (D * (heads + 2 * kv) * head_dim + heads * head_dim * D + 3 * D * F)
     if n_params > MAX_PARAMS:
         raise ValueError(f"{where}: the shapes describe {n_params:.3g} parameters (more than {MAX_PARAMS:.0e}): "
                          f"a corrupt config.json?")
     pattern, window = _layer_pattern(family, c, L, where)
     g = _rope(c, "full_attention", where)
-    local = _rope(c, "sliding_attention", where) if "L" in pattern else {"theta": g["theta"], "type": "default", "factor": 1.0}
+    local = _rope(c, "sliding_attention", where) if "L" in pattern else {**g, "type": "default", "factor": 1.0}
     if local["type"] != "default" or local["factor"] != 1.0:
         raise ValueError(f"{where}: scaled RoPE on sliding-window layers is not supported")
+    cap = lambda key: 0.0 if c.get(key) is None else _num(c, key, where, positive=False)  # null: no softcap
     return ModelConfig(
         name=name, vocab_size=V, d_model=D, n_layers=L, n_heads=heads, n_kv_heads=kv, head_dim=head_dim, d_ff=F,
-        max_seq_len=ints["max_position_embeddings"], norm_eps=float(c["rms_norm_eps"]), activation=ACTIVATIONS[c[act_key]],
+        max_seq_len=ints["max_position_embeddings"], norm_eps=_num(c, "rms_norm_eps", where),
+        activation=ACTIVATIONS[c[act_key]],
         rope_theta=g["theta"], rope_local_theta=local["theta"], rope_type=g["type"], rope_scaling=g["factor"],
         rope_low_freq_factor=g.get("low", 1.0), rope_high_freq_factor=g.get("high", 4.0),
         rope_original_max_len=g.get("original", 8192), sliding_window=window, layer_pattern=pattern,
-        query_pre_attn_scalar=float(c.get("query_pre_attn_scalar") or 0.0) if gemma else 0.0,
+        query_pre_attn_scalar=_num(c, "query_pre_attn_scalar", where) if gemma else 0.0,
         qk_norm=family in ("qwen3", "gemma3_text"), sandwich_norm=gemma, qkv_bias=family == "qwen2",
-        tie_embeddings=bool(c["tie_word_embeddings"]), embed_scale=gemma,
-        final_logit_softcap=float(c.get("final_logit_softcapping") or 0.0),
-        attn_logit_softcap=float(c.get("attn_logit_softcapping") or 0.0))
+        tie_embeddings=_bool(c, "tie_word_embeddings", where), embed_scale=gemma,
+        final_logit_softcap=cap("final_logit_softcapping"), attn_logit_softcap=cap("attn_logit_softcapping"))
 
 
 # ---- weights --------------------------------------------------------------------------------------
 _LAYER_NAMES = {  # HF name under layers.{i}. -> (LayerParams field, how)
     "self_attn.q_proj.weight": ("wq", "heads"), "self_attn.k_proj.weight": ("wk", "heads"),
     "self_attn.v_proj.weight": ("wv", "heads"), "self_attn.o_proj.weight": ("wo", "wo"),
-    "self_attn.q_proj.bias": ("bq", "bias"), "self_attn.k_proj.bias": ("bk", "bias"), "self_attn.v_proj.bias": ("bv", "bias"),
+    "self_attn.q_proj.bias": ("bq", "bias"), "self_attn.k_proj.bias": ("bk", "bias"),
+    "self_attn.v_proj.bias": ("bv", "bias"),
     "self_attn.q_norm.weight": ("q_norm", "norm"), "self_attn.k_norm.weight": ("k_norm", "norm"),
-    "mlp.gate_proj.weight": ("w_gate", "T"), "mlp.up_proj.weight": ("w_up", "T"), "mlp.down_proj.weight": ("w_down", "T"),
+    "mlp.gate_proj.weight": ("w_gate", "T"), "mlp.up_proj.weight": ("w_up", "T"),
+    "mlp.down_proj.weight": ("w_down", "T"),
     "input_layernorm.weight": ("attn_norm", "norm"),
 }
 _NORM_AFTER_ATTN = {  # post_attention_layernorm is the MLP's input norm in Llama-style models
@@ -278,7 +324,7 @@ def _read(sl, how: str, shape: tuple, index: tuple, dtype, plus_one: bool) -> np
         a = np.asarray(sl[span(r[0])])
     if plus_one:  # Gemma's (1 + w), folded in float32
         return a.astype(np.float32) + np.float32(1.0)
-    return a.astype(dtype)
+    return a.astype(dtype, copy=False)  # a view when the dtype is already right: device_put copies once
 
 
 class Files:
@@ -328,13 +374,14 @@ class Files:
         return self.handles[self.where[key]].get_slice(key)
 
 
-def load_params(path, cfg: ModelConfig, dtype=None, mesh=None):
+def load_params(path, cfg: ModelConfig, dtype=None, mesh=None, device=None):
     """Params (one LayerParams per layer) from the directory's safetensors files: every expected tensor
     present with its shape, nothing unexpected (vision parts of a multimodal checkpoint aside), before
     anything is read. dtype None keeps the checkpoint's float dtype (bf16 stays bf16). Gemma's folded
     norms stay float32. mesh: each leaf is made by `jax.make_array_from_callback` on its sharding
     (jaxgen.sharding rules), every device's part read straight from the file: no host holds the model.
-    Returns (params, the checkpoint's dtype)."""
+    device (no mesh): each leaf goes there as soon as it is read (the host holds one tensor at a time);
+    None: host numpy leaves. Returns (params, the checkpoint's dtype)."""
     import jax.numpy as jnp
 
     path = pathlib.Path(path)
@@ -390,12 +437,14 @@ def load_params(path, cfg: ModelConfig, dtype=None, mesh=None):
         plus_one = gemma and how == "norm"
         dt = np.float32 if plus_one else target
         if shardings is None:
-            return _read(files.slice(key), how, shape, (), dt, plus_one)
+            host = _read(files.slice(key), how, shape, (), dt, plus_one)
+            return host if device is None else jax.device_put(host, device)
         sharding = getattr(shardings.layers[layer] if layer is not None else shardings, field)
         return jax.make_array_from_callback(shape, sharding,
                                             lambda index: _read(files.slice(key), how, shape, index, dt, plus_one))
 
-    layers = tuple(LayerParams(**{f: (leaf(f, i) if (f, i) in specs else None) for f in LayerParams.__dataclass_fields__})
+    fields = LayerParams.__dataclass_fields__
+    layers = tuple(LayerParams(**{f: (leaf(f, i) if (f, i) in specs else None) for f in fields})
                    for i in range(cfg.n_layers))
     params = Params(embed=leaf("embed", None), layers=layers, final_norm=leaf("final_norm", None),
                     unembed=leaf("unembed", None) if not cfg.tie_embeddings else None)
@@ -406,7 +455,7 @@ def _natural(name: str):
     return [int(t) if t.isdigit() else t for t in name.replace(".", " . ").split()]
 
 
-def load(path, dtype=None, mesh=None, name: str | None = None):
+def load(path, dtype=None, mesh=None, name: str | None = None, need_tokenizer: bool = False, device=None):
     """(cfg, params, tokenizer or None, checkpoint dtype) of an HF checkpoint directory."""
     from jaxgen.tokenizer import from_hf_dir
 
@@ -414,9 +463,12 @@ def load(path, dtype=None, mesh=None, name: str | None = None):
     raw = read_config_json(path)
     cfg = config_from_hf(raw, name or path.name, str(path / "config.json"))
     tok = from_hf_dir(path, raw)  # before the weights: a bad tokenizer file fails fast
+    if tok is None and need_tokenizer:
+        _fail(path, "no tokenizer files (tokenizer.json or tokenizer.model): text prompts need one (token-id "
+                    "prompts work through the Python API)")
     if tok is not None and tok.vocab_size > cfg.vocab_size:
         _fail(path, f"the tokenizer has {tok.vocab_size} tokens, more than vocab_size {cfg.vocab_size}")
-    params, ckpt_dtype = load_params(path, cfg, dtype, mesh)
+    params, ckpt_dtype = load_params(path, cfg, dtype, mesh, device)
     return cfg, params, tok, ckpt_dtype
 
 
@@ -471,7 +523,8 @@ def hf_config(cfg: ModelConfig, tok=None) -> dict:
         if family == "llama":
             del d["sliding_window"]
     if family in ("qwen2", "qwen3"):
-        d.update(use_sliding_window="L" in pattern, max_window_layers=pattern.find("L") if "L" in pattern else cfg.n_layers)
+        d.update(use_sliding_window="L" in pattern,
+                 max_window_layers=pattern.find("L") if "L" in pattern else cfg.n_layers)
     if gemma:
         scalar = cfg.query_pre_attn_scalar or cfg.head_dim  # transformers' config class wants an int
         d.update(query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,

@@ -131,7 +131,7 @@ def resolve_dtype(dtype) -> jnp.dtype:
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_cache: bool = True,
          shardings=None, mesh=None, timings: dict | None = None, quant: str | None = None,
-         kv_quant: str | None = None):
+         kv_quant: str | None = None, need_tokenizer: bool = False):
     """A ready `Model` (config, params on device, tokenizer) from a registry name, a .gguf path, an
     HF checkpoint directory (config.json + safetensors: jaxgen.checkpoint.hf) or an Orbax checkpoint
     directory. For an HF directory dtype "auto" is the checkpoint's own (bf16 stays bf16), and with a
@@ -146,7 +146,8 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
 
     Float params come in the decode layout, one LayerParams per layer (`model.unstack_layers`: faster
     decoding, longer compiles), unless explicit `shardings` (a stacked Params tree) are given.
-    Quantized layers stay stacked (see unstack_layers)."""
+    Quantized layers stay stacked (see unstack_layers). need_tokenizer: refuse (before the weights are
+    read) an HF directory without tokenizer files, which otherwise loads for token-id prompts."""
     from jaxgen import quant as qmod
     from jaxgen.checkpoint import gguf, hf, orbax
     from jaxgen.config import ModelConfig, load_config
@@ -186,7 +187,9 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
         if config is not None:
             raise ValueError("config= does not apply to an HF checkpoint directory (its config.json is read)")
         want = None if isinstance(dtype_arg, str) and dtype_arg == "auto" else dtype
-        cfg, params, tok, _ = hf.load(path, want, mesh=None if shardings is not None else mesh)
+        cfg, params, tok, _ = hf.load(path, want, mesh=None if shardings is not None else mesh,
+                                      need_tokenizer=need_tokenizer,  # quantized from host arrays, else straight on
+                                      device=None if quant or shardings is not None else jax.local_devices()[0])
         if shardings is not None:
             from jaxgen.model import stack_layers
             params = stack_layers(params)
