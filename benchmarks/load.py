@@ -1,5 +1,5 @@
 """Loading checkpoints: time and peak memory of Gemma 3 270M from its HF directory, its GGUF file and
-jaxgen's Orbax cache, and of a generated ~1 GB bf16 HF checkpoint on one device and on an 8-device mesh.
+jaxgen's Orbax cache, and of a generated 1B-parameter bf16 HF checkpoint on one device and on an 8-device mesh.
     python -m benchmarks.load [--no-readme]
 
 Every load runs in a fresh process (`jaxgen.load(...)` then block_until_ready) that reports its wall
@@ -8,8 +8,8 @@ tiny jitted op is subtracted (the runtime's own memory). On CPU the "devices" ar
 mesh row also reports the bytes its device buffers hold: peak minus runtime minus those buffers is
 what the load held on the host beyond them (the safetensors slices in flight).
 Setup (not timed): the HF directory is written with jaxgen.checkpoint.hf.save from the GGUF load (the
-test suite checks that directory against HF's tokens), the 1 GB checkpoint from random bf16 params of
-a Llama-shaped config (9 layers of d_model 2048, untied: 556M params).
+test suite checks that directory against HF's tokens), the 1B checkpoint from random bf16 params of
+a Llama-shaped config (18 layers of d_model 2048, untied: 981M params, 2.0 GB).
 """
 import argparse
 import json
@@ -51,8 +51,8 @@ print(json.dumps({"load_s": dt, "peak_mb": peak, "runtime_mb": base, "device_mb"
                   "anon_peak_mb": anon_peak[0], "runtime_anon_mb": base_anon}))
 """
 
-BIG = dict(name="llama-1gb", vocab_size=32000, d_model=2048, n_layers=9, n_heads=16, n_kv_heads=8, head_dim=128,
-           d_ff=5632, max_seq_len=4096, tie_embeddings=False)  # 556M params: 1.1 GB in bf16
+BIG = dict(name="llama-1b", vocab_size=32000, d_model=2048, n_layers=18, n_heads=16, n_kv_heads=8, head_dim=128,
+           d_ff=5632, max_seq_len=4096, tie_embeddings=False)  # 981M params: 2.0 GB in bf16
 
 
 def child(model: str, dtype: str, mesh: str, cache: str, devices: int = 1) -> dict:
@@ -97,12 +97,12 @@ def main(argv=None):
                                for _ in range(a.repeats)])
         cfg = jaxgen.ModelConfig(**BIG)
         params = jaxgen.init_params(cfg, jax.random.key(0), jnp.bfloat16)
-        hf.save(jaxgen.Model(cfg, params), f"{work}/llama-1gb", max_shard_bytes=400 * 2**20)
+        hf.save(jaxgen.Model(cfg, params), f"{work}/llama-1b", max_shard_bytes=400 * 2**20)
         del params
-        res["1 GB bf16 HF directory, one device"] = best(
-            [child(f"{work}/llama-1gb", "auto", "none", cache) for _ in range(a.repeats)])
-        res["1 GB bf16 HF directory, 8-device mesh (data=2, model=4)"] = best(
-            [child(f"{work}/llama-1gb", "auto", "data=2,model=4", cache, devices=8) for _ in range(a.repeats)])
+        res["1B bf16 HF directory (2.0 GB), one device"] = best(
+            [child(f"{work}/llama-1b", "auto", "none", cache) for _ in range(a.repeats)])
+        res["1B bf16 HF directory, 8-device mesh (data=2, model=4)"] = best(
+            [child(f"{work}/llama-1b", "auto", "data=2,model=4", cache, devices=8) for _ in range(a.repeats)])
     print(json.dumps(res, indent=1), file=sys.stderr)
     lines = ["| load | wall | params | device buffers | peak RSS | peak anonymous | held beyond the buffers |",
              "|---|---|---|---|---|---|---|"]
