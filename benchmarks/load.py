@@ -7,7 +7,7 @@ time and its peak resident memory (VmHWM, which exec resets, unlike ru_maxrss); 
 tiny jitted op is subtracted (the runtime's own memory). On CPU the "devices" are host memory, so the
 mesh row also reports the bytes its device buffers hold: peak minus runtime minus those buffers is
 what the load held on the host beyond them (the safetensors slices in flight).
-Setup (not timed): the HF directory is written with jaxgen.checkpoint.hf.save from the GGUF load (the
+Setup (not timed): the HF directory is written with jaxgen.checkpoint.hf_save.save from the GGUF load (the
 test suite checks that directory against HF's tokens), the 1B checkpoint from random bf16 params of
 a Llama-shaped config (18 layers of d_model 2048, untied: 981M params, 2.0 GB).
 """
@@ -79,13 +79,13 @@ def main(argv=None):
     import jax.numpy as jnp
 
     import jaxgen
-    from jaxgen.checkpoint import hf
+    from jaxgen.checkpoint import hf_save
 
     res = {}
     with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as work:
         os.environ["JAXGEN_CACHE"] = cache
         gemma = jaxgen.load("gemma3-270m", "float32")  # also writes the Orbax cache the cached rows restore
-        hf.save(gemma, f"{work}/gemma3-270m")
+        hf_save.save(gemma, f"{work}/gemma3-270m")
         del gemma
         rows = {"gemma3-270m HF directory (safetensors, float32)": (f"{work}/gemma3-270m", "float32"),
                 "gemma3-270m Orbax cache (jaxgen's conversion)": ("gemma3-270m", "float32")}
@@ -97,7 +97,7 @@ def main(argv=None):
                                for _ in range(a.repeats)])
         cfg = jaxgen.ModelConfig(**BIG)
         params = jaxgen.init_params(cfg, jax.random.key(0), jnp.bfloat16)
-        hf.save(jaxgen.Model(cfg, params), f"{work}/llama-1b", max_shard_bytes=400 * 2**20)
+        hf_save.save(jaxgen.Model(cfg, params), f"{work}/llama-1b", max_shard_bytes=400 * 2**20)
         del params
         res["1B bf16 HF directory (2.0 GB), one device"] = best(
             [child(f"{work}/llama-1b", "auto", "none", cache) for _ in range(a.repeats)])

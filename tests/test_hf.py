@@ -15,7 +15,7 @@ import pytest
 
 import jaxgen
 from jaxgen import cli
-from jaxgen.checkpoint import hf
+from jaxgen.checkpoint import hf, hf_save
 from jaxgen.sharding import make_mesh, param_shardings
 
 HF = pathlib.Path(__file__).parent / "fixtures" / "hf"
@@ -138,10 +138,10 @@ def test_bf16_checkpoint_stays_bf16_unless_asked(tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_round_trip(models, tmp_path, family):
-    """hf.save writes what hf.load reads back: the same config and the same params (transformers reads
+    """hf_save.save writes what hf.load reads back: the same config and the same params (transformers reads
     these directories too: checked by hand with transformers 5.12, logits equal to the fixtures')."""
     model = models(family)
-    out = hf.save(model, tmp_path / family, max_shard_bytes=20_000 if family == "qwen2" else None)
+    out = hf_save.save(model, tmp_path / family, max_shard_bytes=20_000 if family == "qwen2" else None)
     back = jaxgen.load(str(out))
     assert back.cfg == model.cfg.replace(name=family)
     for a, b in zip(jax.tree.leaves(back.params), jax.tree.leaves(model.params)):
@@ -159,7 +159,7 @@ def test_presets_are_published_configs():
         assert hf.config_from_hf(raw, name=f.stem) == jaxgen.load_config(f.stem), f.stem
     for name in jaxgen.preset_names():
         cfg = jaxgen.load_config(name)
-        assert hf.config_from_hf(hf.hf_config(cfg), name=name) == cfg, name
+        assert hf.config_from_hf(hf_save.hf_config(cfg), name=name) == cfg, name
         shapes = jax.eval_shape(lambda: jaxgen.init_params(cfg, jax.random.key(0), jnp.bfloat16))
         n = sum(np.prod(s.shape) for s in jax.tree.leaves(shapes))
         assert n > 1e8, name

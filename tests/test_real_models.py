@@ -195,13 +195,13 @@ def test_beam_search_equals_hf(real):
 
 
 def test_hf_directory_equals_gguf(real, tmp_path):
-    """The model written as an HF checkpoint directory (hf.save: safetensors, tokenizer.json or
+    """The model written as an HF checkpoint directory (hf_save.save: safetensors, tokenizer.json or
     tokenizer.model, tokenizer_config.json with the chat template, generation_config.json) loads back
     with the same config and params; the directory's own tokenizer gives HF's ids (text and chat
     fixtures) and the greedy tokens are HF's."""
-    from jaxgen.checkpoint import hf
+    from jaxgen.checkpoint import hf_save
 
-    d = hf.save(real.model, tmp_path / real.name)
+    d = hf_save.save(real.model, tmp_path / real.name)
     back = load(str(d), "float32")
     assert back.cfg == real.model.cfg
     diff = jax.tree.map(lambda a, b: float(jax.numpy.max(jax.numpy.abs(a - b))), back.params, real.model.params)
