@@ -20,3 +20,17 @@ def test_quick_benchmark_end_to_end(tmp_path):
     # the sampling cost figure: top-k + top-p decode at the largest batch, same compiled program
     assert set(s["sampled_tps"]) == {"2"} and s["sampled_tps"]["2"]["median"] > 0
     assert s["sampling_cost"]["2"] == s["decode_tps"]["2"]["median"] / s["sampled_tps"]["2"]["median"] - 1
+
+
+def test_accelerator_benchmark_smoke(tmp_path):
+    """`python -m benchmarks.accelerator --smoke` (the GPU script on a tiny preset, on this CPU) runs end to
+    end and writes every field of its rows, so the script a GPU session runs has not rotted."""
+    from benchmarks import accelerator
+
+    result = accelerator.main(["--smoke", "--no-hf", "--out", str(tmp_path)])
+    saved = json.loads(next(tmp_path.glob("*-accelerator-smoke.json")).read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"])) and [r["batch"] for r in saved["rows"]] == [1, 2]
+    for r in saved["rows"]:
+        assert r["decode_tok_s"] > 0 and 0 < r["roofline_fraction"] < 1.5 and r["compile_s"] > 0
+    assert saved["rows"][0]["prefill_tok_s"]["64"] > 0 and saved["bandwidth_gb_s"] > 0
+    assert "| tiny-gemma3 | 2 |" in accelerator.table(saved, "x.json")

@@ -1,0 +1,216 @@
+"""Decode and prefill on an accelerator, side by side with HF transformers on the same device:
+    python -m benchmarks.accelerator [--models ...] [--budget-s 420] [--no-hf] [--readme]
+    python -m benchmarks.accelerator --smoke      # a tiny preset on CPU in seconds (CI runs it)
+
+No network and no model packages: params are random (bf16) from the presets' shapes, and HF's models
+are built from the same shapes (jaxgen.checkpoint.hf_save.hf_config -> transformers `from_config`).
+Per model and batch: decode tokens/s (prompts of 32 random ids, 256 new tokens, greedy, no stop), the
+fraction of the roofline it reaches, compile time; per model: prefill tokens/s at 2k and 8k tokens.
+
+Roofline: a decode step must read every weight once and each row's live keys and values (local layers
+at most their window), so tokens/s <= batch * bandwidth / (weight bytes + KV bytes at the average live
+length). The bandwidth is measured in the same run: the best of 10 jitted `x + 1` over a 2 GiB bf16
+array (read + write). HF: torch bf16, sdpa attention, a static cache (`cache_implementation="static"`).
+Models run in order until --budget-s is spent (the rest are listed as skipped), so one GPU run fits
+its time. Writes benchmarks/results/<device>-<date>-accelerator.json (`rows`) and, with --readme, the
+README table between the accelerator markers.
+"""
+import argparse
+import datetime
+import gc
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+
+# Let torch (the HF side) have device memory: JAX would otherwise take 75% of it at its first use.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+from benchmarks.run import ROOT, update_readme  # noqa: E402
+
+MODELS = ["gemma3-270m", "qwen2.5-coder-1.5b", "llama3.2-1b", "gemma3-1b", "qwen3-4b", "llama3.1-8b", "qwen3-8b"]
+
+
+def timed(fn, repeats: int) -> float:
+    """The fastest of `repeats` calls (seconds), after one untimed call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bandwidth(nbytes: int) -> float:
+    """Device memory bandwidth (bytes/s): a jitted x + 1 reads and writes nbytes of bf16 once each."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones(nbytes // 2, jnp.bfloat16)
+    f = jax.jit(lambda a: a + 1)
+    t = timed(lambda: jax.block_until_ready(f(x)), 10)
+    return 2 * nbytes / t
+
+
+def kv_bytes_per_row(cfg, live: int, itemsize: int) -> int:
+    """Key + value bytes a decode step reads for one row of `live` tokens (local layers: the window)."""
+    per_token = 2 * cfg.n_kv_heads * cfg.head_dim * itemsize
+    window = min(live, cfg.sliding_window) if cfg.sliding_window else live
+    return per_token * (cfg.n_global * live + cfg.n_local * window)
+
+
+def jaxgen_rows(cfg, args, bw, device_kind):
+    import jax
+    import jax.numpy as jnp
+
+    import jaxgen
+
+    params = jax.jit(lambda k: jaxgen.init_params(cfg, k, jnp.bfloat16))(jax.random.key(0))
+    model = jaxgen.Model(cfg, params)
+    weights = sum(x.nbytes for x in jax.tree.leaves(params))
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    rng = np.random.default_rng(0)
+    rows = []
+    for B in args.batches:
+        prompts = rng.integers(1, cfg.vocab_size, (B, args.prompt)).tolist()
+        t = time.perf_counter()
+        jaxgen.precompile(model, B, args.prompt, args.new)
+        compile_s = time.perf_counter() - t
+        run = lambda: jaxgen.generate(model, prompts, max_new_tokens=args.new, stop_ids=[])
+        dt = timed(run, args.repeats)
+        tok_s = B * args.new / dt
+        step_bytes = weights + B * kv_bytes_per_row(cfg, args.prompt + args.new // 2, 2)
+        rows.append(dict(device_kind=device_kind, model=cfg.name, params_b=n_params / 1e9, dtype="bfloat16", batch=B,
+                         decode_tok_s=tok_s, roofline_fraction=tok_s / (B * bw / step_bytes), compile_s=compile_s))
+    prefill = {}
+    for L in args.prefill:
+        if L + 1 > cfg.max_seq_len:
+            continue
+        ids = [rng.integers(1, cfg.vocab_size, L).tolist()]
+        jaxgen.precompile(model, 1, L, 1)
+        prefill[str(L)] = L / timed(lambda: jaxgen.generate(model, ids, max_new_tokens=1, stop_ids=[]), args.repeats)
+    rows[0]["prefill_tok_s"] = prefill
+    del model, params
+    gc.collect()
+    return rows
+
+
+def hf_figures(cfg, args):
+    """HF transformers' decode tokens/s per batch and prefill tokens/s per length on the same device,
+    or None where torch / transformers are missing."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    from jaxgen.checkpoint.hf_save import hf_config
+
+    d = hf_config(cfg)
+    d.pop("architectures")
+    conf = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = transformers.AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16,
+                                                          attn_implementation="sdpa").to(dev).eval()
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    out = {"decode": {}, "prefill": {}}
+    with torch.no_grad():
+        for B in args.batches:
+            ids = torch.randint(1, cfg.vocab_size, (B, args.prompt), device=dev)
+            gen = lambda: (model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
+                                          min_new_tokens=args.new, do_sample=False, pad_token_id=0,
+                                          cache_implementation="static"), sync())
+            out["decode"][B] = B * args.new / timed(gen, 1)  # one timed call: HF's steps are slow to repeat
+        for L in args.prefill:
+            if L + 1 > cfg.max_seq_len:
+                continue
+            ids = torch.randint(1, cfg.vocab_size, (1, L), device=dev)
+            out["prefill"][str(L)] = L / timed(lambda: (model(ids, logits_to_keep=1), sync()), args.repeats)
+    del model
+    gc.collect()
+    return out
+
+
+def smoke_config():
+    import jaxgen
+
+    return jaxgen.load_config("gemma3-270m").replace(
+        name="tiny-gemma3", vocab_size=512, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=32, d_ff=128,
+        layer_pattern="LG", sliding_window=16, max_seq_len=256, query_pre_attn_scalar=32.0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=MODELS)
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 8, 64, 256])
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--prefill", type=int, nargs="*", default=[2048, 8192])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--bandwidth-bytes", type=int, default=2 * 2**30)
+    ap.add_argument("--budget-s", type=float, default=420.0, help="start no new model after this many seconds")
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="a tiny preset, small settings (CPU, CI)")
+    ap.add_argument("--readme", action="store_true", help="write the README table")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    import jax
+
+    import jaxgen
+
+    if args.smoke:
+        args.batches, args.new, args.prompt, args.prefill, args.repeats = [1, 2], 8, 8, [64], 1
+        args.bandwidth_bytes = 64 * 2**20
+    t0 = time.perf_counter()
+    device = jax.devices()[0]
+    device_kind = device.device_kind
+    bw = bandwidth(args.bandwidth_bytes)
+    print(f"{device_kind}: {bw / 1e9:.0f} GB/s", file=sys.stderr)
+    rows, skipped = [], []
+    configs = [smoke_config()] if args.smoke else [jaxgen.load_config(m) for m in args.models]
+    for cfg in configs:
+        if time.perf_counter() - t0 > args.budget_s:
+            skipped.append(cfg.name)
+            continue
+        got = jaxgen_rows(cfg, args, bw, device_kind)
+        hf = None if args.no_hf else hf_figures(cfg, args)
+        for r in got:
+            r["hf_decode_tok_s"] = hf["decode"].get(r["batch"]) if hf else None
+        got[0]["hf_prefill_tok_s"] = hf["prefill"] if hf else None
+        rows += got
+        print(json.dumps(got), file=sys.stderr)
+    result = {"date": str(datetime.date.today()), "device_kind": device_kind, "platform": device.platform,
+              "jax": jax.__version__, "bandwidth_gb_s": bw / 1e9, "smoke": args.smoke, "settings": {
+                  "batches": args.batches, "new_tokens": args.new, "prompt": args.prompt, "prefill": args.prefill},
+              "rows": rows, "skipped": skipped, "wall_s": time.perf_counter() - t0}
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", device_kind).strip("-").lower()
+    path = os.path.join(args.out, f"{stem}-{datetime.date.today()}-accelerator{'-smoke' if args.smoke else ''}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    if args.readme and not args.smoke:
+        update_readme(table(result, os.path.relpath(path, ROOT)), "accelerator")
+    print(f"wrote {path}", file=sys.stderr)
+    return result
+
+
+def table(result, path) -> str:
+    lines = [f"Measured {result['date']} on {result['device_kind']} (jax {result['jax']}, measured bandwidth "
+             f"{result['bandwidth_gb_s']:.0f} GB/s), `python -m benchmarks.accelerator`; results: `{path}`.", "",
+             "| model | batch | jaxgen decode tok/s | of roofline | HF decode tok/s | compile s | prefill tok/s "
+             "(jaxgen / HF) |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        pre = "; ".join(f"{L}: {v:.0f} / {(r.get('hf_prefill_tok_s') or {}).get(L, float('nan')):.0f}"
+                        for L, v in (r.get("prefill_tok_s") or {}).items())
+        hf = f"{r['hf_decode_tok_s']:.0f}" if r.get("hf_decode_tok_s") else "-"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['decode_tok_s']:.0f} | {r['roofline_fraction']:.0%} | {hf} | "
+                     f"{r['compile_s']:.1f} | {pre} |")
+    if result["skipped"]:
+        lines.append(f"\nNot reached within the time budget: {', '.join(result['skipped'])}.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
