@@ -58,3 +58,23 @@ def test_missing_and_bad_fields():
 def test_unknown_preset_lists_known():
     with pytest.raises(ValueError, match="gemma3-270m"):
         load_config("gemma-7b")
+
+
+def test_enable_compile_cache_for_api_users(tmp_path, monkeypatch):
+    """jaxgen.enable_compile_cache() turns JAX's persistent compilation cache on (in $JAXGEN_CACHE/xla or a
+    given directory), keeps a directory already configured, and JAXGEN_COMPILE_CACHE=0 keeps it off."""
+    import jax
+
+    import jaxgen
+
+    monkeypatch.setenv("JAXGEN_CACHE", str(tmp_path))
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv("JAXGEN_COMPILE_CACHE", "0")
+        assert jaxgen.enable_compile_cache() is None and not jax.config.jax_compilation_cache_dir
+        monkeypatch.delenv("JAXGEN_COMPILE_CACHE")
+        assert jaxgen.enable_compile_cache() == str(tmp_path / "xla") == jax.config.jax_compilation_cache_dir
+        assert jaxgen.enable_compile_cache(tmp_path / "other") == str(tmp_path / "xla")  # configured: kept
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -60,13 +60,17 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("JAXGEN_CACHE", pathlib.Path.home() / ".cache" / "jaxgen"))
 
 
-def persistent_compile_cache():
-    """Keep compiled programs on disk (JAX's persistent compilation cache, in `cache_dir()/xla`), so a
-    later process with the same shapes loads them instead of compiling (the `jaxgen` command and the
-    Ray stage's actors turn it on; the README's Command line section has the figures).
-    JAXGEN_COMPILE_CACHE=0 turns it off; a cache directory the user configured is kept."""
-    if os.environ.get("JAXGEN_COMPILE_CACHE", "1") != "0" and not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+def persistent_compile_cache(path=None) -> str | None:
+    """Keep compiled programs on disk (JAX's persistent compilation cache, in `path` or
+    `cache_dir()/xla`), so a later process with the same shapes loads them instead of compiling (the
+    `jaxgen` command and the Ray stage's actors turn it on; API users call `jaxgen.enable_compile_cache()`;
+    the README's Command line section has the figures). JAXGEN_COMPILE_CACHE=0 turns it off; a cache
+    directory the user configured already is kept. Returns the directory in use (None: off)."""
+    if os.environ.get("JAXGEN_COMPILE_CACHE", "1") == "0":
+        return jax.config.jax_compilation_cache_dir or None
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(path or cache_dir() / "xla"))
+    return jax.config.jax_compilation_cache_dir
 
 
 def _package_dir(module: str, entry: Entry, name: str) -> pathlib.Path:
