@@ -186,6 +186,8 @@ BAD = {  # name -> (how to break a copy of the qwen3 fixture, what the one line 
     "index": (lambda d: (d / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}})), "not a file"),
     "tokenizer": (lambda d: (d / "tokenizer.json").write_text("{}"), "not a tokenizers file"),
+    "index-types": (lambda d: (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": 5}})), "not a safetensors index"),
 }
 
 
