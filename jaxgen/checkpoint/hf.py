@@ -274,6 +274,12 @@ _NORM_AFTER_ATTN = {  # post_attention_layernorm is the MLP's input norm in Llam
 FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bfloat16"}
 
 
+def norms_minus_one(cfg: ModelConfig) -> bool:
+    """Whether the checkpoint stores norm weights as w - 1 (applied as 1 + w): Gemma 2 / 3, the only
+    families config_from_hf gives sandwich norms."""
+    return cfg.sandwich_norm
+
+
 def expected_names(cfg: ModelConfig) -> dict[str, tuple[str, int | None, str]]:
     """HF tensor name (without prefix) -> (jaxgen field, layer or None, how) for this config."""
     shapes = param_shapes(cfg)
@@ -389,7 +395,6 @@ def load_params(path, cfg: ModelConfig, dtype=None, mesh=None, device=None):
 
     path = pathlib.Path(path)
     files = Files(path)
-    family, _ = text_config(read_config_json(path), path / "config.json")
     prefixes = [p for p in TEXT_PREFIXES if any(k.startswith(p) for k in files.where)]
     prefix = max(prefixes, key=len) if prefixes else ""
     present = {}
@@ -425,7 +430,7 @@ def load_params(path, cfg: ModelConfig, dtype=None, mesh=None, device=None):
         specs[(field, layer)] = (key, how, shape)
     ckpt_dtype = jnp.dtype(FLOAT_DTYPES[max(dtypes, key=["F16", "BF16", "F32"].index)])
     target = jnp.dtype(dtype) if dtype is not None else ckpt_dtype
-    gemma = family in GEMMA
+    gemma = norms_minus_one(cfg)
 
     shardings = None
     if mesh is not None:

@@ -13,7 +13,7 @@ import pathlib
 import jax
 import numpy as np
 
-from jaxgen.checkpoint.hf import GEMMA, expected_names
+from jaxgen.checkpoint.hf import GEMMA, expected_names, norms_minus_one
 from jaxgen.config import ModelConfig
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -115,7 +115,7 @@ def save(model, path, max_shard_bytes: int | None = None) -> pathlib.Path:
     cfg, tok = model.cfg, model.tokenizer
     config = hf_config(cfg, tok)
     params = jax.device_get(unstack_layers(model.params))
-    gemma = family_of(cfg) in GEMMA
+    gemma = norms_minus_one(cfg)
     dtype = np.asarray(params.embed).dtype
     tensors = {}
     for name, (field, layer, how) in expected_names(cfg).items():
