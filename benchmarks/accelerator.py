@@ -4,7 +4,8 @@
 
 No network and no model packages: params are random (bf16) from the presets' shapes, and HF's models
 are built from the same shapes (jaxgen.checkpoint.hf_save.hf_config -> transformers `from_config`).
-Per model and batch: decode tokens/s (prompts of 32 random ids, 256 new tokens, greedy, no stop), the
+Per model and batch: decode tokens/s (prompts of 32 random ids, 256 new tokens, greedy, no stop; the
+32-token prefill is inside the time, for both systems), the
 fraction of the roofline it reaches, compile time; per model: prefill tokens/s at 2k and 8k tokens.
 
 Roofline: a decode step must read every weight once and each row's live keys and values (local layers
@@ -29,6 +30,7 @@ import numpy as np
 # Let torch (the HF side) have device memory: JAX would otherwise take 75% of it at its first use.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+from benchmarks import common  # noqa: E402
 from benchmarks.run import ROOT, update_readme  # noqa: E402
 
 MODELS = ["gemma3-270m", "qwen2.5-coder-1.5b", "llama3.2-1b", "gemma3-1b", "qwen3-4b", "llama3.1-8b", "qwen3-8b"]
@@ -37,12 +39,7 @@ MODELS = ["gemma3-270m", "qwen2.5-coder-1.5b", "llama3.2-1b", "gemma3-1b", "qwen
 def timed(fn, repeats: int) -> float:
     """The fastest of `repeats` calls (seconds), after one untimed call."""
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    return min(common.timed(fn, repeats))
 
 
 def bandwidth(nbytes: int) -> float:
