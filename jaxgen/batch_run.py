@@ -245,7 +245,8 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
     cfg = model.cfg
     B, NS = p.batch, p.stop_slots
     statics = dict(cfg=cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=top_logprobs, mesh=model.mesh,
-                   kv_quant=model.kv_quant, penalties=p.penalties, prefill_chunk=model.prefill_chunk)
+                   kv_quant=model.kv_quant, penalties=p.penalties, prefill_chunk=model.prefill_chunk,
+                   paths=model.paths)
 
     universe = sorted({s for r in rows for s in r.get("stop", [])})
     constrained = sorted({r["constraint"] for r in rows if r.get("constraint")})  # one table for the run
@@ -295,7 +296,7 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
             for i, r in zip(dest, take):
                 slot_row[int(i)] = r
         state = decode_jit(model.params, state, **place(model, host), until=np.int32(int(state.step) + chunk),
-                           cfg=cfg, mesh=model.mesh)
+                           cfg=cfg, mesh=model.mesh, paths=model.paths)
         done = fetch(state.done)
         finished = [i for i, r in enumerate(slot_row) if r is not None and bool(done[i])]
         if finished:

@@ -193,27 +193,29 @@ def beam_start(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, ma
                cfg, max_new: int, cache_len: int, beams: int, pad_id: int = 0, mesh=None,
                kv_quant: str | None = None, stop_strings: sst.StopStrings | None = None,
                prefix: eng.Prefix | None = None, prefill_chunk: int = PREFILL_CHUNK,
-               constraints: con.Constraints | None = None, constraint_start: jax.Array | None = None
-               ) -> BeamState:
+               constraints: con.Constraints | None = None, constraint_start: jax.Array | None = None,
+               paths=None) -> BeamState:
     """The prefill and the first beam step of `beam_search` (same arguments): its loop's start."""
     state, logits = eng.start(params, prompts, prompt_lengths, max_new_tokens, cfg=cfg, max_new=max_new,
                               cache_len=cache_len, pad_id=pad_id, kv_quant=kv_quant, penalties=False, n=beams,
                               stop_strings=stop_strings, prefix=prefix, prefill_chunk=prefill_chunk,
-                              constraints=constraints, constraint_start=constraint_start)
+                              constraints=constraints, constraint_start=constraint_start, paths=eng._paths(paths, mesh))
     return _constrain(init(state, logits, width, length_penalty, early_stopping, max_new_tokens, stop_ids), mesh)
 
 
 def beam_loop(params: Params, b: BeamState, max_new_tokens: jax.Array, stop_ids: jax.Array, *, cfg, max_new: int,
-              mesh=None) -> BeamOutput:
+              mesh=None, paths=None) -> BeamOutput:
     """The rest of `beam_search` from `beam_start`'s state: a step per new token until every prompt is done."""
+    paths = eng._paths(paths, mesh)
+
     def cond(b: BeamState):
         return (b.run.step < max_new) & ~jnp.all(b.run.done)
 
     def body(b: BeamState):
         s = b.run
         pos = jnp.where(s.done, -1, s.cache.lengths)[:, None]  # done rows write nothing
-        h, cache = forward_hidden(params, s.last[:, None], pos, s.cache, cfg)
-        return _constrain(step(b.replace(run=s.replace(cache=cache)), unembed(params, h[:, 0], cfg),
+        h, cache = forward_hidden(params, s.last[:, None], pos, s.cache, cfg, paths=paths)
+        return _constrain(step(b.replace(run=s.replace(cache=cache)), unembed(params, h[:, 0], cfg, paths),
                                max_new_tokens, stop_ids), mesh)
 
     b = jax.lax.while_loop(cond, body, b)
@@ -226,8 +228,8 @@ def beam_search(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, m
                 cfg, max_new: int, cache_len: int, beams: int, pad_id: int = 0, mesh=None,
                 kv_quant: str | None = None, stop_strings: sst.StopStrings | None = None,
                 prefix: eng.Prefix | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                constraints: con.Constraints | None = None, constraint_start: jax.Array | None = None
-                ) -> BeamOutput:
+                constraints: con.Constraints | None = None, constraint_start: jax.Array | None = None,
+                paths=None) -> BeamOutput:
     """Beam search for right-padded prompts [P, T] with up to `beams` (K, static) beams each.
 
     Traced: prompt_lengths [P] (0 = padding), max_new_tokens and stop_ids per row ([B], [B, NS] with
@@ -237,12 +239,14 @@ def beam_search(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, m
     b = beam_start(params, prompts, prompt_lengths, max_new_tokens, stop_ids, width, length_penalty, early_stopping,
                    cfg=cfg, max_new=max_new, cache_len=cache_len, beams=beams, pad_id=pad_id, mesh=mesh,
                    kv_quant=kv_quant, stop_strings=stop_strings, prefix=prefix, prefill_chunk=prefill_chunk,
-                   constraints=constraints, constraint_start=constraint_start)
-    return beam_loop(params, b, max_new_tokens, stop_ids, cfg=cfg, max_new=max_new, mesh=mesh)
+                   constraints=constraints, constraint_start=constraint_start, paths=paths)
+    return beam_loop(params, b, max_new_tokens, stop_ids, cfg=cfg, max_new=max_new, mesh=mesh, paths=paths)
 
 
-_STATICS = ("cfg", "max_new", "cache_len", "beams", "pad_id", "mesh", "kv_quant", "prefill_chunk")
+_STATICS = ("cfg", "max_new", "cache_len", "beams", "pad_id", "mesh", "kv_quant", "prefill_chunk", "paths")
 beam_jit = jax.jit(beam_search, static_argnames=_STATICS)
 # the same computation as two programs, so that a caller can time the prefill and the search apart
 beam_start_jit = jax.jit(beam_start, static_argnames=_STATICS)
-beam_loop_jit = jax.jit(beam_loop, static_argnames=("cfg", "max_new", "mesh"))
+# Not donated: a donation only lets an input buffer become an output, and the loop returns finished
+# hypotheses, not its state (measured: XLA reports every donated buffer of the state unusable).
+beam_loop_jit = jax.jit(beam_loop, static_argnames=("cfg", "max_new", "mesh", "paths"))

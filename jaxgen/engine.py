@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxgen import backend
 from jaxgen import constraints as con
 from jaxgen import sampling as smp
 from jaxgen import stops as sst
@@ -125,7 +126,8 @@ def append_tokens(s: DecodeState, cand: jax.Array, avail: jax.Array, logprobs: j
     return state, n_emit
 
 
-def record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, candidates, pad_id):
+def record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, candidates, pad_id,
+           paths: backend.Paths | None = None):
     """Sample one token per row from logits [B, V] and append it (`append_tokens`). Keyed by
     (seed, num_new): rows are independent of their neighbours and of the step at which they joined."""
     B = logits.shape[0]
@@ -134,7 +136,7 @@ def record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, c
     allowed = logits
     if s.cons is not None:  # before every sampling transform: they choose among the allowed tokens
         allowed = jnp.where(con.allowed(s.cons, s.cstate, stop_ids), logits, -jnp.inf)
-    tok = smp.sample(allowed, smp.row_keys(seeds, s.num_new), sp, *hist, candidates)
+    tok = smp.sample(allowed, smp.row_keys(seeds, s.num_new), sp, *hist, candidates, backend.resolve(paths).gates)
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B]; no [B, V] log-softmax is materialized
     tok = jnp.where(s.done, pad_id, tok)
@@ -155,7 +157,8 @@ def start(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, max_new
           kv_quant: str | None = None, cache_extra: int = 0, penalties: bool = True, n: int = 1,
           stop_strings: sst.StopStrings | None = None, prefix: Prefix | None = None,
           prefill_chunk: int = PREFILL_CHUNK, constraints: con.Constraints | None = None,
-          constraint_start: jax.Array | None = None) -> tuple[DecodeState, jax.Array]:
+          constraint_start: jax.Array | None = None, paths: backend.Paths | None = None
+          ) -> tuple[DecodeState, jax.Array]:
     """The prefill without its first choice: the decode state of B = P * n rows with nothing
     generated yet, and the logits [B, V] of each row's first new token (`prefill` samples from them,
     beam search scores them). Arguments as for `prefill`."""
@@ -169,8 +172,8 @@ def start(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, max_new
     else:
         cache = _widen(prefix.cache, P, cache_len, cfg, cache_extra)
         positions = jnp.where(positions >= 0, positions + prefix.cache.lengths[0], -1)
-    h_last, cache = prefill_hidden(params, prompts, positions, cache, cfg, prefill_chunk)  # [P, D]
-    logits = unembed(params, h_last, cfg)  # [P, V]
+    h_last, cache = prefill_hidden(params, prompts, positions, cache, cfg, prefill_chunk, paths)  # [P, D]
+    logits = unembed(params, h_last, cfg, paths)  # [P, V]
 
     H = V if penalties else 0
     seen = jnp.zeros((P, H), bool).at[rows[:, None], jnp.where(positions >= 0, prompts, H)].set(True, mode="drop")
@@ -204,7 +207,7 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
             kv_quant: str | None = None, cache_extra: int = 0, penalties: bool = True, n: int = 1,
             stop_strings: sst.StopStrings | None = None, prefix: Prefix | None = None,
             prefill_chunk: int = PREFILL_CHUNK, constraints: con.Constraints | None = None,
-            constraint_start: jax.Array | None = None) -> DecodeState:
+            constraint_start: jax.Array | None = None, paths: backend.Paths | None = None) -> DecodeState:
     """Prefill right-padded prompts [P, T] (`prefill_chunk` tokens per forward pass: see
     model.prefill_hidden) and sample the first new token of
     B = P * n decode rows: with n > 1 each prompt's cache row (and penalty history) is copied in-graph
@@ -217,14 +220,25 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
     mask for each of the B rows (None: no stop strings). prefix: a `prefill_prefix` result that every
     prompt continues (prompts then hold only what follows it, at the positions after it).
     constraints, constraint_start [B]: `jaxgen.constraints` tables and each row's start state (None:
-    no row is constrained, and the program carries nothing for it)."""
+    no row is constrained, and the program carries nothing for it). paths: jaxgen.backend's
+    implementation choices (None: the default backend's; see `_paths` for a mesh)."""
+    paths = _paths(paths, mesh)
     state, logits = start(params, prompts, prompt_lengths, max_new_tokens, cfg=cfg, max_new=max_new,
                           cache_len=cache_len, top_logprobs=top_logprobs, pad_id=pad_id, kv_quant=kv_quant,
                           cache_extra=cache_extra, penalties=penalties, n=n, stop_strings=stop_strings,
                           prefix=prefix, prefill_chunk=prefill_chunk, constraints=constraints,
-                          constraint_start=constraint_start)
-    return _constrain(record(state, logits, sp, max_new_tokens, stop_ids, seeds, top_logprobs, candidates, pad_id),
-                      mesh)
+                          constraint_start=constraint_start, paths=paths)
+    return _constrain(record(state, logits, sp, max_new_tokens, stop_ids, seeds, top_logprobs, candidates, pad_id,
+                             paths), mesh)
+
+
+def _paths(paths: backend.Paths | None, mesh) -> backend.Paths:
+    """The paths a program runs: `paths` or the default backend's; with a mesh the Pallas decode
+    kernel becomes "live" (a pallas_call is not partitioned by GSPMD: it would gather the cache)."""
+    paths = backend.resolve(paths)
+    if mesh is not None and paths.decode_attention == "pallas":
+        paths = paths.replace(decode_attention="live")
+    return paths
 
 
 def _no_stop_strings(V: int, B: int) -> sst.StopStrings:
@@ -234,12 +248,13 @@ def _no_stop_strings(V: int, B: int) -> sst.StopStrings:
 
 
 def prefill_prefix(params: Params, tokens: jax.Array, length: jax.Array, *, cfg: ModelConfig, cache_len: int,
-                   kv_quant: str | None = None, prefill_chunk: int = PREFILL_CHUNK) -> Prefix:
+                   kv_quant: str | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                   paths: backend.Paths | None = None) -> Prefix:
     """Prefill one prefix, tokens [1, Tp] right-padded to its length [1], into a one-row cache of
     cache_len (>= Tp) slots. `prefill(..., prefix=)` copies it to every row and continues it."""
     positions = padded_positions(length, tokens.shape[1])  # [1, Tp]
     cache = init_cache(cfg, 1, cache_len, params.embed.dtype, kv_quant=kv_quant)
-    _, cache = prefill_hidden(params, tokens, positions, cache, cfg, prefill_chunk)
+    _, cache = prefill_hidden(params, tokens, positions, cache, cfg, prefill_chunk, paths)
     return Prefix(cache=cache, tokens=jnp.where(positions[0] >= 0, tokens[0], -1))
 
 
@@ -271,22 +286,24 @@ def _constrain(state: DecodeState, mesh) -> DecodeState:
 
 def decode(params: Params, state: DecodeState, sp: smp.SamplingParams, max_new_tokens: jax.Array,
            stop_ids: jax.Array, seeds: jax.Array, until: jax.Array, *, cfg: ModelConfig,
-           candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0, mesh=None) -> DecodeState:
+           candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0, mesh=None,
+           paths: backend.Paths | None = None) -> DecodeState:
     """Decode one token per row per step while step < until (traced) and some row is not done.
 
     Running it to `until = M` at once or in chunks gives the same tokens: each step depends only on
     the state, the row's seed and the step index."""
     top_n = state.top_ids.shape[-1]
+    paths = _paths(paths, mesh)
 
     def cond(s: DecodeState):  # every row stops by its max_new_tokens <= M, so `until` bounds chunks only
         return (s.step < until) & ~jnp.all(s.done)
 
     def body(s: DecodeState):
         pos = jnp.where(s.done, -1, s.cache.lengths)[:, None]  # finished rows write nothing
-        h, cache = forward_hidden(params, s.last[:, None], pos, s.cache, cfg)
-        logits = unembed(params, h[:, 0], cfg)
+        h, cache = forward_hidden(params, s.last[:, None], pos, s.cache, cfg, paths=paths)
+        logits = unembed(params, h[:, 0], cfg, paths)
         return _constrain(record(s.replace(cache=cache), logits, sp, max_new_tokens, stop_ids, seeds, top_n,
-                                  candidates, pad_id), mesh)
+                                  candidates, pad_id, paths), mesh)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -320,8 +337,8 @@ def generate_tokens(params: Params, prompts: jax.Array, prompt_lengths: jax.Arra
                     pad_id: int = 0, mesh=None, kv_quant: str | None = None,
                     penalties: bool = True, n: int = 1, stop_strings: sst.StopStrings | None = None,
                     prefix: Prefix | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                    constraints: con.Constraints | None = None, constraint_start: jax.Array | None = None
-                    ) -> GenerateOutput:
+                    constraints: con.Constraints | None = None, constraint_start: jax.Array | None = None,
+                    paths: backend.Paths | None = None) -> GenerateOutput:
     """Prefill right-padded prompts [P, T] in one pass, then decode up to `max_new` tokens for each
     of the B = P * n rows (n samples per prompt, prompt-major; see `prefill`).
 
@@ -331,7 +348,9 @@ def generate_tokens(params: Params, prompts: jax.Array, prompt_lengths: jax.Arra
     (a jax.sharding.Mesh: the decode state is then kept on `jaxgen.sharding`'s shardings), kv_quant
     (None or "int8": the KV cache's storage), penalties (False: no [B, V] penalty history is carried
     and the repetition / presence / frequency knobs are ignored; `prepare`'s Plan says which a request
-    needs), n (samples per prompt), prefill_chunk (prompt tokens per prefill pass). Optional, traced: stop_strings (`jaxgen.stops` tables, a mask per
+    needs), n (samples per prompt), prefill_chunk (prompt tokens per prefill pass), paths
+    (jaxgen.backend.Paths: attention kernels, gates, dequantization; None = the default backend's).
+    Optional, traced: stop_strings (`jaxgen.stops` tables, a mask per
     row), prefix (a `prefill_prefix` result the prompts continue), constraints + constraint_start
     (structured output: `jaxgen.constraints` tables, a start state per row). The loop exits as soon as
     every row is done.
@@ -340,18 +359,18 @@ def generate_tokens(params: Params, prompts: jax.Array, prompt_lengths: jax.Arra
                     max_new=max_new, cache_len=cache_len, top_logprobs=top_logprobs,
                     candidates=candidates, pad_id=pad_id, mesh=mesh, kv_quant=kv_quant, penalties=penalties, n=n,
                     stop_strings=stop_strings, prefix=prefix, prefill_chunk=prefill_chunk,
-                    constraints=constraints, constraint_start=constraint_start)
+                    constraints=constraints, constraint_start=constraint_start, paths=paths)
     state = decode(params, state, sp, max_new_tokens, stop_ids, seeds, jnp.int32(max_new), cfg=cfg,
-                   candidates=candidates, pad_id=pad_id, mesh=mesh)
+                   candidates=candidates, pad_id=pad_id, mesh=mesh, paths=paths)
     return output(state)
 
 
 _STATIC = ("cfg", "max_new", "cache_len", "top_logprobs", "candidates", "pad_id", "mesh", "kv_quant", "penalties",
-           "n", "prefill_chunk")
+           "n", "prefill_chunk", "paths")
 generate_jit = jax.jit(generate_tokens, static_argnames=_STATIC)
 # The streaming pair: the same two phases as separate programs, so a caller can read tokens between
 # chunks of decode steps. The state is donated: each chunk updates the cache in place.
 prefill_jit = jax.jit(prefill, static_argnames=_STATIC)
 insert_jit = jax.jit(insert, donate_argnames="state")
-decode_jit = jax.jit(decode, static_argnames=("cfg", "candidates", "pad_id", "mesh"), donate_argnames="state")
-prefill_prefix_jit = jax.jit(prefill_prefix, static_argnames=("cfg", "cache_len", "kv_quant", "prefill_chunk"))
+decode_jit = jax.jit(decode, static_argnames=("cfg", "candidates", "pad_id", "mesh", "paths"), donate_argnames="state")
+prefill_prefix_jit = jax.jit(prefill_prefix, static_argnames=("cfg", "cache_len", "kv_quant", "prefill_chunk", "paths"))

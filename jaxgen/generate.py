@@ -157,7 +157,7 @@ def prefill_prefix(model: Model, prefix) -> SharedPrefix:
 
         args = jax.device_put(args, NamedSharding(model.mesh, PartitionSpec()))
     state = prefill_prefix_jit(model.params, **args, cfg=model.cfg, cache_len=Tp, kv_quant=model.kv_quant,
-                               prefill_chunk=model.prefill_chunk)
+                               prefill_chunk=model.prefill_chunk, paths=model.paths)
     return SharedPrefix(ids=tuple(ids), bucket=Tp, state=state, model=model.cfg.name, kv_quant=model.kv_quant)
 
 
@@ -409,7 +409,7 @@ def generate_beams(model: Model, prompts, *, num_beams=4, length_penalty=1.0, ea
     pad = lambda vals, dtype: np.concatenate([np.asarray(vals, dtype), np.zeros(p.batch - P, dtype)])
     args.update(width=pad(widths, np.int32), length_penalty=pad(lps, np.float32), early_stopping=pad(es, np.int32))
     statics = dict(cfg=model.cfg, max_new=p.max_new, cache_len=p.cache_len, beams=K, mesh=model.mesh,
-                   kv_quant=model.kv_quant, prefill_chunk=model.prefill_chunk)
+                   kv_quant=model.kv_quant, prefill_chunk=model.prefill_chunk, paths=model.paths)
     args = place(model, args)
     if timings is None:
         out = fetch(beam_jit(model.params, **args, **statics))
@@ -421,7 +421,7 @@ def generate_beams(model: Model, prompts, *, num_beams=4, length_penalty=1.0, ea
         state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), lowered.out_info,
                              start_c.output_shardings)  # the loop takes the state as the start lays it out
         loop_c = beam_loop_jit.lower(model.params, state, **loop, cfg=model.cfg, max_new=p.max_new,
-                                     mesh=model.mesh).compile()
+                                     mesh=model.mesh, paths=model.paths).compile()
         t1 = time.perf_counter()
         b = jax.block_until_ready(start_c(model.params, **args))
         t2 = time.perf_counter()
@@ -452,7 +452,8 @@ def run(model: Model, args: dict, p: Plan, top_logprobs: int = 0,
     how arguments are passed, so every caller goes through here)."""
     return generate_jit(model.params, **place(model, args), cfg=model.cfg, max_new=p.max_new,
                         cache_len=p.cache_len, top_logprobs=top_logprobs, candidates=candidates, mesh=model.mesh,
-                        kv_quant=model.kv_quant, penalties=p.penalties, n=p.n, prefill_chunk=model.prefill_chunk)
+                        kv_quant=model.kv_quant, penalties=p.penalties, n=p.n, prefill_chunk=model.prefill_chunk,
+                        paths=model.paths)
 
 
 def place(model: Model, args: dict) -> dict:
@@ -539,7 +540,7 @@ def stream(model: Model, prompts, *, chunk_steps: int = 8, top_logprobs: int = 0
     ids, args, p = prepare(model, prompts, candidates=candidates, top_logprobs=top_logprobs, **request)
     statics = dict(cfg=model.cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=top_logprobs,
                    candidates=candidates, mesh=model.mesh, kv_quant=model.kv_quant, penalties=p.penalties, n=p.n,
-                   prefill_chunk=model.prefill_chunk)
+                   prefill_chunk=model.prefill_chunk, paths=model.paths)
     args = place(model, args)
     loop_args = {k: args[k] for k in ("sp", "max_new_tokens", "stop_ids", "seeds")}
     t0 = time.perf_counter()
@@ -549,7 +550,7 @@ def stream(model: Model, prompts, *, chunk_steps: int = 8, top_logprobs: int = 0
     state_shape = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                lowered.out_info, prefill_c.output_shardings)
     decode_c = decode_jit.lower(model.params, state_shape, **loop_args, until=np.int32(0), cfg=model.cfg,
-                                candidates=candidates, mesh=model.mesh).compile()
+                                candidates=candidates, mesh=model.mesh, paths=model.paths).compile()
     t1 = time.perf_counter()
     state = jax.block_until_ready(prefill_c(model.params, **args))
     t2 = time.perf_counter()

@@ -9,6 +9,8 @@ time does not grow with depth), or a tuple of per-layer params run unrolled (fas
 see `unstack_layers`). Sliding-window (local) and global layers keep caches of different lengths
 (Gemma 3: five local then one global, repeated); a scan step picks its kind with `lax.cond`, an
 unrolled layer knows it statically. `Model` bundles what generation needs: config, params, tokenizer.
+Backend-sensitive steps (decode and prefill attention, dequantization) take their implementation
+from a static jaxgen.backend.Paths; the reference paths are the plain einsums below.
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxgen import backend
 from jaxgen import cache as kvc
-from jaxgen import quant
+from jaxgen import kernels, quant
 from jaxgen.cache import KVCache
 from jaxgen.config import ModelConfig
 
@@ -72,10 +75,15 @@ class Model:
     mesh: Any = None  # a jax.sharding.Mesh when params are sharded (see jaxgen.sharding)
     kv_quant: str | None = None  # None (cache in the params' dtype) or "int8" (see jaxgen.cache)
     prefill_chunk: int = PREFILL_CHUNK  # prompt tokens per prefill forward pass (see prefill_hidden)
+    # jaxgen.backend.Paths (attention kernels, sampling gates, dequantization) the programs run; None =
+    # the default backend's, with JAXGEN_PATHS's overrides, read when a program is traced
+    paths: backend.Paths | None = None
 
     def __post_init__(self):
         if isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive integer, got {self.prefill_chunk!r}")
+        if self.paths is not None and not isinstance(self.paths, backend.Paths):
+            raise ValueError(f"paths must be a jaxgen.backend.Paths or None, got {self.paths!r}")
 
 
 def param_shapes(cfg: ModelConfig, dtype=jnp.float32) -> Params:
@@ -208,17 +216,50 @@ def _mix(probs: jax.Array, v, dtype) -> jax.Array:
     return jnp.einsum("bkgts,bskh->bkgth", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
 
-def attend(q: jax.Array, k, v, mask: jax.Array, scale: float, softcap: float = 0.0) -> jax.Array:
+def attend(q: jax.Array, k, v, mask: jax.Array, scale: float, softcap: float = 0.0, dpa: bool = False) -> jax.Array:
     """q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] -> [B, T, N, H]; softmax in f32.
     k / v may be int8 cache pairs (values [B, S, K, H], scales [B, S, K]): the key scale multiplies
     the scores and the value scale the probabilities; the int8 values of this layer are converted
-    here (a per-step, per-layer conversion; scales are never applied to the cache itself)."""
+    here (a per-step, per-layer conversion; scales are never applied to the cache itself).
+    dpa: through jax.nn.dot_product_attention where it applies (float keys, no softcap; see `_dpa`)."""
+    if dpa and not softcap and not isinstance(k, tuple):
+        return _dpa(q, k, v, mask, scale)
     B, T, N, H = q.shape
     K = (k[0] if isinstance(k, tuple) else k).shape[2]
     scores = _scores(q.reshape(B, T, K, N // K, H), k, scale, softcap)  # [B, K, G, T, S]
     scores = jnp.where(mask[:, None, None], scores, kvc.NEG_INF)
     out = _mix(jax.nn.softmax(scores, axis=-1), v, q.dtype)  # [B, K, G, T, H]
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
+
+
+def _dpa(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """`attend` as jax.nn.dot_product_attention computes it: cuDNN's fused attention on GPU for
+    bf16 / f16 where cuDNN takes the shapes (the mask becomes its bias), XLA's otherwise (CPU, TPU,
+    f32: the same einsums)."""
+    run = lambda impl: jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation=impl)
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return run("cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):  # shapes / versions cuDNN refuses (at trace time)
+            pass
+    return run("xla")
+
+
+def decode_global(q: jax.Array, k, v, q_pos: jax.Array, k_pos: jax.Array, mask: jax.Array, scale: float,
+                  softcap: float, how: str, block: int = 256) -> jax.Array:
+    """One new token per row [B, 1, N, H] against a global layer's cache k / v [B, S, K, H] (slot p holds
+    position p), as jaxgen.backend's decode_attention says: "full" `attend` over every slot; "live"
+    key blocks of `block` slots up to the longest live row (`attend_blocked`); "pallas"
+    jaxgen.kernels, each row up to its own length (float caches; int8 pairs take "live"). All equal
+    "full" up to float rounding."""
+    S, H = k_pos.shape[1], q.shape[-1]
+    if how == "pallas" and kernels.decode_supported(S, H, q.dtype, k):
+        kv_len = jnp.maximum(q_pos[:, 0] + 1, 0)  # a finished row (position -1) reads nothing
+        return kernels.decode_attention(q, k, v, kv_len, scale=scale, softcap=softcap,
+                                        interpret=jax.default_backend() != "gpu")
+    if how in ("live", "pallas") and S > block:
+        return attend_blocked(q, k, v, q_pos, k_pos, scale, block, softcap)
+    return attend(q, k, v, mask, scale, softcap)
 
 
 def attend_blocked(q: jax.Array, k, v, q_pos: jax.Array, k_pos: jax.Array, scale: float, block: int,
@@ -268,12 +309,13 @@ def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return jax.nn.silu(x)
 
 
-def _matmul(x: jax.Array, w, out_dtype=None) -> jax.Array:
-    """x [..., I] @ w [I, O] as one plain 2-D dot (or a quantized QMatrix's dequantizing matmul).
+def _matmul(x: jax.Array, w, out_dtype=None, dequant=jnp.float32) -> jax.Array:
+    """x [..., I] @ w [I, O] as one plain 2-D dot (or a quantized QMatrix's dequantizing matmul, its
+    weights dequantized to `dequant`: jaxgen.backend's choice).
     Why not einsum over split head axes: XLA:CPU then picks layouts that transpose the weight matrix
     on every call (measured: a copy of wq and wo per layer per decode step)."""
     if isinstance(w, quant.QMatrix):
-        y = quant.matmul(x, w)
+        y = quant.matmul(x, w, dequant)
         return y if out_dtype is None else y.astype(out_dtype)
     x2 = x.reshape(-1, x.shape[-1])  # [M, I]
     M = x2.shape[0]
@@ -286,11 +328,11 @@ def _matmul(x: jax.Array, w, out_dtype=None) -> jax.Array:
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
-def _proj(h: jax.Array, w, heads: int) -> jax.Array:
+def _proj(h: jax.Array, w, heads: int, dequant=jnp.float32) -> jax.Array:
     """h [B, T, D] @ w [D, heads, H] (or its quantized 2-D form [D, heads * H]) -> [B, T, heads, H]."""
     if not isinstance(w, quant.QMatrix):
         w = w.reshape(w.shape[0], -1)  # [D, heads * H]
-    return _matmul(h, w).reshape(*h.shape[:2], heads, -1)
+    return _matmul(h, w, dequant=dequant).reshape(*h.shape[:2], heads, -1)
 
 
 def _write_layer(stack, layer, new, slots, enabled):
@@ -325,10 +367,13 @@ def _layer(cfg: ModelConfig, carry, xs, ctx):
     x, kl, vl, kg, vg = carry
     lp, is_global, li, gi = xs
     eps = cfg.norm_eps
+    paths = ctx["paths"]
+    dq = jnp.dtype(paths.dequant)
+    dpa = paths.prefill_attention == "dpa"
     h = rms_norm(x, lp.attn_norm, eps)
-    q = _proj(h, lp.wq, cfg.n_heads)  # [B, T, N, H]
-    k = _proj(h, lp.wk, cfg.n_kv_heads)  # [B, T, K, H]
-    v = _proj(h, lp.wv, cfg.n_kv_heads)  # [B, T, K, H]
+    q = _proj(h, lp.wq, cfg.n_heads, dq)  # [B, T, N, H]
+    k = _proj(h, lp.wk, cfg.n_kv_heads, dq)  # [B, T, K, H]
+    v = _proj(h, lp.wv, cfg.n_kv_heads, dq)  # [B, T, K, H]
     if cfg.qkv_bias:
         q, k, v = q + lp.bq, k + lp.bk, v + lp.bv
     if cfg.qk_norm:
@@ -363,7 +408,7 @@ def _layer(cfg: ModelConfig, carry, xs, ctx):
         # A multi-token chunk may wrap the ring past keys its early queries need: attend over the
         # old ring plus the chunk (the write comes after).
         keys, vals = _concat_chunk(k_buf, k_l), _concat_chunk(v_buf, v)  # [B, W + T, K, H]
-        return attend(q_l, keys, vals, ctx["mask_local_chunk"], cfg.attn_scale, cfg.attn_logit_softcap)
+        return attend(q_l, keys, vals, ctx["mask_local_chunk"], cfg.attn_scale, cfg.attn_logit_softcap, dpa)
 
     def global_(kl, vl, kg, vg):
         q_g, k_g = rot["global"]
@@ -373,7 +418,10 @@ def _layer(cfg: ModelConfig, carry, xs, ctx):
         if "mask_global" not in ctx:  # a prefill chunk over a long cache: one key block at a time
             return attend_blocked(q_g, k_buf, v_buf, ctx["positions"], ctx["pos_global"], cfg.attn_scale,
                                   ctx["key_block"], cfg.attn_logit_softcap)
-        return attend(q_g, k_buf, v_buf, ctx["mask_global"], cfg.attn_scale, cfg.attn_logit_softcap)
+        if T == 1:
+            return decode_global(q_g, k_buf, v_buf, ctx["positions"], ctx["pos_global"], ctx["mask_global"],
+                                 cfg.attn_scale, cfg.attn_logit_softcap, paths.decode_attention, paths.decode_block)
+        return attend(q_g, k_buf, v_buf, ctx["mask_global"], cfg.attn_scale, cfg.attn_logit_softcap, dpa)
 
     if T == 1:
         kl, vl, kg, vg = write(kl, vl, kg, vg)
@@ -387,28 +435,30 @@ def _layer(cfg: ModelConfig, carry, xs, ctx):
         kl, vl, kg, vg = write(kl, vl, kg, vg)
     B, _, N, H = o.shape
     wo = lp.wo if isinstance(lp.wo, quant.QMatrix) else lp.wo.reshape(N * H, -1)  # [N * H, D]
-    o = _matmul(o.reshape(B, T, N * H), wo)  # [B, T, D]
+    o = _matmul(o.reshape(B, T, N * H), wo, dequant=dq)  # [B, T, D]
     if cfg.sandwich_norm:
         o = rms_norm(o, lp.post_attn_norm, eps)
     x = x + o
 
     h = rms_norm(x, lp.ffn_norm, eps)
-    gate = _matmul(h, lp.w_gate)  # [B, T, F]
-    up = _matmul(h, lp.w_up)  # [B, T, F]
-    o = _matmul(_activation(cfg, gate) * up, lp.w_down)  # [B, T, D]
+    gate = _matmul(h, lp.w_gate, dequant=dq)  # [B, T, F]
+    up = _matmul(h, lp.w_up, dequant=dq)  # [B, T, F]
+    o = _matmul(_activation(cfg, gate) * up, lp.w_down, dequant=dq)  # [B, T, D]
     if cfg.sandwich_norm:
         o = rms_norm(o, lp.post_ffn_norm, eps)
     return (x + o, kl, vl, kg, vg), None
 
 
 def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache,
-                   cfg: ModelConfig, key_block: int = 0) -> tuple[jax.Array, KVCache]:
+                   cfg: ModelConfig, key_block: int = 0, paths: backend.Paths | None = None
+                   ) -> tuple[jax.Array, KVCache]:
     """Final-normed hidden states [B, T, D] and the updated cache.
 
     tokens, positions: [B, T] int32. Within a row, valid positions are contiguous and ascending
     (the row's next positions); -1 marks padding, which is neither written nor attended.
     key_block > 0 (static): a multi-token call attends global layers `attend_blocked`, one block of
     that many cache slots at a time, when the cache is longer (prefill chunks; see `prefill_hidden`).
+    paths (static): jaxgen.backend's implementation choices (None: the default backend's).
 
     Stacked layers run as one `lax.scan` with one layer per step; the layer kind (local ring /
     global cache) is then data, chosen by `lax.cond`. (A Python loop over static slices of the
@@ -425,10 +475,11 @@ def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
     lengths = kvc.new_lengths(cache.lengths, positions)  # [B]
     W, S = cache.window_slots, cache.max_len
     ctx = {"rope_global": rope_tables(positions, rope_frequencies(cfg)),
-           "slots_global": kvc.slots_for(positions, lengths, S)}
+           "slots_global": kvc.slots_for(positions, lengths, S), "paths": backend.resolve(paths)}
     pos_global = kvc.write(cache.pos_global, positions, ctx["slots_global"])  # [B, S]
+    ctx.update(positions=positions, pos_global=pos_global)
     if T > 1 and 0 < key_block < S:  # no [B, T, S] mask either
-        ctx.update(positions=positions, pos_global=pos_global, key_block=key_block)
+        ctx["key_block"] = key_block
     else:
         ctx["mask_global"] = kvc.attention_mask(positions, pos_global, 0)  # [B, T, S]
     pos_local = cache.pos_local
@@ -464,7 +515,7 @@ def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
 
 
 def prefill_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: ModelConfig,
-                   chunk: int = PREFILL_CHUNK) -> tuple[jax.Array, KVCache]:
+                   chunk: int = PREFILL_CHUNK, paths: backend.Paths | None = None) -> tuple[jax.Array, KVCache]:
     """Write right-padded prompts tokens [B, T] at positions [B, T] (as `forward_hidden` takes them)
     into the cache, `chunk` tokens per forward pass, and return the final-normed hidden state at each
     row's last valid position [B, D] (what the first new token is sampled from) with the cache.
@@ -480,7 +531,7 @@ def prefill_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
     rows = jnp.arange(B)
     last = jnp.argmax(positions, axis=1)  # [B] column of each row's last valid token (0 if none)
     if T <= chunk:
-        h, cache = forward_hidden(params, tokens, positions, cache, cfg, key_block=2 * chunk)
+        h, cache = forward_hidden(params, tokens, positions, cache, cfg, key_block=2 * chunk, paths=paths)
         return h[rows, last], cache
     n = -(-T // chunk)
     if n * chunk > T:  # T is a bucket, a multiple of power-of-two chunks; other chunk sizes pad
@@ -491,7 +542,7 @@ def prefill_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
     def run(i, carry):
         h_last, cache = carry
         take = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1)  # [B, chunk]
-        h, cache = forward_hidden(params, take(tokens), take(positions), cache, cfg, key_block=2 * chunk)
+        h, cache = forward_hidden(params, take(tokens), take(positions), cache, cfg, key_block=2 * chunk, paths=paths)
         col = last - i * chunk  # the row's last token, if it is in this chunk
         here = (col >= 0) & (col < chunk)
         return jnp.where(here[:, None], h[rows, jnp.clip(col, 0, chunk - 1)], h_last), cache
@@ -501,11 +552,11 @@ def prefill_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
     return jax.lax.fori_loop(0, used, run, (h0, cache))
 
 
-def unembed(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+def unembed(params: Params, h: jax.Array, cfg: ModelConfig, paths: backend.Paths | None = None) -> jax.Array:
     """Logits [..., V] in f32 from hidden states [..., D] and the [D, V] table (float or QMatrix)."""
     table = params.embed if cfg.tie_embeddings else params.unembed
     if isinstance(table, quant.QMatrix):
-        logits = quant.matmul(h.astype(jnp.float32), table)
+        logits = quant.matmul(h.astype(jnp.float32), table, jnp.dtype(backend.resolve(paths).dequant))
     else:
         logits = _matmul(h, table, out_dtype=jnp.float32)
     if cfg.final_logit_softcap:
@@ -514,13 +565,14 @@ def unembed(params: Params, h: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache,
-            cfg: ModelConfig) -> tuple[jax.Array, KVCache]:
+            cfg: ModelConfig, paths: backend.Paths | None = None) -> tuple[jax.Array, KVCache]:
     """Logits [B, T, V] (f32) for tokens [B, T] at positions [B, T], and the updated cache.
 
-    Pure: the cache goes in and comes out. `cfg` is static; everything else is traced.
+    Pure: the cache goes in and comes out. `cfg` and `paths` (jaxgen.backend) are static; everything
+    else is traced.
     """
-    h, cache = forward_hidden(params, tokens, positions, cache, cfg)
-    return unembed(params, h, cfg), cache
+    h, cache = forward_hidden(params, tokens, positions, cache, cfg, paths=paths)
+    return unembed(params, h, cfg, paths), cache
 
 
 def score(params: Params, tokens: jax.Array, lengths: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -123,10 +123,12 @@ def dequantize(w: QMatrix, dtype=None) -> jax.Array:
     return out.reshape(*lead, I, O).astype(dtype)
 
 
-def _dot_block(x2: jax.Array, w: QMatrix) -> jax.Array:
-    """x2 [M, I] @ w [I, O] in f32. Per-channel int8 scales the output (one multiply per output);
+def _dot_block(x2: jax.Array, w: QMatrix, dt=jnp.float32) -> jax.Array:
+    """x2 [M, I] @ w [I, O] with f32 accumulation, the weights dequantized to `dt` (float32, or
+    bfloat16 on accelerators: jaxgen.backend's `dequant`, so the dot runs on the tensor cores / MXU;
+    x2 is rounded to `dt` too). Per-channel int8 scales the output (one multiply per output);
     grouped scales are applied to the weights before the dot; int4 is two dots over the halves."""
-    x2 = x2.astype(jnp.float32)
+    x2 = x2.astype(dt)
     if w.bits == 4:
         O = w.shape[-1]
         g, half = w.group, w.shape[-2] // 2
@@ -134,17 +136,18 @@ def _dot_block(x2: jax.Array, w: QMatrix) -> jax.Array:
         f32 = lambda a: a.astype(jnp.float32)[:, None, :]
         for part, xs, sc, z in zip(_halves(w.q, jnp.float32), (x2[:, :half], x2[:, half:]),
                                    (w.scale[:half // g], w.scale[half // g:]), (w.zero[:half // g], w.zero[half // g:])):
-            wf = (part.reshape(half // g, g, O) * f32(sc) + f32(z)).reshape(half, O)
+            wf = (part.reshape(half // g, g, O) * f32(sc) + f32(z)).reshape(half, O).astype(dt)
             y = y + jnp.dot(xs, wf, preferred_element_type=jnp.float32)
         return y
     if w.group == w.shape[-2]:
-        y = jnp.dot(x2, _values(w, jnp.float32), preferred_element_type=jnp.float32)
+        y = jnp.dot(x2, _values(w, dt), preferred_element_type=jnp.float32)
         return y * w.scale[0].astype(jnp.float32)
-    return jnp.dot(x2, dequantize(w, jnp.float32), preferred_element_type=jnp.float32)
+    return jnp.dot(x2, dequantize(w, dt), preferred_element_type=jnp.float32)
 
 
-def matmul(x: jax.Array, w: QMatrix) -> jax.Array:
-    """x [..., I] @ w [I, O] -> [..., O] in x.dtype, dequantizing on the fly (f32 accumulation).
+def matmul(x: jax.Array, w: QMatrix, dequant=jnp.float32) -> jax.Array:
+    """x [..., I] @ w [I, O] -> [..., O] in x.dtype, dequantizing on the fly to `dequant` (f32
+    accumulation).
 
     On CPU a matrix with many outputs runs as a loop over column blocks (see CPU_BLOCK); on GPU/TPU
     XLA fuses the dequantization into the dot, so it is one dot."""
@@ -152,13 +155,13 @@ def matmul(x: jax.Array, w: QMatrix) -> jax.Array:
     x2 = x.reshape(-1, x.shape[-1])
     nb = O // CPU_BLOCK if jax.default_backend() == "cpu" and O % CPU_BLOCK == 0 else 1
     if nb <= 1:
-        y = _dot_block(x2, w)
+        y = _dot_block(x2, w, dequant)
     else:
         # Slice each block out by index inside the loop (a reshape + swapaxes of the whole matrix
         # would copy it every call: measured 160 ms per step for Gemma's unembedding).
         def block(i):
             b = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i * CPU_BLOCK, CPU_BLOCK, axis=-1), w)
-            return _dot_block(x2, b)
+            return _dot_block(x2, b, dequant)
 
         y = jax.lax.map(block, jnp.arange(nb))  # [nb, M, CPU_BLOCK]
         y = y.swapaxes(0, 1).reshape(x2.shape[0], O)

@@ -23,6 +23,10 @@ falls back to a bisection on the logit threshold over the full vocabulary (30 ha
 to the nearest real logit), run only when some row needs it. On CPU every pass that writes a new
 [B, V] array costs ~15 ms at batch 32 and V = 262k, so stages run only where some row needs them.
 
+Those gates (`_gate`) are `lax.cond`s, or with gates="where" (jaxgen.backend's choice on GPU, where a
+conditional's predicate is read on the host) both branches and a select, for every stage whose work is
+at most WHERE_ELEMS elements of [B, V] passes (the rest stay conds): the same tokens either way.
+
 The draw itself is an inverse-CDF lookup with one uniform per row, keyed by fold_in(key(seed_row), step)
 where generate's step is the row's count of tokens so far: a row's token depends only on its own logits,
 seed and step, never on the rest of the batch or on when the row joined it.
@@ -179,11 +183,27 @@ def top_candidates(logits: jax.Array, C: int, block: int = 64):
     return vals, ids.astype(jnp.int32)
 
 
-def keep_threshold(logits, sp: SamplingParams, candidates: int = DEFAULT_CANDIDATES, cand=None):
+# A gate's work, as [B, V] passes, above which gates="where" keeps the conditional: 8M elements
+# (32 MB of f32, ~7 us at an H200's 4.8 TB/s) against a host round trip of ~10 us (expected; the
+# accelerator benchmark's `paths` rows measure "cond" against "where").
+WHERE_ELEMS = 1 << 23
+
+
+def _gate(pred, on, off, operands=(), *, gates: str = "cond", passes: int = 1, size: int = 0):
+    """on(*operands) if pred else off(*operands): a `lax.cond` (one branch runs), or with gates="where"
+    both branches and a select when passes * size (the work of `on` in elements) <= WHERE_ELEMS."""
+    if gates == "where" and passes * size <= WHERE_ELEMS:
+        return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on(*operands), off(*operands))
+    return jax.lax.cond(pred, on, off, *operands)
+
+
+def keep_threshold(logits, sp: SamplingParams, candidates: int = DEFAULT_CANDIDATES, cand=None,
+                   gates: str = "cond"):
     """[B] logit threshold from top-k, top-p and min-p (keep logits >= it) on temperature-scaled logits.
     `cand`: the C largest logits, descending, if the caller has them; `logits` may then be a function
     returning them, called only on the rare paths that need the whole vocabulary."""
     full = logits if callable(logits) else (lambda: logits)
+    size = (jax.eval_shape(full) if callable(logits) else logits).size  # B * V: a gate's work per pass
     if cand is None:
         cand, _ = top_candidates(full(), min(candidates, full().shape[1]))  # [B, C] sorted descending
     B, C = cand.shape
@@ -198,16 +218,18 @@ def keep_threshold(logits, sp: SamplingParams, candidates: int = DEFAULT_CANDIDA
     in_cand = (k > 0) & (thr_k > cand[:, -1])
     masked = lambda: jnp.where(full() >= thr_k[:, None], full(), -jnp.inf)  # [B, V], built where needed
     lse_c = jax.nn.logsumexp(jnp.where(cand >= thr_k[:, None], cand, -jnp.inf), axis=-1)
-    lse = jax.lax.cond(jnp.all(in_cand | (sp.top_p >= 1.0)), lambda: lse_c,
-                       lambda: jnp.where(in_cand, lse_c, jax.nn.logsumexp(masked(), axis=-1)))  # [B]
+    lse = _gate(jnp.all(in_cand | (sp.top_p >= 1.0)), lambda: lse_c,
+                lambda: jnp.where(in_cand, lse_c, jax.nn.logsumexp(masked(), axis=-1)), gates=gates, passes=3,
+                size=size)  # [B]
     cand = jnp.where(cand >= thr_k[:, None], cand, -jnp.inf)
     pc = jnp.exp(cand - lse[:, None])  # [B, C]
     before = jnp.cumsum(pc, axis=-1) - pc  # mass strictly above each candidate
     n_keep = jnp.sum(before < sp.top_p[:, None], axis=-1)  # >= 1
     thr_p = jnp.take_along_axis(cand, (n_keep - 1)[:, None], axis=1)[:, 0]
     resolved = (sp.top_p >= 1.0) | (n_keep < C) | (jnp.sum(pc, -1) >= sp.top_p)
-    thr_p = jax.lax.cond(jnp.all(resolved), lambda: thr_p,
-                         lambda: jnp.where(resolved, thr_p, _nucleus_bisect(masked(), lse, sp.top_p, cand[:, -1])))
+    thr_p = _gate(jnp.all(resolved), lambda: thr_p,
+                  lambda: jnp.where(resolved, thr_p, _nucleus_bisect(masked(), lse, sp.top_p, cand[:, -1])),
+                  gates=gates, passes=32, size=size)
     thr_p = jnp.where(sp.top_p >= 1.0, neg, thr_p)
 
     thr_min = jnp.where(sp.min_p > 0, cand[:, 0] + jnp.log(jnp.maximum(sp.min_p, 1e-38)), neg)
@@ -249,27 +271,30 @@ def categorical(keys, logits, block: int = 512):
     return (b * block + i).astype(jnp.int32)
 
 
-def _biased(logits, sp: SamplingParams, seen, counts):
+def _biased(logits, sp: SamplingParams, seen, counts, gates: str = "cond"):
     """Stages 1-3 (penalties, bias and bans) on f32 logits; the penalties run only when some row uses
     them (a traced `cond`, so no recompilation)."""
     logits = logits.astype(jnp.float32)
+    size = logits.size
     if seen is not None:
         use = jnp.any((sp.repetition_penalty != 1.0) | (sp.presence_penalty != 0.0) | (sp.frequency_penalty != 0.0))
-        logits = jax.lax.cond(use, lambda x: apply_penalties(x, seen, counts, sp), lambda x: x, logits)
+        logits = _gate(use, lambda x: apply_penalties(x, seen, counts, sp), lambda x: x, (logits,), gates=gates,
+                       passes=4, size=size)
     # a [B, V] copy costs ~15 ms at batch 32 on CPU: only when some row has a bias or a ban
-    return jax.lax.cond(jnp.any(sp.bias_ids >= 0), lambda x: apply_bias(x, sp), lambda x: x, logits)
+    return _gate(jnp.any(sp.bias_ids >= 0), lambda x: apply_bias(x, sp), lambda x: x, (logits,), gates=gates,
+                 size=size)
 
 
-def _filtered(logits, sp: SamplingParams, candidates: int):
+def _filtered(logits, sp: SamplingParams, candidates: int, gates: str = "cond"):
     """Stages 4-7 for sampled rows: temperature-scaled logits, ids outside top-k / top-p / min-p at -inf."""
     scaled = apply_temperature(logits, sp)
     filtered = (sp.top_k > 0) | (sp.top_p < 1.0) | (sp.min_p > 0.0)
-    thr = jax.lax.cond(jnp.any(filtered), lambda x: keep_threshold(x, sp, candidates),
-                       lambda x: jnp.full(x.shape[:1], -jnp.inf), scaled)
+    thr = _gate(jnp.any(filtered), lambda x: keep_threshold(x, sp, candidates, gates=gates),
+                lambda x: jnp.full(x.shape[:1], -jnp.inf), (scaled,), gates=gates, passes=3, size=logits.size)
     return jnp.where(scaled >= thr[:, None], scaled, -jnp.inf)
 
 
-def _draw(keys, logits, sp: SamplingParams, candidates: int):
+def _draw(keys, logits, sp: SamplingParams, candidates: int, gates: str = "cond"):
     """Stages 4-7 and the draw for sampled rows. A row whose kept set lies inside its C candidates
     (threshold above the last candidate's value, so no id outside them can tie) draws among the
     candidates; other rows (no top-k / top-p / min-p, or a nucleus wider than C) draw over the
@@ -281,35 +306,38 @@ def _draw(keys, logits, sp: SamplingParams, candidates: int):
     cand, ids = top_candidates(logits, C)  # [B, C]
     cand = apply_temperature(cand, sp)
     scaled = lambda: apply_temperature(logits, sp)  # [B, V], only on the paths that need it
-    thr = jnp.where(filtered, keep_threshold(scaled, sp, candidates, cand=cand), -jnp.inf)  # [B]
+    thr = jnp.where(filtered, keep_threshold(scaled, sp, candidates, cand=cand, gates=gates), -jnp.inf)  # [B]
     inside = filtered & (thr > cand[:, -1])
     tok_c = jnp.take_along_axis(ids, categorical(keys, jnp.where(cand >= thr[:, None], cand, -jnp.inf), block=C)[:, None], 1)[:, 0]
     full = lambda: categorical(keys, jnp.where(scaled() >= thr[:, None], scaled(), -jnp.inf))
-    return jnp.where(inside, tok_c, jax.lax.cond(jnp.all(inside), lambda: tok_c, full))
+    return jnp.where(inside, tok_c, _gate(jnp.all(inside), lambda: tok_c, full, gates=gates, passes=4,
+                                          size=logits.size))
 
 
 def distribution_logits(logits, sp: SamplingParams, seen=None, counts=None,
-                        candidates: int = DEFAULT_CANDIDATES) -> jax.Array:
+                        candidates: int = DEFAULT_CANDIDATES, gates: str = "cond") -> jax.Array:
     """[B, V] f32 logits whose softmax is exactly the distribution `sample` draws from: every transform
     applied, filtered ids at -inf, greedy rows one-hot (0 at the argmax, -inf elsewhere). Speculative
     decoding's accept test needs these probabilities, not just a draw."""
-    logits = _biased(logits, sp, seen, counts)
+    logits = _biased(logits, sp, seen, counts, gates)
     greedy = argmax(logits)
     onehot = jnp.where(jnp.arange(logits.shape[1])[None, :] == greedy[:, None], 0.0, -jnp.inf)
-    drawn = jax.lax.cond(jnp.any(sp.temperature > 0), lambda x: _filtered(x, sp, candidates), lambda x: onehot, logits)
+    drawn = _gate(jnp.any(sp.temperature > 0), lambda x: _filtered(x, sp, candidates, gates), lambda x: onehot,
+                  (logits,), gates=gates, passes=4, size=logits.size)
     return jnp.where((sp.temperature > 0)[:, None], drawn, onehot)
 
 
 def sample(logits, keys, sp: SamplingParams, seen=None, counts=None,
-           candidates: int = DEFAULT_CANDIDATES) -> jax.Array:
+           candidates: int = DEFAULT_CANDIDATES, gates: str = "cond") -> jax.Array:
     """Token ids [B] from raw logits [B, V] after every transform in the module docstring's order.
 
     keys: [B] typed PRNG keys (see `row_keys`). seen/counts feed the penalties (None = no history).
+    gates (static): "cond" or "where" (see `_gate`; jaxgen.backend's choice).
     """
     # Each stage runs only when some row uses it (a traced `cond`, so no recompilation): a greedy
     # batch pays for one argmax, not for penalties, top-k candidates and a draw over 262k ids.
-    logits = _biased(logits, sp, seen, counts)
+    logits = _biased(logits, sp, seen, counts, gates)
     greedy = argmax(logits)
-    drawn = jax.lax.cond(jnp.any(sp.temperature > 0), lambda x: _draw(keys, x, sp, candidates),
-                         lambda x: greedy, logits)
+    drawn = _gate(jnp.any(sp.temperature > 0), lambda x: _draw(keys, x, sp, candidates, gates),
+                  lambda x: greedy, (logits,), gates=gates, passes=4, size=logits.size)
     return jnp.where(sp.temperature > 0, drawn, greedy)

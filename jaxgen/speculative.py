@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxgen import backend
 from jaxgen import sampling as smp
 from jaxgen.cache import KVCache, init_cache, padded_positions
 from jaxgen.config import ModelConfig
@@ -164,11 +165,12 @@ def _correction_logits(p, lse_p, q, lse_q, drafts, n_acc, gamma: int):
 
 
 def _step(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids, seeds, lookup_drafts=None, *,
-          cfg, draft_cfg, gamma: int, candidates: int, pad_id: int) -> SpecState:
+          cfg, draft_cfg, gamma: int, candidates: int, pad_id: int, paths=None) -> SpecState:
     """One speculative pass; lookup_drafts [B, gamma] are the prompt-lookup proposals (draft_cfg None)."""
     b = s.base
     B = b.last.shape[0]
     rows = jnp.arange(B)
+    gates = backend.resolve(paths).gates
     active = ~b.done
     length = b.cache.lengths  # [B] tokens in the target cache (== position of `last`)
     steps = jnp.arange(gamma + 1)[None, :]
@@ -182,10 +184,10 @@ def _step(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids, seed
         def draft_step(carry, j):
             cache, tok, seen, counts, out = carry
             pos = jax.lax.dynamic_slice_in_dim(positions, j, 1, axis=1)  # [B, 1]
-            h, cache = forward_hidden(draft_params, tok[:, None], pos, cache, draft_cfg)
-            logits = unembed(draft_params, h[:, 0], draft_cfg)
+            h, cache = forward_hidden(draft_params, tok[:, None], pos, cache, draft_cfg, paths=paths)
+            logits = unembed(draft_params, h[:, 0], draft_cfg, paths)
             hist = (seen, counts) if seen.shape[1] else (None, None)
-            ql = smp.distribution_logits(logits, sp, *hist, candidates)  # [B, V]
+            ql = smp.distribution_logits(logits, sp, *hist, candidates, gates)  # [B, V]
             d = smp.categorical(_keys(seeds, b.num_new + j, 1), ql)
             if seen.shape[1]:
                 seen = seen.at[rows, d].set(True)
@@ -199,9 +201,9 @@ def _step(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids, seed
 
     # 2. the target scores [last, d_1..d_g] in one pass
     inp = jnp.concatenate([b.last[:, None], drafts], axis=1)  # [B, g+1]
-    logits, cache = forward(params, inp, positions, b.cache, cfg)  # [B, g+1, V] f32
+    logits, cache = forward(params, inp, positions, b.cache, cfg, paths)  # [B, g+1, V] f32
     p = jnp.stack([smp.distribution_logits(logits[:, i], sp, *_with_drafts(b.seen, b.counts, drafts, i, active),
-                                           candidates) for i in range(gamma + 1)], axis=1)  # [B, g+1, V]
+                                           candidates, gates) for i in range(gamma + 1)], axis=1)  # [B, g+1, V]
     # log-probabilities are gathered (logit - logsumexp), never materialized as [B, g+1, V] arrays
     lse_p = jax.nn.logsumexp(p, axis=-1)  # [B, g+1]
 
@@ -239,14 +241,14 @@ def _step(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids, seed
                      accepted=s.accepted + jnp.where(active, jnp.minimum(n_acc, n_emit), 0))
 
 
-def _plain_step(params, s: SpecState, sp, max_new_tokens, stop_ids, seeds, *, cfg, candidates, pad_id):
+def _plain_step(params, s: SpecState, sp, max_new_tokens, stop_ids, seeds, *, cfg, candidates, pad_id, paths=None):
     """One ordinary decode step (generate's), keeping the speculative bookkeeping."""
     b = s.base
     active = ~b.done
     pos = jnp.where(active, b.cache.lengths, -1)[:, None]
-    h, cache = forward_hidden(params, b.last[:, None], pos, b.cache, cfg)
-    nb = record(b.replace(cache=cache), unembed(params, h[:, 0], cfg), sp, max_new_tokens, stop_ids, seeds,
-                 0, candidates, pad_id)
+    h, cache = forward_hidden(params, b.last[:, None], pos, b.cache, cfg, paths=paths)
+    nb = record(b.replace(cache=cache), unembed(params, h[:, 0], cfg, paths), sp, max_new_tokens, stop_ids, seeds,
+                 0, candidates, pad_id, paths)
     rows = jnp.arange(b.last.shape[0])
     hist = s.hist.at[rows, jnp.where(active, s.hist_len, s.hist.shape[1])].set(nb.last, mode="drop")
     return s.replace(base=nb, hist=hist, hist_len=s.hist_len + active, passes=s.passes + active)
@@ -255,7 +257,8 @@ def _plain_step(params, s: SpecState, sp, max_new_tokens, stop_ids, seeds, *, cf
 def spec_prefill(params, draft_params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, *,
                  cfg: ModelConfig, draft_cfg: ModelConfig | None, gamma: int, max_new: int, cache_len: int,
                  candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0, kv_quant: str | None = None,
-                 penalties: bool = True, stop_strings=None, prefill_chunk: int = PREFILL_CHUNK) -> SpecState:
+                 penalties: bool = True, stop_strings=None, prefill_chunk: int = PREFILL_CHUNK,
+                 paths=None) -> SpecState:
     """The target's (and the draft's) prefill and the first new token, as engine.prefill does
     (stop strings included: `append_tokens` cuts a block at the token that completes one)."""
     B, T = prompts.shape
@@ -263,12 +266,13 @@ def spec_prefill(params, draft_params, prompts, prompt_lengths, sp, max_new_toke
     # ring buffers with gamma + 1 spare slots: a pass writes that far ahead before rolling back
     base = prefill(params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
                    max_new=max_new, cache_len=cache_len, candidates=candidates, pad_id=pad_id, cache_extra=extra,
-                   kv_quant=kv_quant, penalties=penalties, stop_strings=stop_strings, prefill_chunk=prefill_chunk)
+                   kv_quant=kv_quant, penalties=penalties, stop_strings=stop_strings, prefill_chunk=prefill_chunk,
+                   paths=paths)
     draft_cache = None
     if draft_cfg is not None:
         draft_cache = init_cache(draft_cfg, B, cache_len, draft_params.embed.dtype, extra=extra, kv_quant=kv_quant)
         _, draft_cache = prefill_hidden(draft_params, prompts, padded_positions(prompt_lengths, T), draft_cache,
-                                        draft_cfg, prefill_chunk)
+                                        draft_cfg, prefill_chunk, paths)
     hist = jnp.concatenate([prompts, jnp.full((B, max_new), pad_id, jnp.int32)], axis=1)  # [B, T + M]
     hist = hist.at[jnp.arange(B), prompt_lengths].set(base.tokens[:, 0])
     return SpecState(base=base, draft_cache=draft_cache, hist=hist, hist_len=prompt_lengths + base.num_new,
@@ -278,13 +282,13 @@ def spec_prefill(params, draft_params, prompts, prompt_lengths, sp, max_new_toke
 
 def spec_decode(params, draft_params, s: SpecState, sp, max_new_tokens, stop_ids, seeds, *, cfg: ModelConfig,
                 draft_cfg: ModelConfig | None, gamma: int, ngram: int, candidates: int = smp.DEFAULT_CANDIDATES,
-                pad_id: int = 0) -> SpecOutput:
+                pad_id: int = 0, paths=None) -> SpecOutput:
     """Speculative passes in a `lax.while_loop` until every row is done."""
     spec = lambda s, drafts=None: _step(params, draft_params, s, sp, max_new_tokens, stop_ids, seeds, drafts,
                                         cfg=cfg, draft_cfg=draft_cfg, gamma=gamma, candidates=candidates,
-                                        pad_id=pad_id)
+                                        pad_id=pad_id, paths=paths)
     plain = lambda s: _plain_step(params, s, sp, max_new_tokens, stop_ids, seeds, cfg=cfg, candidates=candidates,
-                                  pad_id=pad_id)
+                                  pad_id=pad_id, paths=paths)
 
     def lookup_step(s):  # no match in any running row: one plain token, not a pass of gamma + 1
         drafts, found = _lookup(s.hist, s.hist_len, gamma, ngram)
@@ -299,24 +303,24 @@ def speculative_tokens(params, draft_params, prompts, prompt_lengths, sp, max_ne
                        cfg: ModelConfig, draft_cfg: ModelConfig | None, gamma: int, ngram: int, max_new: int,
                        cache_len: int, candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0,
                        kv_quant: str | None = None, penalties: bool = True, stop_strings=None,
-                       prefill_chunk: int = PREFILL_CHUNK) -> SpecOutput:
+                       prefill_chunk: int = PREFILL_CHUNK, paths=None) -> SpecOutput:
     """Like engine.generate_tokens, decoding speculatively (static: gamma, ngram, draft_cfg; a
     draft_cfg of None means prompt lookup and draft_params is ignored)."""
     s = spec_prefill(params, draft_params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
                      draft_cfg=draft_cfg, gamma=gamma, max_new=max_new, cache_len=cache_len, candidates=candidates,
                      pad_id=pad_id, kv_quant=kv_quant, penalties=penalties, stop_strings=stop_strings,
-                     prefill_chunk=prefill_chunk)
+                     prefill_chunk=prefill_chunk, paths=paths)
     return spec_decode(params, draft_params, s, sp, max_new_tokens, stop_ids, seeds, cfg=cfg, draft_cfg=draft_cfg,
-                       gamma=gamma, ngram=ngram, candidates=candidates, pad_id=pad_id)
+                       gamma=gamma, ngram=ngram, candidates=candidates, pad_id=pad_id, paths=paths)
 
 
-_DECODE_STATIC = ("cfg", "draft_cfg", "gamma", "ngram", "candidates", "pad_id")
+_DECODE_STATIC = ("cfg", "draft_cfg", "gamma", "ngram", "candidates", "pad_id", "paths")
 speculative_jit = jax.jit(speculative_tokens, static_argnames=_DECODE_STATIC + ("max_new", "cache_len", "kv_quant",
                                                                                 "penalties", "prefill_chunk"))
 # The two phases as separate programs, so `generate(..., timings=)` can time them apart.
 spec_prefill_jit = jax.jit(spec_prefill, static_argnames=("cfg", "draft_cfg", "gamma", "max_new", "cache_len",
                                                           "candidates", "pad_id", "kv_quant", "penalties",
-                                                          "prefill_chunk"))
+                                                          "prefill_chunk", "paths"))
 spec_decode_jit = jax.jit(spec_decode, static_argnames=_DECODE_STATIC, donate_argnames="s")
 
 
@@ -373,7 +377,8 @@ def generate(model: Model, prompts, proposer: Proposer, *, candidates: int = smp
     if cache_len > model.cfg.max_seq_len or (d is not None and cache_len > d.cfg.max_seq_len):
         raise ValueError(f"prompt + max_new_tokens + gamma + 1 = {cache_len} exceeds the context")
     dp = d.params if d is not None else None
-    statics = dict(cfg=model.cfg, draft_cfg=d.cfg if d is not None else None, gamma=g, candidates=candidates)
+    statics = dict(cfg=model.cfg, draft_cfg=d.cfg if d is not None else None, gamma=g, candidates=candidates,
+                   paths=model.paths)
     lens = dict(max_new=p.max_new, cache_len=cache_len, kv_quant=model.kv_quant, penalties=p.penalties,
                 prefill_chunk=model.prefill_chunk)
     if timings is None:

@@ -149,13 +149,15 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
     `jaxgen convert --quant` is quantized already. kv_quant "int8": the KV cache is stored in int8.
 
     Float params come in the decode layout, one LayerParams per layer (`model.unstack_layers`: faster
-    decoding, longer compiles), unless explicit `shardings` (a stacked Params tree) are given.
+    decoding on CPU, longer compiles), where jaxgen.backend's `unroll` says so (CPU; accelerators keep
+    layers stacked, one compiled layer), unless explicit `shardings` (a stacked Params tree) are given.
     Quantized layers stay stacked (see unstack_layers). need_tokenizer: refuse (before the weights are
     read) an HF directory without tokenizer files, which otherwise loads for token-id prompts."""
+    from jaxgen import backend
     from jaxgen import quant as qmod
     from jaxgen.checkpoint import gguf, hf, orbax
     from jaxgen.config import ModelConfig, load_config
-    from jaxgen.model import Model, unstack_layers
+    from jaxgen.model import Model, stack_layers, unstack_layers
     from jaxgen.tokenizer import from_gguf_fields
 
     t0 = time.perf_counter()
@@ -183,8 +185,10 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
             params = qmod.quantize_params(params, quant)
         elif quant and qmod.quant_mode(params) != quant:
             raise ValueError(f"{name_or_path} is quantized as {qmod.quant_mode(params)}, not {quant}")
-        if shardings is None and not qmod.is_quantized(params):  # the decode layout (unstack_layers)
+        if shardings is None and not qmod.is_quantized(params) and backend.current().unroll:  # unstack_layers
             params = unstack_layers(params)
+        elif isinstance(params.layers, tuple):  # an HF directory's per-layer leaves, for a scanned backend
+            params = stack_layers(params)
         return _done(Model(cfg, place(cfg, params), tok, mesh, kv_quant=kv_quant), t0, timings)
 
     if name_or_path not in MODELS and path.is_dir() and hf.is_hf_dir(path):
@@ -195,7 +199,6 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
                                       need_tokenizer=need_tokenizer,  # quantized from host arrays, else straight on
                                       device=None if quant or shardings is not None else jax.local_devices()[0])
         if shardings is not None:
-            from jaxgen.model import stack_layers
             params = stack_layers(params)
         return model(cfg, params, tok)
     ckpt = path if name_or_path not in MODELS and path.is_dir() else None

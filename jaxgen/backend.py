@@ -1,0 +1,121 @@
+"""Which implementation each backend-sensitive step uses: one small, frozen, hashable `Paths` (a static
+jit argument), chosen per backend and overridable, so that every accelerator path can be forced on CPU and
+checked there against the reference path (tokens identical, log-probs within float rounding).
+
+The choices, each with its reason (measured where a figure is given; "expected" where it awaits the
+accelerator benchmark, `python -m benchmarks.accelerator`, whose `paths` rows time each one):
+
+- decode_attention (global layers, one new token per row):
+  "full"   every cache slot of the bucket, one einsum (the reference). On CPU a short row in a long
+           bucket still reads the bucket; kept as the CPU default until `benchmarks/decode_ab.py`
+           says otherwise.
+  "live"   key blocks (`decode_block` slots) up to the longest live row only (model.attend_blocked,
+           an online softmax in a fori_loop whose trip count is data). Expected on TPU, whose loops
+           run on the device.
+  "pallas" jaxgen.kernels.decode_attention: one kernel per (row, kv head) that reads only that row's
+           own length. Expected on GPU: XLA:GPU reads a while-loop's predicate on the host each
+           iteration, which a per-layer data-dependent loop ("live") would pay at every layer.
+- prefill_attention (multi-token calls whose keys fit one pass):
+  "xla"    einsum, mask, softmax, einsum (the reference).
+  "dpa"    jax.nn.dot_product_attention: cuDNN's fused flash attention on GPU for bf16 / f16
+           without a softcap, XLA's own otherwise (TPU: XLA's fusion).
+- gates: "cond" runs a sampling stage (penalties, bias, top-k / top-p, the full-vocabulary draw)
+  only when some row needs it; "where" computes the stage always and selects. XLA:CPU and TPU run a
+  conditional on the device; XLA:GPU copies its predicate to the host unless command buffers take it
+  over, a host sync per gate per step (expected: "where" on GPU).
+- dequant: the dtype a quantized (int8 / int4) matrix is dequantized to before its dot. float32 on
+  CPU (XLA:CPU's bf16 dots are slower); bfloat16 on accelerators, so the dot runs on the tensor cores /
+  MXU with f32 accumulation (expected; measured by the accelerator benchmark's int8 rows).
+- unroll: load float layers one LayerParams per layer (model.unstack_layers). CPU: measured 48 vs
+  42 ms per step on Gemma 3 270M. Accelerators: stacked layers and `lax.scan` (one compiled layer: the
+  first call's compile time does not grow with depth; the goal there is <= 30 s per preset).
+
+`paths_for(backend)` gives the defaults; JAXGEN_PATHS="decode_attention=live,gates=where" overrides
+fields (read when a program is traced, so set it before the first call). Engine functions take
+`paths=None`, meaning `current()`: the default backend's paths with the overrides.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+
+CHOICES = {
+    "decode_attention": ("full", "live", "pallas"),
+    "prefill_attention": ("xla", "dpa"),
+    "gates": ("cond", "where"),
+    "dequant": ("float32", "bfloat16"),
+    "unroll": (True, False),
+}
+FIELDS = tuple(CHOICES) + ("decode_block",)
+ENV = "JAXGEN_PATHS"
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+    decode_attention: str = "full"  # "full" | "live" | "pallas"
+    prefill_attention: str = "xla"  # "xla" | "dpa"
+    gates: str = "cond"  # "cond" | "where"
+    dequant: str = "float32"  # "float32" | "bfloat16"
+    unroll: bool = True  # float layers unrolled (per-layer params) rather than scanned
+    decode_block: int = 256  # key slots per loop step of the "live" decode path
+
+    def __post_init__(self):
+        for f, allowed in CHOICES.items():
+            v = getattr(self, f)
+            if v not in allowed or isinstance(v, bool) != isinstance(allowed[0], bool):
+                raise ValueError(f"Paths.{f} must be one of {list(allowed)}, got {v!r}")
+        b = self.decode_block
+        if isinstance(b, bool) or not isinstance(b, int) or b < 16 or b & (b - 1):
+            raise ValueError(f"Paths.decode_block must be a power of two >= 16, got {b!r}")
+
+    def replace(self, **changes) -> "Paths":
+        return dataclasses.replace(self, **changes)
+
+
+REFERENCE = Paths()  # the CPU paths: what every other path is tested against
+DEFAULTS = {
+    "cpu": REFERENCE,
+    "gpu": Paths(decode_attention="pallas", prefill_attention="dpa", gates="where", dequant="bfloat16",
+                 unroll=False),
+    "tpu": Paths(decode_attention="live", prefill_attention="dpa", gates="cond", dequant="bfloat16",
+                 unroll=False),
+}
+
+
+def parse(text: str) -> dict:
+    """`field=value,...` (JAXGEN_PATHS's form) as Paths fields; one line naming the problem otherwise."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, eq, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if not eq or name not in FIELDS:
+            raise ValueError(f"{ENV}: {item!r} is not field=value with a field among {list(FIELDS)}")
+        if name == "decode_block":
+            if not value.isdigit():
+                raise ValueError(f"{ENV}: decode_block takes a number, got {value!r}")
+            out[name] = int(value)
+        elif isinstance(CHOICES[name][0], bool):
+            if value.lower() not in ("1", "0", "true", "false"):
+                raise ValueError(f"{ENV}: {name} takes true / false, got {value!r}")
+            out[name] = value.lower() in ("1", "true")
+        else:
+            out[name] = value
+    return out
+
+
+def paths_for(backend: str) -> Paths:
+    """The defaults of a backend ("cpu", "gpu", "tpu"; others get the reference paths) with the
+    JAXGEN_PATHS overrides."""
+    base = DEFAULTS.get(backend, REFERENCE)
+    return base.replace(**parse(os.environ.get(ENV, "")))
+
+
+def current() -> Paths:
+    """paths_for(the default backend)."""
+    return paths_for(jax.default_backend())
+
+
+def resolve(paths: Paths | None) -> Paths:
+    return current() if paths is None else paths
