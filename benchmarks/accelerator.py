@@ -12,11 +12,18 @@ Roofline: a decode step must read every weight once and each row's live keys and
 at most their window), so tokens/s <= batch * bandwidth / (weight bytes + KV bytes at the average live
 length). The bandwidth is measured in the same run: the best of 10 jitted `x + 1` over a 2 GiB bf16
 array (read + write). HF: torch bf16, sdpa attention, a static cache (`cache_implementation="static"`).
+Then `paths` rows (jaxgen.backend, one model, --paths-s of the budget kept for them): decode tokens/s
+with each backend-sensitive choice flipped from the backend's default, one at a time (decode
+attention full / live / pallas, sampling gates cond / where with sampled rows, int8 weights
+dequantized to f32 / bf16, unrolled / scanned layers with their compile times), on a uniform batch
+and on a ragged one (one long prompt among short ones: the case length-aware attention is for). A
+choice that fails to compile is a row with its error, not the end of the run.
 Models run in order until --budget-s is spent (the rest are listed as skipped), so one GPU run fits
 its time. Writes benchmarks/results/<device>-<date>-accelerator.json (`rows`) and, with --readme, the
 README table between the accelerator markers.
 """
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -60,14 +67,40 @@ def kv_bytes_per_row(cfg, live: int, itemsize: int) -> int:
     return per_token * (cfg.n_global * live + cfg.n_local * window)
 
 
-def jaxgen_rows(cfg, args, bw, device_kind):
+def preflight():
+    """The paths the model rows run: the backend's defaults if a tiny model generates with them here,
+    else the first fallback that does (each path is new on a device until a run has measured it:
+    one that does not compile must not cost the whole run). Returns (paths, errors)."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxgen
+    from jaxgen import backend
+
+    cfg = smoke_config()
+    params = jax.jit(lambda k: jaxgen.init_params(cfg, k, jnp.bfloat16))(jax.random.key(0))
+    default = backend.current()
+    errors = {}
+    for paths in (default, default.replace(decode_attention="live"),
+                  default.replace(decode_attention="live", prefill_attention="xla"), backend.REFERENCE):
+        try:
+            jaxgen.generate(jaxgen.Model(cfg, params, paths=paths), [[1, 2, 3], [4] * 20], max_new_tokens=4)
+            return paths, errors
+        except Exception as e:  # noqa: BLE001 - recorded in the results file
+            errors[str(paths)] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    raise RuntimeError(f"no paths generate on this device: {errors}")
+
+
+def jaxgen_rows(cfg, args, bw, device_kind, paths=None):
     import jax
     import jax.numpy as jnp
 
     import jaxgen
 
     params = jax.jit(lambda k: jaxgen.init_params(cfg, k, jnp.bfloat16))(jax.random.key(0))
-    model = jaxgen.Model(cfg, params)
+    if paths is not None and paths.unroll:  # the layout jaxgen.load gives for these paths
+        params = jaxgen.model.unstack_layers(params)
+    model = jaxgen.Model(cfg, params, paths=paths)
     weights = sum(x.nbytes for x in jax.tree.leaves(params))
     n_params = sum(x.size for x in jax.tree.leaves(params))
     rng = np.random.default_rng(0)
@@ -131,6 +164,71 @@ def hf_figures(cfg, args):
     return out
 
 
+PATH_FLIPS = [("decode_attention", "full"), ("decode_attention", "live"), ("decode_attention", "pallas"),
+              ("prefill_attention", "xla"), ("prefill_attention", "dpa"), ("gates", "cond"), ("gates", "where"),
+              ("unroll", True), ("unroll", False)]
+
+
+def paths_rows(cfg, args, device_kind, deadline):
+    """Decode tokens/s of the backend's default paths and of each single flip of them (PATH_FLIPS,
+    and int8 weights with either dequantization), until `deadline` (perf_counter seconds)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    import jaxgen
+    from jaxgen import backend, quant
+    from jaxgen.model import stack_layers, unstack_layers
+
+    default = backend.current()
+    params = jax.jit(lambda k: jaxgen.init_params(cfg, k, jnp.bfloat16))(jax.random.key(0))
+    rng = np.random.default_rng(1)
+    short = lambda n: rng.integers(1, cfg.vocab_size, n).tolist()
+    long_len = min(args.paths_long, cfg.max_seq_len - args.paths_new - 1)
+    cases = {"uniform": [short(args.prompt) for _ in range(args.paths_batch)],
+             "ragged": [short(long_len)] + [short(args.prompt) for _ in range(args.paths_batch - 1)]}
+    if args.smoke:  # CI: every variant compiles and decodes once (the ragged batch is another program each)
+        del cases["ragged"]
+    knobs = {"greedy": {}, "sampled": dict(temperature=0.8, top_p=0.95, seed=list(range(args.paths_batch)))}
+    variants = [("default", default, "float")] + [
+        (f"{f}={v}", default.replace(**{f: v}), "float") for f, v in PATH_FLIPS if getattr(default, f) != v] + [
+        (f"int8 dequant={d}", default.replace(dequant=d), "int8") for d in ("float32", "bfloat16")]
+    int8 = None
+    rows = []
+    for name, paths, weights in variants:
+        if time.perf_counter() > deadline:
+            rows.append(dict(device_kind=device_kind, model=cfg.name, variant=name, skipped=True))
+            continue
+        if weights == "int8":
+            int8 = int8 if int8 is not None else quant.quantize_params(params, "int8")
+            p = int8
+        else:
+            p = unstack_layers(params) if paths.unroll else stack_layers(params)
+        model = jaxgen.Model(cfg, p, paths=paths)
+        row = dict(device_kind=device_kind, model=cfg.name, variant=name, paths=dataclasses.asdict(paths),
+                   weights=weights, batch=args.paths_batch, new_tokens=args.paths_new, long_prompt=long_len,
+                   short_prompt=args.prompt)
+        try:
+            for case, prompts in cases.items():
+                for kind, kw in knobs.items():
+                    if kind == "sampled" and case == "ragged":
+                        continue
+                    run = lambda: jaxgen.generate(model, prompts, max_new_tokens=args.paths_new, stop_ids=[], **kw)
+                    t = time.perf_counter()
+                    run()
+                    row[f"first_call_s_{case}_{kind}"] = time.perf_counter() - t
+                    dt = min(common.timed(run, args.repeats))
+                    row[f"decode_tok_s_{case}_{kind}"] = len(prompts) * args.paths_new / dt
+        except Exception as e:  # a path that does not compile here is a finding, not the end of the run
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+        del model, p
+        gc.collect()
+    return rows
+
+
 def smoke_config():
     import jaxgen
 
@@ -150,6 +248,11 @@ def main(argv=None):
     ap.add_argument("--bandwidth-bytes", type=int, default=2 * 2**30)
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no new model after this many seconds")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--paths-model", default="llama3.2-1b", help="the model of the `paths` rows")
+    ap.add_argument("--paths-s", type=float, default=120.0, help="seconds of the budget kept for the paths rows")
+    ap.add_argument("--paths-batch", type=int, default=16)
+    ap.add_argument("--paths-new", type=int, default=128)
+    ap.add_argument("--paths-long", type=int, default=3000, help="the ragged batch's long prompt")
     ap.add_argument("--smoke", action="store_true", help="a tiny preset, small settings (CPU, CI)")
     ap.add_argument("--readme", action="store_true", help="write the README table")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -161,28 +264,36 @@ def main(argv=None):
     if args.smoke:
         args.batches, args.new, args.prompt, args.prefill, args.repeats = [1, 2], 8, 8, [64], 1
         args.bandwidth_bytes = 64 * 2**20
+        args.paths_batch, args.paths_new, args.paths_long, args.paths_s, args.budget_s = 2, 4, 40, 0.0, 1e9
     t0 = time.perf_counter()
     device = jax.devices()[0]
     device_kind = device.device_kind
     bw = bandwidth(args.bandwidth_bytes)
-    print(f"{device_kind}: {bw / 1e9:.0f} GB/s", file=sys.stderr)
+    paths, preflight_errors = preflight()
+    print(f"{device_kind}: {bw / 1e9:.0f} GB/s; paths {paths}; preflight errors {preflight_errors}", file=sys.stderr)
     rows, skipped = [], []
     configs = [smoke_config()] if args.smoke else [jaxgen.load_config(m) for m in args.models]
     for cfg in configs:
-        if time.perf_counter() - t0 > args.budget_s:
+        if time.perf_counter() - t0 > args.budget_s - args.paths_s:
             skipped.append(cfg.name)
             continue
-        got = jaxgen_rows(cfg, args, bw, device_kind)
+        got = jaxgen_rows(cfg, args, bw, device_kind, paths)
         hf = None if args.no_hf else hf_figures(cfg, args)
         for r in got:
             r["hf_decode_tok_s"] = hf["decode"].get(r["batch"]) if hf else None
         got[0]["hf_prefill_tok_s"] = hf["prefill"] if hf else None
         rows += got
         print(json.dumps(got), file=sys.stderr)
+    from jaxgen import backend
+
+    paths_cfg = smoke_config() if args.smoke else jaxgen.load_config(args.paths_model)
+    path_rows = paths_rows(paths_cfg, args, device_kind, t0 + args.budget_s)
     result = {"date": str(datetime.date.today()), "device_kind": device_kind, "platform": device.platform,
               "jax": jax.__version__, "bandwidth_gb_s": bw / 1e9, "smoke": args.smoke, "settings": {
                   "batches": args.batches, "new_tokens": args.new, "prompt": args.prompt, "prefill": args.prefill},
-              "rows": rows, "skipped": skipped, "wall_s": time.perf_counter() - t0}
+              "default_paths": dataclasses.asdict(backend.current()), "paths": dataclasses.asdict(paths),
+              "preflight_errors": preflight_errors,
+              "rows": rows, "skipped": skipped, "paths_rows": path_rows, "wall_s": time.perf_counter() - t0}
     stem = re.sub(r"[^A-Za-z0-9]+", "-", device_kind).strip("-").lower()
     path = os.path.join(args.out, f"{stem}-{datetime.date.today()}-accelerator{'-smoke' if args.smoke else ''}.json")
     with open(path, "w") as f:
@@ -195,7 +306,10 @@ def main(argv=None):
 
 def table(result, path) -> str:
     lines = [f"Measured {result['date']} on {result['device_kind']} (jax {result['jax']}, measured bandwidth "
-             f"{result['bandwidth_gb_s']:.0f} GB/s), `python -m benchmarks.accelerator`; results: `{path}`.", "",
+             f"{result['bandwidth_gb_s']:.0f} GB/s), `python -m benchmarks.accelerator`; results: `{path}`. Paths: "
+             + ", ".join(f"{k}={v}" for k, v in (result.get("paths") or {}).items())
+             + (f" (the defaults failed here: {result['preflight_errors']})" if result.get("preflight_errors") else "")
+             + ".", "",
              "| model | batch | jaxgen decode tok/s | of roofline | HF decode tok/s | compile s | prefill tok/s "
              "(jaxgen / HF) |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -206,6 +320,20 @@ def table(result, path) -> str:
                      f"{r['compile_s']:.1f} | {pre} |")
     if result["skipped"]:
         lines.append(f"\nNot reached within the time budget: {', '.join(result['skipped'])}.")
+    prs = [r for r in result.get("paths_rows", []) if not r.get("skipped")]
+    if prs:
+        r0 = prs[0]
+        lines += ["", f"Implementation paths (jaxgen.backend) on {r0['model']}, batch {r0['batch']}, {r0['new_tokens']} new "
+                  f"tokens; ragged: one {r0['long_prompt']}-token prompt among {r0['short_prompt']}-token ones. "
+                  "Decode tok/s (first call s):", "",
+                  "| variant | uniform greedy | uniform sampled | ragged greedy |", "|---|---|---|---|"]
+        for r in prs:
+            if r.get("error"):
+                lines.append(f"| {r['variant']} | error: {r['error'][:80]} | | |")
+                continue
+            cell = lambda k: (f"{r[f'decode_tok_s_{k}']:.0f} ({r[f'first_call_s_{k}']:.1f})"
+                              if f"decode_tok_s_{k}" in r else "-")
+            lines.append(f"| {r['variant']} | {cell('uniform_greedy')} | {cell('uniform_sampled')} | {cell('ragged_greedy')} |")
     return "\n".join(lines)
 
 

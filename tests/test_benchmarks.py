@@ -34,3 +34,9 @@ def test_accelerator_benchmark_smoke(tmp_path):
         assert r["decode_tok_s"] > 0 and 0 < r["roofline_fraction"] < 1.5 and r["compile_s"] > 0
     assert saved["rows"][0]["prefill_tok_s"]["64"] > 0 and saved["bandwidth_gb_s"] > 0
     assert "| tiny-gemma3 | 2 |" in accelerator.table(saved, "x.json")
+    # the paths A/B: the default and every flip of it, each decoding (on CPU the kernel runs interpreted)
+    variants = [r["variant"] for r in saved["paths_rows"]]
+    assert variants[0] == "default" and "decode_attention=pallas" in variants and "int8 dequant=bfloat16" in variants
+    for r in saved["paths_rows"]:
+        assert "error" not in r and r["decode_tok_s_uniform_greedy"] > 0 and r["decode_tok_s_uniform_sampled"] > 0
+    assert "| decode_attention=pallas |" in accelerator.table(saved, "x.json")
