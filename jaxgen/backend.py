@@ -109,7 +109,11 @@ def paths_for(backend: str) -> Paths:
     """The defaults of a backend ("cpu", "gpu", "tpu"; others get the reference paths) with the
     JAXGEN_PATHS overrides."""
     base = DEFAULTS.get(backend, REFERENCE)
-    return base.replace(**parse(os.environ.get(ENV, "")))
+    overrides = parse(os.environ.get(ENV, ""))
+    try:
+        return base.replace(**overrides)
+    except ValueError as e:
+        raise ValueError(f"{ENV}: {e}") from None
 
 
 def current() -> Paths:

@@ -229,6 +229,9 @@ def main(argv=None) -> int:
 
         persistent_compile_cache()
     try:
+        from jaxgen import backend
+
+        backend.current()  # a bad JAXGEN_PATHS is one line before any model loads
         return {"generate": cmd_generate, "convert": cmd_convert, "batch": cmd_batch}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, ModelNotInstalledError) as e:
         # Bad input is reported as one line naming the problem, not a traceback.

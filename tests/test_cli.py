@@ -34,6 +34,14 @@ def run(capsys, argv, stdin=None, monkeypatch=None):
     return rc, out, err
 
 
+def test_bad_paths_env_is_one_line_before_loading(capsys, monkeypatch):
+    monkeypatch.setenv("JAXGEN_PATHS", "decode_attention=flash")
+    rc, out, err = run(capsys, ["generate", "hi", "--model", "/nonexistent/model.gguf"])
+    assert rc == 2 and not out
+    assert err.strip() == ("jaxgen generate: error: JAXGEN_PATHS: Paths.decode_attention must be one of ['full', 'live', "
+                           "'pallas'], got 'flash'")  # named before the (missing) model is looked for
+
+
 def test_convert_round_trip(ckpt):
     gguf_path, toml, ck = ckpt
     a = registry.load(str(gguf_path), config=str(toml))
