@@ -116,6 +116,12 @@ def paths_for(backend: str) -> Paths:
         raise ValueError(f"{ENV}: {e}") from None
 
 
+def check_env() -> None:
+    """Raise the one-line error of a bad JAXGEN_PATHS without asking JAX for its backend (the command
+    line checks it first, before `jax.distributed.initialize`, which must precede any backend use)."""
+    paths_for("")
+
+
 def current() -> Paths:
     """paths_for(the default backend)."""
     return paths_for(jax.default_backend())

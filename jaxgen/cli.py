@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     try:
         from jaxgen import backend
 
-        backend.current()  # a bad JAXGEN_PATHS is one line before any model loads
+        backend.check_env()  # a bad JAXGEN_PATHS is one line before any model loads
         return {"generate": cmd_generate, "convert": cmd_convert, "batch": cmd_batch}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, ModelNotInstalledError) as e:
         # Bad input is reported as one line naming the problem, not a traceback.
