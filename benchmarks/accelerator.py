@@ -67,6 +67,12 @@ def kv_bytes_per_row(cfg, live: int, itemsize: int) -> int:
     return per_token * (cfg.n_global * live + cfg.n_local * window)
 
 
+def _error(e: Exception) -> str:
+    """An exception as one line for the results file: its type and the first line of its message."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
 def preflight():
     """The paths the model rows run: the backend's defaults if a tiny model generates with them here,
     else the first fallback that does (each path is new on a device until a run has measured it:
@@ -87,7 +93,7 @@ def preflight():
             jaxgen.generate(jaxgen.Model(cfg, params, paths=paths), [[1, 2, 3], [4] * 20], max_new_tokens=4)
             return paths, errors
         except Exception as e:  # noqa: BLE001 - recorded in the results file
-            errors[str(paths)] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            errors[str(paths)] = _error(e)
     raise RuntimeError(f"no paths generate on this device: {errors}")
 
 
@@ -221,7 +227,7 @@ def paths_rows(cfg, args, device_kind, deadline):
                     dt = min(common.timed(run, args.repeats))
                     row[f"decode_tok_s_{case}_{kind}"] = len(prompts) * args.paths_new / dt
         except Exception as e:  # a path that does not compile here is a finding, not the end of the run
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            row["error"] = _error(e)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
         del model, p

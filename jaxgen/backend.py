@@ -6,9 +6,9 @@ The choices, each with its reason (measured where a figure is given; "expected" 
 accelerator benchmark, `python -m benchmarks.accelerator`, whose `paths` rows time each one):
 
 - decode_attention (global layers, one new token per row):
-  "full"   every cache slot of the bucket, one einsum (the reference). On CPU a short row in a long
-           bucket still reads the bucket; kept as the CPU default until `benchmarks/decode_ab.py`
-           says otherwise.
+  "full"   every cache slot of the bucket, one einsum (the reference). The CPU default: on this
+           project's 2-core CPU it was the fastest or tied (benchmarks/results/cpu-2026-12-05-
+           accelerator.json, the paths rows: 107.5 tok/s against live's 106.5).
   "live"   key blocks (`decode_block` slots) up to the longest live row only (model.attend_blocked,
            an online softmax in a fori_loop whose trip count is data). Expected on TPU, whose loops
            run on the device.

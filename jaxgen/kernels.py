@@ -26,7 +26,7 @@ BLOCK_ELEMS = 128 * 128  # slots x head dim per tile
 TARGET_PROGRAMS = 256  # (row, kv head, split) programs to aim for: about two per SM of an H100 / H200
 
 
-def decode_supported(S: int, H: int, q_dtype, k) -> bool:
+def decode_supported(S: int, H: int, k) -> bool:
     """Whether `decode_attention` takes this layer: a float cache (int8 pairs take the XLA path),
     power-of-two head dims (Triton's tiles) and a bucket that splits into blocks of >= 16 slots."""
     return not isinstance(k, tuple) and S % 16 == 0 and H >= 16 and H & (H - 1) == 0
@@ -50,7 +50,7 @@ def _kernel(q_ref, k_ref, v_ref, n_ref, o_ref, m_ref, l_ref, *, block, span, sca
     todo = jnp.clip(n_ref[...] - start, 0, span)  # this split's live slots
     q = q_ref[...]
     Gp, H = q.shape
-    tf32 = None if not f32 else False  # f32 caches: full-precision dots (TF32 would round them)
+    tf32 = False if f32 else None  # f32 caches: full-precision dots (TF32 would round them)
 
     def body(i, carry):
         o, m, l = carry

@@ -253,7 +253,7 @@ def decode_global(q: jax.Array, k, v, q_pos: jax.Array, k_pos: jax.Array, mask: 
     jaxgen.kernels, each row up to its own length (float caches; int8 pairs take "live"). All equal
     "full" up to float rounding."""
     S, H = k_pos.shape[1], q.shape[-1]
-    if how == "pallas" and kernels.decode_supported(S, H, q.dtype, k):
+    if how == "pallas" and kernels.decode_supported(S, H, k):
         kv_len = jnp.maximum(q_pos[:, 0] + 1, 0)  # a finished row (position -1) reads nothing
         return kernels.decode_attention(q, k, v, kv_len, scale=scale, softcap=softcap,
                                         interpret=jax.default_backend() != "gpu")

@@ -5,7 +5,6 @@ beam search, speculative decoding) with the accelerator paths against the refere
 log-probs within float rounding. bfloat16 dequantization against its definition."""
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -81,8 +80,8 @@ def test_decode_kernel_refuses_bad_splits():
     q, k, v, pos, _, _ = _case(2, 48, 1, 2, 16, jnp.float32)
     with pytest.raises(ValueError, match="splits=2 must cut the 48 slots"):
         kernels.decode_attention(q, k, v, pos[:, 0] + 1, scale=1.0, splits=2, interpret=True)
-    assert not kernels.decode_supported(40, 16, jnp.float32, k)  # not a multiple of 16: the XLA path
-    assert not kernels.decode_supported(48, 16, jnp.float32, (k, k))  # int8 pairs: the XLA path
+    assert not kernels.decode_supported(40, 16, k)  # not a multiple of 16: the XLA path
+    assert not kernels.decode_supported(48, 16, (k, k))  # int8 pairs: the XLA path
 
 
 PROMPTS = [list(range(1, 40)), [5, 9, 2], list(np.arange(70) % 60 + 1), [7] * 20]
