@@ -48,6 +48,7 @@ class Completion:
     # finish_reason "stop": the stop string that matched (text ends before it), or the stop id
     stop_reason: str | int | None = None
     score: float | None = None  # beam search only: the beam's length-penalized score (see jaxgen.beam)
+    message: str | None = None  # why jaxgen ended the row, where the model did not (jaxgen.conversation)
 
     def fields(self) -> dict:
         """The JSON fields of this completion (`jaxgen generate --json` and `jaxgen batch` lines)."""
@@ -59,6 +60,8 @@ class Completion:
             obj["top_logprobs"] = [[list(pair) for pair in step] for step in self.top_logprobs]
         if self.finish_reason == "error":
             obj["error"] = ROW_ERROR
+        if self.message is not None:
+            obj["message"] = self.message
         return obj
 
 
@@ -207,7 +210,8 @@ def _per_sample(value, P: int, n: int, kind: str):
 def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, n: int = 1, stop=None,
             prefix=None, stop_universe: Sequence[str] | None = None, candidates: int = smp.DEFAULT_CANDIDATES,
             regex=None, json_schema=None, choices=None, whitespace: str | None = None,
-            constraint_universe: Sequence[str] | None = None, top_logprobs: int = 0, **knobs):
+            constraint_universe: Sequence[str] | None = None, top_logprobs: int = 0, batch: int | None = None,
+            **knobs):
     """Validate and pad a request into the arguments of `generate_jit` and its Plan.
 
     n > 1 asks for n samples of each prompt: per-row arguments get P * n rows in prompt-major order
@@ -217,7 +221,8 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
     every check, when it is not one already). regex / json_schema / choices: structured output (see
     `jaxgen.constraints`; each for all prompts or one per prompt, None = free), built into tables over
     the tokenizer's token bytes; constraint_universe fixes the table's regexes (a refill run).
-    top_logprobs is checked here (it shapes the program's output, not its arguments)."""
+    top_logprobs is checked here (it shapes the program's output, not its arguments). batch: pad the
+    prompt rows to this many instead of their bucket (a `jaxgen.conversation` turn keeps its rows)."""
     V = model.cfg.vocab_size
     kn.check("n", n)
     kn.check("top_logprobs", top_logprobs, vocab_size=V)
@@ -284,6 +289,9 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
         seeds = (np.repeat(kn.per_row("seed", seed, P, np.int64), n) * 1_000_003 + np.tile(np.arange(n), P)) % (2 ** 31)
     else:
         seeds = kn.per_row("seed", seed, R, np.int64)
+    if batch is not None:
+        assert batch >= P, (batch, P)
+        p = dataclasses.replace(p, batch=batch)
     if model.mesh is not None:  # rows split evenly over the data axis
         d = model.mesh.shape["data"]
         p = dataclasses.replace(p, batch=-(-p.batch // d) * d)
