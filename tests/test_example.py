@@ -27,3 +27,19 @@ def test_train_and_sample_short(tmp_path):
     cfg, restored, _ = orbax.restore(tmp_path / "step_00040")
     assert cfg == ex.CFG
     chex.assert_trees_all_equal(params, restored)
+
+
+def test_agent_episode_in_jit():
+    """examples/agent_in_jit.py: a calculator environment in jax.numpy, several turns in one jit ==
+    the same episode through the host API; the history's mask covers the replies only."""
+    spec = importlib.util.spec_from_file_location("agent_in_jit", PATH.parent / "agent_in_jit.py")
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    same, conv = ex.main(turns=3, rows=4)
+    assert same
+    h = conv.histories()
+    assert (h["generated"].sum(axis=1) == 3 * ex.NEW).all()
+    for i in range(4):  # after the first reply, every environment token is a tool result [TOOL, d, d, END]
+        g = h["generated"][i, :h["lengths"][i]]
+        env = h["tokens"][i, :h["lengths"][i]][np.argmax(g):][~g[np.argmax(g):]].reshape(-1, 4)
+        assert len(env) == 2 and (env[:, 0] == ex.TOOL).all() and (env[:, 3] == ex.END).all()
