@@ -277,7 +277,10 @@ class Conversation:
         if not self.penalties and any(not kn.is_off(k, request.get(k)) for k in PENALTIES):
             raise ValueError("repetition / presence / frequency penalties need Conversation(..., penalties=True): the "
                              "penalty history of the whole conversation is carried from the first turn")
-        if self._ep is not None and request.get("prefix") is not None:
+        first = not self._hist
+        if not first and self._ep is None:
+            raise ValueError("this conversation's cache was given to a turn that failed; start a new Conversation")
+        if not first and request.get("prefix") is not None:
             raise ValueError("prefix= applies to the first turn only (later turns append to each row's history)")
         include_stop = kn.check("include_stop", request.pop("include_stop", False))
         top_logprobs = request.pop("top_logprobs", 0)
@@ -286,7 +289,6 @@ class Conversation:
             request["seed"] = self.turn
         t0 = time.perf_counter()
         model, S = self.model, self.max_len
-        first = self._ep is None
         run = self._first if first else self._next
         took, prompts, ids, args, p, stop, results, commit = run(segments, request, top_logprobs, candidates)
         commit()  # every check passed: the refused rows end, the chat messages join the record
@@ -307,7 +309,7 @@ class Conversation:
         else:
             args["segments"], args["segment_lengths"] = args.pop("prompts"), args.pop("prompt_lengths")
             ep = self._ep
-            self._ep = None  # donated: a failure below leaves no half-used cache behind
+            self._ep = None  # donated to the turn: a failure below leaves no half-used cache to continue
             state = feed_jit(model.params, ep, **args, **statics)
         if timings is not None:
             jax.block_until_ready(state)
