@@ -24,7 +24,6 @@ equal up to float rounding (the history was prefilled in other chunks).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +36,8 @@ from jaxgen import knobs as kn
 from jaxgen import sampling as smp
 from jaxgen import stops as sst
 from jaxgen.config import ModelConfig
-from jaxgen.engine import (ERROR, LENGTH, DecodeState, Prefix, _constrain, _no_stop_strings, _paths, decode,
-                           decode_jit, output, prefill, record)
+from jaxgen.engine import (LENGTH, DecodeState, Prefix, _constrain, _no_stop_strings, _paths, decode, output,
+                           prefill, record)
 from jaxgen.generate import (Completion, SharedPrefix, _encode, _encode_prompts, fetch, place, prefix_slots, prepare,
                              stop_rows, to_completions)
 from jaxgen.model import PREFILL_CHUNK, Params, prefill_hidden, unembed
@@ -145,7 +144,8 @@ def begin(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: smp
     num_new, finish, logprobs) and the Episode to `extend`. options: as `start` takes them."""
     state = start(params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg, max_new=max_new,
                   cache_len=cache_len, candidates=candidates, pad_id=pad_id, mesh=mesh, paths=paths, **options)
-    state = _loop(params, state, sp, max_new_tokens, stop_ids, seeds, cfg, max_new, candidates, pad_id, mesh, paths)
+    state = finish(params, state, sp, max_new_tokens, stop_ids, seeds, cfg=cfg, max_new=max_new,
+                   candidates=candidates, pad_id=pad_id, mesh=mesh, paths=paths)
     return state, carry(state)
 
 
@@ -157,13 +157,17 @@ def extend(params: Params, ep: Episode, segments: jax.Array, segment_lengths: ja
     (rows that sat out keep theirs). options: as `feed` takes them."""
     state = feed(params, ep, segments, segment_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
                  max_new=max_new, candidates=candidates, pad_id=pad_id, mesh=mesh, paths=paths, **options)
-    state = _loop(params, state, sp, max_new_tokens, stop_ids, seeds, cfg, max_new, candidates, pad_id, mesh, paths)
+    state = finish(params, state, sp, max_new_tokens, stop_ids, seeds, cfg=cfg, max_new=max_new,
+                   candidates=candidates, pad_id=pad_id, mesh=mesh, paths=paths)
     return state, carry(state, ep, segment_lengths > 0)
 
 
-def _loop(params, state, sp, max_new_tokens, stop_ids, seeds, cfg, max_new, candidates, pad_id, mesh, paths):
-    """The turn's decode loop, with each row's budget capped as `start` / `feed` capped it (the room
-    its history leaves: the first new token is pending, so the cache still holds what was fed)."""
+def finish(params: Params, state: DecodeState, sp: smp.SamplingParams, max_new_tokens: jax.Array,
+           stop_ids: jax.Array, seeds: jax.Array, *, cfg: ModelConfig, max_new: int,
+           candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0, mesh=None,
+           paths: backend.Paths | None = None) -> DecodeState:
+    """The turn's decode loop after `start` / `feed`, each row's budget capped as they capped it
+    (the room its history leaves: the first new token is pending, so the cache holds what was fed)."""
     return decode(params, state, sp, budget(max_new_tokens, state.cache), stop_ids, seeds, jnp.int32(max_new),
                   cfg=cfg, candidates=candidates, pad_id=pad_id, mesh=mesh, paths=paths)
 
@@ -180,11 +184,12 @@ start_jit = jax.jit(start, static_argnames=("cfg", "max_new", "cache_len", "top_
 # the episode is donated: the turn writes its tokens into the kept cache in place
 feed_jit = jax.jit(feed, static_argnames=("cfg", "max_new", "top_logprobs", "candidates", "pad_id", "mesh",
                                           "prefill_chunk", "paths"), donate_argnames="ep")
+finish_jit = jax.jit(finish, static_argnames=("cfg", "max_new", "candidates", "pad_id", "mesh", "paths"),
+                     donate_argnames="state")
 PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty")
 # what a turn takes: generate's knobs, less those fixed for the whole conversation or not multi-turn
 TURN_KNOBS = frozenset(k for k, v in kn.KNOBS.items() if v.beam != "only" and k not in ("n", "num_beams"))
-FIXED = {"n": "n", "num_beams": None, "max_len": "max_len", "chat": "chat", "tools": "tools",
-         "penalties": "penalties"}
+FIXED = ("n", "max_len", "chat", "tools", "penalties")  # Conversation(...)'s own options
 REPLY = "\u27e6jaxgen-reply\u27e7"  # stands for a reply's content in a chat template (see `_chat_tail`)
 
 
@@ -269,10 +274,11 @@ class Conversation:
         import time
 
         for k in request:
+            if k in FIXED:
+                raise ValueError(f"{k} is fixed for the whole conversation: pass it to Conversation(...)")
+            if k == "num_beams":
+                raise ValueError("a Conversation does not run beam search (num_beams)")
             if k not in TURN_KNOBS:
-                if k in FIXED:
-                    raise ValueError(f"{k} is fixed for the whole conversation: pass it to Conversation(...)"
-                                     if FIXED[k] else "a Conversation does not run beam search (num_beams)")
                 raise ValueError(f"Conversation.generate() got an unknown option {k!r}")
         if not self.penalties and any(not kn.is_off(k, request.get(k)) for k in PENALTIES):
             raise ValueError("repetition / presence / frequency penalties need Conversation(..., penalties=True): the "
@@ -296,10 +302,7 @@ class Conversation:
             self.turn += 1
             return results
         fed_tokens = int(np.sum(args["prompt_lengths"]))
-        fed = [len(h.tokens) + (len(ids[i]) if took[i] else 0) for i, h in enumerate(self._hist)]
         mnt = np.asarray(args["max_new_tokens"])
-        cap = mnt.copy()
-        cap[:len(fed)] = np.where(took, np.maximum(np.minimum(mnt[:len(fed)], S - np.array(fed)), 0), 0)
         statics = dict(cfg=model.cfg, max_new=p.max_new, top_logprobs=top_logprobs, candidates=candidates,
                        mesh=model.mesh, prefill_chunk=model.prefill_chunk, paths=model.paths)
         args = place(model, args)
@@ -314,10 +317,9 @@ class Conversation:
         if timings is not None:
             jax.block_until_ready(state)
             t1 = time.perf_counter()
-        loop = {k: args[k] for k in ("sp", "stop_ids", "seeds")}
-        state = decode_jit(model.params, state, **loop, max_new_tokens=place(model, {"m": cap})["m"],
-                           until=np.int32(p.max_new), cfg=model.cfg, candidates=candidates, mesh=model.mesh,
-                           paths=model.paths)
+        loop = {k: args[k] for k in ("sp", "max_new_tokens", "stop_ids", "seeds")}
+        state = finish_jit(model.params, state, **loop, cfg=model.cfg, max_new=p.max_new, candidates=candidates,
+                           mesh=model.mesh, paths=model.paths)
         out = fetch(output(state))
         if timings is not None:
             t2 = time.perf_counter()
@@ -408,15 +410,15 @@ class Conversation:
                              "None for a row that sits this turn out)")
         if all(s is None for s in segments):
             raise ValueError("every segment is None: no row takes this turn")
-        results, ids, took, refused = [None] * R, [[] for _ in range(R)], np.zeros(R, bool), {}
+        results, ids, took, refused, said = [None] * R, [[] for _ in range(R)], np.zeros(R, bool), {}, {}
         for i, seg in enumerate(segments):
             if seg is None:
                 continue
             if self._ended[i]:
                 raise ValueError(f"row {i} has ended ({self._ended[i]}): pass None for it")
             if self.chat:
-                msgs = self._conversations([seg], what=f"segment {i}")[0]
-                text = self._chat_tail(i, msgs)
+                said[i] = self._conversations([seg], what=f"segment {i}")[0]
+                text = self._chat_tail(i, said[i])
                 x = model.tokenizer.encode(text, add_bos=False) if text else []
                 if not x:
                     raise ValueError(f"segment {i}: the chat template adds nothing after the reply for these messages")
@@ -442,9 +444,8 @@ class Conversation:
                 results[i] = Completion(tokens=[], finish_reason="length", logprobs=[],
                                             text="" if model.tokenizer is not None else None, prompt=segments[i],
                                             message=why + "; the row takes no further turn")
-            if self.chat:
-                for i in np.flatnonzero(took):
-                    self._messages[i] += self._conversations([segments[i]])[0]
+            for i in np.flatnonzero(took):
+                self._messages[i] += said.get(i, [])
 
         return took, list(segments), ids, args, p, stop, results, commit
 
