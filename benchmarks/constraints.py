@@ -31,7 +31,7 @@ SCHEMAS = {
         "title": {"type": "string", "maxLength": 16},
         "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 3},
         "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-                                                     "zip": {"type": "string", "pattern": "[0-9]{5}"}},
+                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
                     "required": ["city", "zip"], "additionalProperties": False}},
         "required": ["title", "tags", "address"], "additionalProperties": False},
     "list": {"type": "array", "items": {"type": "object", "properties": {

@@ -2,8 +2,8 @@
 
 A constraint is a regular language over the output text. outlines-core turns a regex and the
 vocabulary's token bytes into a token-level automaton (state x token -> state); JSON schemas become a
-regex first (`outlines_core.json_schema.build_regex_from_schema`, after `check_schema` has refused
-what it would silently drop), choices an alternation of escaped strings. On the device a row reads
+regex first (jaxgen.schema: every keyword enforced exactly or the schema refused), choices an
+alternation of escaped strings. On the device a row reads
 its automaton state [B]: the tokens with a transition are allowed, the row's stop ids only in an
 accepting state, and the state advances on the token appended; a row whose state is accepting with
 no transition left ends there (finish "stop"). No host round trip per token.
@@ -21,7 +21,6 @@ vocabulary's bytes: a million rows with one schema build it once.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pathlib
 import re
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxgen.json_regex import escape
 from jaxgen.knobs import bucket
 
 STATE_BUCKETS = (16, 64, 256, 1024, 4096, 16384)
@@ -39,189 +39,12 @@ CLASS_BUCKETS = (64, 512, 4096, 32768, 262144)
 MAX_CELLS = 1 << 24  # Q x C table cells per call (int32: 64 MB), before padding
 KINDS = ("regex", "json_schema", "choices")
 
-# JSON Schema keywords enforced (by the regex outlines-core builds; tests validate outputs with
-# jsonschema) and annotations that constrain nothing. Anything else is refused, never dropped.
-_ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum",
-             "const", "minLength", "maxLength", "pattern", "anyOf", "oneOf", "allOf", "$defs", "definitions",
-             "$ref", "prefixItems"}
-_ANNOTATIONS = {"title", "description", "$schema", "$id", "$comment", "examples", "default"}
-_REFUSED_WHY = {
-    "minimum": "outlines-core drops numeric ranges", "maximum": "outlines-core drops numeric ranges",
-    "exclusiveMinimum": "outlines-core drops numeric ranges", "exclusiveMaximum": "outlines-core drops numeric ranges",
-    "multipleOf": "outlines-core drops it", "format": "string formats are not enforced",
-    "patternProperties": "not enforced", "uniqueItems": "not enforced", "dependentRequired": "not enforced",
-    "minProperties": "not enforced", "maxProperties": "not enforced", "if": "not enforced", "not": "not enforced",
-}
-# outlines-core builds each schema node's regex from ONE keyword, the first of these present
-# (outlines-core 0.2's Parser::to_regex), reading only some keywords beside it; any other constraining
-# keyword at that node would be silently dropped, so it is refused (`_dispatch_problem`).
-_DISPATCH = ("properties", "allOf", "anyOf", "oneOf", "prefixItems", "enum", "const", "$ref", "type")
-_READS = {"properties": {"properties", "required", "additionalProperties", "type"}, "allOf": {"allOf"},
-          "anyOf": {"anyOf"}, "oneOf": {"oneOf"}, "prefixItems": {"prefixItems", "items", "minItems", "maxItems", "type"},
-          "enum": {"enum", "type"}, "const": {"const", "type"}, "$ref": {"$ref"}}
-# under "type": the keywords that apply to each JSON type (a keyword for another type is ignored by
-# JSON Schema itself, so dropping it changes nothing)
-_APPLIES = {"string": {"minLength", "maxLength", "pattern"}, "array": {"items", "minItems", "maxItems"},
-            "object": {"required", "additionalProperties"}}
-_ALL_TYPES = frozenset({"null", "boolean", "string", "array", "object", "integer", "fraction"})
-_TYPE_SETS = {"number": {"integer", "fraction"}, "integer": {"integer"}}  # JSON Schema: 1.0 is an integer
-
-
-def _value_type(v) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, (int, float)):
-        return "integer" if float(v).is_integer() else "fraction"
-    return {str: "string", list: "array", dict: "object"}.get(type(v), "object")
-
-
-def _declared_types(node: dict) -> frozenset:
-    t = node.get("type")
-    names = [t] if isinstance(t, str) else list(t) if isinstance(t, list) else None
-    if names is None:
-        return _ALL_TYPES
-    return frozenset(x for n in names for x in _TYPE_SETS.get(n, {n}))
-
-
-def _resolve(ref, root):
-    """A local $ref's target ("#/$defs/x"), or None."""
-    if not isinstance(ref, str) or not ref.startswith("#"):
-        return None
-    node = root
-    for part in [p for p in ref[1:].split("/") if p]:
-        part = part.replace("~1", "/").replace("~0", "~")
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _accepted(node, root, depth: int = 0):
-    """(JSON types, set of canonical values or None): what `node` accepts, over-approximated."""
-    if node is True or node == {} or depth > 8:
-        return _ALL_TYPES, None
-    if node is False or not isinstance(node, dict):
-        return frozenset(), set()
-    types, values = _declared_types(node), None
-    if "$ref" in node:
-        target = _resolve(node["$ref"], root)
-        if target is not None:
-            t, v = _accepted(target, root, depth + 1)
-            types, values = types & t, v
-    for key in ("enum", "const"):
-        if key in node:
-            vals = node[key] if key == "enum" and isinstance(node[key], list) else [node[key]]
-            types = types & frozenset(_value_type(v) for v in vals)
-            values = {json.dumps(v, sort_keys=True) for v in vals}
-    for key in ("anyOf", "oneOf"):
-        if isinstance(node.get(key), list):
-            branches = [_accepted(b, root, depth + 1) for b in node[key]]
-            types = types & frozenset().union(*(t for t, _ in branches))
-            if all(v is not None for _, v in branches):
-                values = set().union(*(v for _, v in branches))
-    for b in node.get("allOf", []) if isinstance(node.get("allOf"), list) else []:
-        t, v = _accepted(b, root, depth + 1)
-        types = types & t
-        values = v if values is None else values if v is None else values & v
-    return types, values
-
-
-def _dispatch_problem(schema: dict, root) -> str | None:
-    """Why outlines-core would enforce less than `schema` says at this node, or None."""
-    keys = {k for k in schema if k not in _ANNOTATIONS and k not in ("$defs", "definitions")}
-    key = next((k for k in _DISPATCH if k in schema), None)
-    if key is None:
-        return None  # an empty schema (anything) or one outlines-core refuses by itself
-    if key != "type":
-        dropped = sorted(keys - _READS[key])
-        if dropped == ["type"] and key in ("anyOf", "oneOf", "allOf") and all(
-                _accepted(b, root)[0] <= _declared_types(schema) for b in schema[key]):
-            dropped = []  # every branch is of the declared type already: dropping it changes nothing
-        if dropped:
-            return f"{dropped[0]!r} beside {key!r} is not enforced (outlines-core builds this schema from {key!r} alone)"
-    types = _declared_types(schema)
-    if key == "properties":
-        if "type" in schema and "object" not in types:
-            return f"'properties' with type {schema['type']!r}"
-        props = schema["properties"] if isinstance(schema["properties"], dict) else {}
-        missing = [r for r in schema.get("required", []) if r not in props]
-        if missing:
-            return f"required property {missing[0]!r} is not among 'properties' (outlines-core writes only those)"
-    elif key == "allOf" and len(schema["allOf"]) != 1:
-        return f"'allOf' of {len(schema['allOf'])} schemas (outlines-core does not merge them)"
-    elif key == "oneOf":
-        branches = [_accepted(b, root) for b in schema["oneOf"]]
-        for i in range(len(branches)):
-            for j in range(i + 1, len(branches)):
-                (ti, vi), (tj, vj) = branches[i], branches[j]
-                if ti & tj and not (vi is not None and vj is not None and not vi & vj):
-                    return (f"'oneOf' branches {i} and {j} can both match a value (outlines-core enforces oneOf as "
-                            "anyOf); make them disjoint (other types, or enum / const values) or use anyOf")
-    elif key == "prefixItems":
-        n = len(schema["prefixItems"]) if isinstance(schema["prefixItems"], list) else 0
-        if schema.get("minItems", 0) > n or schema.get("maxItems", n) < n:
-            return f"'minItems' / 'maxItems' other than the {n} 'prefixItems' (outlines-core writes exactly those)"
-    elif key in ("enum", "const") and "type" in schema:
-        vals = schema[key] if key == "enum" and isinstance(schema[key], list) else [schema[key]]
-        bad = [v for v in vals if _value_type(v) not in types]
-        if bad:
-            return f"{key} value {bad[0]!r} is not of type {schema['type']!r}"
-    elif key == "type":
-        if types & {"string"} and "pattern" in schema and ("minLength" in schema or "maxLength" in schema):
-            return ("'pattern' beside 'minLength' / 'maxLength' is not enforced (outlines-core keeps the length); "
-                    "put the length into the pattern")
-        if types & {"object"} and schema.get("required"):
-            return "'required' without 'properties' is not enforced (outlines-core writes any properties)"
-        applies = set().union(*(_APPLIES.get(t, set()) for t in ("string", "array", "object")
-                                if t in types)) | {"type"}
-        inapplicable = set().union(*_APPLIES.values()) - applies
-        dropped = sorted(keys - applies - inapplicable)
-        if dropped:
-            return f"{dropped[0]!r} beside 'type' is not enforced"
-    return None
-
-
 @struct.dataclass
 class Constraints:
     token_class: jax.Array  # [V] int32 class of each token id
     next_state: jax.Array  # [Q, C] int32 state after a token of class c in state q; -1: not allowed
     accepting: jax.Array  # [Q] bool the text so far is a whole match (stop ids allowed)
     closed: jax.Array  # [Q] bool accepting and no token may follow: the row ends here
-
-
-def check_schema(schema, where: str = "schema", root=None):
-    """Raise ValueError naming the first keyword that would not be enforced, or enforced less than it
-    says: a constraint is either enforced or refused, never weakened."""
-    root = schema if root is None else root
-    if isinstance(schema, bool):
-        return
-    if not isinstance(schema, dict):
-        raise ValueError(f"{where}: a JSON schema must be an object, got {schema!r:.80}")
-    for key, value in schema.items():
-        if key not in _ANNOTATIONS and key not in _ENFORCED:
-            why = _REFUSED_WHY.get(key, "unsupported")
-            raise ValueError(f"{where}: JSON schema keyword {key!r} is not supported ({why}); remove it or "
-                             f"express it with enum / pattern")
-        if key == "additionalProperties" and value not in (False, True) and not isinstance(value, dict):
-            raise ValueError(f"{where}: additionalProperties must be a boolean or a schema")
-        if key in ("anyOf", "oneOf", "allOf", "prefixItems") and not isinstance(value, list):
-            raise ValueError(f"{where}.{key}: must be a list of schemas")
-        if key in ("properties", "$defs", "definitions") and not isinstance(value, dict):
-            raise ValueError(f"{where}.{key}: must be an object")
-    problem = _dispatch_problem(schema, root)
-    if problem:
-        raise ValueError(f"{where}: {problem}")
-    for key, value in schema.items():
-        if key in ("properties", "$defs", "definitions"):
-            for name, sub in value.items():
-                check_schema(sub, f"{where}.{key}.{name}", root)
-        elif key in ("items", "additionalProperties") and isinstance(value, dict):
-            check_schema(value, f"{where}.{key}", root)
-        elif key in ("anyOf", "oneOf", "allOf", "prefixItems"):
-            for i, sub in enumerate(value):
-                check_schema(sub, f"{where}.{key}[{i}]", root)
 
 
 def to_regex(kind: str, value, whitespace: str | None = None) -> str:
@@ -240,20 +63,11 @@ def to_regex(kind: str, value, whitespace: str | None = None) -> str:
         if (not isinstance(value, (list, tuple)) or not value
                 or not all(isinstance(c, str) and c for c in value)):
             raise ValueError(f"choices must be a non-empty list of non-empty strings, got {value!r:.80}")
-        return "(" + "|".join(re.escape(c) for c in value) + ")"
+        return "(" + "|".join(escape(c) for c in value) + ")"
     if kind == "json_schema":
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"json_schema is not valid JSON ({e.msg})") from None
-        check_schema(value)
-        from outlines_core.json_schema import build_regex_from_schema
+        from jaxgen.schema import to_regex as schema_regex
 
-        try:
-            return build_regex_from_schema(json.dumps(value, sort_keys=True), "" if whitespace is None else whitespace)
-        except Exception as e:  # outlines-core raises its own error types
-            raise ValueError(f"json_schema cannot be compiled: {str(e).splitlines()[0][:200]}") from None
+        return schema_regex(value, whitespace)
     raise ValueError(f"unknown constraint kind {kind!r}; choose one of {KINDS}")
 
 
