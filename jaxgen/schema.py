@@ -1,22 +1,27 @@
 """JSON Schema -> the regex of the documents jaxgen writes for it (outlines-core then builds the
 token automaton). Either a keyword is enforced exactly or the schema is refused with one line naming
-it: a constraint never lets an invalid row through.
+where: a constraint never lets an invalid row through.
 
 What is written (the canonical form): compact JSON (or `whitespace` between tokens), object
 properties in the schema's order (optional ones may be left out), strings with one encoding per
 character (jaxgen.json_regex), integers without leading zeros. Every such document that validates is
-matched, with these documented narrowings, each sound (the language only shrinks):
+matched, but for these documented narrowings, each sound (the language only shrinks):
 - an object with `properties` gets no other keys unless `additionalProperties` is a schema or
   `patternProperties` names them (JSON Schema's default `true` would let the model invent keys);
 - a value the schema leaves open (`{}`, `true`, an object without properties) nests ANY_DEPTH deep;
 - a recursive `$ref` is unrolled ref_depth times (REF_DEPTH by default), then that branch is empty;
-- formats are the common shapes of json_regex.FORMATS; a number's bounds must be whole numbers.
+- formats are the shapes of json_regex.FORMATS; a number's bounds must be whole numbers;
+- with min/maxProperties and no required key, an object starts within its first START_WINDOW keys;
+- where the automaton would exceed SIZE_BUDGET: the first setting of SHRINK that fits (long strings
+  written shorter, recursion and open values shallower); past that, refused naming the largest part.
 
-How: `$ref` and `allOf` are inlined and merged into one "flat" node (underscored keys below); `anyOf`
-/ `oneOf` distribute over the rest of their node (`oneOf` only where its branches are provably
-disjoint: other types, other `enum` / `const` values, or an object property required by both with
-disjoint values); `enum` / `const` values are kept when jsonschema validates them against the whole
-node; the rest is built per type. Keywords JSON Schema does not define are annotations and ignored.
+How: `$ref` and `allOf` are inlined and merged into one "flat" node (underscored keys); `anyOf` /
+`oneOf` / `if` distribute over the rest of their node (`oneOf` only where no document written for one
+branch satisfies another's schema: other types, other `enum` / `const` values, a key one requires and
+the other never writes, a required key with such values); `enum` / `const` values are kept when
+jsonschema validates them against the whole node; the rest is built per type. outlines-core does not
+minimize its DFA, so the regexes avoid copies (linear forms for optional properties) and ambiguity.
+Keywords JSON Schema does not define are annotations and ignored.
 """
 from __future__ import annotations
 
@@ -30,8 +35,8 @@ REF_DEPTH = 3  # a recursive $ref is expanded this many times on one path, then 
 ANY_DEPTH = 2  # how deep a value the schema leaves open may nest
 SIZE_BUDGET = 12_000  # estimated automaton states per schema (see _size), before outlines-core builds it
 # Where the automaton would exceed SIZE_BUDGET, the first of these (longest string written, recursion
-# depth, open-value depth) that fits: sound narrowings (a shorter string satisfies maxLength too; a shallower document is
-# one of the schema's). None: maxLength as the schema says.
+# depth, open-value depth) that fits: sound narrowings (a shorter string satisfies maxLength too; a
+# shallower document is one of the schema's). None: maxLength as the schema says.
 SHRINK = ((None, 3, 2), (256, 3, 2), (128, 3, 2), (64, 2, 1), (32, 2, 1), (32, 1, 1), (32, 1, 0))
 START_WINDOW = 4  # with min/maxProperties and no required property, an object starts within its first 4
 _MAX_ALTERNATIVES = 64  # anyOf / oneOf branches after distributing, per node
@@ -472,7 +477,9 @@ def _compile_flat(flat: dict, ctx: _Ctx, where: str, refs: tuple) -> str | None:
         return _choose(flat, ctx, where, refs)
     types = _types_of(flat)
     if "_values" in flat:  # enum / const: the values jsonschema accepts under the whole node
-        kept = [v for v in flat["_values"] if ctx.valid(v, flat["_sources"])]
+        fmt = J.FORMATS.get(flat.get("_format"), (None,))[0]  # (checked here even without jsonschema's checker)
+        kept = [v for v in flat["_values"] if ctx.valid(v, flat["_sources"])
+                and not (fmt and isinstance(v, str) and not re.fullmatch(fmt, v))]
         return _alt(J.escape(json.dumps(v, ensure_ascii=False, separators=(",", ":"))) for v in kept)
     alts = []
     if "null" in types:

@@ -237,7 +237,9 @@ def schemas(depth=2):
         st.builds(lambda f: {"type": "string", "format": f}, st.sampled_from(["date", "email", "uuid", "ipv4"])),
         st.builds(lambda vs: {"enum": vs}, st.lists(st.one_of(st.integers(-3, 3), st.sampled_from(["a", "b", "é"]),
                                                               st.booleans(), st.none()), min_size=1, max_size=4)),
-        st.builds(lambda v: {"const": v}, st.sampled_from([1, "x", None, [1, 2], {"k": 1}])))
+        st.builds(lambda v: {"const": v}, st.sampled_from([1, "x", None, [1, 2], {"k": 1}])),
+        st.builds(lambda vs: {"type": "string", "not": {"enum": vs}},
+                  st.lists(st.sampled_from(["a", "b", "ab", ""]), min_size=1, max_size=3)))
     if depth == 0:
         return scalar
     sub = schemas(depth - 1)
