@@ -24,7 +24,8 @@ NO_MODEL = "/nonexistent/model.gguf"  # a check made after loading would report 
 # one refused and one accepted (non-default) value per knob; a knob added to the table without them fails
 BAD = dict(max_new_tokens=0, temperature=-1.0, top_k=-1, top_p=1.5, min_p=math.nan, repetition_penalty=0.0,
            presence_penalty=math.nan, frequency_penalty=math.inf, seed=-1, logit_bias={0: math.nan}, banned_ids=[-1],
-           stop_ids=[-3], stop=[""], include_stop="yes", prefix="", regex="[0-", json_schema={"type": "integer", "minimum": 1},
+           stop_ids=[-3], stop=[""], include_stop="yes", prefix="", regex="[0-",
+           json_schema={"type": "array", "items": {"type": "string"}, "uniqueItems": True},  # not a regular language
            choices=[""], whitespace="(", n=0, top_logprobs=-1, candidates=0, num_beams=33, length_penalty=math.nan,
            early_stopping="sometimes", return_beams="yes")
 GOOD = dict(max_new_tokens=5, temperature=0.7, top_k=7, top_p=0.9, min_p=0.05, repetition_penalty=1.3,
