@@ -67,9 +67,15 @@ def validity(name: str, n: int, max_new: int) -> dict:
     return out
 
 
-def build_costs() -> dict:
+def table_mb(table) -> float:
+    """MB of a constraint table on the device (padded to its buckets)."""
     import numpy as np
 
+    return round(sum(np.asarray(a).nbytes for a in (table.token_class, table.next_state, table.accepting,
+                                                    table.closed)) / 2**20, 2)
+
+
+def build_costs() -> dict:
     import jaxgen
     from jaxgen import constraints as con
 
@@ -90,8 +96,7 @@ def build_costs() -> dict:
             warm = time.perf_counter() - t
             auto = con.automaton(regex, tb, tok.stop_ids)
             out[key] = {"states": len(auto["accepting"]), "classes": int(table.token_class.max()) + 1,
-                        "table_mb": round(sum(np.asarray(a).nbytes for a in (table.token_class, table.next_state,
-                                                                              table.accepting, table.closed)) / 2**20, 2),
+                        "table_mb": table_mb(table),
                         "build_cold_s": round(cold, 2), "build_cached_s": round(warm, 3)}
             print("build", key, out[key], file=sys.stderr, flush=True)
     return out

@@ -41,7 +41,7 @@ def pct(xs, q):
 
 def compile_all(tok, subsets) -> dict:
     """{subset: [{id, regex | refused, build_s, states, classes, table_mb}]} with an empty cache."""
-    import numpy as np
+    from constraints import table_mb  # benchmarks/constraints.py
 
     from jaxgen import constraints as con
     from jaxgen.schema import to_regex
@@ -58,9 +58,7 @@ def compile_all(tok, subsets) -> dict:
                 table, _ = con.build([regex], tb, len(tb), tok.stop_ids)
                 r.update(regex=regex, build_s=round(time.perf_counter() - t, 3),
                          states=len(con.automaton(regex, tb, tok.stop_ids)["accepting"]),
-                         classes=int(table.token_class.max()) + 1,
-                         table_mb=round(sum(np.asarray(a).nbytes for a in (table.token_class, table.next_state,
-                                                                           table.accepting, table.closed)) / 2**20, 2))
+                         classes=int(table.token_class.max()) + 1, table_mb=table_mb(table))
             except ValueError as e:
                 r["refused"] = str(e)
             rows.append(r)

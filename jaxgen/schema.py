@@ -388,25 +388,28 @@ def _merge(a: dict, b: dict, where: str) -> dict:
         for name in list(pa) + [n for n in pb if n not in pa]:
             # a key one side lists is, for the other, a pattern's or an additional property
             ss = [x["properties"][name] for x in (a, b) if name in x.get("properties", {})] + \
-                 [s for x in (a, b) if name not in x.get("properties", {}) for s in _schemas_for(x, name, False)]
+                 [s for x in (a, b) if name not in x.get("properties", {}) for s in _schemas_for(x, name)]
             props[name] = ss[0] if len(ss) == 1 else {"allOf": ss}
         out["properties"] = props
     elif pa or pb:
         one, other = (a, b) if pa else (b, a)
-        out["properties"] = {n: s if not _schemas_for(other, n, False) else {"allOf": [s] + _schemas_for(other, n, False)}
-                             for n, s in one["properties"].items()}
+        props = {}
+        for n, sub in one["properties"].items():  # the other side's pattern / additional schema applies too
+            more = _schemas_for(other, n)
+            props[n] = {"allOf": [sub] + more} if more else sub
+        out["properties"] = props
     for x, y in ((a, b), (b, a)):
         if "patternProperties" in x and "patternProperties" not in y and "additionalProperties" in y:
             _fail(where, "'patternProperties' beside another branch's 'additionalProperties' in 'allOf'")
     return out
 
 
-def _schemas_for(flat: dict, name: str, listed_only: bool) -> list:
+def _schemas_for(flat: dict, name: str) -> list:
     """The schemas `flat` applies to the value of key `name` (besides nothing: an empty list)."""
     if name in flat.get("properties", {}):
         return [flat["properties"][name]]
     out = [s for p, s in flat.get("patternProperties", {}).items() if _search(p, name)]
-    if not out and not listed_only and "additionalProperties" in flat:
+    if not out and "additionalProperties" in flat:
         out.append(flat["additionalProperties"])
     return out
 
@@ -558,7 +561,7 @@ def _excludes(x: dict, y: dict, ctx, depth: int) -> bool:
                                                      _search(p, n) for p in y.get("patternProperties", {}))):
                 return True
             if n in y.get("required", []):
-                sx, sy = _schemas_for(x, n, False), _schemas_for(y, n, False)
+                sx, sy = _schemas_for(x, n), _schemas_for(y, n)
                 fx, _ = _flatten({"allOf": sx} if sx else True, ctx, "", ())
                 fy, _ = _flatten({"allOf": sy} if sy else True, ctx, "", ())
                 if fx is False or fy is False or _excludes(fx, fy, ctx, depth + 1):
@@ -776,7 +779,7 @@ def _object(flat, ctx, where, refs) -> str | None:
     for name in listed:
         if not isinstance(name, str):
             _fail(where, f"property name {name!r} is not a string")
-        schemas = _schemas_for(flat, name, listed_only=False)
+        schemas = _schemas_for(flat, name)
         if not schemas and addl is False:
             schemas = [False]
         if name in props:
