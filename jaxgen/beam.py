@@ -72,10 +72,7 @@ def _take(a: jax.Array, parent: jax.Array, axis: int = 0) -> jax.Array:
 
 def reorder(s: eng.DecodeState, parent: jax.Array) -> eng.DecodeState:
     """The decode state with each prompt's rows reordered by parent [P, K] (cache included)."""
-    c = s.cache
-    cache = c.with_stacks(jax.tree.map(lambda a: _take(a, parent, 1), c.stacks()),  # [L, B, ...]
-                          pos_local=_take(c.pos_local, parent), pos_global=_take(c.pos_global, parent),
-                          lengths=_take(c.lengths, parent))
+    cache = s.cache.map_rows(lambda axis, a: _take(a, parent, axis))
     rows = ("tokens", "logprobs", "top_ids", "top_logprobs", "last", "done", "finish", "num_new", "seen", "counts",
             "stop_state") + (("cstate",) if s.cons is not None else ())
     return s.replace(cache=cache, stops=s.stops.replace(mask=_take(s.stops.mask, parent)),
@@ -194,12 +191,13 @@ def beam_start(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, ma
                kv_quant: str | None = None, stop_strings: sst.StopStrings | None = None,
                prefix: eng.Prefix | None = None, prefill_chunk: int = PREFILL_CHUNK,
                constraints: con.Constraints | None = None, constraint_start: jax.Array | None = None,
-               paths=None) -> BeamState:
+               paths=None, adapters: jax.Array | None = None) -> BeamState:
     """The prefill and the first beam step of `beam_search` (same arguments): its loop's start."""
     state, logits = eng.start(params, prompts, prompt_lengths, max_new_tokens, cfg=cfg, max_new=max_new,
                               cache_len=cache_len, pad_id=pad_id, kv_quant=kv_quant, penalties=False, n=beams,
                               stop_strings=stop_strings, prefix=prefix, prefill_chunk=prefill_chunk,
-                              constraints=constraints, constraint_start=constraint_start, paths=eng._paths(paths, mesh))
+                              constraints=constraints, constraint_start=constraint_start, paths=eng._paths(paths, mesh),
+                              adapters=adapters)
     return _constrain(init(state, logits, width, length_penalty, early_stopping, max_new_tokens, stop_ids), mesh)
 
 
@@ -229,17 +227,17 @@ def beam_search(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, m
                 kv_quant: str | None = None, stop_strings: sst.StopStrings | None = None,
                 prefix: eng.Prefix | None = None, prefill_chunk: int = PREFILL_CHUNK,
                 constraints: con.Constraints | None = None, constraint_start: jax.Array | None = None,
-                paths=None) -> BeamOutput:
+                paths=None, adapters: jax.Array | None = None) -> BeamOutput:
     """Beam search for right-padded prompts [P, T] with up to `beams` (K, static) beams each.
 
     Traced: prompt_lengths [P] (0 = padding), max_new_tokens and stop_ids per row ([B], [B, NS] with
     B = P * K), width [P] (each prompt's beams, 1 .. K), length_penalty [P] f32, early_stopping [P]
-    (EARLY_STOPPING codes), stop_strings / constraints with B rows as in `engine.generate_tokens`.
-    Returns every prompt's K best finished hypotheses, best first."""
+    (EARLY_STOPPING codes), stop_strings / constraints with B rows and adapters [P] (LoRA slots) as in
+    `engine.generate_tokens`. Returns every prompt's K best finished hypotheses, best first."""
     b = beam_start(params, prompts, prompt_lengths, max_new_tokens, stop_ids, width, length_penalty, early_stopping,
                    cfg=cfg, max_new=max_new, cache_len=cache_len, beams=beams, pad_id=pad_id, mesh=mesh,
                    kv_quant=kv_quant, stop_strings=stop_strings, prefix=prefix, prefill_chunk=prefill_chunk,
-                   constraints=constraints, constraint_start=constraint_start, paths=paths)
+                   constraints=constraints, constraint_start=constraint_start, paths=paths, adapters=adapters)
     return beam_loop(params, b, max_new_tokens, stop_ids, cfg=cfg, max_new=max_new, mesh=mesh, paths=paths)
 
 

@@ -45,6 +45,9 @@ class KVCache:
     v_local_scale: jax.Array | None = None  # [Ll, B, W, K]
     k_global_scale: jax.Array | None = None  # [Lg, B, S, K]
     v_global_scale: jax.Array | None = None  # [Lg, B, S, K]
+    # LoRA (params.lora set): each row's adapter slot, 0 = none. A row's keys and values hold its
+    # adapter's projections, so the slot travels with the row (jaxgen.lora). None: no adapters.
+    adapter: jax.Array | None = None  # [B] int32
 
     @property
     def max_len(self) -> int:
@@ -72,6 +75,16 @@ class KVCache:
             else:
                 changes[n] = st
         return self.replace(**changes)
+
+    def map_rows(self, f, *others: "KVCache") -> "KVCache":
+        """A cache whose every per-row leaf is f(axis, leaf, *the same leaf of others), axis being the
+        leaf's row axis (1 for the key / value stacks and scales [L, B, ...], 0 for positions,
+        lengths and adapter slots): how n-sample copies, beam reordering and refills touch the rows,
+        so none of them can forget a field."""
+        row_axis = {n: 1 for n in STACKS + SCALES}
+        return self.replace(**{n: f(row_axis.get(n, 0), getattr(self, n), *(getattr(o, n) for o in others))
+                               for n in STACKS + SCALES + ("pos_local", "pos_global", "lengths", "adapter")
+                               if getattr(self, n) is not None})
 
 
 def ring_size(cfg: ModelConfig, max_len: int, extra: int = 0) -> int:

@@ -157,8 +157,8 @@ def start(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, max_new
           kv_quant: str | None = None, cache_extra: int = 0, penalties: bool = True, n: int = 1,
           stop_strings: sst.StopStrings | None = None, prefix: Prefix | None = None,
           prefill_chunk: int = PREFILL_CHUNK, constraints: con.Constraints | None = None,
-          constraint_start: jax.Array | None = None, paths: backend.Paths | None = None
-          ) -> tuple[DecodeState, jax.Array]:
+          constraint_start: jax.Array | None = None, paths: backend.Paths | None = None,
+          adapters: jax.Array | None = None) -> tuple[DecodeState, jax.Array]:
     """The prefill without its first choice: the decode state of B = P * n rows with nothing
     generated yet, and the logits [B, V] of each row's first new token (`prefill` samples from them,
     beam search scores them). Arguments as for `prefill`."""
@@ -172,6 +172,8 @@ def start(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, max_new
     else:
         cache = _widen(prefix.cache, P, cache_len, cfg, cache_extra)
         positions = jnp.where(positions >= 0, positions + prefix.cache.lengths[0], -1)
+    if adapters is not None:  # each prompt's LoRA slot in params.lora (jaxgen.lora)
+        cache = cache.replace(adapter=jnp.asarray(adapters, jnp.int32))
     h_last, cache = prefill_hidden(params, prompts, positions, cache, cfg, prefill_chunk, paths)  # [P, D]
     logits = unembed(params, h_last, cfg, paths)  # [P, V]
 
@@ -182,9 +184,7 @@ def start(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, max_new
     stop_strings = _no_stop_strings(V, B) if stop_strings is None else jax.tree.map(jnp.asarray, stop_strings)
     if n > 1:  # prompt row p -> decode rows p * n + j
         rep = lambda a, axis=0: jnp.repeat(a, n, axis=axis)
-        cache = cache.with_stacks(jax.tree.map(lambda a: rep(a, 1), cache.stacks()),  # rows are axis 1: [L, P, ...]
-                                  pos_local=rep(cache.pos_local), pos_global=rep(cache.pos_global),
-                                  lengths=rep(cache.lengths))
+        cache = cache.map_rows(lambda axis, a: rep(a, axis))
         logits, seen, prompt_lengths = rep(logits), rep(seen), rep(prompt_lengths)  # [B, V], [B, H], [B]
     k = top_logprobs
     state = DecodeState(
@@ -207,7 +207,8 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
             kv_quant: str | None = None, cache_extra: int = 0, penalties: bool = True, n: int = 1,
             stop_strings: sst.StopStrings | None = None, prefix: Prefix | None = None,
             prefill_chunk: int = PREFILL_CHUNK, constraints: con.Constraints | None = None,
-            constraint_start: jax.Array | None = None, paths: backend.Paths | None = None) -> DecodeState:
+            constraint_start: jax.Array | None = None, paths: backend.Paths | None = None,
+            adapters: jax.Array | None = None) -> DecodeState:
     """Prefill right-padded prompts [P, T] (`prefill_chunk` tokens per forward pass: see
     model.prefill_hidden) and sample the first new token of
     B = P * n decode rows: with n > 1 each prompt's cache row (and penalty history) is copied in-graph
@@ -221,13 +222,14 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
     prompt continues (prompts then hold only what follows it, at the positions after it).
     constraints, constraint_start [B]: `jaxgen.constraints` tables and each row's start state (None:
     no row is constrained, and the program carries nothing for it). paths: jaxgen.backend's
-    implementation choices (None: the default backend's; see `_paths` for a mesh)."""
+    implementation choices (None: the default backend's; see `_paths` for a mesh). adapters [P]
+    int32: each prompt's slot in params.lora (jaxgen.lora; 0 = none), kept with its cache rows."""
     paths = _paths(paths, mesh)
     state, logits = start(params, prompts, prompt_lengths, max_new_tokens, cfg=cfg, max_new=max_new,
                           cache_len=cache_len, top_logprobs=top_logprobs, pad_id=pad_id, kv_quant=kv_quant,
                           cache_extra=cache_extra, penalties=penalties, n=n, stop_strings=stop_strings,
                           prefix=prefix, prefill_chunk=prefill_chunk, constraints=constraints,
-                          constraint_start=constraint_start, paths=paths)
+                          constraint_start=constraint_start, paths=paths, adapters=adapters)
     return _constrain(record(state, logits, sp, max_new_tokens, stop_ids, seeds, top_logprobs, candidates, pad_id,
                              paths), mesh)
 
@@ -249,11 +251,13 @@ def _no_stop_strings(V: int, B: int) -> sst.StopStrings:
 
 def prefill_prefix(params: Params, tokens: jax.Array, length: jax.Array, *, cfg: ModelConfig, cache_len: int,
                    kv_quant: str | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                   paths: backend.Paths | None = None) -> Prefix:
+                   paths: backend.Paths | None = None, adapters: jax.Array | None = None) -> Prefix:
     """Prefill one prefix, tokens [1, Tp] right-padded to its length [1], into a one-row cache of
     cache_len (>= Tp) slots. `prefill(..., prefix=)` copies it to every row and continues it."""
     positions = padded_positions(length, tokens.shape[1])  # [1, Tp]
     cache = init_cache(cfg, 1, cache_len, params.embed.dtype, kv_quant=kv_quant)
+    if adapters is not None:  # [1]: the prefix's keys hold this LoRA slot's projections
+        cache = cache.replace(adapter=jnp.asarray(adapters, jnp.int32))
     _, cache = prefill_hidden(params, tokens, positions, cache, cfg, prefill_chunk, paths)
     return Prefix(cache=cache, tokens=jnp.where(positions[0] >= 0, tokens[0], -1))
 
@@ -271,7 +275,7 @@ def _widen(c: KVCache, P: int, cache_len: int, cfg: ModelConfig, extra: int = 0)
     glob = lambda t: jax.tree.map(lambda a: rows(grow(a, 2, S, 0), 1), t)
     return c.with_stacks((local(kl), local(vl), glob(kg), glob(vg)),
                          pos_local=rows(grow(c.pos_local, 1, W, -1), 0), pos_global=rows(grow(c.pos_global, 1, S, -1), 0),
-                         lengths=rows(c.lengths, 0))
+                         lengths=rows(c.lengths, 0), adapter=None if c.adapter is None else rows(c.adapter, 0))
 
 
 def _constrain(state: DecodeState, mesh) -> DecodeState:
@@ -313,10 +317,7 @@ def insert(state: DecodeState, new: DecodeState, slots: jax.Array) -> DecodeStat
     shapes) into rows `slots` [b] of a running state; a slot >= B drops that row. The running
     state's step counter is kept; each row carries its own position and token count."""
     put = lambda a, b, axis=0: a.at[(slice(None),) * axis + (slots,)].set(b, mode="drop")
-    c, n = state.cache, new.cache
-    stacks = jax.tree.map(lambda a, b: put(a, b, 1), c.stacks(), n.stacks())  # rows are axis 1: [L, B, ...]
-    cache = c.with_stacks(stacks, pos_local=put(c.pos_local, n.pos_local), pos_global=put(c.pos_global, n.pos_global),
-                          lengths=put(c.lengths, n.lengths))
+    cache = state.cache.map_rows(lambda axis, a, b: put(a, b, axis), new.cache)
     rows = ("tokens", "logprobs", "top_ids", "top_logprobs", "last", "done", "finish", "num_new", "seen", "counts",
             "stop_state") + (("cstate",) if state.cons is not None else ())
     # the stop-string (and constraint) tables are the running state's: every prefill of a run builds the same
@@ -338,7 +339,7 @@ def generate_tokens(params: Params, prompts: jax.Array, prompt_lengths: jax.Arra
                     penalties: bool = True, n: int = 1, stop_strings: sst.StopStrings | None = None,
                     prefix: Prefix | None = None, prefill_chunk: int = PREFILL_CHUNK,
                     constraints: con.Constraints | None = None, constraint_start: jax.Array | None = None,
-                    paths: backend.Paths | None = None) -> GenerateOutput:
+                    paths: backend.Paths | None = None, adapters: jax.Array | None = None) -> GenerateOutput:
     """Prefill right-padded prompts [P, T] in one pass, then decode up to `max_new` tokens for each
     of the B = P * n rows (n samples per prompt, prompt-major; see `prefill`).
 
@@ -352,14 +353,14 @@ def generate_tokens(params: Params, prompts: jax.Array, prompt_lengths: jax.Arra
     (jaxgen.backend.Paths: attention kernels, gates, dequantization; None = the default backend's).
     Optional, traced: stop_strings (`jaxgen.stops` tables, a mask per
     row), prefix (a `prefill_prefix` result the prompts continue), constraints + constraint_start
-    (structured output: `jaxgen.constraints` tables, a start state per row). The loop exits as soon as
-    every row is done.
+    (structured output: `jaxgen.constraints` tables, a start state per row), adapters [P] (each
+    prompt's LoRA slot in params.lora: jaxgen.lora). The loop exits as soon as every row is done.
     """
     state = prefill(params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
                     max_new=max_new, cache_len=cache_len, top_logprobs=top_logprobs,
                     candidates=candidates, pad_id=pad_id, mesh=mesh, kv_quant=kv_quant, penalties=penalties, n=n,
                     stop_strings=stop_strings, prefix=prefix, prefill_chunk=prefill_chunk,
-                    constraints=constraints, constraint_start=constraint_start, paths=paths)
+                    constraints=constraints, constraint_start=constraint_start, paths=paths, adapters=adapters)
     state = decode(params, state, sp, max_new_tokens, stop_ids, seeds, jnp.int32(max_new), cfg=cfg,
                    candidates=candidates, pad_id=pad_id, mesh=mesh, paths=paths)
     return output(state)

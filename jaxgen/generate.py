@@ -16,13 +16,14 @@ prompt is (with the tokenizer's BOS); text prompts after a prefix are encoded wi
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 
 from jaxgen import constraints as con
 from jaxgen import knobs as kn
+from jaxgen import lora as lora_mod
 from jaxgen import sampling as smp
 from jaxgen import stops as sst
 from jaxgen.config import ModelConfig
@@ -113,6 +114,7 @@ class SharedPrefix:
     state: Prefix  # the device pytree (a one-row KV cache and the ids)
     model: str  # the config name and KV storage it was prefilled with, checked at use
     kv_quant: str | None
+    lora: Any = None  # the jaxgen.lora.Adapter it was prefilled with (its keys depend on it), checked at use
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -142,12 +144,20 @@ def _encode(model: Model, p, what: str, add_bos: bool | None = None) -> list[int
     return ids
 
 
-def prefill_prefix(model: Model, prefix) -> SharedPrefix:
+def prefill_prefix(model: Model, prefix, lora=None) -> SharedPrefix:
     """Prefill a prefix (text, encoded with BOS, or token ids) once; pass the result as `prefix=` to
-    generate / stream / prepare to continue it with any prompts, as often as wanted."""
+    generate / stream / prepare to continue it with any prompts, as often as wanted. lora: the adapter
+    (jaxgen.load_lora) of the prompts that will continue it (its keys depend on it)."""
     if isinstance(prefix, SharedPrefix):
         return prefix
-    ids = _encode(model, prefix, "prefix")
+    if lora is not None and not isinstance(lora, lora_mod.Adapter):
+        raise ValueError(f"a prefix is prefilled with one LoRA adapter (from jaxgen.load_lora), got {type(lora).__name__}")
+    model = lora_mod.attach(model, lora, 1)
+    return _prefill_prefix(model, _encode(model, prefix, "prefix"), None if lora is None else 1, lora)
+
+
+def _prefill_prefix(model: Model, ids: list[int], slot: int | None, lora=None) -> SharedPrefix:
+    """`prefill_prefix` of checked ids, with LoRA slot `slot` of the model's table (None: no adapter)."""
     if len(ids) >= model.cfg.max_seq_len:
         raise ValueError(f"prefix of {len(ids)} tokens leaves no room in {model.cfg.name}'s context of "
                          f"{model.cfg.max_seq_len} tokens")
@@ -155,13 +165,16 @@ def prefill_prefix(model: Model, prefix) -> SharedPrefix:
     tok = np.zeros((1, Tp), np.int32)
     tok[0, :len(ids)] = ids
     args = dict(tokens=tok, length=np.array([len(ids)], np.int32))
+    if slot is not None:
+        args["adapters"] = np.array([slot], np.int32)
     if model.mesh is not None:  # one row, on every device
         from jax.sharding import NamedSharding, PartitionSpec
 
         args = jax.device_put(args, NamedSharding(model.mesh, PartitionSpec()))
     state = prefill_prefix_jit(model.params, **args, cfg=model.cfg, cache_len=Tp, kv_quant=model.kv_quant,
                                prefill_chunk=model.prefill_chunk, paths=model.paths)
-    return SharedPrefix(ids=tuple(ids), bucket=Tp, state=state, model=model.cfg.name, kv_quant=model.kv_quant)
+    return SharedPrefix(ids=tuple(ids), bucket=Tp, state=state, model=model.cfg.name, kv_quant=model.kv_quant,
+                        lora=lora)
 
 
 def stop_rows(stop, P: int, n: int = 1) -> list[list[str]]:
@@ -211,7 +224,7 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
             prefix=None, stop_universe: Sequence[str] | None = None, candidates: int = smp.DEFAULT_CANDIDATES,
             regex=None, json_schema=None, choices=None, whitespace: str | None = None,
             constraint_universe: Sequence[str] | None = None, top_logprobs: int = 0, batch: int | None = None,
-            **knobs):
+            lora=None, lora_universe: list | None = None, **knobs):
     """Validate and pad a request into the arguments of `generate_jit` and its Plan.
 
     n > 1 asks for n samples of each prompt: per-row arguments get P * n rows in prompt-major order
@@ -222,7 +235,10 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
     `jaxgen.constraints`; each for all prompts or one per prompt, None = free), built into tables over
     the tokenizer's token bytes; constraint_universe fixes the table's regexes (a refill run).
     top_logprobs is checked here (it shapes the program's output, not its arguments). batch: pad the
-    prompt rows to this many instead of their bucket (a `jaxgen.conversation` turn keeps its rows)."""
+    prompt rows to this many instead of their bucket (a `jaxgen.conversation` turn keeps its rows).
+    lora: an adapter (jaxgen.load_lora) for every prompt or one (or None) per prompt; the model must
+    carry their table (`jaxgen.lora.attach(model, lora, P, lora_universe)`, which the front ends call
+    first): each prompt's slot becomes the `adapters` argument."""
     V = model.cfg.vocab_size
     kn.check("n", n)
     kn.check("top_logprobs", top_logprobs, vocab_size=V)
@@ -244,6 +260,21 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
         pre_ids = _encode(model, prefix, "prefix")
     ids = _encode_prompts(model, prompts, add_bos=False if pre_ids is not None else None)
     P = len(ids)
+    adapters, slot_rows = lora_mod.slots(lora, P, lora_universe)
+    if slot_rows is not None and model.params.lora is None:
+        raise ValueError("lora= needs the adapters' table on the model: call jaxgen.lora.attach(model, lora, P) first")
+    pre_slot = None
+    if pre_ids is not None and slot_rows is not None:
+        if len(set(slot_rows.tolist())) > 1:
+            raise ValueError("a shared prefix's keys are computed with one LoRA adapter: prompts with different "
+                             "adapters (or none) cannot continue the same prefix; run each adapter's prompts apart")
+        pre_slot = int(slot_rows[0])
+        row_adapter = adapters[pre_slot - 1] if pre_slot else None
+        if isinstance(prefix, SharedPrefix) and prefix.lora is not row_adapter:
+            raise ValueError("this prefix was prefilled with another LoRA adapter than the prompts' (pass the same "
+                             "lora= to prefill_prefix)")
+    elif isinstance(prefix, SharedPrefix) and prefix.lora is not None:
+        raise ValueError(f"this prefix was prefilled with LoRA adapter {prefix.lora.name!r}: pass it as lora= too")
     R = P * n  # sample rows
     if problem := kn.rows_per_call(P, n):
         raise ValueError(problem)
@@ -315,8 +346,11 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
         args["constraints"], start = con.build(regexes, model.tokenizer.token_bytes(), model.cfg.vocab_size, ends,
                                                rows=B, universe=constraint_universe)
         args["constraint_start"] = start
+    if slot_rows is not None:
+        args["adapters"] = pad(slot_rows, 0, Pb)
     if pre_ids is not None:
-        args["prefix"] = prefill_prefix(model, prefix if isinstance(prefix, SharedPrefix) else pre_ids).state
+        args["prefix"] = (prefix if isinstance(prefix, SharedPrefix) else
+                          _prefill_prefix(model, pre_ids, pre_slot)).state
     return ids, args, p
 
 
@@ -325,7 +359,7 @@ def generate(model: Model, prompts, *, max_new_tokens=64, temperature=0.0, top_k
              logit_bias=None, banned_ids=None, stop_ids=None, seed=0, top_logprobs: int = 0, n: int = 1,
              stop=None, include_stop: bool = False, prefix=None, regex=None, json_schema=None, choices=None,
              whitespace: str | None = None, num_beams=1, length_penalty=1.0, early_stopping=False,
-             return_beams: bool = False, candidates: int = smp.DEFAULT_CANDIDATES) -> list[Completion]:
+             return_beams: bool = False, candidates: int = smp.DEFAULT_CANDIDATES, lora=None) -> list[Completion]:
     """Generate continuations for a list of prompts (strings, or lists of token ids).
 
     Every knob is a scalar or one value per prompt. temperature 0 (the default) is greedy decoding;
@@ -363,9 +397,15 @@ def generate(model: Model, prompts, *, max_new_tokens=64, temperature=0.0, top_k
         raise ValueError(f"{kn.only_for_beams(only)} (num_beams > 1)")
     for k in kn.BEAM_KNOBS + ("include_stop",):
         del request[k]
+    model = lora_mod.attach(model, lora, _count(prompts))
     ids, args, p = prepare(model, prompts, **request)
     out = fetch(run(model, args, p, top_logprobs, candidates))
     return to_completions(model, prompts, out, len(ids) * n, n, stop_rows(stop, len(ids), n), include_stop)
+
+
+def _count(prompts) -> int:
+    """How many prompts a (possibly malformed) prompts argument holds; `prepare` refuses a bad one."""
+    return len(prompts) if isinstance(prompts, (list, tuple)) else 1
 
 
 def _beam_widths(num_beams, P: int):
@@ -409,6 +449,7 @@ def generate_beams(model: Model, prompts, *, num_beams=4, length_penalty=1.0, ea
             raise ValueError(f"{name} needs one value or one per prompt ({P} prompts), got {len(values)}")
         return [kn.check(name, x) for x in values]
 
+    model = lora_mod.attach(model, request.get("lora"), P)
     lps = [float(x) for x in per_prompt("length_penalty", length_penalty)]
     es = [EARLY_STOPPING[x if isinstance(x, str) else bool(x)] for x in per_prompt("early_stopping", early_stopping)]
     ids, args, p = prepare(model, prompts, n=K, stop=stop, **request)
@@ -545,6 +586,7 @@ def stream(model: Model, prompts, *, chunk_steps: int = 8, top_logprobs: int = 0
         raise ValueError(f"stream() does not run beam search ({', '.join(beam)}): a beam is known only when the "
                          "search ends; use generate(num_beams=...)")
     kn.check("include_stop", request.pop("include_stop", False))  # outputs are token arrays; `to_completions` cuts text
+    model = lora_mod.attach(model, request.get("lora"), _count(prompts))
     ids, args, p = prepare(model, prompts, candidates=candidates, top_logprobs=top_logprobs, **request)
     statics = dict(cfg=model.cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=top_logprobs,
                    candidates=candidates, mesh=model.mesh, kv_quant=model.kv_quant, penalties=p.penalties, n=p.n,

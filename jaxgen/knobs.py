@@ -102,6 +102,9 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
        help="structured output: the text is one of the --choice values (repeatable)"),
     _K("whitespace", "regex", None, per_row=False, flag="--json-whitespace", row=False, metavar="REGEX",
        help="with a JSON schema: the whitespace allowed between JSON tokens (default: none)"),
+    _K("lora", "adapter", None, flag="--lora", metavar="NAME=DIR",
+       help="a LoRA adapter (PEFT directory; repeatable in batch, where a row's \"lora\" field names one; "
+            "generate applies its one adapter to every prompt)"),
     _K("n", "int", 1, 1, BATCH_BUCKETS[-1], per_row=False, beam="no", flag="--n", commands=("generate",),
        help="samples per prompt, from one prefill of it (default 1)"),
     _K("top_logprobs", "int", 0, 0, "vocab_size", per_row=False, beam="no", flag="--top-logprobs", row=False,
@@ -158,7 +161,8 @@ def must(name: str, **limits) -> str:
             "choices": "a non-empty list of non-empty strings", "text": "a non-empty string",
             "regex": "a non-empty string (a regex)", "schema": "a JSON schema (an object, or its JSON text)",
             "ids": "a list of token ids" + (f" in [0, {limits['vocab_size']})" if limits.get("vocab_size") else ""),
-            "bias": "a {token id: finite number or -inf} mapping"}[k.kind]
+            "bias": "a {token id: finite number or -inf} mapping",
+            "adapter": "an adapter from jaxgen.load_lora or None (a batch row: the NAME of a --lora NAME=DIR)"}[k.kind]
 
 
 def problem(name: str, value, label: str | None = None, **limits) -> str | None:
@@ -226,6 +230,10 @@ def problem(name: str, value, label: str | None = None, **limits) -> str | None:
         except ValueError as e:
             return str(e)
         return None
+    if k.kind == "adapter":  # an Adapter (Python) or a name (a batch row; resolved by the front end)
+        from jaxgen.lora import Adapter
+
+        return None if isinstance(value, Adapter) or (isinstance(value, str) and value) else bad
     raise AssertionError(f"knob {name!r} has an unknown kind {k.kind!r}")
 
 

@@ -27,6 +27,7 @@ from jaxgen import cache as kvc
 from jaxgen import kernels, quant
 from jaxgen.cache import KVCache
 from jaxgen.config import ModelConfig
+from jaxgen.lora import delta as lora_delta
 
 
 @struct.dataclass
@@ -60,6 +61,9 @@ class Params:
     layers: LayerParams | tuple
     final_norm: jax.Array  # [D]
     unembed: jax.Array | None = None  # [D, V] if not cfg.tie_embeddings (same layout as embed)
+    # LoRA adapters applied unmerged (jaxgen.lora.LoraTable: per target a [L, M, I, R], b [L, M, R, O];
+    # always stacked on L): each cache row names its slot (KVCache.adapter). None: no adapters.
+    lora: Any = None
 
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass of a prefill (`prefill_hidden`): Model.prefill_chunk
@@ -365,15 +369,22 @@ def _layer(cfg: ModelConfig, carry, xs, ctx):
     carry: x [B, T, D] and the four cache stacks; xs: this layer's params, whether it is global, and
     its index among the local / global layers."""
     x, kl, vl, kg, vg = carry
-    lp, is_global, li, gi = xs
+    lp, is_global, li, gi, lo = xs
     eps = cfg.norm_eps
     paths = ctx["paths"]
     dq = jnp.dtype(paths.dequant)
     dpa = paths.prefill_attention == "dpa"
+
+    def lora(target, inp, y):  # y + the rows' adapter update of this projection (jaxgen.lora)
+        w = None if lo is None else getattr(lo, target)
+        if w is None:
+            return y
+        return y + lora_delta(inp, w, ctx["lora_rows"]).reshape(y.shape).astype(y.dtype)
+
     h = rms_norm(x, lp.attn_norm, eps)
-    q = _proj(h, lp.wq, cfg.n_heads, dq)  # [B, T, N, H]
-    k = _proj(h, lp.wk, cfg.n_kv_heads, dq)  # [B, T, K, H]
-    v = _proj(h, lp.wv, cfg.n_kv_heads, dq)  # [B, T, K, H]
+    q = lora("q", h, _proj(h, lp.wq, cfg.n_heads, dq))  # [B, T, N, H]
+    k = lora("k", h, _proj(h, lp.wk, cfg.n_kv_heads, dq))  # [B, T, K, H]
+    v = lora("v", h, _proj(h, lp.wv, cfg.n_kv_heads, dq))  # [B, T, K, H]
     if cfg.qkv_bias:
         q, k, v = q + lp.bq, k + lp.bk, v + lp.bv
     if cfg.qk_norm:
@@ -435,15 +446,16 @@ def _layer(cfg: ModelConfig, carry, xs, ctx):
         kl, vl, kg, vg = write(kl, vl, kg, vg)
     B, _, N, H = o.shape
     wo = lp.wo if isinstance(lp.wo, quant.QMatrix) else lp.wo.reshape(N * H, -1)  # [N * H, D]
-    o = _matmul(o.reshape(B, T, N * H), wo, dequant=dq)  # [B, T, D]
+    o = lora("o", o.reshape(B, T, N * H), _matmul(o.reshape(B, T, N * H), wo, dequant=dq))  # [B, T, D]
     if cfg.sandwich_norm:
         o = rms_norm(o, lp.post_attn_norm, eps)
     x = x + o
 
     h = rms_norm(x, lp.ffn_norm, eps)
-    gate = _matmul(h, lp.w_gate, dequant=dq)  # [B, T, F]
-    up = _matmul(h, lp.w_up, dequant=dq)  # [B, T, F]
-    o = _matmul(_activation(cfg, gate) * up, lp.w_down, dequant=dq)  # [B, T, D]
+    gate = lora("gate", h, _matmul(h, lp.w_gate, dequant=dq))  # [B, T, F]
+    up = lora("up", h, _matmul(h, lp.w_up, dequant=dq))  # [B, T, F]
+    act = _activation(cfg, gate) * up
+    o = lora("down", act, _matmul(act, lp.w_down, dequant=dq))  # [B, T, D]
     if cfg.sandwich_norm:
         o = rms_norm(o, lp.post_ffn_norm, eps)
     return (x + o, kl, vl, kg, vg), None
@@ -496,15 +508,21 @@ def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
         pos_local = kvc.write(pos_local, positions, ctx["slots_local"])  # [B, W]
         ctx["mask_local"] = kvc.attention_mask(positions, pos_local, window)
 
+    if params.lora is not None:  # each row's adapter slot: the cache row's (see jaxgen.lora)
+        if cache.adapter is None:
+            raise ValueError("params carry a LoRA table (params.lora) but the cache names no adapter per row: "
+                             "set cache.adapter [B] (0 = none), as engine.start(adapters=...) does")
+        ctx["lora_rows"] = cache.adapter
     kinds = np.array(cfg.layer_kinds, bool)  # [L] True = global
     local_index = np.maximum(np.cumsum(~kinds) - 1, 0)  # [L] slot among the local layers (unused for global)
     global_index = np.maximum(np.cumsum(kinds) - 1, 0)
     xs = (params.layers, jnp.asarray(kinds), jnp.asarray(local_index, jnp.int32),
-          jnp.asarray(global_index, jnp.int32))
+          jnp.asarray(global_index, jnp.int32), params.lora)
     carry = (x, *cache.stacks())
     if isinstance(params.layers, tuple):  # one LayerParams per layer: unrolled, layer kinds static
         for i, lp in enumerate(params.layers):
-            carry, _ = _layer(cfg, carry, (lp, bool(kinds[i]), int(local_index[i]), int(global_index[i])), ctx)
+            lo = jax.tree.map(lambda a: a[i], params.lora)  # the adapter table stays stacked
+            carry, _ = _layer(cfg, carry, (lp, bool(kinds[i]), int(local_index[i]), int(global_index[i]), lo), ctx)
         x, *stacks = carry
     else:
         (x, *stacks), _ = jax.lax.scan(lambda c, xs: _layer(cfg, c, xs, ctx), carry, xs)
@@ -575,18 +593,23 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
     return unembed(params, h, cfg, paths), cache
 
 
-def score(params: Params, tokens: jax.Array, lengths: jax.Array, cfg: ModelConfig) -> jax.Array:
+def score(params: Params, tokens: jax.Array, lengths: jax.Array, cfg: ModelConfig,
+          adapters: jax.Array | None = None) -> jax.Array:
     """Teacher-forced log-probabilities [B, T-1] of tokens[:, 1:] given the tokens before them, for
     right-padded sequences tokens [B, T] of per-row lengths [B] (0 past a row's end).
 
     Pure and differentiable in params (policy-gradient losses take grad of it); it equals the
-    `logprobs` generate reports for the tokens it sampled (raw model, before sampling transforms)."""
+    `logprobs` generate reports for the tokens it sampled (raw model, before sampling transforms).
+    adapters [B] int32: each row's slot in params.lora (with a LoRA table; 0 = none)."""
     from jaxgen.cache import init_cache
 
     B, T = tokens.shape
     idx = jnp.arange(T)[None, :]
     positions = jnp.where(idx < lengths[:, None], idx, -1).astype(jnp.int32)  # [B, T]
-    h, _ = forward_hidden(params, tokens, positions, init_cache(cfg, B, T, params.embed.dtype), cfg)
+    cache = init_cache(cfg, B, T, params.embed.dtype)
+    if adapters is not None:
+        cache = cache.replace(adapter=jnp.asarray(adapters, jnp.int32))
+    h, _ = forward_hidden(params, tokens, positions, cache, cfg)
     logits = unembed(params, h[:, :-1], cfg)  # [B, T-1, V] predicting tokens[:, 1:]
     logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]

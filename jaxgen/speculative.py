@@ -258,16 +258,18 @@ def spec_prefill(params, draft_params, prompts, prompt_lengths, sp, max_new_toke
                  cfg: ModelConfig, draft_cfg: ModelConfig | None, gamma: int, max_new: int, cache_len: int,
                  candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0, kv_quant: str | None = None,
                  penalties: bool = True, stop_strings=None, prefill_chunk: int = PREFILL_CHUNK,
-                 paths=None) -> SpecState:
+                 paths=None, adapters=None) -> SpecState:
     """The target's (and the draft's) prefill and the first new token, as engine.prefill does
-    (stop strings included: `append_tokens` cuts a block at the token that completes one)."""
+    (stop strings included: `append_tokens` cuts a block at the token that completes one).
+    adapters [B]: the target's LoRA slots (jaxgen.lora); the draft runs without adapters (it only
+    proposes: the target's verification keeps the output exact)."""
     B, T = prompts.shape
     extra = gamma + 1
     # ring buffers with gamma + 1 spare slots: a pass writes that far ahead before rolling back
     base = prefill(params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
                    max_new=max_new, cache_len=cache_len, candidates=candidates, pad_id=pad_id, cache_extra=extra,
                    kv_quant=kv_quant, penalties=penalties, stop_strings=stop_strings, prefill_chunk=prefill_chunk,
-                   paths=paths)
+                   paths=paths, adapters=adapters)
     draft_cache = None
     if draft_cfg is not None:
         draft_cache = init_cache(draft_cfg, B, cache_len, draft_params.embed.dtype, extra=extra, kv_quant=kv_quant)
@@ -303,13 +305,13 @@ def speculative_tokens(params, draft_params, prompts, prompt_lengths, sp, max_ne
                        cfg: ModelConfig, draft_cfg: ModelConfig | None, gamma: int, ngram: int, max_new: int,
                        cache_len: int, candidates: int = smp.DEFAULT_CANDIDATES, pad_id: int = 0,
                        kv_quant: str | None = None, penalties: bool = True, stop_strings=None,
-                       prefill_chunk: int = PREFILL_CHUNK, paths=None) -> SpecOutput:
+                       prefill_chunk: int = PREFILL_CHUNK, paths=None, adapters=None) -> SpecOutput:
     """Like engine.generate_tokens, decoding speculatively (static: gamma, ngram, draft_cfg; a
     draft_cfg of None means prompt lookup and draft_params is ignored)."""
     s = spec_prefill(params, draft_params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
                      draft_cfg=draft_cfg, gamma=gamma, max_new=max_new, cache_len=cache_len, candidates=candidates,
                      pad_id=pad_id, kv_quant=kv_quant, penalties=penalties, stop_strings=stop_strings,
-                     prefill_chunk=prefill_chunk, paths=paths)
+                     prefill_chunk=prefill_chunk, paths=paths, adapters=adapters)
     return spec_decode(params, draft_params, s, sp, max_new_tokens, stop_ids, seeds, cfg=cfg, draft_cfg=draft_cfg,
                        gamma=gamma, ngram=ngram, candidates=candidates, pad_id=pad_id, paths=paths)
 
