@@ -32,7 +32,7 @@ import os
 import sys
 import time
 
-from jaxgen.batch_run import check_flags, check_row, describe, execute, plan_work, resolve, setup
+from jaxgen.batch_run import check_flags, check_lora, check_row, describe, execute, plan_work, resolve, setup
 from jaxgen.batch_run import row_seed  # noqa: F401  (part of this module's interface: a row's seed)
 
 class InputError(ValueError):
@@ -171,6 +171,7 @@ def main(args) -> int:
 
     rows, errors = read_requests(args.input, args.on_error, args.num_beams)
     check_flags(args, rows)  # flags no row would use, before the model loads
+    check_lora(args, rows)  # the --lora adapters the rows name, read before the model loads
     output = args.output
     if jax.process_count() > 1:
         rows = rows[jax.process_index()::jax.process_count()]

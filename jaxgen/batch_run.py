@@ -68,6 +68,22 @@ def check_flags(args, rows: list[dict]):
             raise ValueError(problem)
 
 
+def check_lora(args, rows: list[dict]):
+    """Before the model loads: refuse a row naming an adapter no --lora gives and a --lora no row names,
+    and read every adapter directory (jaxgen.lora.load_lora: a bad one is one line now). Sets
+    args.adapters {name: Adapter} (`setup` checks them against the model)."""
+    from jaxgen.flags import lora_specs
+    from jaxgen.lora import load_lora
+
+    specs = lora_specs(args)
+    used = {r["lora"] for r in rows if r.get("lora") is not None}
+    if unknown := sorted(used - set(specs)):
+        raise ValueError(f"rows name LoRA adapters that no --lora NAME=DIR gives: {', '.join(unknown)}")
+    if unused := sorted(set(specs) - used):
+        raise ValueError(f"--lora {', '.join(unused)}: no row names it (a row picks an adapter by its \"lora\" field)")
+    args.adapters = {name: load_lora(path, name=name) for name, path in specs.items()}
+
+
 def check_messages(messages) -> str | None:
     """The problem with a row's chat messages, or None."""
     if not isinstance(messages, list) or not messages:
@@ -133,6 +149,8 @@ def run_batch(model, rows: list[dict], defaults: dict, top_logprobs: int, propos
                    include_stop=defaults.get("include_stop", False), **knobs)
     if any(r.get("constraint") for r in rows):
         request["regex"] = [r.get("constraint") for r in rows]
+    if any(r.get("adapter") is not None for r in rows):
+        request["lora"] = [r.get("adapter") for r in rows]
     timing = {}
     if proposer is not None:
         out, stats = speculative.generate(model, [r["ids"] for r in rows], proposer, **request)
@@ -248,6 +266,12 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
                    kv_quant=model.kv_quant, penalties=p.penalties, prefill_chunk=model.prefill_chunk,
                    paths=model.paths)
 
+    # LoRA: one table of the run's adapters for every prefill and the running state
+    adapters = list(defaults.get("adapters") or [])
+    if adapters:
+        from jaxgen.lora import attach
+
+        model = attach(model, None, 0, universe=adapters)
     universe = sorted({s for r in rows for s in r.get("stop", [])})
     constrained = sorted({r["constraint"] for r in rows if r.get("constraint")})  # one table for the run
     if len(universe) > sst.MAX_STRINGS:
@@ -260,7 +284,9 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
                              seed=[r["seed"] for r in batch_rows], stop_ids=defaults["stop_ids"],
                              stop=[r.get("stop", []) for r in batch_rows], stop_universe=universe, prefix=prefix,
                              **({"regex": [r.get("constraint") for r in batch_rows],
-                                 "constraint_universe": constrained} if constrained else {}), **knobs)
+                                 "constraint_universe": constrained} if constrained else {}),
+                             **({"lora": [r.get("adapter") for r in batch_rows], "lora_universe": adapters}
+                                if adapters else {}), **knobs)
         assert q.stop_slots == NS and q.bias_slots == p.bias_slots, (q, p)  # every row shares the stop ids
         return args
 
@@ -276,6 +302,8 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
         stops = defaults["stop_ids"] if defaults["stop_ids"] is not None else model.tokenizer.stop_ids
         empty["constraints"], empty["constraint_start"] = con.build(
             [], model.tokenizer.token_bytes(), cfg.vocab_size, sorted(set(stops)), rows=B, universe=constrained)
+    if adapters:
+        empty["adapters"] = np.zeros((B,), np.int32)
     state = prefill_jit(model.params, **place(model, empty), **statics)
     host = {k: empty[k] for k in ("sp", "max_new_tokens", "stop_ids", "seeds")}
     slot_row = [None] * B
@@ -348,6 +376,7 @@ def defaults_of(args) -> dict:
     defaults = {k: getattr(args, k) for k in SAMPLING + BEAM_FIELDS + ("max_new_tokens", "seed")}
     defaults["stop_ids"] = [] if args.ignore_stop else None
     defaults["include_stop"] = args.include_stop
+    defaults["adapters"] = list((getattr(args, "adapters", None) or {}).values())  # the run's LoRA table
     return defaults
 
 
@@ -373,6 +402,13 @@ def setup(args, timings: dict | None = None):
     model = dataclasses.replace(model, prefill_chunk=args.prefill_chunk)
     if proposer is not None:
         proposer = speculative.with_draft(proposer, lambda name: load(name, args.dtype, quant=args.quant))
+    from jaxgen.flags import lora_specs
+    from jaxgen.lora import check as check_adapter, load_lora
+
+    if getattr(args, "adapters", None) is None:  # (the Ray stage: read here; `jaxgen batch`: by check_lora)
+        args.adapters = {name: load_lora(path, name=name) for name, path in lora_specs(args).items()}
+    for name, adapter in args.adapters.items():
+        check_adapter(adapter, model.cfg, f"--lora {name}")
     return model, proposer
 
 
@@ -404,6 +440,14 @@ def resolve(args, model, rows: list[dict], proposer=None) -> tuple[list[dict], l
             errors.append({"id": r["id"], "error": str(e)})
             r["ids"] = None
             continue
+        r["adapter"] = None
+        if r.get("lora") is not None:
+            if r["lora"] not in args.adapters:
+                errors.append({"id": r["id"], "error": f"lora {r['lora']!r} is not one of the adapters given "
+                               f"(--lora: {', '.join(sorted(args.adapters)) or 'none'})"})
+                r["ids"] = None
+                continue
+            r["adapter"] = args.adapters[r["lora"]]
         r["prefix"] = r.get("prefix", args.prefix)
         if r["prefix"] is not None and r["prefix"] not in prefixes:
             prefixes[r["prefix"]] = tok.encode(r["prefix"])
@@ -443,9 +487,11 @@ def plan_work(args, model, rows: list[dict], prefixes: dict) -> list[tuple]:
     groups: dict = {}
     for r in rows:
         k = bucket(r["num_beams"], BEAM_BUCKETS, "num_beams") if r["num_beams"] > 1 else 0
-        groups.setdefault((r["prefix"], k or r["n"], k > 0), []).append(r)
+        # a prefix's keys are computed with one adapter: its rows run apart by adapter
+        lora = r.get("lora") if r["prefix"] is not None else None
+        groups.setdefault((r["prefix"], k or r["n"], k > 0, lora), []).append(r)
     work = []
-    for (pre, n, beams), g in groups.items():
+    for (pre, n, beams, _), g in groups.items():
         shared = _planning_prefix(model, prefixes[pre]) if pre is not None else None
         if args.refill and n == 1 and not beams:  # one running state per length class
             for c in length_classes(model, g, args.batch_size, shared):
@@ -481,10 +527,11 @@ def execute(args, model, work: list[tuple], prefixes: dict, emit, proposer=None)
     defaults = defaults_of(args)
     shared = {}
     for pre, n, rows, refill, batches in work:
-        if pre is not None and pre not in shared:  # prefilled once for all its rows
-            shared[pre] = prefill_prefix(model, prefixes[pre])
+        key = (pre, rows[0].get("lora") if pre is not None else None)  # (plan_work: one adapter per prefix group)
+        if pre is not None and key not in shared:  # prefilled once for all its rows
+            shared[key] = prefill_prefix(model, prefixes[pre], lora=rows[0]["adapter"])
         if refill:
             rows = sorted(rows, key=lambda r: -len(r["ids"]))
-            run_refill(model, rows, defaults, refill, args.chunk_steps, args.top_logprobs, emit, shared.get(pre))
+            run_refill(model, rows, defaults, refill, args.chunk_steps, args.top_logprobs, emit, shared.get(key))
         for b in batches:
-            emit(run_batch(model, b, defaults, args.top_logprobs, proposer, shared.get(pre), n))
+            emit(run_batch(model, b, defaults, args.top_logprobs, proposer, shared.get(key), n))

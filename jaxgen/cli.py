@@ -117,6 +117,12 @@ def cmd_generate(args) -> int:
     constraint = flags.constraint_regex(args)
     if constraint and proposer is not None:
         raise ValueError("--speculative does not take --regex / --json-schema / --choice yet")
+    adapter = None
+    if specs := flags.lora_specs(args):  # (one: flags.check) read before the model loads; applied to every prompt
+        from jaxgen.lora import load_lora
+
+        (name, path), = specs.items()
+        adapter = load_lora(path, name=name)
     mesh = None
     if args.mesh:
         from jaxgen.sharding import make_mesh
@@ -133,6 +139,11 @@ def cmd_generate(args) -> int:
             {"role": "user", "content": p}]
         texts = [tok.apply_chat_template(msgs(p)) for p in prompts]
     request = request_of(args, constraint)
+    request["lora"] = adapter
+    if adapter is not None:
+        from jaxgen.lora import check as check_adapter
+
+        check_adapter(adapter, model.cfg)
     if proposer is not None:
         return _generate_speculative(args, model, texts, prompts, request, timings, proposer)
     if args.num_beams > 1:

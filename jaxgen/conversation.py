@@ -33,6 +33,7 @@ from flax import struct
 from jaxgen import backend
 from jaxgen import constraints as con
 from jaxgen import knobs as kn
+from jaxgen import lora as lora_mod
 from jaxgen import sampling as smp
 from jaxgen import stops as sst
 from jaxgen.config import ModelConfig
@@ -67,7 +68,8 @@ def start(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: smp
           mesh=None, kv_quant: str | None = None, penalties: bool = False, n: int = 1,
           stop_strings: sst.StopStrings | None = None, prefix: Prefix | None = None,
           prefill_chunk: int = PREFILL_CHUNK, constraints: con.Constraints | None = None,
-          constraint_start: jax.Array | None = None, paths: backend.Paths | None = None) -> DecodeState:
+          constraint_start: jax.Array | None = None, paths: backend.Paths | None = None,
+          adapters: jax.Array | None = None) -> DecodeState:
     """The first turn's prefill (`engine.prefill`, arguments as there) into a cache of cache_len
     slots, the conversation's whole length: each row's budget is capped by the room its history
     leaves (a row that fills the cache ends with LENGTH), and a prompt that does not fit is not
@@ -81,7 +83,7 @@ def start(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: smp
                     max_new=max_new, cache_len=cache_len, top_logprobs=top_logprobs, candidates=candidates,
                     pad_id=pad_id, mesh=mesh, kv_quant=kv_quant, penalties=penalties, n=n, stop_strings=stop_strings,
                     prefix=prefix, prefill_chunk=prefill_chunk, constraints=constraints,
-                    constraint_start=constraint_start, paths=paths)
+                    constraint_start=constraint_start, paths=paths, adapters=adapters)
     cut = (jnp.repeat(plen, n) > 0) & (max_new_tokens > 0) & (cap <= 0)  # no room: ends at once
     return state.replace(done=state.done | cut, finish=jnp.where(cut, LENGTH, state.finish))
 
@@ -188,8 +190,8 @@ finish_jit = jax.jit(finish, static_argnames=("cfg", "max_new", "candidates", "p
                      donate_argnames="state")
 PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty")
 # what a turn takes: generate's knobs, less those fixed for the whole conversation or not multi-turn
-TURN_KNOBS = frozenset(k for k, v in kn.KNOBS.items() if v.beam != "only" and k not in ("n", "num_beams"))
-FIXED = ("n", "max_len", "chat", "tools", "penalties")  # Conversation(...)'s own options
+TURN_KNOBS = frozenset(k for k, v in kn.KNOBS.items() if v.beam != "only" and k not in ("n", "num_beams", "lora"))
+FIXED = ("n", "max_len", "chat", "tools", "penalties", "lora")  # Conversation(...)'s own options
 REPLY = "\u27e6jaxgen-reply\u27e7"  # stands for a reply's content in a chat template (see `_chat_tail`)
 
 
@@ -216,11 +218,13 @@ class Conversation:
     row's whole history fits in it; a row that reaches it ends with finish_reason "length" and a
     `message`, and takes no further turn), n, chat / tools (segments are lists of chat messages
     rendered with the model's template: see `_chat_tail`), penalties (True: the penalty history of
-    the whole conversation is carried, so repetition / presence / frequency penalties can be used).
+    the whole conversation is carried, so repetition / presence / frequency penalties can be used),
+    lora (an adapter from jaxgen.load_lora for every prompt, or one or None per prompt: each row keeps
+    its prompt's adapter for the whole conversation, its cache holding that adapter's keys).
     """
 
     def __init__(self, model, *, max_len: int, n: int = 1, chat: bool = False, tools: list | None = None,
-                 penalties: bool = False):
+                 penalties: bool = False, lora=None):
         cfg = model.cfg
         if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < 2:
             raise ValueError(f"max_len must be an integer >= 2 (the conversation's cache slots), got {max_len!r}")
@@ -233,6 +237,7 @@ class Conversation:
             raise ValueError("tools= is rendered by the chat template: it needs chat=True")
         self.model, self.max_len, self.n, self.chat, self.tools = model, int(max_len), int(n), bool(chat), tools
         self.penalties = bool(penalties)
+        self.lora = lora
         self.turn = 0  # turns taken
         self._ep: Episode | None = None
         self._rows = 0  # B, the padded decode rows
@@ -297,6 +302,7 @@ class Conversation:
         model, S = self.model, self.max_len
         run = self._first if first else self._next
         took, prompts, ids, args, p, stop, results, commit = run(segments, request, top_logprobs, candidates)
+        model = self.model  # (the first turn puts the LoRA table on it)
         commit()  # every check passed: the refused rows end, the chat messages join the record
         if not took.any():  # every row that asked overflowed: nothing to run
             self.turn += 1
@@ -381,8 +387,9 @@ class Conversation:
             if len(pre_ids) + len(x) >= S:
                 what = f"the prefix's {len(pre_ids)} + " if pre_ids else ""
                 raise ValueError(f"prompt {i}: {what}{len(x)} tokens leave no room for a reply within max_len={S}")
+        model = self.model = lora_mod.attach(model, self.lora, len(ids))  # the table every turn runs with
         _, args, p = prepare(model, ids, n=n, prefix=prefix, top_logprobs=top_logprobs, candidates=candidates,
-                                 **request)
+                             lora=self.lora, **request)
         R = len(ids) * n
 
         def commit():

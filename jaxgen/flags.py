@@ -67,7 +67,7 @@ def add_knob_flags(p: argparse.ArgumentParser, command: str):
             kw["action"] = "store_true"
         elif k.kind == "early_stopping":  # a switch, or 'never' (another value: refused by `check`)
             kw.update(nargs="?", const=True, metavar="never")
-        elif k.kind in ("strings", "choices"):
+        elif k.kind in ("strings", "choices", "adapter"):
             kw.update(action="append", default=None)
         group.add_argument(k.flag, **kw)
 
@@ -175,6 +175,8 @@ def check(args, command: str, options: bool = False) -> dict:
     for knob, v in given_knobs.items():
         if kn.KNOBS[knob].kind == "schema" and isinstance(v, str):
             continue  # a file: read and checked by `constraint_regex`
+        if kn.KNOBS[knob].kind == "adapter":
+            continue  # NAME=DIR specs: checked by `lora_specs`
         if problem := kn.problem(knob, v, label(knob), candidates=kn.DEFAULT_CANDIDATES):  # (the flags' candidates)
             raise ValueError(problem)
     if given_knobs.get("num_beams", 1) > 1:
@@ -191,7 +193,33 @@ def check(args, command: str, options: bool = False) -> dict:
         if getattr(args, "system", None) is not None and not args.chat:
             raise ValueError("--system only applies with --chat (it is the chat template's system message)")
     constraint_regex(args)  # a bad schema file
+    specs = lora_specs(args, name("--lora"))
+    if command == "generate" and len(specs) > 1:
+        raise ValueError(f"{name('--lora')}: jaxgen generate applies one adapter to every prompt, got {len(specs)} "
+                         "(name several for jaxgen batch, whose rows pick one by their \"lora\" field)")
     return given_knobs
+
+
+def lora_specs(args, label: str = "--lora") -> dict[str, str]:
+    """The --lora flags (NAME=DIR, or DIR named by its last path part) as {name: directory}, each a
+    PEFT adapter directory (its adapter_config.json is read when the adapter loads, after the model)."""
+    import os
+
+    out: dict[str, str] = {}
+    for spec in getattr(args, "lora", None) or ():
+        if not isinstance(spec, str) or not spec:
+            raise ValueError(f"{label} must be NAME=DIR or DIR (a PEFT adapter directory), got {spec!r:.80}")
+        name, eq, path = spec.partition("=")
+        if not eq:
+            name, path = os.path.basename(os.path.normpath(spec)), spec
+        if not name or not path:
+            raise ValueError(f"{label} must be NAME=DIR or DIR (a PEFT adapter directory), got {spec!r:.80}")
+        if name in out:
+            raise ValueError(f"{label}: the name {name!r} is given twice")
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise ValueError(f"{label} {spec}: not a PEFT adapter directory (no adapter_config.json)")
+        out[name] = path
+    return out
 
 
 def constraint_regex(args) -> str | None:

@@ -233,7 +233,7 @@ def problem(name: str, value, label: str | None = None, **limits) -> str | None:
     if k.kind == "adapter":  # an Adapter (Python) or a name (a batch row; resolved by the front end)
         from jaxgen.lora import Adapter
 
-        return None if isinstance(value, Adapter) or (isinstance(value, str) and value) else bad
+        return None if value is None or isinstance(value, Adapter) or (isinstance(value, str) and value) else bad
     raise AssertionError(f"knob {name!r} has an unknown kind {k.kind!r}")
 
 

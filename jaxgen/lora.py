@@ -318,3 +318,96 @@ def merge_lora(params, adapter: Adapter, cfg: ModelConfig | None = None):
         changes[_FIELDS[t]] = (w.astype(jnp.float32) + upd.reshape(w.shape)).astype(w.dtype)
     out = stacked.replace(layers=layers.replace(**changes))
     return unstack_layers(out) if per_layer else out
+
+
+# ---- other sources and writing --------------------------------------------------------------------
+# Tunix / qwix module names -> targets. qwix's LoRA of a weight w keeps w's lhs-shared dims (contracting,
+# in w's order) then the rank in `<w>_lora_a`, and the rank then w's remaining (output) dims in
+# `<w>_lora_b`; `kv_einsum` (Gemma: w [2, K, D, H]) holds k and v on its first output dim.
+_QWIX = {"q_proj": ("q",), "q_einsum": ("q",), "k_proj": ("k",), "v_proj": ("v",), "kv_einsum": ("k", "v"),
+         "o_proj": ("o",), "attn_vec_einsum": ("o",), "gate_proj": ("gate",), "up_proj": ("up",),
+         "down_proj": ("down",)}
+_QWIX_KEY = re.compile(r"layers\.(\d+)\.(?:.*\.)?(\w+)\.(\w+)_lora_(a|b)$")
+
+
+def from_qwix(tree, cfg: ModelConfig, alpha: float | None = None, rank: int | None = None,
+              name: str = "qwix") -> Adapter:
+    """A Tunix / qwix LoRA param tree (nested dicts or an nnx.State holding `<w>_lora_a` /
+    `<w>_lora_b` per decoder-layer projection, as `qwix.apply_lora_to_model` creates them, or
+    `nnx.state(model, nnx.LoRAParam)`) as an Adapter. qwix scales the update by alpha / rank, which
+    live in its LoraProvider rule, not in the params: pass alpha (default: rank, a scale of 1)."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        while parts and parts[-1] in ("value", "raw_value"):  # nnx Variable wrappers
+            parts.pop()
+        flat[".".join(parts)] = leaf
+    pairs: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    for key, leaf in flat.items():
+        m = _QWIX_KEY.search(key)
+        if not m or m.group(2) not in _QWIX:
+            raise ValueError(f"qwix LoRA param {key}: not a decoder layer's q/k/v/o/gate/up/down projection "
+                             f"({', '.join(sorted(_QWIX))})")
+        pairs.setdefault(m.group(2), {}).setdefault(int(m.group(1)), {})[m.group(4)] = np.asarray(leaf, np.float32)
+    if not pairs:
+        raise ValueError("no qwix LoRA params (<weight>_lora_a / _lora_b under layers.<i>) in the tree")
+    r = rank or next(iter(next(iter(pairs.values())).values()))["a"].shape[-1]
+    scale = (alpha if alpha is not None else r) / r
+    L, want = cfg.n_layers, dims(cfg)
+    out: dict[str, LoraWeights] = {}
+    for mod, per in pairs.items():
+        targets = _QWIX[mod]
+        for t_i, t in enumerate(targets):
+            I, O = want[t]
+            a = np.zeros((L, I, r), np.float32)
+            b = np.zeros((L, r, O), np.float32)
+            for layer, ab in per.items():
+                if set(ab) != {"a", "b"} or layer >= L:
+                    raise ValueError(f"qwix LoRA {mod} of layer {layer}: needs both lora_a and lora_b of a layer < {L}")
+                la = ab["a"].reshape(-1, r)  # [prod(contracting), r]
+                lb = ab["b"].reshape(r, len(targets), -1)[:, t_i]  # [r, prod(out)] (kv: k then v)
+                if la.shape[0] != I or lb.shape[1] != O:
+                    raise ValueError(f"qwix LoRA {mod} of layer {layer} maps {la.shape[0]} -> {lb.shape[1]} features, "
+                                     f"{cfg.name}'s {t}_proj {I} -> {O}")
+                a[layer], b[layer] = la, scale * lb
+            out[t] = LoraWeights(a=a, b=b)
+    return Adapter(**out, rank=r, scale=float(scale), name=name)
+
+
+def random_adapter(cfg: ModelConfig, key, rank: int = 8, targets=TARGETS, scale: float = 1.0,
+                   name: str = "random") -> Adapter:
+    """An adapter of random A, B ~ N(0, 1 / fan_in) (tests and benchmarks: peft's B = 0 would be a no-op)."""
+    want = dims(cfg)
+    out = {}
+    for t, k in zip(targets, jax.random.split(key, len(targets))):
+        I, O = want[t]
+        ka, kb = jax.random.split(k)
+        a = np.asarray(jax.random.normal(ka, (cfg.n_layers, I, rank), jnp.float32)) / math.sqrt(I)
+        b = np.asarray(jax.random.normal(kb, (cfg.n_layers, rank, O), jnp.float32)) * scale / math.sqrt(rank)
+        out[t] = LoraWeights(a=a, b=b)
+    return Adapter(**out, rank=rank, scale=1.0, name=name)
+
+
+def save_lora(adapter: Adapter, path) -> pathlib.Path:
+    """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) that
+    `load_lora` (and peft, on the HF model of the same config) reads back as this adapter: the folded
+    scale is written into B, with lora_alpha = r (a scale of 1)."""
+    from safetensors.numpy import save_file
+
+    p = pathlib.Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    inv = {v: k for k, v in HF_MODULES.items()}
+    tensors = {}
+    for t in adapter.targets:
+        w = getattr(adapter, t)
+        part = "self_attn" if t in ("q", "k", "v", "o") else "mlp"
+        for i in range(np.shape(w.a)[0]):
+            stem = f"base_model.model.model.layers.{i}.{part}.{inv[t]}"
+            tensors[f"{stem}.lora_A.weight"] = np.ascontiguousarray(np.asarray(w.a[i], np.float32).T)
+            tensors[f"{stem}.lora_B.weight"] = np.ascontiguousarray(np.asarray(w.b[i], np.float32).T)
+    save_file(tensors, p / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": adapter.rank, "lora_alpha": adapter.rank, "use_rslora": False,
+              "target_modules": sorted(inv[t] for t in adapter.targets), "bias": "none", "lora_dropout": 0.0,
+              "task_type": "CAUSAL_LM"}
+    (p / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return p

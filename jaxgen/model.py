@@ -513,6 +513,9 @@ def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
             raise ValueError("params carry a LoRA table (params.lora) but the cache names no adapter per row: "
                              "set cache.adapter [B] (0 = none), as engine.start(adapters=...) does")
         ctx["lora_rows"] = cache.adapter
+    elif cache.adapter is not None:
+        raise ValueError("the cache names a LoRA adapter per row (cache.adapter) but params carry no LoRA table "
+                         "(params.lora): its keys were computed with adapters these params do not apply")
     kinds = np.array(cfg.layer_kinds, bool)  # [L] True = global
     local_index = np.maximum(np.cumsum(~kinds) - 1, 0)  # [L] slot among the local layers (unused for global)
     global_index = np.maximum(np.cumsum(kinds) - 1, 0)

@@ -41,14 +41,16 @@ def rollout(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
             max_new_tokens: jax.Array, stop_ids: jax.Array, seeds: jax.Array, *, cfg: ModelConfig, n: int,
             max_new: int, cache_len: int, stop_strings=None, prefix=None, pad_id: int = 0, mesh=None,
             kv_quant: str | None = None, penalties: bool = False,
-            candidates: int = smp.DEFAULT_CANDIDATES) -> Rollout:
+            candidates: int = smp.DEFAULT_CANDIDATES, adapters: jax.Array | None = None) -> Rollout:
     """n samples of each of the P right-padded prompts [P, T] (lengths [P]); per-row arguments
     (sp, max_new_tokens, stop_ids, seeds, stop_strings' mask) have R = P * n rows. Static: cfg, n,
     max_new (M), cache_len, pad_id, mesh, kv_quant, penalties, candidates. A prefix (engine.Prefix)
-    is not part of `sequences`: they hold what follows it."""
+    is not part of `sequences`: they hold what follows it. adapters [P]: each prompt's LoRA slot in
+    params.lora (jaxgen.lora; score the rollout with the same slots, repeated n times)."""
     out = generate_tokens(params, prompts, prompt_lengths, sp, max_new_tokens, stop_ids, seeds, cfg=cfg,
                           max_new=max_new, cache_len=cache_len, candidates=candidates, pad_id=pad_id, mesh=mesh,
-                          kv_quant=kv_quant, penalties=penalties, n=n, stop_strings=stop_strings, prefix=prefix)
+                          kv_quant=kv_quant, penalties=penalties, n=n, stop_strings=stop_strings, prefix=prefix,
+                          adapters=adapters)
     M = out.tokens.shape[1]
     mask = jnp.arange(M)[None, :] < out.num_new[:, None]  # [R, M]
     plen = jnp.repeat(prompt_lengths, n)  # [R]
@@ -71,16 +73,17 @@ def join(prompts: jax.Array, prompt_lengths: jax.Array, completions: jax.Array, 
     return seq.astype(jnp.int32)
 
 
-def completion_logprobs(params: Params, r: Rollout, cfg: ModelConfig) -> jax.Array:
+def completion_logprobs(params: Params, r: Rollout, cfg: ModelConfig, adapters: jax.Array | None = None) -> jax.Array:
     """[R, M] log-probabilities of the rollout's completion tokens under `params` (teacher-forced,
-    differentiable; 0 where masked). Under the params that sampled it, equal to r.logprobs."""
-    return score_completions(params, r.sequences, r.prompt_lengths, r.lengths, r.tokens.shape[1], cfg)
+    differentiable; 0 where masked). Under the params that sampled it, equal to r.logprobs.
+    adapters [R]: each row's LoRA slot in params.lora (differentiable in the adapter's weights too)."""
+    return score_completions(params, r.sequences, r.prompt_lengths, r.lengths, r.tokens.shape[1], cfg, adapters)
 
 
 def score_completions(params: Params, seq: jax.Array, prompt_lengths: jax.Array, lengths: jax.Array, M: int,
-            cfg: ModelConfig) -> jax.Array:
+            cfg: ModelConfig, adapters: jax.Array | None = None) -> jax.Array:
     """[R, M] teacher-forced log-probs of the completions inside `join`ed sequences (0 past lengths)."""
-    lp = score(params, seq, prompt_lengths + lengths, cfg)  # [R, T + M - 1]: lp[:, i] predicts token i + 1
+    lp = score(params, seq, prompt_lengths + lengths, cfg, adapters)  # [R, T + M - 1]: lp[:, i] predicts token i + 1
     idx = prompt_lengths[:, None] - 1 + jnp.arange(M)[None, :]  # [R, M]
     picked = jnp.take_along_axis(lp, jnp.clip(idx, 0, lp.shape[1] - 1), axis=1)
     return jnp.where(jnp.arange(M)[None, :] < lengths[:, None], picked, 0.0)

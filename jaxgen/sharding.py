@@ -88,7 +88,8 @@ _CACHE_AXES = KVCache(
     pos_local=("batch", "seq"), k_global=("layers", "batch", "seq", "kv_heads", "head_dim"),
     v_global=("layers", "batch", "seq", "kv_heads", "head_dim"), pos_global=("batch", "seq"), lengths=("batch",),
     k_local_scale=("layers", "batch", "seq", "kv_heads"), v_local_scale=("layers", "batch", "seq", "kv_heads"),
-    k_global_scale=("layers", "batch", "seq", "kv_heads"), v_global_scale=("layers", "batch", "seq", "kv_heads"))
+    k_global_scale=("layers", "batch", "seq", "kv_heads"), v_global_scale=("layers", "batch", "seq", "kv_heads"),
+    adapter=("batch",))
 
 
 def _axes_tree(tree_axes, shapes, mesh, rules):
@@ -140,7 +141,7 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict = RULES, params=No
 
 
 def cache_shardings(cache_shape: KVCache, mesh: Mesh, rules: dict = RULES) -> KVCache:
-    axes = _CACHE_AXES.replace(**{f: None for f in SCALES if getattr(cache_shape, f) is None})
+    axes = _CACHE_AXES.replace(**{f: None for f in SCALES + ("adapter",) if getattr(cache_shape, f) is None})
     return _axes_tree(axes, cache_shape, mesh, rules)
 
 
@@ -167,3 +168,59 @@ def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh, rules: dict = RUL
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
+
+
+def reshard(params, model):
+    """Weight sync for RL: params from a training state, put in the sampling `model`'s layout, dtypes
+    and shardings, device to device (no host round trip), ready for `generate` without a recompile.
+
+    params: a jaxgen Params pytree as a trainer holds it: on any mesh (e.g. FSDP over 8 devices) or
+    none, in any float dtype, with stacked ([L, ...]) or per-layer layers; or a jaxgen.lora.Adapter
+    (cast to the model's float dtype and replicated on its mesh). Float params for a quantized model
+    are quantized as its params are (mode and groups). The dtype cast runs on the source devices, so
+    only the target's bytes move. Raises one line if the params are not the model's shapes."""
+    from jaxgen import lora as lora_mod
+    from jaxgen import quant
+    from jaxgen.model import stack_layers, unstack_layers
+
+    old = model.params
+    dtype = lora_mod.float_dtype(old)
+    if isinstance(params, lora_mod.Adapter):
+        lora_mod.check(params, model.cfg)
+        where = (NamedSharding(model.mesh, P()) if model.mesh is not None else
+                 jax.tree.leaves(old)[0].sharding)
+        return jax.device_put(jax.tree.map(lambda a: jnp_cast(a, dtype), params), where)
+    if not isinstance(params, Params):
+        raise ValueError(f"reshard takes jaxgen Params or a jaxgen.lora.Adapter, got {type(params).__name__}")
+    params, old = params.replace(lora=None), old.replace(lora=None)
+    requant = quant.is_quantized(old) and not quant.is_quantized(params)
+    want = param_shapes(model.cfg, dtype) if requant else jax.eval_shape(stack_layers, old)
+    got = jax.eval_shape(stack_layers, params)
+    if jax.tree.structure(got) != jax.tree.structure(want) or any(
+            g.shape != w.shape for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))):
+        bad = next((f"{jax.tree_util.keystr(p)} {list(g.shape)} (the model's: {list(w.shape)})" for (p, g), w in
+                    zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)) if g.shape != w.shape),
+                   "a different set of params")
+        raise ValueError(f"reshard: the params do not fit {model.cfg.name}: {bad}")
+    if requant:  # float training params for a quantized sampler: quantized as its params are
+        params = _quantize_like(stack_layers(params), old)
+    params = unstack_layers(params) if isinstance(old.layers, tuple) else stack_layers(params)
+    targets = jax.tree.map(lambda a: a.sharding, old.replace(lora=None))
+    cast = jax.tree.map(lambda a, o: jnp_cast(a, o.dtype), params, old.replace(lora=None))
+    return jax.device_put(cast, targets)
+
+
+def jnp_cast(a, dtype):
+    """a in `dtype` (a no-op when it is already), computed where a lives."""
+    return a if a.dtype == dtype else a.astype(dtype)
+
+
+def _quantize_like(params: Params, old: Params) -> Params:
+    """Float params quantized as the (quantized) `old` params are: their mode, in their groups."""
+    from jaxgen import quant
+
+    mode, groups = quant.quant_mode(old), set(quant.groups_of(old).values())
+    if len(groups) > 1:
+        raise ValueError(f"reshard: the model's matrices are quantized in different groups ({sorted(groups)}); "
+                         "quantize the params as the model was loaded and pass those")
+    return quant.quantize_params(params, mode, groups.pop())

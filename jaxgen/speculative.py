@@ -29,6 +29,7 @@ import numpy as np
 from flax import struct
 
 from jaxgen import backend
+from jaxgen import lora as lora_mod
 from jaxgen import sampling as smp
 from jaxgen.cache import KVCache, init_cache, padded_positions
 from jaxgen.config import ModelConfig
@@ -373,6 +374,8 @@ def generate(model: Model, prompts, proposer: Proposer, *, candidates: int = smp
     if d is not None and d.cfg.vocab_size != model.cfg.vocab_size:
         raise ValueError(f"the draft model's vocabulary ({d.cfg.vocab_size}) differs from the target's "
                          f"({model.cfg.vocab_size}); a draft must share the tokenizer")
+    # LoRA: the target runs with the adapters; the draft without (it only proposes tokens)
+    model = lora_mod.attach(model, request.get("lora"), len(prompts) if isinstance(prompts, (list, tuple)) else 1)
     ids, args, p = prepare(model, prompts, candidates=candidates, **request)
     g = proposer.gamma
     cache_len = p.cache_len + g + 1

@@ -24,7 +24,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("jaxgen.tunix_rollout needs google-tunix: pip install 'jaxgen[tunix]'") from e
 
 from jaxgen.generate import generate
-from jaxgen.model import Model, stack_layers, unstack_layers
+from jaxgen.model import Model, Params
+from jaxgen.sharding import reshard
 from jaxgen.rollout import join, score_completions
 
 
@@ -39,7 +40,7 @@ def _seed(seed) -> int:
     return int(np.asarray(a).ravel()[-1]) % (2 ** 31)
 
 
-def _logps(params, prompt_tokens, completion_tokens, pad_id, eos_id, cfg):
+def _logps(params, prompt_tokens, completion_tokens, pad_id, eos_id, cfg, adapters=None):
     """Log-probs [B, Tc] of right-padded completions after left-padded prompts [B, Tp]."""
     Tp, Tc = prompt_tokens.shape[1], completion_tokens.shape[1]
     plen = jnp.sum(prompt_tokens != pad_id, axis=1)  # [B]; left padding: the pads come first
@@ -50,7 +51,7 @@ def _logps(params, prompt_tokens, completion_tokens, pad_id, eos_id, cfg):
     ends = (completion_tokens == eos_id) | (completion_tokens == pad_id)
     first = jnp.min(jnp.where(ends, jnp.arange(Tc)[None, :] + (completion_tokens == eos_id), Tc), axis=1)  # [B]
     seq = join(prompts, plen, completion_tokens, first, pad_id)
-    return score_completions(params, seq, plen, first, Tc, cfg)
+    return score_completions(params, seq, plen, first, Tc, cfg, adapters)
 
 
 _logps_jit = jax.jit(_logps, static_argnames=("pad_id", "eos_id", "cfg"))
@@ -63,6 +64,7 @@ class JaxgenRollout(base_rollout.BaseRollout):
         if model.tokenizer is None:
             raise ValueError("JaxgenRollout needs a model with a tokenizer (Tunix passes text prompts)")
         self._model = model
+        self._lora = None  # a LoRA adapter every rollout applies (update_params), or None
 
     def generate(self, prompts: list[str], rollout_config: base_rollout.RolloutConfig, **kwargs
                  ) -> base_rollout.RolloutOutput:
@@ -75,7 +77,7 @@ class JaxgenRollout(base_rollout.BaseRollout):
                         top_p=1.0 if c.top_p is None else c.top_p,
                         top_k=0 if c.top_k in (None, -1) else c.top_k, seed=_seed(c.seed),
                         stop_ids=list(c.eos_tokens) if c.eos_tokens is not None else None,
-                        stop=kwargs.get("stop"), n=n)
+                        stop=kwargs.get("stop"), n=n, lora=self._lora)
         padded = np.full((len(ids), L), self.pad_id(), np.int32)
         for i, x in enumerate(ids):
             padded[i, L - len(x):] = x
@@ -85,17 +87,28 @@ class JaxgenRollout(base_rollout.BaseRollout):
             logprobs=[np.asarray(o.logprobs, np.float32) for o in outs] if c.return_logprobs else None)
 
     def get_per_token_logps(self, prompt_tokens: jax.Array, completion_tokens: jax.Array) -> jax.Array:
-        return _logps_jit(self._model.params, jnp.asarray(prompt_tokens, jnp.int32),
+        from jaxgen import lora as lora_mod
+
+        B = prompt_tokens.shape[0]
+        model = lora_mod.attach(self._model, self._lora, B)  # (the model itself without an adapter)
+        adapters = None if self._lora is None else jnp.ones((B,), jnp.int32)  # slot 1: the adapter
+        return _logps_jit(model.params, jnp.asarray(prompt_tokens, jnp.int32),
                           jnp.asarray(completion_tokens, jnp.int32), pad_id=self.pad_id(), eos_id=self.eos_id(),
-                          cfg=self._model.cfg)
+                          cfg=self._model.cfg, adapters=adapters)
 
     def update_params(self, params, filter_types=None) -> None:
-        """New params (a jaxgen Params pytree: stacked layers, as training keeps them, or per layer),
-        put in the rollout's layer layout and dtypes."""
-        old = self._model.params
-        params = unstack_layers(params) if isinstance(old.layers, tuple) else stack_layers(params)
-        params = jax.tree.map(lambda new, o: jnp.asarray(new, o.dtype), params, old)
-        self._model = dataclasses.replace(self._model, params=params)
+        """New weights from the trainer, put in the rollout's layout, dtypes and shardings device to
+        device (`jaxgen.reshard`): a jaxgen Params pytree (stacked layers, as training keeps them, or
+        per layer; any mesh or dtype), or a LoRA adapter (a jaxgen.lora.Adapter, or a Tunix / qwix LoRA
+        param tree: `jaxgen.lora.from_qwix`), which every later rollout and log-prob then applies
+        unmerged (same rank bucket: no recompile)."""
+        from jaxgen import lora as lora_mod
+
+        if isinstance(params, Params):
+            self._model = dataclasses.replace(self._model, params=reshard(params, self._model))
+            return
+        adapter = params if isinstance(params, lora_mod.Adapter) else lora_mod.from_qwix(params, self._model.cfg)
+        self._lora = reshard(adapter, self._model)
 
     def pad_id(self) -> int:
         return int(self._model.tokenizer.pad_id)
