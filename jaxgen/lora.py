@@ -244,9 +244,14 @@ def slots(lora, P: int, universe: list | None = None) -> tuple[list[Adapter], np
     if len(per) != P:
         raise ValueError(f"lora has {len(per)} entries but there are {P} prompts (give one adapter, or one "
                          "adapter or None per prompt)")
+    from jaxgen.knobs import problem
+
     for x in per:
+        if isinstance(x, str):
+            raise ValueError(f"lora {x!r} is a name (what a jaxgen batch row gives): here pass the adapter itself, "
+                             "from jaxgen.load_lora")
         if x is not None and not isinstance(x, Adapter):
-            raise ValueError(f"lora entries must be adapters from jaxgen.load_lora (or None), got {type(x).__name__}")
+            raise ValueError(problem("lora", x))
     distinct = universe or []
     for x in per:
         if x is not None and not any(x is d for d in distinct):

@@ -6,6 +6,7 @@ unchanged, and the same request gives the same tokens through all four."""
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -16,6 +17,9 @@ from jaxgen import ray as jray
 from jaxgen.batch import row_seed
 from jaxgen.batch_run import check_row
 from jaxgen.checkpoint import registry
+from jaxgen.lora import random_adapter
+
+from .conftest import CONFIGS
 
 from .test_cli import ckpt  # noqa: F401  (the module-scoped tiny checkpoint fixture)
 
@@ -27,12 +31,16 @@ BAD = dict(max_new_tokens=0, temperature=-1.0, top_k=-1, top_p=1.5, min_p=math.n
            stop_ids=[-3], stop=[""], include_stop="yes", prefix="", regex="[0-",
            json_schema={"type": "array", "items": {"type": "string"}, "uniqueItems": True},  # not a regular language
            choices=[""], whitespace="(", n=0, top_logprobs=-1, candidates=0, num_beams=33, length_penalty=math.nan,
-           early_stopping="sometimes", return_beams="yes")
+           early_stopping="sometimes", return_beams="yes", lora=5)
 GOOD = dict(max_new_tokens=5, temperature=0.7, top_k=7, top_p=0.9, min_p=0.05, repetition_penalty=1.3,
             presence_penalty=0.4, frequency_penalty=0.2, seed=11, logit_bias={3: 1.5}, banned_ids=[4], stop_ids=[5],
             stop=["ab", "\n"], include_stop=True, prefix="the", regex="[a-z]+", json_schema={"type": "integer"},
             choices=["yes", "no"], whitespace=" ?", n=3, top_logprobs=2, candidates=64, num_beams=3, length_penalty=0.5,
-            early_stopping="never", return_beams=True)
+            early_stopping="never", return_beams=True,
+            lora=random_adapter(CONFIGS["gemma"], jax.random.key(0), rank=2, targets=("q",)))
+# The adapter knob's flag takes NAME=DIR (a directory to read) and a row names one: its command-line and
+# Ray refusals and values are tests/test_lora.py's (test_lora_on_the_command_line_and_in_batch_rows).
+FLAG_VALUES_DIFFER = ("adapter",)
 
 
 def test_every_knob_has_test_values():
@@ -79,7 +87,7 @@ def test_a_bad_value_is_refused_with_one_message_everywhere(name, ckpt, tmp_path
         jaxgen.generate(model, ["the cat"], **{**_context(name), name: bad})
     assert kn.problem(name, bad, **limits) in str(e.value)
     (tmp_path / "SCHEMA").write_text('{"type": "integer"}')
-    for command in k.commands if k.flag else ():  # the command line, before the model loads
+    for command in k.commands if k.flag and k.kind not in FLAG_VALUES_DIFFER else ():  # the command line, before loading
         head = ["generate", "hi"] if command == "generate" else ["batch", "--input", str(tmp_path / "in.jsonl"),
                                                                  "--output", str(tmp_path / "out.jsonl")]
         (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "x", "num_beams": 2}\n')
@@ -99,7 +107,7 @@ def test_a_bad_value_is_refused_with_one_message_everywhere(name, ckpt, tmp_path
                          "--model", NO_MODEL]) == 2
         err = capsys.readouterr().err
         assert err == f"jaxgen batch: error: {tmp_path / 'in.jsonl'}:1: id 7: {kn.problem(name, bad)}\n", err
-    if k.flag and "batch" in k.commands and k.kind != "bool":  # a Ray stage option (named by its Python name)
+    if k.flag and "batch" in k.commands and k.kind not in ("bool",) + FLAG_VALUES_DIFFER:  # a Ray stage option
         options = {"num_beams": 2} if k.beam == "only" else {}
         options[k.dest] = bad
         with pytest.raises(ValueError) as e:
@@ -107,7 +115,7 @@ def test_a_bad_value_is_refused_with_one_message_everywhere(name, ckpt, tmp_path
         assert str(e.value) == kn.problem(name, bad, k.dest, candidates=kn.DEFAULT_CANDIDATES)
 
 
-@pytest.mark.parametrize("name", sorted(k.name for k in kn.KNOBS.values() if k.flag))
+@pytest.mark.parametrize("name", sorted(k.name for k in kn.KNOBS.values() if k.flag and k.kind not in FLAG_VALUES_DIFFER))
 def test_a_good_value_reaches_the_request_unchanged(name, tmp_path):
     """The generate command's flags, the batch flags and the Ray options give the API's value."""
     k, good = kn.KNOBS[name], GOOD[name]

@@ -25,6 +25,7 @@ from jaxgen.model import Model, stack_layers, unstack_layers
 from jaxgen.sharding import make_mesh, shard_params
 
 from .conftest import TINY_GEMMA, random_params
+from .test_cli import ckpt  # noqa: F401  (the module-scoped tiny checkpoint fixture)
 
 FIX = pathlib.Path(__file__).parent / "fixtures"
 ADAPTERS = ["llama-all", "llama-small", "qwen2-rslora", "gemma3_text-all", "gemma3-regex"]
@@ -225,8 +226,8 @@ def test_save_load_round_trip_and_bad_adapters(llama, tmp_path):
     with pytest.raises(ValueError, match="another model"):  # a qwen2 adapter on the llama
         L.load_lora(FIX / "lora" / "qwen2-rslora", model)
     ps = prompts_of(reference("llama-all"))
-    for lora, words in (([a], "1 entries but there are 3 prompts"), ("x", "adapters from jaxgen.load_lora"),
-                        ([a, None, "b"], "adapters from jaxgen.load_lora")):
+    for lora, words in (([a], "1 entries but there are 3 prompts"), ("x", "is a name"),
+                        ([a, None, 3], "an adapter from jaxgen.load_lora")):
         with pytest.raises(ValueError, match=words):
             jaxgen.generate(model, ps, max_new_tokens=4, lora=lora)
     with pytest.raises(ValueError, match="cannot continue the same prefix"):
@@ -271,3 +272,60 @@ def test_qwix_tree_converts_to_the_same_adapter(llama):
 def got_update(adapter, t):
     w = getattr(adapter, t)
     return np.einsum("lir,lro->lio", np.asarray(w.a), np.asarray(w.b))
+
+
+def test_lora_on_the_command_line_and_in_batch_rows(ckpt, tmp_path, capsys):
+    """`jaxgen generate --lora DIR` applies one adapter; `jaxgen batch --lora a=DIR --lora b=DIR` runs
+    rows naming them (and rows without) with each row's tokens generate()'s, refill and static; bad
+    adapters and names are one line (exit 2) before the model loads; Ray takes the same option."""
+    from jaxgen import cli
+    from jaxgen import ray as jray
+    from jaxgen.batch import row_seed
+    from jaxgen.checkpoint import registry
+
+    ck = str(ckpt[2])
+    model = registry.load(ck)
+    da = L.save_lora(L.random_adapter(model.cfg, jax.random.key(5), rank=4, scale=3.0), tmp_path / "a")
+    db = L.save_lora(L.random_adapter(model.cfg, jax.random.key(6), rank=2, targets=("v", "up"), scale=3.0),
+                     tmp_path / "b")
+    A, B = L.load_lora(da), L.load_lora(db)
+    want = jaxgen.generate(model, ["the cat"], max_new_tokens=6, stop_ids=[], lora=A)[0].tokens
+    assert want != jaxgen.generate(model, ["the cat"], max_new_tokens=6, stop_ids=[])[0].tokens
+    assert cli.main(["generate", "the cat", "--model", ck, "--json", "--max-new-tokens", "6", "--ignore-stop",
+                     "--lora", str(da)]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == want
+
+    rows = [{"id": "x", "prompt": "the cat", "lora": "a"}, {"id": "y", "prompt": "a dog sat", "lora": "b"},
+            {"id": "z", "prompt": "the mat", "temperature": 0.9}, {"id": "w", "prompt": "a cat", "lora": "a", "seed": 3}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ad = {"a": A, "b": B}
+    expect = {r["id"]: jaxgen.generate(model, [r["prompt"]], max_new_tokens=6, stop_ids=[], temperature=r.get("temperature", 0.0),
+                                       seed=[row_seed(r.get("seed", 0), r["id"])], lora=ad.get(r.get("lora")))[0].tokens
+              for r in rows}
+    for i, extra in enumerate(([], ["--no-refill"])):
+        out = tmp_path / f"out{i}.jsonl"
+        assert cli.main(["batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--model", ck,
+                         "--max-new-tokens", "6", "--ignore-stop", "--batch-size", "2", "--lora", f"a={da}",
+                         "--lora", f"b={db}", *extra]) == 0
+        assert {r["id"]: r["tokens"] for r in map(json.loads, open(out))} == expect, extra
+
+    capsys.readouterr()
+    dora = tmp_path / "dora"
+    shutil.copytree(da, dora)
+    (dora / "adapter_config.json").write_text(json.dumps({**json.loads((da / "adapter_config.json").read_text()),
+                                                          "use_dora": True}))
+    gen = ["generate", "hi", "--model", "/nonexistent/model.gguf"]
+    bat = ["batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"), "--model",
+           "/nonexistent/model.gguf"]
+    for argv, words in ((gen + ["--lora", str(tmp_path / "none")], "not a PEFT adapter directory"),
+                        (gen + ["--lora", f"a={da}", "--lora", f"b={db}"], "applies one adapter to every prompt"),
+                        (gen + ["--lora", f"a={da}", "--lora", f"a={db}"], "the name 'a' is given twice"),
+                        (gen + ["--lora", str(dora)], "use_dora"),
+                        (bat + ["--lora", f"a={da}"], "no --lora NAME=DIR gives: b"),
+                        (bat + ["--lora", f"a={da}", "--lora", f"b={db}", "--lora", f"c={db}"], "--lora c: no row names it")):
+        assert cli.main(argv) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and words in err, err
+    assert jray.batch_args(model=ck, lora=[f"a={da}"]).lora == [f"a={da}"]
+    with pytest.raises(ValueError, match="not a PEFT adapter directory"):
+        jray.batch_args(model=ck, lora=f"a={tmp_path / 'none'}")
