@@ -40,7 +40,7 @@ def save(path, cfg: ModelConfig, params, tokenizer=None) -> pathlib.Path:
 
     params = stack_layers(params)  # checkpoints hold the stacked layout (one array per weight kind)
     ckpt = ocp.StandardCheckpointer()
-    ckpt.save(path / "params", params)
+    ckpt.save(path / "params", _stored(params))
     ckpt.wait_until_finished()
     if quant.is_quantized(params):  # how to rebuild the QMatrix leaves at restore
         (path / "quant.json").write_text(json.dumps({"mode": quant.quant_mode(params), "groups": quant.groups_of(params)}))
@@ -92,7 +92,9 @@ def restore(path, dtype=jnp.float32, shardings=None, mesh=None):
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: one, target)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target, shardings)
-    params = ocp.StandardCheckpointer().restore(path / "params", target)
+    from jaxgen.model import Params
+
+    params = Params(**ocp.StandardCheckpointer().restore(path / "params", _stored(target)))
     if old_tables:  # T:vd_dv
         params = params.replace(**{n: getattr(params, n).T for n in old_tables})
     if params.embed.dtype != jnp.dtype(dtype):
@@ -101,6 +103,12 @@ def restore(path, dtype=jnp.float32, shardings=None, mesh=None):
     if (path / "tokenizer.json").exists():
         tokenizer = tok_mod.from_dict(json.loads((path / "tokenizer.json").read_text()))
     return cfg, params, tokenizer
+
+
+def _stored(params) -> dict:
+    """The params as the checkpoint holds them: a dict of the weights, without a per-request LoRA
+    table (`Params.lora`, which a checkpoint never holds: checkpoints from before it have no such key)."""
+    return {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name != "lora"}
 
 
 def _old_table_names(meta, cfg: ModelConfig) -> list:
