@@ -150,10 +150,11 @@ def table(res, spec):
     if m and s:
         mw, sw = m["prefill_s"] + m["decode_s"], s["prefill_s"] + s["decode_s"]
         same = "identical tokens" if res.get("mixed_equals_separate") else "TOKENS DIFFER"
-        rows.append(f"| 8 adapters x 8 samples | one mixed batch of 64 rows | {mw:.1f} | | | {m['compile_s']:.1f} | "
-                    f"{same} |")
-        rows.append(f"| 8 adapters x 8 samples | 8 batches of 8 rows | {sw:.1f} | {sw / mw:.2f}x the mixed batch | | "
-                    f"{s['compile_s']:.1f} | |")
+        k, g = m["adapters"], spec["G"]
+        rows.append(f"| {k} adapters x {g} samples | one mixed batch of {k * g} rows | {mw:.1f} | | | "
+                    f"{m['compile_s']:.1f} | {same} |")
+        rows.append(f"| {k} adapters x {g} samples | {k} batches of {g} rows | {sw:.1f} | {sw / mw:.2f}x the mixed "
+                    f"batch | | {s['compile_s']:.1f} | |")
     r = res.get("reshard")
     if r:
         gb = r["param_bytes"] / 1e9
