@@ -388,6 +388,10 @@ def generate(model: Model, prompts, *, max_new_tokens=64, temperature=0.0, top_k
     False (HF's default heuristic), True (stop at num_beams finished beams) or "never"; per prompt
     too. Stop ids, stop strings and constraints end beams; sampling knobs (temperature, top_k, top_p,
     min_p, seed), penalties, biases, n and top_logprobs do not apply to it (refused: `jaxgen.knobs`).
+
+    LoRA (`jaxgen.lora`): lora= an adapter from `jaxgen.load_lora` for every prompt, or a list with one
+    adapter or None per prompt; applied unmerged inside the compiled loop, several adapters in one
+    batch; another adapter of the same rank bucket and target modules reuses the compiled program.
     """
     request = {k: v for k, v in locals().items() if k in kn.KNOBS}  # every knob, by its jaxgen.knobs name
     kn.check("include_stop", include_stop)

@@ -46,7 +46,7 @@ def bucket(n: int, buckets: Sequence[int], what: str) -> int:
 @dataclasses.dataclass(frozen=True)
 class Knob:
     name: str  # the Python keyword and the `jaxgen batch` row field
-    kind: str  # int | float | bool | early_stopping | strings | choices | text | regex | schema | ids | bias
+    kind: str  # int | float | bool | early_stopping | strings | choices | text | regex | schema | ids | bias | adapter
     default: Any  # the value when not given; for the sampling transforms, "off"
     lo: float | None = None  # numeric range, inclusive (exclusive at lo when lo_open)
     hi: float | str | None = None  # a number, or the per-call limit that bounds it ("candidates", "vocab_size")

@@ -280,10 +280,31 @@ def attach(model, lora, P: int, universe: list | None = None):
 
 
 # ---- in the forward pass --------------------------------------------------------------------------
+# A table of at most this many columns (slots x rank) is applied as two dense matmuls with the other
+# slots' columns masked out; a larger one by a per-row gather of each row's pair. Measured on Gemma 3
+# 270M f32, 8 prompts x n=8, 32 decode steps (2-core CPU): one rank-16 adapter (2 slots, 32 columns)
+# dense +8% decode time over the base model, gathered +17%; eight (16 slots, 256 columns) dense +27%,
+# gathered +21%.
+DENSE_COLUMNS = 64
+
+
 def delta(x: jax.Array, w: LoraWeights, rows: jax.Array) -> jax.Array:
     """Each row's low-rank update (x @ a[row]) @ b[row] [B, T, O] (f32) of x [B, T, I], one layer's
-    table pair w (a [M, I, R], b [M, R, O]) and the rows' slots [B]. The pairs are gathered per row
-    (B x (I + O) x R values: small next to the weights at the ranks LoRA uses)."""
+    table pair w (a [M, I, R], b [M, R, O]) and the rows' slots [B].
+
+    Small tables (M * R <= DENSE_COLUMNS): x @ [every slot's A] as one [I, M * R] matmul, the columns
+    of the other slots zeroed per row, then @ [every slot's B] [M * R, O]: plain dense matmuls, the
+    fast path for one or a few adapters (see DENSE_COLUMNS). Large tables: each row's A and B gathered
+    (B x (I + O) x R values) and applied as batched matmuls, where reading every slot would cost more.
+    The masked columns contribute exact zeros, so both equal the row's adapter alone."""
+    M, I, R = w.a.shape
+    if M * R <= DENSE_COLUMNS:
+        a = jnp.moveaxis(w.a, 0, 1).reshape(I, M * R)  # [I, M * R], slot-major columns
+        t = jnp.einsum("bti,ic->btc", x, a.astype(x.dtype), preferred_element_type=jnp.float32)
+        own = jnp.repeat(rows[:, None] == jnp.arange(M)[None, :], R, axis=1)  # [B, M * R]
+        t = jnp.where(own[:, None, :], t, 0.0)
+        return jnp.einsum("btc,co->bto", t, w.b.reshape(M * R, -1).astype(jnp.float32),
+                          preferred_element_type=jnp.float32)
     a = jnp.take(w.a, rows, axis=0)  # [B, I, R]
     b = jnp.take(w.b, rows, axis=0)  # [B, R, O]
     t = jnp.einsum("bti,bir->btr", x, a.astype(x.dtype), preferred_element_type=jnp.float32)
