@@ -17,6 +17,8 @@ Layouts (HF `nn.Linear` stores W [out, in]; jaxgen [in, out...], see jaxgen/mode
   k_proj / v_proj [K*H, D] -> [D, K, H]  o_proj [D, N*H] -> wo [N, H, D]
   gate_proj / up_proj [F, D] -> [D, F]   down_proj [D, F] -> [F, D]   q/k/v biases [X*H] -> [X, H]
   embed_tokens / lm_head [V, D] -> [D, V]
+  mixture of experts (qwen3_moe: mlp.gate / mlp.experts.{j}.gate_proj ...; mixtral: block_sparse_moe.gate /
+  experts.{j}.w1 w3 w2): router [E, D] -> [D, E]; expert j's [out, in] -> we_*[j] [in, out] ("T" per expert)
   Gemma norms store w - 1 and apply (1 + w): the +1 is folded in here (in float32; kept float32).
 HF's RoPE rotates halves, as jaxgen does: no permutation (unlike llama GGUF files).
 Writing a directory (the inverse) is jaxgen.checkpoint.hf_save.
