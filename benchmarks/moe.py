@@ -9,8 +9,9 @@ be most of the bytes a step reads, hiding the experts), in float32 and bfloat16:
   grouped `ragged_dot` one (the accelerators' choice);
 - each row's fraction of the roofline of its *active* bytes per step: every non-expert weight (the
   unembedding included) plus the experts the batch's tokens pick (measured from the router on the
-  run's own inputs: for each layer the distinct experts of the step's tokens, averaged), at the
-  memory bandwidth measured in the same run (a jitted x + 1 over 1 GiB);
+  run's own inputs: the distinct experts of the batch's tokens), at the memory bandwidth measured in
+  the same run (a jitted float32 x + 1 over 1 GiB); tokens/s count the whole call (the 32-token
+  prefill included), as benchmarks.accelerator does;
 - prefill tokens/s of one 2,048-token prompt;
 - the same batch-1 roofline fraction for a dense model with the same attention and an MLP of the
   active width (8 x 768), the goal being MoE batch-1 within 1.5x of it.
@@ -25,7 +26,6 @@ import time
 import numpy as np
 
 from benchmarks import common
-from benchmarks.accelerator import bandwidth
 from benchmarks.run import publish
 
 
@@ -39,6 +39,18 @@ def config(quick: bool):
     return ModelConfig(name="qwen3-moe-2layer", vocab_size=32000, d_model=2048, n_layers=2, n_heads=32, n_kv_heads=4,
                        head_dim=128, d_ff=6144, max_seq_len=4096, qk_norm=True, tie_embeddings=False,
                        rope_theta=1e6, n_experts=128, n_experts_per_tok=8, d_ff_expert=768, norm_topk_prob=True)
+
+
+def bandwidth(nbytes: int) -> float:
+    """Memory bandwidth (bytes/s): the fastest of 10 jitted x + 1 over nbytes of float32, read and
+    written once each. (benchmarks.accelerator's bf16 copy measures XLA:CPU's bf16 arithmetic here:
+    4.5 GB/s, below what the decode steps themselves reach.)"""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones(nbytes // 4, jnp.float32)
+    f = jax.jit(lambda a: a + 1)
+    return 2 * nbytes / fastest(lambda: jax.block_until_ready(f(x)), 10)
 
 
 def fastest(fn, repeats):
