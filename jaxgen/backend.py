@@ -30,6 +30,12 @@ accelerator benchmark, `python -m benchmarks.accelerator`, whose `paths` rows ti
   42 ms per step on Gemma 3 270M. Accelerators: stacked layers and `lax.scan` (one compiled layer: the
   first call's compile time does not grow with depth; the goal there is <= 30 s per preset).
 
+- moe (mixture-of-experts MLPs, jaxgen.moe): "auto" picks per call shape: "gathered" (the chosen
+  experts' weights gathered per token) when tokens x experts-per-token < experts, else "grouped"
+  (jax.lax.ragged_dot over the tokens sorted by expert) on accelerators and "looped" (a loop over the
+  experts and chunks of their tokens) on CPU, whose ragged_dot computes every expert on every row
+  (measured: jaxgen.moe.looped); "dense" (every expert) is the reference.
+
 `paths_for(backend)` gives the defaults; JAXGEN_PATHS="decode_attention=live,gates=where" overrides
 fields (read when a program is traced, so set it before the first call). Engine functions take
 `paths=None`, meaning `current()`: the default backend's paths with the overrides.
@@ -47,6 +53,7 @@ CHOICES = {
     "gates": ("cond", "where"),
     "dequant": ("float32", "bfloat16"),
     "unroll": (True, False),
+    "moe": ("auto", "grouped", "gathered", "looped", "dense"),
 }
 FIELDS = tuple(CHOICES) + ("decode_block",)
 ENV = "JAXGEN_PATHS"
@@ -60,6 +67,7 @@ class Paths:
     dequant: str = "float32"  # "float32" | "bfloat16"
     unroll: bool = True  # float layers unrolled (per-layer params) rather than scanned
     decode_block: int = 256  # key slots per loop step of the "live" decode path
+    moe: str = "auto"  # "auto" | "grouped" | "gathered" | "looped" | "dense" (mixture-of-experts MLPs: jaxgen.moe)
 
     def __post_init__(self):
         for f, allowed in CHOICES.items():

@@ -10,6 +10,7 @@ switch code paths beyond `activation` and `rope_type`:
 - Llama / Mistral / Qwen2 / Qwen3: SwiGLU, plain RMSNorm, optional QKV bias (Qwen2), q/k RMSNorm
   (Qwen3), optional untied output, one RoPE theta (Llama 3.x: "llama3" frequency scaling), Mistral's
   window on every layer.
+- Qwen3-MoE / Mixtral: those, with a mixture-of-experts MLP in every layer (n_experts > 0).
 
 Norm weights in jaxgen's params are always the full multiplier (`x_normed * w`). Gemma checkpoints
 store `w - 1` and apply `(1 + w)`; loaders fold the +1 in, so the model has one RMSNorm.
@@ -67,6 +68,12 @@ class ModelConfig:
     embed_scale: bool = False  # multiply embeddings by sqrt(d_model) (Gemma)
     final_logit_softcap: float = 0.0  # cap * tanh(logits / cap); 0 = off (Gemma 2; not Gemma 3)
     attn_logit_softcap: float = 0.0  # the same on attention scores, before the mask (Gemma 2); 0 = off
+    # Mixture of experts (Qwen3-MoE, Mixtral): every layer's MLP is n_experts SwiGLU / GeGLU experts of
+    # width d_ff_expert, a token using the n_experts_per_tok its router scores highest (jaxgen.moe).
+    n_experts: int = 0  # E; 0 = a dense MLP of width d_ff
+    n_experts_per_tok: int = 0  # k (top-k of the router's softmax)
+    d_ff_expert: int = 0  # Fe
+    norm_topk_prob: bool = False  # renormalize the k router weights to sum to 1 (Mixtral: always)
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -88,6 +95,16 @@ class ModelConfig:
         need("L" not in self.layer_pattern or self.sliding_window > 0, "local layers ('L') need sliding_window > 0")
         need(self.final_logit_softcap >= 0 and self.attn_logit_softcap >= 0, "softcaps must be >= 0")
         need(self.norm_eps > 0, "norm_eps must be > 0")
+        for f in ("n_experts", "n_experts_per_tok", "d_ff_expert"):
+            need(isinstance(getattr(self, f), int) and not isinstance(getattr(self, f), bool) and getattr(self, f) >= 0,
+                 f"{f} must be an int >= 0")
+        if self.n_experts:
+            need(1 <= self.n_experts_per_tok <= self.n_experts,
+                 f"n_experts_per_tok ({self.n_experts_per_tok}) must be in [1, n_experts ({self.n_experts})]")
+            need(self.d_ff_expert > 0, "d_ff_expert must be > 0 with n_experts")
+        else:
+            need(self.n_experts_per_tok == 0 and self.d_ff_expert == 0 and not self.norm_topk_prob,
+                 "n_experts_per_tok, d_ff_expert and norm_topk_prob need n_experts > 0")
 
     # ---- derived layer layout -------------------------------------------------------------------
     def is_global(self, layer: int) -> bool:

@@ -181,6 +181,9 @@ def check(adapter: Adapter, cfg: ModelConfig, where: str | None = None) -> None:
     """Raise one line if the adapter does not fit the model (layers, in / out features)."""
     where = where or f"adapter {adapter.name!r}"
     want = dims(cfg)
+    if cfg.n_experts and (mlp := [t for t in ("gate", "up", "down") if t in adapter.targets]):
+        raise ValueError(f"{where}: targets {'/'.join(mlp)}_proj, but {cfg.name}'s MLPs are experts (LoRA on "
+                         "experts is not supported; attention projections are)")
     for t in adapter.targets:
         w = getattr(adapter, t)
         L, I, R = w.a.shape

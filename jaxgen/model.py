@@ -24,7 +24,7 @@ from flax import struct
 
 from jaxgen import backend
 from jaxgen import cache as kvc
-from jaxgen import kernels, quant
+from jaxgen import kernels, moe, quant
 from jaxgen.cache import KVCache
 from jaxgen.config import ModelConfig
 from jaxgen.lora import delta as lora_delta
@@ -38,9 +38,9 @@ class LayerParams:  # stacked: leaves lead with an L axis (layers in order); per
     wv: jax.Array  # [L, D, K, H]
     wo: jax.Array  # [L, N, H, D]
     ffn_norm: jax.Array  # [L, D]
-    w_gate: jax.Array  # [L, D, F]
-    w_up: jax.Array  # [L, D, F]
-    w_down: jax.Array  # [L, F, D]
+    w_gate: jax.Array | None  # [L, D, F] (None with cfg.n_experts: the MLP is the experts below)
+    w_up: jax.Array | None  # [L, D, F]
+    w_down: jax.Array | None  # [L, F, D]
     bq: jax.Array | None = None  # [L, N, H] if cfg.qkv_bias
     bk: jax.Array | None = None  # [L, K, H]
     bv: jax.Array | None = None  # [L, K, H]
@@ -48,6 +48,11 @@ class LayerParams:  # stacked: leaves lead with an L axis (layers in order); per
     k_norm: jax.Array | None = None  # [L, H]
     post_attn_norm: jax.Array | None = None  # [L, D] if cfg.sandwich_norm
     post_ffn_norm: jax.Array | None = None  # [L, D]
+    # mixture of experts (cfg.n_experts = E > 0; jaxgen.moe), Fe = cfg.d_ff_expert
+    router: jax.Array | None = None  # [L, D, E]
+    we_gate: jax.Array | None = None  # [L, E, D, Fe]
+    we_up: jax.Array | None = None  # [L, E, D, Fe]
+    we_down: jax.Array | None = None  # [L, E, Fe, D]
 
 
 @struct.dataclass
@@ -96,12 +101,15 @@ def param_shapes(cfg: ModelConfig, dtype=jnp.float32) -> Params:
                            cfg.d_ff, cfg.vocab_size)
     s = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
     opt = lambda cond, *shape: s(*shape) if cond else None
+    E, Fe, dense = cfg.n_experts, cfg.d_ff_expert, not cfg.n_experts
     layers = LayerParams(
         attn_norm=s(L, D), wq=s(L, D, N, H), wk=s(L, D, K, H), wv=s(L, D, K, H), wo=s(L, N, H, D),
-        ffn_norm=s(L, D), w_gate=s(L, D, F), w_up=s(L, D, F), w_down=s(L, F, D),
+        ffn_norm=s(L, D), w_gate=opt(dense, L, D, F), w_up=opt(dense, L, D, F), w_down=opt(dense, L, F, D),
         bq=opt(cfg.qkv_bias, L, N, H), bk=opt(cfg.qkv_bias, L, K, H), bv=opt(cfg.qkv_bias, L, K, H),
         q_norm=opt(cfg.qk_norm, L, H), k_norm=opt(cfg.qk_norm, L, H),
-        post_attn_norm=opt(cfg.sandwich_norm, L, D), post_ffn_norm=opt(cfg.sandwich_norm, L, D))
+        post_attn_norm=opt(cfg.sandwich_norm, L, D), post_ffn_norm=opt(cfg.sandwich_norm, L, D),
+        router=opt(not dense, L, D, E), we_gate=opt(not dense, L, E, D, Fe), we_up=opt(not dense, L, E, D, Fe),
+        we_down=opt(not dense, L, E, Fe, D))
     return Params(embed=s(D, V), layers=layers, final_norm=s(D),
                   unembed=opt(not cfg.tie_embeddings, D, V))
 
@@ -119,7 +127,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
             return jnp.ones(sd.shape, dtype)
         if name.startswith("b"):
             return jnp.zeros(sd.shape, dtype)
-        fan_in = {"wo": cfg.n_heads * cfg.head_dim, "w_down": cfg.d_ff}.get(name, cfg.d_model)
+        fan_in = {"wo": cfg.n_heads * cfg.head_dim, "w_down": cfg.d_ff, "we_down": cfg.d_ff_expert}.get(name, cfg.d_model)
         return (fan_in ** -0.5 * jax.random.normal(k, sd.shape, jnp.float32)).astype(dtype)
 
     return jax.tree.unflatten(treedef, [init(p, sd, k) for (p, sd), k in zip(leaves, keys)])
@@ -452,10 +460,13 @@ def _layer(cfg: ModelConfig, carry, xs, ctx):
     x = x + o
 
     h = rms_norm(x, lp.ffn_norm, eps)
-    gate = lora("gate", h, _matmul(h, lp.w_gate, dequant=dq))  # [B, T, F]
-    up = lora("up", h, _matmul(h, lp.w_up, dequant=dq))  # [B, T, F]
-    act = _activation(cfg, gate) * up
-    o = lora("down", act, _matmul(act, lp.w_down, dequant=dq))  # [B, T, D]
+    if cfg.n_experts:  # mixture of experts: the chosen experts only (jaxgen.moe)
+        o = moe.mlp(cfg, h, lp, None if paths.moe == "auto" else paths.moe)  # [B, T, D]
+    else:
+        gate = lora("gate", h, _matmul(h, lp.w_gate, dequant=dq))  # [B, T, F]
+        up = lora("up", h, _matmul(h, lp.w_up, dequant=dq))  # [B, T, F]
+        act = _activation(cfg, gate) * up
+        o = lora("down", act, _matmul(act, lp.w_down, dequant=dq))  # [B, T, D]
     if cfg.sandwich_norm:
         o = rms_norm(o, lp.post_ffn_norm, eps)
     return (x + o, kl, vl, kg, vg), None

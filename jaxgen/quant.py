@@ -200,6 +200,10 @@ def quantize_params(params, mode: str = "int8", group: int | None = None):
     channel)."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {MODES}")
+    layer0 = params.layers[0] if isinstance(params.layers, tuple) else params.layers
+    if getattr(layer0, "router", None) is not None:
+        raise ValueError("weight quantization of mixture-of-experts params is not supported yet (load them in "
+                         "float32 or bfloat16)")
     if isinstance(params.layers, tuple):  # per-layer params come back stacked: see model.unstack_layers
         # (model.stack_layers, written out: quant is below model, which imports it)
         stack = jnp.stack if isinstance(jax.tree.leaves(params.layers)[0], jax.Array) else np.stack

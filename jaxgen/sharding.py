@@ -25,7 +25,9 @@ from jaxgen.model import LayerParams, Params, param_shapes
 from jaxgen.quant import LAYER_MATS as _QUANT_LAYER_MATS, QMatrix
 
 AXES = ("data", "model")
-RULES = {"batch": "data", "heads": "model", "kv_heads": "model", "ffn": "model", "vocab": "model"}
+# experts split over `model` (expert parallelism: a device holds E / model whole experts; the router
+# and each expert's FFN width are then not split: one mesh axis per array dimension)
+RULES = {"batch": "data", "heads": "model", "kv_heads": "model", "ffn": "model", "vocab": "model", "expert": "model"}
 
 
 def parse_mesh(text: str | None, n_devices: int) -> dict[str, int]:
@@ -82,7 +84,9 @@ _LAYER_AXES = LayerParams(
     w_gate=("layers", "embed", "ffn"), w_up=("layers", "embed", "ffn"), w_down=("layers", "ffn", "embed"),
     bq=("layers", "heads", "head_dim"), bk=("layers", "kv_heads", "head_dim"), bv=("layers", "kv_heads", "head_dim"),
     q_norm=("layers", "head_dim"), k_norm=("layers", "head_dim"),
-    post_attn_norm=("layers", "embed"), post_ffn_norm=("layers", "embed"))
+    post_attn_norm=("layers", "embed"), post_ffn_norm=("layers", "embed"),
+    router=("layers", "embed", None), we_gate=("layers", "expert", "embed", "ffn"),
+    we_up=("layers", "expert", "embed", "ffn"), we_down=("layers", "expert", "ffn", "embed"))
 _CACHE_AXES = KVCache(
     k_local=("layers", "batch", "seq", "kv_heads", "head_dim"), v_local=("layers", "batch", "seq", "kv_heads", "head_dim"),
     pos_local=("batch", "seq"), k_global=("layers", "batch", "seq", "kv_heads", "head_dim"),

@@ -17,6 +17,8 @@ Layouts (HF `nn.Linear` stores W [out, in]; jaxgen [in, out...], see jaxgen/mode
   k_proj / v_proj [K*H, D] -> [D, K, H]  o_proj [D, N*H] -> wo [N, H, D]
   gate_proj / up_proj [F, D] -> [D, F]   down_proj [D, F] -> [F, D]   q/k/v biases [X*H] -> [X, H]
   embed_tokens / lm_head [V, D] -> [D, V]
+  mixture of experts (qwen3_moe: mlp.gate / mlp.experts.{j}.gate_proj ...; mixtral: block_sparse_moe.gate /
+  experts.{j}.w1 w3 w2): router [E, D] -> [D, E]; expert j's [out, in] -> we_*[j] [in, out] ("T" per expert)
   Gemma norms store w - 1 and apply (1 + w): the +1 is folded in here (in float32; kept float32).
 HF's RoPE rotates halves, as jaxgen does: no permutation (unlike llama GGUF files).
 Writing a directory (the inverse) is jaxgen.checkpoint.hf_save.
@@ -57,7 +59,19 @@ DEFAULTS = {
                         tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
                         sliding_window=4096, sliding_window_pattern=6, rope_theta=1_000_000.0,
                         rope_local_base_freq=10000.0, final_logit_softcapping=None, attn_logit_softcapping=None),
+    # mixture of experts (transformers 5.25 defaults; Qwen3-MoE's expert count is read from num_experts
+    # or num_local_experts, whichever the file has: see _experts)
+    "qwen3_moe": dict(_COMMON, vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
+                      num_attention_heads=32, num_key_value_heads=4, head_dim=None, max_position_embeddings=32768,
+                      tie_word_embeddings=False, use_sliding_window=False, sliding_window=4096, max_window_layers=28,
+                      moe_intermediate_size=768, num_experts_per_tok=8, norm_topk_prob=False, decoder_sparse_step=1,
+                      mlp_only_layers=[]),
+    "mixtral": dict(_COMMON, vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                    tie_word_embeddings=False, rope_theta=1e6, sliding_window=None, num_experts_per_tok=2,
+                    num_local_experts=8),
 }
+MOE = ("qwen3_moe", "mixtral")
 FAMILIES = tuple(DEFAULTS) + ("gemma3",)  # gemma3: the multimodal checkpoint; its text_config is gemma3_text
 GEMMA = ("gemma2", "gemma3_text")
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -175,16 +189,16 @@ def _layer_pattern(family: str, c: dict, n_layers: int, where: str) -> tuple[str
             raise ValueError(f"{where}: layer_types {bad[0] if bad else types!r} is not supported "
                              f"(expected {n_layers} of {sorted(letters)})")
         pattern = "".join(letters[t] for t in types)
-        if family in ("qwen2", "qwen3") and not _bool(c, "use_sliding_window", where):
+        if family in ("qwen2", "qwen3", "qwen3_moe") and not _bool(c, "use_sliding_window", where):
             pattern = "G" * n_layers  # Qwen: no window unless use_sliding_window, whatever the rest says
     elif family == "gemma2":  # even layers slide, odd layers are global
         pattern = "".join("L" if i % 2 == 0 else "G" for i in range(n_layers))
     elif family == "gemma3_text":
         p = _int(c, "sliding_window_pattern", where)
         pattern = "".join("G" if (i + 1) % p == 0 else "L" for i in range(n_layers))
-    elif family == "mistral":
+    elif family in ("mistral", "mixtral"):
         pattern = "L" * n_layers if window else "G" * n_layers
-    elif family in ("qwen2", "qwen3") and _bool(c, "use_sliding_window", where) and window:
+    elif family in ("qwen2", "qwen3", "qwen3_moe") and _bool(c, "use_sliding_window", where) and window:
         first = _int(c, "max_window_layers", where, minimum=0)
         pattern = "".join("L" if i >= first else "G" for i in range(n_layers))
     else:
@@ -231,7 +245,8 @@ def _config_from_hf(raw: dict, name: str, where: str) -> ModelConfig:
     if head_dim < 1 or head_dim % 2 or heads % kv:
         raise ValueError(f"{where}: head_dim {head_dim} must be even and num_attention_heads {heads} a multiple "
                          f"of num_key_value_heads {kv}")
-    n_params = V * D * 2 + L * (D * (heads + 2 * kv) * head_dim + heads * head_dim * D + 3 * D * F)
+    E, k, Fe, norm_topk = _experts(family, c, where)
+    n_params = V * D * 2 + L * (D * (heads + 2 * kv) * head_dim + heads * head_dim * D + 3 * D * (E * Fe or F))
     if n_params > MAX_PARAMS:
         raise ValueError(f"{where}: the shapes describe {n_params:.3g} parameters (more than {MAX_PARAMS:.0e}): "
                          f"a corrupt config.json?")
@@ -249,9 +264,31 @@ def _config_from_hf(raw: dict, name: str, where: str) -> ModelConfig:
         rope_low_freq_factor=g.get("low", 1.0), rope_high_freq_factor=g.get("high", 4.0),
         rope_original_max_len=g.get("original", 8192), sliding_window=window, layer_pattern=pattern,
         query_pre_attn_scalar=_num(c, "query_pre_attn_scalar", where) if gemma else 0.0,
-        qk_norm=family in ("qwen3", "gemma3_text"), sandwich_norm=gemma, qkv_bias=family == "qwen2",
+        qk_norm=family in ("qwen3", "qwen3_moe", "gemma3_text"), sandwich_norm=gemma, qkv_bias=family == "qwen2",
         tie_embeddings=_bool(c, "tie_word_embeddings", where), embed_scale=gemma,
-        final_logit_softcap=cap("final_logit_softcapping"), attn_logit_softcap=cap("attn_logit_softcapping"))
+        final_logit_softcap=cap("final_logit_softcapping"), attn_logit_softcap=cap("attn_logit_softcapping"),
+        n_experts=E, n_experts_per_tok=k, d_ff_expert=Fe, norm_topk_prob=norm_topk)
+
+
+def _experts(family: str, c: dict, where) -> tuple[int, int, int, bool]:
+    """(n_experts, n_experts_per_tok, d_ff_expert, norm_topk_prob) of a mixture-of-experts family, else
+    zeros. Qwen3-MoE publishes num_experts (and moe_intermediate_size); transformers 5 writes
+    num_local_experts; Mixtral's experts are intermediate_size wide and its router always renormalizes."""
+    if family not in MOE:
+        return 0, 0, 0, False
+    key = "num_experts" if c.get("num_experts") is not None else "num_local_experts"
+    E = _int(c, key, where, default=128 if family == "qwen3_moe" else None)
+    k = _int(c, "num_experts_per_tok", where)
+    if k > E:
+        raise ValueError(f"{where}: num_experts_per_tok {k} must be at most {key} {E}")
+    if family == "mixtral":
+        return E, k, _int(c, "intermediate_size", where), True
+    if _int(c, "decoder_sparse_step", where) != 1 or c.get("mlp_only_layers"):
+        raise ValueError(f"{where}: dense MLP layers among the sparse ones (decoder_sparse_step "
+                         f"{c.get('decoder_sparse_step')}, mlp_only_layers {c.get('mlp_only_layers')}) are not supported")
+    if c.get("shared_expert_intermediate_size"):
+        raise ValueError(f"{where}: shared experts (shared_expert_intermediate_size) are not supported")
+    return E, k, _int(c, "moe_intermediate_size", where), _bool(c, "norm_topk_prob", where)
 
 
 # ---- weights --------------------------------------------------------------------------------------
@@ -280,11 +317,28 @@ def norms_minus_one(cfg: ModelConfig) -> bool:
     return cfg.sandwich_norm
 
 
-def expected_names(cfg: ModelConfig) -> dict[str, tuple[str, int | None, str]]:
-    """HF tensor name (without prefix) -> (jaxgen field, layer or None, how) for this config."""
+# Mixture-of-experts MLPs, as published: the router [E, D] and each expert's three [out, in] matrices.
+_MOE_NAMES = {
+    "qwen3_moe": ("mlp.gate.weight", "mlp.experts.{j}.", {"we_gate": "gate_proj", "we_up": "up_proj",
+                                                         "we_down": "down_proj"}),
+    "mixtral": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{j}.", {"we_gate": "w1", "we_up": "w3",
+                                                                                 "we_down": "w2"}),
+}
+
+
+def expected_names(cfg: ModelConfig, family: str | None = None) -> dict[str, tuple[str, int | None, str]]:
+    """HF tensor name (without prefix) -> (jaxgen field, layer or None, how) for this config. A
+    mixture-of-experts family's expert matrices are read per expert: how "E<j>" (transposed into
+    expert j of the layer's [E, ...] stack)."""
     shapes = param_shapes(cfg)
     names = {"embed_tokens.weight": ("embed", None, "T"), "norm.weight": ("final_norm", None, "norm")}
     per_layer = {**_LAYER_NAMES, **_NORM_AFTER_ATTN[cfg.sandwich_norm]}
+    if cfg.n_experts:
+        router, expert, mats = _MOE_NAMES[family or "qwen3_moe"]
+        per_layer[router] = ("router", "T")
+        for j in range(cfg.n_experts):
+            for field, mat in mats.items():
+                per_layer[expert.format(j=j) + mat + ".weight"] = (field, f"E{j}")
     for i in range(cfg.n_layers):
         for hf_name, (field, how) in per_layer.items():
             if getattr(shapes.layers, field) is not None:
@@ -383,14 +437,15 @@ class Files:
         return self.handles[self.where[key]].get_slice(key)
 
 
-def load_params(path, cfg: ModelConfig, dtype=None, mesh=None, device=None):
+def load_params(path, cfg: ModelConfig, dtype=None, mesh=None, device=None, family: str | None = None):
     """Params (one LayerParams per layer) from the directory's safetensors files: every expected tensor
     present with its shape, nothing unexpected (vision parts of a multimodal checkpoint aside), before
     anything is read. dtype None keeps the checkpoint's float dtype (bf16 stays bf16). Gemma's folded
     norms stay float32. mesh: each leaf is made by `jax.make_array_from_callback` on its sharding
     (jaxgen.sharding rules), every device's part read straight from the file: no host holds the model.
     device (no mesh): each leaf goes there as soon as it is read (the host holds one tensor at a time);
-    None: host numpy leaves. Returns (params, the checkpoint's dtype)."""
+    None: host numpy leaves. family: config.json's model_type (the expert tensors' names of a
+    mixture-of-experts family). Returns (params, the checkpoint's dtype)."""
     import jax.numpy as jnp
 
     path = pathlib.Path(path)
@@ -403,7 +458,7 @@ def load_params(path, cfg: ModelConfig, dtype=None, mesh=None, device=None):
             continue
         short = k[len(prefix):] if prefix and k.startswith(prefix) else k
         present["lm_head.weight" if k == "language_model.lm_head.weight" else short] = k
-    want = expected_names(cfg)
+    want = expected_names(cfg, family)
     if cfg.tie_embeddings:
         present.pop("lm_head.weight", None)  # a tied head saved anyway: the same values as the embedding
     missing = sorted(set(want) - set(present), key=_natural)
@@ -420,14 +475,19 @@ def load_params(path, cfg: ModelConfig, dtype=None, mesh=None, device=None):
         sl = files.slice(key)
         leaf = getattr(shapes.layers if layer is not None else shapes, field)
         shape = leaf.shape[1:] if layer is not None else leaf.shape
-        if tuple(sl.get_shape()) != _hf_shape(shape, how):
+        expert = int(how[1:]) if how.startswith("E") else None  # one expert's matrix of a [E, ...] stack
+        if tuple(sl.get_shape()) != _hf_shape(shape[1:] if expert is not None else shape, "T" if expert is not None else how):
             _fail(path / files.where[key], f"tensor {key} has shape {list(sl.get_shape())}, config.json says "
-                                           f"{list(_hf_shape(shape, how))}")
+                                           f"{list(_hf_shape(shape[1:] if expert is not None else shape, 'T' if expert is not None else how))}")
         if sl.get_dtype() not in FLOAT_DTYPES:
             _fail(path / files.where[key], f"tensor {key} has dtype {sl.get_dtype()}: quantized or integer "
                                            f"checkpoints are not supported")
         dtypes.add(sl.get_dtype())
-        specs[(field, layer)] = (key, how, shape)
+        if expert is not None:  # the experts' keys in order: read into one [E, ...] leaf
+            keys = specs.setdefault((field, layer), ([None] * cfg.n_experts, "experts", shape))[0]
+            keys[expert] = key
+        else:
+            specs[(field, layer)] = (key, how, shape)
     ckpt_dtype = jnp.dtype(FLOAT_DTYPES[max(dtypes, key=["F16", "BF16", "F32"].index)])
     target = jnp.dtype(dtype) if dtype is not None else ckpt_dtype
     gemma = norms_minus_one(cfg)
@@ -444,12 +504,17 @@ def load_params(path, cfg: ModelConfig, dtype=None, mesh=None, device=None):
         key, how, shape = specs[(field, layer)]
         plus_one = gemma and how == "norm"
         dt = np.float32 if plus_one else target
+        read = lambda index: _read(files.slice(key), how, shape, index, dt, plus_one)
+        if how == "experts":  # [E, ...]: each expert's matrix from its own tensor (T)
+            def read(index):
+                idx = tuple(index) + (slice(None),) * (len(shape) - len(index))
+                return np.stack([_read(files.slice(key[j]), "T", shape[1:], idx[1:], dt, False)
+                                 for j in range(*idx[0].indices(shape[0]))])
         if shardings is None:
-            host = _read(files.slice(key), how, shape, (), dt, plus_one)
+            host = read(())
             return host if device is None else jax.device_put(host, device)
         sharding = getattr(shardings.layers[layer] if layer is not None else shardings, field)
-        return jax.make_array_from_callback(shape, sharding,
-                                            lambda index: _read(files.slice(key), how, shape, index, dt, plus_one))
+        return jax.make_array_from_callback(shape, sharding, read)
 
     fields = LayerParams.__dataclass_fields__
     layers = tuple(LayerParams(**{f: (leaf(f, i) if (f, i) in specs else None) for f in fields})
@@ -476,5 +541,5 @@ def load(path, dtype=None, mesh=None, name: str | None = None, need_tokenizer: b
                     "prompts work through the Python API)")
     if tok is not None and tok.vocab_size > cfg.vocab_size:
         _fail(path, f"the tokenizer has {tok.vocab_size} tokens, more than vocab_size {cfg.vocab_size}")
-    params, ckpt_dtype = load_params(path, cfg, dtype, mesh, device)
+    params, ckpt_dtype = load_params(path, cfg, dtype, mesh, device, family=text_config(raw)[0])
     return cfg, params, tok, ckpt_dtype

@@ -112,6 +112,8 @@ def save(model, path, max_shard_bytes: int | None = None) -> pathlib.Path:
         raise ValueError(f"{path} exists and is not empty")
     if quant.is_quantized(model.params):
         raise ValueError("quantized params cannot be written as an HF checkpoint (export the float model)")
+    if model.cfg.n_experts:
+        raise ValueError("writing a mixture-of-experts model as an HF checkpoint is not supported yet")
     cfg, tok = model.cfg, model.tokenizer
     config = hf_config(cfg, tok)
     params = jax.device_get(unstack_layers(model.params))

@@ -1,0 +1,186 @@
+"""Mixture-of-experts decode and prefill on this machine.  python -m benchmarks.moe [--quick]
+
+A random-init model with Qwen3-30B-A3B's layer shapes (d_model 2048, 32 query / 4 kv heads of 128,
+128 experts of width 768, 8 per token) and 2 layers, a 32k vocabulary (Qwen3's 152k unembedding would
+be most of the bytes a step reads, hiding the experts), in float32 and bfloat16:
+- decode tokens/s at batch 1, 8, 32 (32-token prompts, 16 new tokens, greedy), jaxgen's default
+  expert computation on this CPU (gathered below 128 / 8 = 16 tokens per call, looped above: see
+  jaxgen.moe) against the dense all-experts computation (Paths.moe="dense") and, at batch 32, the
+  grouped `ragged_dot` one (the accelerators' choice);
+- each row's fraction of the roofline of its *active* bytes per step: every non-expert weight (the
+  unembedding included) plus the experts the batch's tokens pick (measured from the router on the
+  run's own inputs: the distinct experts of the batch's tokens), at the memory bandwidth measured in
+  the same run (a jitted float32 x + 1 over 1 GiB); tokens/s count the whole call (the 32-token
+  prefill included), as benchmarks.accelerator does;
+- prefill tokens/s of one 2,048-token prompt;
+- the same batch-1 roofline fraction for a dense model with the same attention and an MLP of the
+  active width (8 x 768), the goal being MoE batch-1 within 1.5x of it.
+Writes benchmarks/results/<machine>-<date>-moe.json and the README's bench-moe table.
+"""
+import argparse
+import dataclasses
+import gc
+import sys
+import time
+
+import numpy as np
+
+from benchmarks import common
+from benchmarks.run import publish
+
+
+def config(quick: bool):
+    from jaxgen.config import ModelConfig
+
+    if quick:
+        return ModelConfig(name="moe-quick", vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                           head_dim=16, d_ff=96, max_seq_len=4096, n_experts=16, n_experts_per_tok=4, d_ff_expert=24,
+                           norm_topk_prob=True)
+    return ModelConfig(name="qwen3-moe-2layer", vocab_size=32000, d_model=2048, n_layers=2, n_heads=32, n_kv_heads=4,
+                       head_dim=128, d_ff=6144, max_seq_len=4096, qk_norm=True, tie_embeddings=False,
+                       rope_theta=1e6, n_experts=128, n_experts_per_tok=8, d_ff_expert=768, norm_topk_prob=True)
+
+
+def bandwidth(nbytes: int) -> float:
+    """Memory bandwidth (bytes/s): the fastest of 10 jitted x + 1 over nbytes of float32, read and
+    written once each. (benchmarks.accelerator's bf16 copy measures XLA:CPU's bf16 arithmetic here:
+    4.5 GB/s, below what the decode steps themselves reach.)"""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones(nbytes // 4, jnp.float32)
+    f = jax.jit(lambda a: a + 1)
+    return 2 * nbytes / fastest(lambda: jax.block_until_ready(f(x)), 10)
+
+
+def fastest(fn, repeats):
+    fn()
+    return min(common.timed(fn, repeats))
+
+
+def active_bytes(cfg, params, prompts, new, itemsize):
+    """Bytes a decode step reads: the non-expert weights, plus per layer the distinct experts of the
+    step's tokens (from the first layer's router on the prompts' last tokens: random-init routing is
+    alike across layers), each expert 3 x D x Fe values."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxgen import moe
+
+    lp = params.layers[0] if isinstance(params.layers, tuple) else jax.tree.map(lambda a: a[0], params.layers)
+    dense = sum(x.nbytes for x in jax.tree.leaves(params)) - sum(
+        x.nbytes for layer in (params.layers if isinstance(params.layers, tuple) else [params.layers])
+        for x in (layer.we_gate, layer.we_up, layer.we_down))
+    if not cfg.tie_embeddings:  # the input table is only gathered (B rows): not read whole
+        dense -= params.embed.nbytes
+    emb = params.embed  # the tokens' hidden states: a random projection stands in (only the routing is used)
+    h = jnp.take(jnp.asarray(emb).T, jnp.asarray([p[-1] for p in prompts]), axis=0)
+    _, e = moe.route(cfg, h.astype(jnp.float32), lp.router)
+    distinct = len(set(np.asarray(e).ravel().tolist()))
+    expert = 3 * cfg.d_model * cfg.d_ff_expert * itemsize
+    return dense + cfg.n_layers * distinct * expert, distinct
+
+
+def rows_for(cfg, dtype_name, args, bw):
+    import jax
+    import jax.numpy as jnp
+
+    import jaxgen
+    from jaxgen import backend
+    from jaxgen.model import unstack_layers
+
+    dtype = jnp.dtype(dtype_name)
+    params = unstack_layers(jax.jit(lambda k: jaxgen.init_params(cfg, k, dtype))(jax.random.key(0)))
+    itemsize = dtype.itemsize
+    rng = np.random.default_rng(0)
+    out = []
+    for impl in ("auto", "dense", "grouped"):
+        model = jaxgen.Model(cfg, params, paths=backend.current().replace(moe=impl))
+        for B in args.batches if impl != "grouped" else args.batches[-1:]:
+            prompts = np.random.default_rng(B).integers(1, cfg.vocab_size, (B, args.prompt)).tolist()  # both impls
+            t = time.perf_counter()
+            jaxgen.precompile(model, B, args.prompt, args.new)
+            compile_s = time.perf_counter() - t
+            dt = fastest(lambda: jaxgen.generate(model, prompts, max_new_tokens=args.new, stop_ids=[]), args.repeats)
+            tok_s = B * args.new / dt
+            step, distinct = active_bytes(cfg, params, prompts, args.new, itemsize)
+            out.append(dict(dtype=dtype_name, impl=impl, batch=B, decode_tok_s=tok_s, compile_s=compile_s,
+                            experts_per_layer=distinct, active_bytes=step,
+                            roofline_fraction=tok_s / (B * bw / step)))
+            print(out[-1], file=sys.stderr, flush=True)
+    model = jaxgen.Model(cfg, params)
+    ids = [rng.integers(1, cfg.vocab_size, args.prefill).tolist()]
+    jaxgen.precompile(model, 1, args.prefill, 1)
+    prefill = args.prefill / fastest(lambda: jaxgen.generate(model, ids, max_new_tokens=1, stop_ids=[]), args.repeats)
+    del params, model
+    gc.collect()
+    return out, prefill
+
+
+def dense_reference(cfg, args, bw):
+    """Batch-1 roofline fraction of a dense model with the same attention and the active MLP width."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxgen
+    from jaxgen.model import unstack_layers
+
+    dcfg = dataclasses.replace(cfg, name=cfg.name + "-dense-active", d_ff=cfg.n_experts_per_tok * cfg.d_ff_expert,
+                               n_experts=0, n_experts_per_tok=0, d_ff_expert=0, norm_topk_prob=False)
+    params = unstack_layers(jax.jit(lambda k: jaxgen.init_params(dcfg, k, jnp.float32))(jax.random.key(0)))
+    model = jaxgen.Model(dcfg, params)
+    prompts = [np.random.default_rng(0).integers(1, cfg.vocab_size, args.prompt).tolist()]
+    jaxgen.precompile(model, 1, args.prompt, args.new)
+    dt = fastest(lambda: jaxgen.generate(model, prompts, max_new_tokens=args.new, stop_ids=[]), args.repeats)
+    tok_s = args.new / dt
+    step = sum(x.nbytes for x in jax.tree.leaves(params))
+    return dict(dtype="float32", batch=1, decode_tok_s=tok_s, active_bytes=step, roofline_fraction=tok_s / (bw / step))
+
+
+def table(res):
+    rows = ["| dtype | batch | jaxgen tok/s | experts read / layer | active-bytes roofline fraction | all experts (dense) tok/s | jaxgen / dense | ragged_dot tok/s |",
+            "|---|---|---|---|---|---|---|---|"]
+    by = {(r["dtype"], r["impl"], r["batch"]): r for r in res["rows"]}
+    for (dt, impl, B), r in sorted(by.items()):
+        if impl != "auto":
+            continue
+        d = by.get((dt, "dense", B))
+        g = by.get((dt, "grouped", B))
+        rows.append(f"| {dt} | {B} | {r['decode_tok_s']:.1f} | {r['experts_per_layer']} of {res['experts']} | "
+                    f"{r['roofline_fraction']:.2f} | {d['decode_tok_s']:.1f} | {r['decode_tok_s'] / d['decode_tok_s']:.2f}x | "
+                    f"{'' if g is None else format(g['decode_tok_s'], '.1f')} |")
+    ref = res["dense_reference"]
+    moe1 = by[("float32", "auto", 1)]["roofline_fraction"]
+    rows.append(f"| float32 | 1 | dense model of the active width: {ref['decode_tok_s']:.1f} | | "
+                f"{ref['roofline_fraction']:.2f} (MoE / dense: {moe1 / ref['roofline_fraction']:.2f}) | | | |")
+    rows.append(f"| prefill 2,048 tokens | | float32 {res['prefill_tok_s']['float32']:.0f} tok/s, bfloat16 "
+                f"{res['prefill_tok_s']['bfloat16']:.0f} tok/s | | | | | |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a tiny config, batches 1 and 8, 8 new tokens")
+    a = ap.parse_args(argv)
+    import jax
+
+    a.batches = [1, 8] if a.quick else [1, 8, 32]
+    a.prompt, a.new, a.repeats, a.prefill = (16, 8, 1, 256) if a.quick else (32, 16, 1, 2048)
+    cfg = config(a.quick)
+    bw = bandwidth(64 * 2**20 if a.quick else 2**30)
+    res = {"config": dataclasses.asdict(cfg), "experts": cfg.n_experts, "bandwidth_gb_s": bw / 1e9,
+           "jax": jax.__version__, "rows": [], "prefill_tok_s": {}}
+    for dt in ("float32", "bfloat16"):
+        rows, prefill = rows_for(cfg, dt, a, bw)
+        res["rows"] += rows
+        res["prefill_tok_s"][dt] = prefill
+    res["dense_reference"] = dense_reference(cfg, a, bw)
+    text = table(res)
+    print(text)
+    if not a.quick:
+        publish("moe", res, text, "python -m benchmarks.moe")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The mixture-of-experts MLP (Qwen3-MoE, Mixtral): a router picks each token's top-k experts, whose
+gated MLP outputs are summed with the router's weights.
+
+    probs = softmax(h @ router)            # [N, E], float32 (the reference implementations' choice)
+    w, e = top_k(probs, k)                 # [N, k]; w / sum(w) when cfg.norm_topk_prob (Mixtral: always)
+    out = sum_j w[:, j] * down_e(act(gate_e(h)) * up_e(h)) for e = e[:, j]
+
+Only the chosen experts are computed, two ways that give the same sums:
+- `grouped`: the N * k (token, expert) pairs sorted by expert and run through `jax.lax.ragged_dot`
+  (a grouped matmul: MaxText's and Tunix's MoE kernel), every expert's weights read once. Prefill
+  and large batches.
+- `gathered`: each pair's expert weights gathered and applied as batched matmuls: reads N * k expert
+  matrices instead of E, fewer bytes when N * k < E (decode at small batch).
+- `looped` (CPU, in place of grouped): a loop over the experts and chunks of their sorted pairs.
+`dense` (every expert for every token, weighted by a [N, E] matrix of the chosen weights) is the tests'
+reference only. Axis legend as in jaxgen/model.py; E experts, k per token, Fe expert FFN width, N tokens.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxgen.config import ModelConfig
+
+
+def route(cfg: ModelConfig, h: jax.Array, router: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(weights [N, k] f32, experts [N, k] int32) of tokens h [N, D] under router [D, E]. Ties go
+    to the lower expert index (lax.top_k's rule)."""
+    logits = jnp.dot(h.astype(jnp.float32), router.astype(jnp.float32))  # [N, E]
+    probs = jax.nn.softmax(logits, axis=-1)
+    w, e = jax.lax.top_k(probs, cfg.n_experts_per_tok)
+    if cfg.norm_topk_prob:
+        w = w / jnp.sum(w, axis=-1, keepdims=True)
+    return w, e.astype(jnp.int32)
+
+
+def _act(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True) if cfg.activation == "gelu_tanh" else jax.nn.silu(x)
+
+
+def dense(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
+    """Every expert on every token, the unchosen weighted 0: the reference [N, D] (f32)."""
+    f32 = lambda a: a.astype(jnp.float32)
+    g = jnp.einsum("nd,edf->nef", f32(h), f32(we_gate))
+    u = jnp.einsum("nd,edf->nef", f32(h), f32(we_up))
+    y = jnp.einsum("nef,efd->ned", _act(cfg, g) * u, f32(we_down))  # [N, E, D]
+    comb = jnp.zeros(y.shape[:2], jnp.float32).at[jnp.arange(h.shape[0])[:, None], e].add(w)  # [N, E]
+    return jnp.einsum("ne,ned->nd", comb, y)
+
+
+def gathered(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
+    """The chosen experts' weights gathered per (token, expert) pair: [N, D] (f32)."""
+    mm = lambda eq, a, b: jnp.einsum(eq, a, b.astype(a.dtype), preferred_element_type=jnp.float32)
+    g = mm("nd,nkdf->nkf", h, we_gate[e])  # [N, k, Fe]
+    u = mm("nd,nkdf->nkf", h, we_up[e])
+    y = mm("nkf,nkfd->nkd", (_act(cfg, g) * u).astype(h.dtype), we_down[e])  # [N, k, D]
+    return jnp.einsum("nk,nkd->nd", w, y)
+
+
+def grouped(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
+    """The (token, expert) pairs sorted by expert, each expert's group one matmul (ragged_dot): [N, D] (f32)."""
+    N, k = e.shape
+    E = we_gate.shape[0]
+    flat = e.reshape(-1)  # [N * k] pair j * ... : token p // k, its (p % k)-th expert
+    order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
+    xs = h[order // k]  # [N * k, D]
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # [E] pairs per expert (0 for unpicked ones)
+    rd = lambda a, b: jax.lax.ragged_dot(a, b.astype(a.dtype), sizes, preferred_element_type=jnp.float32)
+    g, u = rd(xs, we_gate), rd(xs, we_up)  # [N * k, Fe]
+    y = rd((_act(cfg, g) * u).astype(h.dtype), we_down)  # [N * k, D]
+    y = jnp.zeros_like(y).at[order].set(y).reshape(N, k, -1)  # back to (token, j) order
+    return jnp.einsum("nk,nkd->nd", w, y)
+
+
+def looped(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
+    """The pairs sorted by expert as in `grouped`, then a loop over the experts and, within one, over
+    chunks of its pairs: [chunk, D] @ that expert's matrices. Every chosen expert is read once and
+    each pair computed once (a chunk's rows past the expert's group are masked to zero). Why: XLA:CPU
+    lowers ragged_dot as every group over every row (measured, 2-layer Qwen3-MoE shapes at batch 32:
+    3.7 tokens/s, the flops of all 128 experts on all 256 pairs); this loop does the pairs' own work."""
+    N, k = e.shape
+    E, D = we_gate.shape[0], h.shape[1]
+    P = N * k
+    chunk = int(min(max(8, 1 << max(P // E - 1, 0).bit_length()), 256))  # ~ the mean group, a power of two
+    flat = e.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    xs = jnp.pad(h[order // k], ((0, chunk), (0, 0)))  # [P + chunk, D]: a chunk never runs past the end
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    starts = jnp.cumsum(sizes) - sizes
+    mm = lambda a, b: jnp.dot(a, b.astype(a.dtype), preferred_element_type=jnp.float32)
+
+    def expert(j, y):
+        def step(c, y):
+            at = starts[j] + c * chunk
+            x = jax.lax.dynamic_slice_in_dim(xs, at, chunk)  # [chunk, D]
+            a = (_act(cfg, mm(x, we_gate[j])) * mm(x, we_up[j])).astype(h.dtype)
+            out = jnp.where((jnp.arange(chunk) < sizes[j] - c * chunk)[:, None], mm(a, we_down[j]), 0.0)
+            return jax.lax.dynamic_update_slice_in_dim(y, jax.lax.dynamic_slice_in_dim(y, at, chunk) + out, at, 0)
+        return jax.lax.fori_loop(0, (sizes[j] + chunk - 1) // chunk, step, y)
+
+    y = jax.lax.fori_loop(0, E, expert, jnp.zeros((P + chunk, D), jnp.float32))[:P]
+    y = jnp.zeros_like(y).at[order].set(y).reshape(N, k, D)
+    return jnp.einsum("nk,nkd->nd", w, y)
+
+
+IMPLS = {"dense": dense, "gathered": gathered, "grouped": grouped, "looped": looped}
+
+
+def choose(cfg: ModelConfig, n_tokens: int) -> str:
+    """The implementation for a call of n_tokens tokens (static): gathered when the pairs read fewer
+    expert matrices than there are experts (decode at small batch); else grouped (ragged_dot) on
+    accelerators, whose kernels group the rows, and looped on CPU (see `looped`)."""
+    if n_tokens * cfg.n_experts_per_tok < cfg.n_experts:
+        return "gathered"
+    return "looped" if jax.default_backend() == "cpu" else "grouped"
+
+
+def mlp(cfg: ModelConfig, h: jax.Array, lp, impl: str | None = None) -> jax.Array:
+    """The MoE MLP of h [B, T, D] with a layer's router [D, E], we_gate / we_up [E, D, Fe] and
+    we_down [E, Fe, D] -> [B, T, D] in h's dtype. impl: "grouped" / "gathered" / "dense" (None: `choose`)."""
+    B, T, D = h.shape
+    x = h.reshape(B * T, D)
+    w, e = route(cfg, x, lp.router)
+    out = IMPLS[impl or choose(cfg, B * T)](cfg, x, w, e, lp.we_gate, lp.we_up, lp.we_down)
+    return out.reshape(B, T, D).astype(h.dtype)
