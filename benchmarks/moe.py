@@ -19,7 +19,6 @@ Writes benchmarks/results/<machine>-<date>-moe.json and the README's bench-moe t
 """
 import argparse
 import dataclasses
-import gc
 import sys
 import time
 
@@ -112,8 +111,6 @@ def rows_for(cfg, dtype_name, args, bw):
     ids = [rng.integers(1, cfg.vocab_size, args.prefill).tolist()]
     jaxgen.precompile(model, 1, args.prefill, 1)
     prefill = args.prefill / fastest(lambda: jaxgen.generate(model, ids, max_new_tokens=1, stop_ids=[]), args.repeats)
-    del params, model
-    gc.collect()
     return out, prefill
 
 

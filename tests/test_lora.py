@@ -21,7 +21,7 @@ import jaxgen
 from jaxgen import lora as L
 from jaxgen import speculative
 from jaxgen.engine import generate_jit
-from jaxgen.model import Model, stack_layers, unstack_layers
+from jaxgen.model import Model, unstack_layers
 from jaxgen.sharding import make_mesh, shard_params
 
 from .conftest import TINY_GEMMA, random_params
@@ -274,7 +274,7 @@ def got_update(adapter, t):
     return np.einsum("lir,lro->lio", np.asarray(w.a), np.asarray(w.b))
 
 
-def test_lora_on_the_command_line_and_in_batch_rows(ckpt, tmp_path, capsys):
+def test_lora_on_the_command_line_and_in_batch_rows(ckpt, tmp_path, capsys):  # noqa: F811
     """`jaxgen generate --lora DIR` applies one adapter; `jaxgen batch --lora a=DIR --lora b=DIR` runs
     rows naming them (and rows without) with each row's tokens generate()'s, refill and static; bad
     adapters and names are one line (exit 2) before the model loads; Ray takes the same option."""

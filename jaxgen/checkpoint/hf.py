@@ -504,12 +504,13 @@ def load_params(path, cfg: ModelConfig, dtype=None, mesh=None, device=None, fami
         key, how, shape = specs[(field, layer)]
         plus_one = gemma and how == "norm"
         dt = np.float32 if plus_one else target
-        read = lambda index: _read(files.slice(key), how, shape, index, dt, plus_one)
-        if how == "experts":  # [E, ...]: each expert's matrix from its own tensor (T)
-            def read(index):
-                idx = tuple(index) + (slice(None),) * (len(shape) - len(index))
-                return np.stack([_read(files.slice(key[j]), "T", shape[1:], idx[1:], dt, False)
-                                 for j in range(*idx[0].indices(shape[0]))])
+        def read(index):
+            if how != "experts":
+                return _read(files.slice(key), how, shape, index, dt, plus_one)
+            # [E, ...]: each expert's matrix from its own tensor (T)
+            idx = tuple(index) + (slice(None),) * (len(shape) - len(index))
+            return np.stack([_read(files.slice(key[j]), "T", shape[1:], idx[1:], dt, False)
+                             for j in range(*idx[0].indices(shape[0]))])
         if shardings is None:
             host = read(())
             return host if device is None else jax.device_put(host, device)
