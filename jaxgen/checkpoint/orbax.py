@@ -92,9 +92,19 @@ def restore(path, dtype=jnp.float32, shardings=None, mesh=None):
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: one, target)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target, shardings)
-    from jaxgen.model import Params
+    from jaxgen.model import LayerParams, Params
 
-    params = Params(**ocp.StandardCheckpointer().restore(path / "params", _stored(target)))
+    # Restore what the checkpoint holds: fields added to LayerParams since it was written (the
+    # mixture-of-experts weights) are None in this config and absent on disk.
+    meta = getattr(stored, "tree", stored)
+    on_disk = set(meta["layers"]) if isinstance(meta, dict) and isinstance(meta.get("layers"), dict) else None
+    item = _stored(target)
+    item["layers"] = {f.name: getattr(target.layers, f.name) for f in dataclasses.fields(LayerParams)
+                      if on_disk is None or f.name in on_disk or getattr(target.layers, f.name) is not None}
+    restored = ocp.StandardCheckpointer().restore(path / "params", item)
+    layers = restored["layers"]
+    params = Params(**{**restored, "layers": LayerParams(**{f.name: layers.get(f.name) for f in
+                                                            dataclasses.fields(LayerParams)})})
     if old_tables:  # T:vd_dv
         params = params.replace(**{n: getattr(params, n).T for n in old_tables})
     if params.embed.dtype != jnp.dtype(dtype):
