@@ -207,7 +207,7 @@ def table(adapters: list[Adapter], cfg: ModelConfig, dtype=jnp.float32, rank: in
     len + 1) at rank `rank` (default: a RANK_BUCKETS bucket of the largest rank), slot i + 1 holding
     adapters[i]. Ranks are padded with zeros (exact: a zero column of A meets a zero row of B); a
     target one adapter has and another has not is zeros in the other's slot. Host numpy, `dtype`."""
-    for i, ad in enumerate(adapters):
+    for ad in adapters:
         check(ad, cfg)
     R = rank or _bucket(max(ad.rank for ad in adapters), RANK_BUCKETS, "LoRA rank")
     M = slots or _bucket(len(adapters) + 1, SLOT_BUCKETS, "adapters per batch")

@@ -59,15 +59,23 @@ def gathered(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
 
 def grouped(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
     """The (token, expert) pairs sorted by expert, each expert's group one matmul (ragged_dot): [N, D] (f32)."""
-    N, k = e.shape
-    E = we_gate.shape[0]
-    flat = e.reshape(-1)  # [N * k] pair j * ... : token p // k, its (p % k)-th expert
-    order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
-    xs = h[order // k]  # [N * k, D]
-    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # [E] pairs per expert (0 for unpicked ones)
+    order, xs, sizes = _sorted_pairs(h, e, we_gate.shape[0])
     rd = lambda a, b: jax.lax.ragged_dot(a, b.astype(a.dtype), sizes, preferred_element_type=jnp.float32)
     g, u = rd(xs, we_gate), rd(xs, we_up)  # [N * k, Fe]
-    y = rd((_act(cfg, g) * u).astype(h.dtype), we_down)  # [N * k, D]
+    return _combine(rd((_act(cfg, g) * u).astype(h.dtype), we_down), order, w)
+
+
+def _sorted_pairs(h, e, E: int):
+    """The N * k (token, expert) pairs sorted by expert: (order [N * k], their tokens xs [N * k, D],
+    pairs per expert [E], 0 for unpicked ones). Pair p is token p // k's (p % k)-th expert."""
+    flat = e.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    return order, h[order // e.shape[1]], jnp.bincount(flat, length=E).astype(jnp.int32)
+
+
+def _combine(y, order, w):
+    """Per-pair outputs y [N * k, D] in sorted order -> each token's weighted sum [N, D]."""
+    N, k = w.shape
     y = jnp.zeros_like(y).at[order].set(y).reshape(N, k, -1)  # back to (token, j) order
     return jnp.einsum("nk,nkd->nd", w, y)
 
@@ -78,14 +86,10 @@ def looped(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
     each pair computed once (a chunk's rows past the expert's group are masked to zero). Why: XLA:CPU
     lowers ragged_dot as every group over every row (measured, 2-layer Qwen3-MoE shapes at batch 32:
     3.7 tokens/s, the flops of all 128 experts on all 256 pairs); this loop does the pairs' own work."""
-    N, k = e.shape
-    E, D = we_gate.shape[0], h.shape[1]
-    P = N * k
+    E, D, P = we_gate.shape[0], h.shape[1], e.size
     chunk = int(min(max(8, 1 << max(P // E - 1, 0).bit_length()), 256))  # ~ the mean group, a power of two
-    flat = e.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    xs = jnp.pad(h[order // k], ((0, chunk), (0, 0)))  # [P + chunk, D]: a chunk never runs past the end
-    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    order, xs, sizes = _sorted_pairs(h, e, E)
+    xs = jnp.pad(xs, ((0, chunk), (0, 0)))  # [P + chunk, D]: a chunk never runs past the end
     starts = jnp.cumsum(sizes) - sizes
     mm = lambda a, b: jnp.dot(a, b.astype(a.dtype), preferred_element_type=jnp.float32)
 
@@ -98,9 +102,7 @@ def looped(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
             return jax.lax.dynamic_update_slice_in_dim(y, jax.lax.dynamic_slice_in_dim(y, at, chunk) + out, at, 0)
         return jax.lax.fori_loop(0, (sizes[j] + chunk - 1) // chunk, step, y)
 
-    y = jax.lax.fori_loop(0, E, expert, jnp.zeros((P + chunk, D), jnp.float32))[:P]
-    y = jnp.zeros_like(y).at[order].set(y).reshape(N, k, D)
-    return jnp.einsum("nk,nkd->nd", w, y)
+    return _combine(jax.lax.fori_loop(0, E, expert, jnp.zeros((P + chunk, D), jnp.float32))[:P], order, w)
 
 
 IMPLS = {"dense": dense, "gathered": gathered, "grouped": grouped, "looped": looped}

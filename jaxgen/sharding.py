@@ -209,8 +209,8 @@ def reshard(params, model):
     if requant:  # float training params for a quantized sampler: quantized as its params are
         params = _quantize_like(stack_layers(params), old)
     params = unstack_layers(params) if isinstance(old.layers, tuple) else stack_layers(params)
-    targets = jax.tree.map(lambda a: a.sharding, old.replace(lora=None))
-    cast = jax.tree.map(lambda a, o: jnp_cast(a, o.dtype), params, old.replace(lora=None))
+    targets = jax.tree.map(lambda a: a.sharding, old)
+    cast = jax.tree.map(lambda a, o: jnp_cast(a, o.dtype), params, old)
     return jax.device_put(cast, targets)
 
 

@@ -110,7 +110,7 @@ def greedy(model, ids, steps):
     out, logps, margin = [], [], float("inf")
     with torch.no_grad():
         for _ in range(steps):
-            logits = model(torch.tensor([ids])).logits[0, -1].double()
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
             top = torch.topk(logits, 2).values
             margin = min(margin, float(top[0] - top[1]))
             logp = torch.log_softmax(logits, -1)

@@ -24,6 +24,7 @@ import peft
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
+from make_hf_fixtures import greedy  # (tools/ is the script's directory: on sys.path)
 from transformers import AutoModelForCausalLM
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -36,22 +37,6 @@ ADAPTERS = {
     "gemma3-regex": ("gemma3", dict(r=4, lora_alpha=8,
                                     target_modules=r".*language_model.*\.(q_proj|k_proj|o_proj|up_proj)")),
 }
-
-
-def greedy(model, ids, steps):
-    ids = list(ids)
-    out, logps, margin = [], [], float("inf")
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
-            top = torch.topk(logits, 2).values
-            margin = min(margin, float(top[0] - top[1]))
-            logp = torch.log_softmax(logits, -1)
-            t = int(torch.argmax(logits))
-            out.append(t)
-            logps.append(float(logp[t]))
-            ids.append(t)
-    return out, logps, margin
 
 
 def load_base(path: pathlib.Path):

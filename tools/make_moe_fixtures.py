@@ -22,6 +22,7 @@ import pathlib
 
 import torch
 import transformers
+from make_hf_fixtures import greedy  # (tools/ is the script's directory: on sys.path)
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
 
 V, D = 128, 32
@@ -53,22 +54,6 @@ def reinit(model):
                 p.copy_(2.0 * torch.randn(p.shape, generator=g) / math.sqrt(D))
             else:  # [out, in] matrices, or fused experts [E, out, in]
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-
-
-def greedy(model, ids, steps):
-    ids = list(ids)
-    out, logps, margin = [], [], float("inf")
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = model(torch.tensor([ids])).logits[0, -1].double()
-            top = torch.topk(logits, 2).values
-            margin = min(margin, float(top[0] - top[1]))
-            logp = torch.log_softmax(logits, -1)
-            t = int(torch.argmax(logits))
-            out.append(t)
-            logps.append(float(logp[t]))
-            ids.append(t)
-    return out, logps, margin
 
 
 def main():
