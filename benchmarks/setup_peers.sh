@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make one virtualenv per peer under .benchmarks/ (git-ignored). None of these is a jaxgen dependency.
 #   bash benchmarks/setup_peers.sh hf gemma [llamacpp]
-# hf:       HF transformers generate, torch CPU (the local torch 2.13.0 file on these machines).
+# hf:       HF transformers generate, torch CPU (the local torch 2.13.0 file on these machines); peft and
+#           lm-eval for the reference tools (make_lora_fixtures, make_lm_eval_fixtures) and benchmarks.evals.
 # gemma:    Google's `gemma` library 4.0.1 (needs Python >= 3.12; pulls TensorFlow CPU, ~4 GB).
 # llamacpp: llama-cpp-python built from its sdist (13-20 min on 2 cores); optional.
 set -euo pipefail
@@ -14,7 +15,7 @@ for peer in "$@"; do
     hf)
       python3 -m venv "$dir"
       "$dir/bin/pip" install -q torch==2.13.0
-      "$dir/bin/pip" install -q transformers accelerate gguf sentencepiece protobuf numpy "$MODEL_PKG" ;;
+      "$dir/bin/pip" install -q transformers accelerate gguf sentencepiece protobuf numpy peft "lm-eval==0.4.13" "$MODEL_PKG" ;;
     gemma)
       PY=$(ls "$HOME"/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)
       PY=${PY:-python3.12}

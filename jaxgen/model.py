@@ -15,6 +15,7 @@ from a static jaxgen.backend.Paths; the reference paths are the plain einsums be
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -556,32 +557,47 @@ def prefill_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
     scores: time and memory grew with the square of the prompt (16k tokens: 18 GB). A chunk attends
     the ring plus itself on local layers and global keys in blocks of 2 x chunk slots
     (`attend_blocked`), so the peak is the cache plus O(chunk x block), whatever the prompt length.
-    The chunks run in a `fori_loop` (one compiled chunk for every prompt bucket above `chunk`) that
-    stops after the last chunk holding a valid token of some row (a bucket's padding costs nothing).
     Exact: chunked attention is the same softmax, evaluated in another order (float rounding only)."""
-    B, T = tokens.shape
+    B = tokens.shape[0]
     rows = jnp.arange(B)
     last = jnp.argmax(positions, axis=1)  # [B] column of each row's last valid token (0 if none)
+
+    def keep_last(h_last, h, start):  # the row's last token, if it is in this chunk
+        col = last - start
+        here = (col >= 0) & (col < h.shape[1])
+        return jnp.where(here[:, None], h[rows, jnp.clip(col, 0, h.shape[1] - 1)], h_last)
+
+    h_shape = jax.eval_shape(lambda: forward_hidden(params, tokens[:, :chunk], positions[:, :chunk], cache, cfg)[0])
+    return fold_chunks(params, tokens, positions, cache, cfg, chunk, paths, keep_last,
+                       jnp.zeros((B, h_shape.shape[-1]), h_shape.dtype))
+
+
+def fold_chunks(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: ModelConfig,
+                chunk: int, paths: backend.Paths | None, fn, carry):
+    """Run right-padded tokens [B, T] (positions as `forward_hidden` takes them) through the model
+    `chunk` tokens per forward pass, folding each pass's hidden states into `carry`:
+    carry = fn(carry, h [B, t, D], start) for the columns start .. start + t - 1. Returns (carry, cache).
+
+    The chunks run in a `fori_loop` (one compiled chunk for every bucket above `chunk`) that stops
+    after the last chunk holding a valid token of some row (a bucket's padding costs nothing); T <= chunk
+    is one pass. `prefill_hidden` keeps each row's last hidden state; `score_spans` sums log-probs."""
+    B, T = tokens.shape
     if T <= chunk:
         h, cache = forward_hidden(params, tokens, positions, cache, cfg, key_block=2 * chunk, paths=paths)
-        return h[rows, last], cache
+        return fn(carry, h, 0), cache
     n = -(-T // chunk)
     if n * chunk > T:  # T is a bucket, a multiple of power-of-two chunks; other chunk sizes pad
         tokens = jnp.pad(tokens, ((0, 0), (0, n * chunk - T)))
         positions = jnp.pad(positions, ((0, 0), (0, n * chunk - T)), constant_values=-1)
-    used = jnp.max(jnp.where(positions[rows, last] >= 0, last, 0)) // chunk + 1  # chunks holding a valid token
+    used = jnp.max(jnp.where(positions >= 0, jnp.arange(n * chunk)[None, :], 0)) // chunk + 1  # chunks with a valid token
 
-    def run(i, carry):
-        h_last, cache = carry
+    def run(i, state):
+        carry, cache = state
         take = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1)  # [B, chunk]
         h, cache = forward_hidden(params, take(tokens), take(positions), cache, cfg, key_block=2 * chunk, paths=paths)
-        col = last - i * chunk  # the row's last token, if it is in this chunk
-        here = (col >= 0) & (col < chunk)
-        return jnp.where(here[:, None], h[rows, jnp.clip(col, 0, chunk - 1)], h_last), cache
+        return fn(carry, h, i * chunk), cache
 
-    h_shape = jax.eval_shape(lambda: forward_hidden(params, tokens[:, :chunk], positions[:, :chunk], cache, cfg)[0])
-    h0 = jnp.zeros((B, h_shape.shape[-1]), h_shape.dtype)
-    return jax.lax.fori_loop(0, used, run, (h0, cache))
+    return jax.lax.fori_loop(0, used, run, (carry, cache))
 
 
 def unembed(params: Params, h: jax.Array, cfg: ModelConfig, paths: backend.Paths | None = None) -> jax.Array:
@@ -628,3 +644,54 @@ def score(params: Params, tokens: jax.Array, lengths: jax.Array, cfg: ModelConfi
     logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
     return jnp.where(idx[:, 1:] < lengths[:, None], picked, 0.0)
+
+
+def score_spans(params: Params, tokens: jax.Array, targets: jax.Array, first: jax.Array, lengths: jax.Array,
+                cfg: ModelConfig, chunk: int = PREFILL_CHUNK, paths: backend.Paths | None = None,
+                adapters: jax.Array | None = None, piece_logits: int = 2 ** 27) -> tuple[jax.Array, jax.Array]:
+    """Teacher-forced log-likelihood of K continuations per row: for right-padded tokens [B, T] of
+    lengths [B], continuation k of row b is the columns first[b, k] <= i < lengths[b] (first [B, K]),
+    its tokens targets[b, k, j] the ones that follow column base[b] + j (targets [B, K, C], aligned at
+    the row's earliest span start base = min_k first[b, k]; C >= lengths - base). Returns the summed
+    log-probability [B, K] of each continuation and whether each of its tokens is the argmax [B, K] bool
+    (lm-eval's is-greedy: the continuation is what greedy decoding gives). An unused k: first = lengths.
+
+    K > 1 is lm-eval's multiple choice: choices that share every input token but the last (one-token
+    answers, say) are one row, one forward, their targets picked from the same log-probs.
+    Only the spans' columns are unembedded: the forward runs `chunk` tokens at a time (`fold_chunks`),
+    keeping the hidden states [B, C, D] of columns base .. base + C - 1; their logits are then made a few
+    columns at a time (at most piece_logits per piece, static), so a 262k vocabulary at batch 32 holds
+    16 columns' logits. Log-probs are float32 (`unembed`)."""
+    B, T = tokens.shape
+    C = targets.shape[2]
+    idx = jnp.arange(T)[None, :]
+    positions = jnp.where(idx < lengths[:, None], idx, -1).astype(jnp.int32)  # [B, T]
+    cache = kvc.init_cache(cfg, B, T, params.embed.dtype)
+    if adapters is not None:
+        cache = cache.replace(adapter=jnp.asarray(adapters, jnp.int32))
+    base = jnp.min(first, axis=1)  # [B]
+    cols = base[:, None] + jnp.arange(C)[None, :]  # [B, C] the columns kept
+
+    def keep_span(hs, h, start):  # the kept columns' hidden states that lie in this chunk
+        local = cols - start
+        here = (local >= 0) & (local < h.shape[1])
+        got = jnp.take_along_axis(h, jnp.clip(local, 0, h.shape[1] - 1)[..., None], axis=1)  # [B, C, D]
+        return jnp.where(here[..., None], got, hs)
+
+    h_shape = jax.eval_shape(lambda: forward_hidden(params, tokens[:, :1], positions[:, :1], cache, cfg)[0])
+    hs, _ = fold_chunks(params, tokens, positions, cache, cfg, chunk, paths, keep_span,
+                        jnp.zeros((B, C, h_shape.shape[-1]), h_shape.dtype))
+    m = (cols[:, None, :] >= first[:, :, None]) & (cols[:, None, :] < lengths[:, None, None])  # [B, K, C]
+    s = math.gcd(C, 2 ** int(math.log2(max(1, piece_logits // (B * cfg.vocab_size)))))  # columns per piece
+    split = lambda a: jnp.moveaxis(a.reshape(*a.shape[:-1], C // s, s), -2, 0)  # [..., C] -> [C/s, ..., s]
+
+    def piece(args):
+        hh, tt, mm = args  # [B, s, D], [B, K, s], [B, K, s]
+        logits = unembed(params, jnp.moveaxis(hh, -1, 1), cfg, paths)  # [B, s, V] f32
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        picked = jnp.swapaxes(jnp.take_along_axis(logp, jnp.swapaxes(tt, 1, 2), axis=2), 1, 2)  # [B, K, s]
+        hit = jnp.argmax(logits, axis=-1)[:, None, :] == tt  # [B, K, s]
+        return jnp.sum(jnp.where(mm, picked, 0.0), axis=-1), jnp.all(jnp.where(mm, hit, True), axis=-1)
+
+    sums, hits = jax.lax.map(piece, (split(jnp.moveaxis(hs, 1, -1)), split(targets), split(m)))  # [C/s, B, K]
+    return sums.sum(0), hits.all(0)

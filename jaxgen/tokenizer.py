@@ -37,7 +37,7 @@ class Tokenizer(Protocol):
     vocab_size: int
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]: ...
-    def decode(self, ids: Sequence[int]) -> str: ...
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str: ...
     def token_bytes(self) -> list[bytes]: ...
     def apply_chat_template(self, messages: list[dict]) -> str: ...
     def to_dict(self) -> dict: ...
@@ -146,7 +146,8 @@ class SentencePieceTokenizer(_Base):
             ids = [self.bos_id] + ids
         return ids
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        # SentencePiece never spells control pieces (BOS / EOS); user-defined ones (<start_of_turn>) are text
         return self.sp.decode([int(i) for i in ids])
 
     def token_bytes(self) -> list[bytes]:
@@ -215,8 +216,9 @@ class BPETokenizer(_Base):
             ids = [self.bos_id] + ids
         return ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        """The ids' text; skip_special drops special tokens' text, as HF's skip_special_tokens=True."""
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
     def token_bytes(self) -> list[bytes]:
         """What each id adds to the decoded text, as bytes: a byte-level token through the inverse of

@@ -38,7 +38,7 @@ def pytest_configure(config):
 # The longest files first (measured with --durations): CI runs `-n 2 --dist loadfile`, where pytest-xdist
 # hands files to its two workers in collection order, so a long file started last would run alone at
 # the end. Within a file the order is kept.
-LONGEST_FIRST = ["test_real_models", "test_notebooks", "test_quant_real", "test_ray", "test_generate", "test_lora", "test_moe", "test_conversation", "test_batch",
+LONGEST_FIRST = ["test_real_models", "test_notebooks", "test_quant_real", "test_ray", "test_generate", "test_lora", "test_lm_eval", "test_moe", "test_conversation", "test_batch",
                  "test_constraints", "test_schema", "test_long_prompts", "test_prefix", "test_cli", "test_speculative",
                  "test_knobs", "test_benchmarks", "test_beam", "test_stops", "test_multihost"]
 
