@@ -112,6 +112,16 @@ def test_hf_directory_by_registered_name(smollm2, tmp_path):
     assert_same(got, {t["task"]: ref[t["task"]] for t in tasks})
 
 
+def test_sharded_over_a_mesh():
+    """model_args mesh=data=2;model=4 (lm-eval splits model_args at commas): the same answers."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (conftest's host devices)")
+    tasks = [t for t in configs() if t["task"] == "jaxgen_ll"]
+    lm = JaxgenLM(model="smollm2-135m", dtype="float32", mesh="data=2;model=4", max_length=MAX_LENGTH, batch_size=8)
+    assert lm.model.mesh is not None and lm.model.mesh.shape == {"data": 2, "model": 4}
+    assert_same(evaluate(lm, tasks), {"jaxgen_ll": reference("smollm2-135m")["plain"]["jaxgen_ll"]})
+
+
 def test_new_params_rescore_without_recompiling(smollm2, compile_counter):
     """A training loop's evals: update_params, same programs (compiles counted), the new weights' answers
     (== a fresh adapter over a Model holding them)."""
