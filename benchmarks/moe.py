@@ -3,15 +3,17 @@
 A random-init model with Qwen3-30B-A3B's layer shapes (d_model 2048, 32 query / 4 kv heads of 128,
 128 experts of width 768, 8 per token) and 2 layers, a 32k vocabulary (Qwen3's 152k unembedding would
 be most of the bytes a step reads, hiding the experts), in float32 and bfloat16:
-- decode tokens/s at batch 1, 8, 32 (32-token prompts, 16 new tokens, greedy), jaxgen's default
+- decode tokens/s at batch 1, 8, 32 (32-token prompts, greedy), steady state: B x (new - 1) /
+  (t(new) - t(1)) from paired timings of the same compiled program (benchmarks/common.py's rule:
+  the prefill cancels, which at batch 1 reads all 128 experts for its 32 tokens), jaxgen's default
   expert computation on this CPU (gathered below 128 / 8 = 16 tokens per call, looped above: see
-  jaxgen.moe) against the dense all-experts computation (Paths.moe="dense") and, at batch 32, the
-  grouped `ragged_dot` one (the accelerators' choice);
+  jaxgen.moe) against the dense all-experts computation (Paths.moe="dense", float32 only). The
+  grouped `ragged_dot` computation (the accelerators' choice) is not run: XLA:CPU computes every
+  expert on every row there (3.6 tokens/s at batch 32, measured once: see jaxgen.moe);
 - each row's fraction of the roofline of its *active* bytes per step: every non-expert weight (the
   unembedding included) plus the experts the batch's tokens pick (measured from the router on the
-  run's own inputs: the distinct experts of the batch's tokens), at the memory bandwidth measured in
-  the same run (a jitted float32 x + 1 over 1 GiB); tokens/s count the whole call (the 32-token
-  prefill included), as benchmarks.accelerator does;
+  run's own inputs: the distinct experts of the batch's tokens), at the read bandwidth measured in
+  the same run (benchmarks.run's probes: the fastest of four numpy reductions over 1 GiB, two threads);
 - prefill tokens/s of one 2,048-token prompt;
 - the same batch-1 roofline fraction for a dense model with the same attention and an MLP of the
   active width (8 x 768), the goal being MoE batch-1 within 1.5x of it.
@@ -25,7 +27,7 @@ import time
 import numpy as np
 
 from benchmarks import common
-from benchmarks.run import publish
+from benchmarks.run import bandwidth_gbs, publish
 
 
 def config(quick: bool):
@@ -40,21 +42,18 @@ def config(quick: bool):
                        rope_theta=1e6, n_experts=128, n_experts_per_tok=8, d_ff_expert=768, norm_topk_prob=True)
 
 
-def bandwidth(nbytes: int) -> float:
-    """Memory bandwidth (bytes/s): the fastest of 10 jitted x + 1 over nbytes of float32, read and
-    written once each. (benchmarks.accelerator's bf16 copy measures XLA:CPU's bf16 arithmetic here:
-    4.5 GB/s, below what the decode steps themselves reach.)"""
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones(nbytes // 4, jnp.float32)
-    f = jax.jit(lambda a: a + 1)
-    return 2 * nbytes / fastest(lambda: jax.block_until_ready(f(x)), 10)
-
-
 def fastest(fn, repeats):
     fn()
     return min(common.timed(fn, repeats))
+
+
+def decode_rate(model, prompts, new: int, repeats: int) -> float:
+    """Steady-state decode tokens/s: common.decode_rates' paired timings of `new` and 1 new tokens (one
+    compiled program: both are in the same new-token bucket), the best of `repeats` pairs."""
+    import jaxgen
+
+    run = lambda B, n: jaxgen.generate(model, prompts, max_new_tokens=n, stop_ids=[])
+    return max(common.decode_rates(run, len(prompts), new, repeats))
 
 
 def active_bytes(cfg, params, prompts, new, itemsize):
@@ -93,15 +92,14 @@ def rows_for(cfg, dtype_name, args, bw):
     itemsize = dtype.itemsize
     rng = np.random.default_rng(0)
     out = []
-    for impl in ("auto", "dense", "grouped"):
+    for impl in ("auto", "dense") if dtype_name == "float32" else ("auto",):  # the reference: one dtype
         model = jaxgen.Model(cfg, params, paths=backend.current().replace(moe=impl))
-        for B in args.batches if impl != "grouped" else args.batches[-1:]:
+        for B in args.batches:
             prompts = np.random.default_rng(B).integers(1, cfg.vocab_size, (B, args.prompt)).tolist()  # both impls
             t = time.perf_counter()
             jaxgen.precompile(model, B, args.prompt, args.new)
             compile_s = time.perf_counter() - t
-            dt = fastest(lambda: jaxgen.generate(model, prompts, max_new_tokens=args.new, stop_ids=[]), args.repeats)
-            tok_s = B * args.new / dt
+            tok_s = decode_rate(model, prompts, args.new, args.repeats if impl == "auto" else 1)
             step, distinct = active_bytes(cfg, params, prompts, args.new, itemsize)
             out.append(dict(dtype=dtype_name, impl=impl, batch=B, decode_tok_s=tok_s, compile_s=compile_s,
                             experts_per_layer=distinct, active_bytes=step,
@@ -128,30 +126,30 @@ def dense_reference(cfg, args, bw):
     model = jaxgen.Model(dcfg, params)
     prompts = [np.random.default_rng(0).integers(1, cfg.vocab_size, args.prompt).tolist()]
     jaxgen.precompile(model, 1, args.prompt, args.new)
-    dt = fastest(lambda: jaxgen.generate(model, prompts, max_new_tokens=args.new, stop_ids=[]), args.repeats)
-    tok_s = args.new / dt
-    step = sum(x.nbytes for x in jax.tree.leaves(params))
+    tok_s = decode_rate(model, prompts, args.new, args.repeats)
+    step = sum(x.nbytes for x in jax.tree.leaves(params)) - (0 if dcfg.tie_embeddings else params.embed.nbytes)
     return dict(dtype="float32", batch=1, decode_tok_s=tok_s, active_bytes=step, roofline_fraction=tok_s / (bw / step))
 
 
 def table(res):
-    rows = ["| dtype | batch | jaxgen tok/s | experts read / layer | active-bytes roofline fraction | all experts (dense) tok/s | jaxgen / dense | ragged_dot tok/s |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| dtype | batch | jaxgen decode tok/s | experts read / layer | active-bytes roofline fraction | all experts (dense) tok/s | jaxgen / dense |",
+            "|---|---|---|---|---|---|---|"]
     by = {(r["dtype"], r["impl"], r["batch"]): r for r in res["rows"]}
     for (dt, impl, B), r in sorted(by.items()):
         if impl != "auto":
             continue
         d = by.get((dt, "dense", B))
-        g = by.get((dt, "grouped", B))
+        dense = ("| |" if d is None else
+                 f"{d['decode_tok_s']:.1f} | {r['decode_tok_s'] / d['decode_tok_s']:.2f}x |")
         rows.append(f"| {dt} | {B} | {r['decode_tok_s']:.1f} | {r['experts_per_layer']} of {res['experts']} | "
-                    f"{r['roofline_fraction']:.2f} | {d['decode_tok_s']:.1f} | {r['decode_tok_s'] / d['decode_tok_s']:.2f}x | "
-                    f"{'' if g is None else format(g['decode_tok_s'], '.1f')} |")
+                    f"{r['roofline_fraction']:.2f} | {dense}")
     ref = res["dense_reference"]
     moe1 = by[("float32", "auto", 1)]["roofline_fraction"]
     rows.append(f"| float32 | 1 | dense model of the active width: {ref['decode_tok_s']:.1f} | | "
-                f"{ref['roofline_fraction']:.2f} (MoE / dense: {moe1 / ref['roofline_fraction']:.2f}) | | | |")
+                f"{ref['roofline_fraction']:.2f} (MoE / dense: {moe1 / ref['roofline_fraction']:.2f}) | | |")
     rows.append(f"| prefill 2,048 tokens | | float32 {res['prefill_tok_s']['float32']:.0f} tok/s, bfloat16 "
-                f"{res['prefill_tok_s']['bfloat16']:.0f} tok/s | | | | | |")
+                f"{res['prefill_tok_s']['bfloat16']:.0f} tok/s | | | | |")
+    rows.append(f"\nRead bandwidth in the same run: {res['bandwidth_gb_s']:.1f} GB/s (benchmarks.run's probes).")
     return "\n".join(rows)
 
 
@@ -162,10 +160,12 @@ def main(argv=None):
     import jax
 
     a.batches = [1, 8] if a.quick else [1, 8, 32]
-    a.prompt, a.new, a.repeats, a.prefill = (16, 8, 1, 256) if a.quick else (32, 16, 1, 2048)
+    a.prompt, a.new, a.repeats, a.prefill = (16, 8, 1, 256) if a.quick else (32, 16, 2, 2048)
     cfg = config(a.quick)
-    bw = bandwidth(64 * 2**20 if a.quick else 2**30)
+    probes = bandwidth_gbs(1 / 16 if a.quick else 1.0)
+    bw = probes["best"] * 1e9
     res = {"config": dataclasses.asdict(cfg), "experts": cfg.n_experts, "bandwidth_gb_s": bw / 1e9,
+           "bandwidth_probes_gb_s": probes,
            "jax": jax.__version__, "rows": [], "prefill_tok_s": {}}
     for dt in ("float32", "bfloat16"):
         rows, prefill = rows_for(cfg, dt, a, bw)

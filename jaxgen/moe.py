@@ -5,7 +5,10 @@ gated MLP outputs are summed with the router's weights.
     w, e = top_k(probs, k)                 # [N, k]; w / sum(w) when cfg.norm_topk_prob (Mixtral: always)
     out = sum_j w[:, j] * down_e(act(gate_e(h)) * up_e(h)) for e = e[:, j]
 
-Only the chosen experts are computed, two ways that give the same sums:
+Expert weights may be int8 / int4 (`jaxgen.quant` QMatrix leaves over [E, I, O]): each computation
+dequantizes what it reads (gathered: the pairs' experts; looped: one expert at a time; grouped and
+dense: all of them, so int8 saves memory there but not bandwidth). Only the chosen experts are
+computed, two ways that give the same sums:
 - `grouped`: the N * k (token, expert) pairs sorted by expert and run through `jax.lax.ragged_dot`
   (a grouped matmul: MaxText's and Tunix's MoE kernel), every expert's weights read once. Prefill
   and large batches.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxgen import quant
 from jaxgen.config import ModelConfig
 
 
@@ -34,13 +38,23 @@ def route(cfg: ModelConfig, h: jax.Array, router: jax.Array) -> tuple[jax.Array,
     return w, e.astype(jnp.int32)
 
 
+def _float(w, dtype) -> jax.Array:
+    """Expert weights as `dtype`: int8 / int4 experts (a QMatrix over [.., E, I, O]) dequantized."""
+    return quant.dequantize(w, dtype) if isinstance(w, quant.QMatrix) else w.astype(dtype)
+
+
+def _experts(w, idx):
+    """The experts idx of w [E, I, O] (a float array or a QMatrix: its integers and scales alike)."""
+    return jax.tree.map(lambda a: a[idx], w) if isinstance(w, quant.QMatrix) else w[idx]
+
+
 def _act(cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True) if cfg.activation == "gelu_tanh" else jax.nn.silu(x)
 
 
 def dense(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
     """Every expert on every token, the unchosen weighted 0: the reference [N, D] (f32)."""
-    f32 = lambda a: a.astype(jnp.float32)
+    f32 = lambda a: _float(a, jnp.float32)
     g = jnp.einsum("nd,edf->nef", f32(h), f32(we_gate))
     u = jnp.einsum("nd,edf->nef", f32(h), f32(we_up))
     y = jnp.einsum("nef,efd->ned", _act(cfg, g) * u, f32(we_down))  # [N, E, D]
@@ -50,17 +64,17 @@ def dense(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
 
 def gathered(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
     """The chosen experts' weights gathered per (token, expert) pair: [N, D] (f32)."""
-    mm = lambda eq, a, b: jnp.einsum(eq, a, b.astype(a.dtype), preferred_element_type=jnp.float32)
-    g = mm("nd,nkdf->nkf", h, we_gate[e])  # [N, k, Fe]
-    u = mm("nd,nkdf->nkf", h, we_up[e])
-    y = mm("nkf,nkfd->nkd", (_act(cfg, g) * u).astype(h.dtype), we_down[e])  # [N, k, D]
+    mm = lambda eq, a, b: jnp.einsum(eq, a, _float(b, a.dtype), preferred_element_type=jnp.float32)
+    g = mm("nd,nkdf->nkf", h, _experts(we_gate, e))  # [N, k, Fe]
+    u = mm("nd,nkdf->nkf", h, _experts(we_up, e))
+    y = mm("nkf,nkfd->nkd", (_act(cfg, g) * u).astype(h.dtype), _experts(we_down, e))  # [N, k, D]
     return jnp.einsum("nk,nkd->nd", w, y)
 
 
 def grouped(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
     """The (token, expert) pairs sorted by expert, each expert's group one matmul (ragged_dot): [N, D] (f32)."""
     order, xs, sizes = _sorted_pairs(h, e, we_gate.shape[0])
-    rd = lambda a, b: jax.lax.ragged_dot(a, b.astype(a.dtype), sizes, preferred_element_type=jnp.float32)
+    rd = lambda a, b: jax.lax.ragged_dot(a, _float(b, a.dtype), sizes, preferred_element_type=jnp.float32)
     g, u = rd(xs, we_gate), rd(xs, we_up)  # [N * k, Fe]
     return _combine(rd((_act(cfg, g) * u).astype(h.dtype), we_down), order, w)
 
@@ -91,14 +105,15 @@ def looped(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
     order, xs, sizes = _sorted_pairs(h, e, E)
     xs = jnp.pad(xs, ((0, chunk), (0, 0)))  # [P + chunk, D]: a chunk never runs past the end
     starts = jnp.cumsum(sizes) - sizes
-    mm = lambda a, b: jnp.dot(a, b.astype(a.dtype), preferred_element_type=jnp.float32)
+    mm = lambda a, b: jnp.dot(a, _float(b, a.dtype), preferred_element_type=jnp.float32)
 
     def expert(j, y):
-        def step(c, y):
+        def step(c, y):  # (the expert's weights are taken in here: an unpicked expert's are never read)
             at = starts[j] + c * chunk
             x = jax.lax.dynamic_slice_in_dim(xs, at, chunk)  # [chunk, D]
-            a = (_act(cfg, mm(x, we_gate[j])) * mm(x, we_up[j])).astype(h.dtype)
-            out = jnp.where((jnp.arange(chunk) < sizes[j] - c * chunk)[:, None], mm(a, we_down[j]), 0.0)
+            wg, wu, wd = (_experts(w, j) for w in (we_gate, we_up, we_down))
+            a = (_act(cfg, mm(x, wg)) * mm(x, wu)).astype(h.dtype)
+            out = jnp.where((jnp.arange(chunk) < sizes[j] - c * chunk)[:, None], mm(a, wd), 0.0)
             return jax.lax.dynamic_update_slice_in_dim(y, jax.lax.dynamic_slice_in_dim(y, at, chunk) + out, at, 0)
         return jax.lax.fori_loop(0, (sizes[j] + chunk - 1) // chunk, step, y)
 

@@ -176,6 +176,7 @@ def take_columns(w: QMatrix, idx: jax.Array) -> jax.Array:
 
 # ---- params --------------------------------------------------------------------------------------
 LAYER_MATS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+MOE_MATS = ("we_gate", "we_up", "we_down")  # [L, E, I, O] as they are (per expert); the router stays float
 
 
 def matrix_shape(name: str, shape: tuple) -> tuple:
@@ -200,18 +201,16 @@ def quantize_params(params, mode: str = "int8", group: int | None = None):
     channel)."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {MODES}")
-    layer0 = params.layers[0] if isinstance(params.layers, tuple) else params.layers
-    if getattr(layer0, "router", None) is not None:
-        raise ValueError("weight quantization of mixture-of-experts params is not supported yet (load them in "
-                         "float32 or bfloat16)")
     if isinstance(params.layers, tuple):  # per-layer params come back stacked: see model.unstack_layers
         # (model.stack_layers, written out: quant is below model, which imports it)
         stack = jnp.stack if isinstance(jax.tree.leaves(params.layers)[0], jax.Array) else np.stack
         return quantize_params(params.replace(layers=jax.tree.map(lambda *a: stack(a), *params.layers)), mode, group)
     bits = 8 if mode == "int8" else 4
     group = DEFAULT_GROUP[mode] if group is None else group
+    present = lambda names: [n for n in names if getattr(params.layers, n) is not None]  # (an MoE has no w_up)
     layers = params.layers.replace(**{n: quantize(as_matrix(n, getattr(params.layers, n)), bits, group)
-                                      for n in LAYER_MATS})
+                                      for n in present(LAYER_MATS)},
+                                   **{n: quantize(getattr(params.layers, n), bits, group) for n in present(MOE_MATS)})
     embed = params.embed if isinstance(params.embed, QMatrix) else quantize(params.embed, bits, group)
     unembed = params.unembed
     if unembed is not None and not isinstance(unembed, QMatrix):
@@ -237,7 +236,7 @@ def param_bytes(params) -> int:
 def groups_of(params) -> dict:
     """{matrix name: group} of quantized params (0 = per output channel), for `quantized_shapes`."""
     layers = params.layers[0] if isinstance(params.layers, tuple) else params.layers
-    mats = {n: getattr(layers, n) for n in LAYER_MATS}
+    mats = {n: getattr(layers, n) for n in LAYER_MATS + MOE_MATS if getattr(layers, n) is not None}
     mats["embed"] = params.embed
     if params.unembed is not None:
         mats["unembed"] = params.unembed
@@ -260,8 +259,11 @@ def quantized_shapes(shapes, mode: str, groups: dict | None = None):
         return QMatrix(q=jax.ShapeDtypeStruct((*lead, I // (2 if bits == 4 else 1), O), jnp.int8 if bits == 8 else jnp.uint8),
                        scale=sc, zero=sc if bits == 4 else None, bits=bits)
 
+    present = lambda names: [n for n in names if getattr(shapes.layers, n) is not None]
     layers = shapes.layers.replace(**{n: qshape(matrix_shape(n, getattr(shapes.layers, n).shape), groups.get(n, group))
-                                      for n in LAYER_MATS})
+                                      for n in present(LAYER_MATS)},
+                                   **{n: qshape(getattr(shapes.layers, n).shape, groups.get(n, group))
+                                      for n in present(MOE_MATS)})
     D, V = shapes.embed.shape
     unembed = None if shapes.unembed is None else qshape((D, V), groups.get("unembed", group))
     return shapes.replace(embed=qshape((D, V), groups.get("embed", group)), layers=layers, unembed=unembed)

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxgen.cache import SCALES, KVCache
 from jaxgen.config import ModelConfig
 from jaxgen.model import LayerParams, Params, param_shapes
-from jaxgen.quant import LAYER_MATS as _QUANT_LAYER_MATS, QMatrix
+from jaxgen.quant import LAYER_MATS as _QUANT_LAYER_MATS, MOE_MATS as _QUANT_MOE_MATS, QMatrix
 
 AXES = ("data", "model")
 # experts split over `model` (expert parallelism: a device holds E / model whole experts; the router
@@ -105,7 +105,8 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict = RULES, params=No
     """NamedShardings of the params. `params` (arrays or ShapeDtypeStructs) is needed for quantized
     params: a QMatrix leaf (jaxgen.quant) takes the split of the float matrix it replaces, for its
     integers and its scales alike (wq [L, D, N, H] split on N -> q [L, D, N*H] and scale [L, D/g, N*H]
-    split on the merged axis; the embedding [D, V] split on V -> q and scale [., V] split on V).
+    split on the merged axis; the embedding [D, V] split on V -> q and scale [., V] split on V; expert
+    matrices [L, E, I, O] keep their axes, so their integers and scales split on E like the floats).
     Per-layer (unstacked) params get each layer's share of the stacked rule."""
     if params is not None and isinstance(params.layers, tuple):
         from jaxgen.model import stack_layers
@@ -138,8 +139,16 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict = RULES, params=No
             return NamedSharding(mesh, P(*lead, ok(i_ax, dims[0]), ok(o_ax, dims[1])))
         return jax.tree.map(sh, qm)
 
+    def q_experts(float_sharding, qm):  # [L, E, I, O] kept as is: integers and scales split like the floats
+        fs = tuple(float_sharding.spec) + (None,) * 4
+        ok = lambda ax, d: ax if ax and d % mesh.shape[ax] == 0 else None
+        return jax.tree.map(lambda arr: NamedSharding(mesh, P(*(ok(ax, d) for ax, d in zip(fs, arr.shape)))), qm)
+
+    present = lambda names: [n for n in names if getattr(params.layers, n) is not None]
     layers = out.layers.replace(**{n: q(getattr(out.layers, n), getattr(params.layers, n), n)
-                                   for n in _QUANT_LAYER_MATS})
+                                   for n in present(_QUANT_LAYER_MATS)},
+                                **{n: q_experts(getattr(out.layers, n), getattr(params.layers, n))
+                                   for n in present(_QUANT_MOE_MATS)})
     unembed = None if out.unembed is None else q(out.unembed, params.unembed, "unembed")
     return out.replace(embed=q(out.embed, params.embed, "embed"), layers=layers, unembed=unembed)
 

@@ -137,6 +137,87 @@ def test_decoding_modes_on_an_moe_model(models):
     assert [c.tokens for c in second] == [c.tokens for c in jaxgen.generate(model, hist, max_new_tokens=4, stop_ids=[])]
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_experts_equal_their_dequantized_floats(models, mode):
+    """quant="int8" / "int4" quantizes the experts too ([E, I, O] per expert, the router float): each
+    computation gives the tokens (and log-probs within 1e-4) of the float model whose weights are the
+    quantized ones dequantized; on a data=2,model=4 mesh too (experts' integers and scales split on E)."""
+    from jaxgen import quant
+
+    model = models("qwen3_moe", quant=mode)
+    lp = model.params.layers
+    assert isinstance(lp.we_gate, quant.QMatrix) and not isinstance(lp.router, quant.QMatrix)
+    assert lp.we_gate.q.shape[:2] == (2, 8)  # [L, E, ...]
+    deq = jax.tree.map(lambda a: quant.dequantize(a) if isinstance(a, quant.QMatrix) else a, model.params,
+                       is_leaf=lambda a: isinstance(a, quant.QMatrix))
+    floats = dataclasses.replace(model, params=deq)
+    ps = [c["prompt_ids"] for c in reference("qwen3_moe")]
+    want = jaxgen.generate(floats, ps, max_new_tokens=8, stop_ids=[])
+    for impl in ("grouped", "gathered", "looped", "dense"):
+        got = jaxgen.generate(dataclasses.replace(model, paths=backend.REFERENCE.replace(moe=impl)), ps,
+                              max_new_tokens=8, stop_ids=[])
+        for g, w in zip(got, want):
+            assert g.tokens == w.tokens, impl
+            np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-4)
+    sharded = jaxgen.load(str(HF / "qwen3_moe"), quant=mode, mesh=make_mesh("data=2,model=4"))
+    assert sharded.params.layers.we_gate.q.sharding.spec[1] == "model"
+    assert [c.tokens for c in jaxgen.generate(sharded, ps, max_new_tokens=8, stop_ids=[])] == [w.tokens for w in want]
+
+
+def with_tokenizer(family, dst: pathlib.Path) -> pathlib.Path:
+    """The tiny MoE fixture with a character tokenizer of its 128 ids (ASCII; "</s>" = id 2 ends), so
+    text prompts, stop strings, constraints and `jaxgen batch` rows run on it."""
+    from tokenizers import Tokenizer, decoders, models
+
+    _copy(family, dst)
+    vocab = {chr(i): i for i in range(128)}
+    vocab.update({"<pad>": 0, "<s>": 1, "</s>": 2})
+    for c in ("\x00", "\x01", "\x02"):
+        del vocab[c]
+    tk = Tokenizer(models.BPE(vocab, [], unk_token="<pad>"))
+    tk.decoder = decoders.Fuse()  # characters concatenate (no spaces between tokens)
+    tk.add_special_tokens(["<pad>", "<s>", "</s>"])
+    tk.save(str(dst / "tokenizer.json"))
+    (dst / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<s>",
+                                                            "pad_token": "<pad>", "add_bos_token": False}))
+    return dst
+
+
+def test_constraints_and_jaxgen_batch_on_an_moe_model(tmp_path):
+    """Structured output on an MoE model: a regex, choices and a JSON schema hold, with the same tokens as
+    the dense all-experts reference computation; `jaxgen batch` (refill, per-row knobs and constraints)
+    == generate row by row."""
+    from jaxgen import cli
+
+    d = with_tokenizer("qwen3_moe", tmp_path / "moe")
+    model = jaxgen.load(str(d))
+    dense = dataclasses.replace(model, paths=backend.current().replace(moe="dense"))
+    prompts = ["the cat", "a dog sat", "x"]
+    kw = dict(max_new_tokens=12, regex=[r"[a-c]{2,5}!", None, r"(yes|no)"], choices=[None, ["red", "green"], None])
+    got = jaxgen.generate(model, prompts, **kw)
+    assert [c.tokens for c in got] == [c.tokens for c in jaxgen.generate(dense, prompts, **kw)]
+    import re
+
+    assert re.fullmatch(r"[a-c]{2,5}!", got[0].text) and got[1].text in ("red", "green")
+    assert re.fullmatch(r"yes|no", got[2].text)
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"],
+              "additionalProperties": False}  # (bounded: a random model would write integers forever)
+    (js,) = jaxgen.generate(model, ["{"], max_new_tokens=16, json_schema=schema)
+    assert js.finish_reason == "stop" and isinstance(json.loads(js.text)["a"], bool)
+    rows = [{"id": i, "prompt": p, "temperature": 0.7 * (i % 2), "seed": i} for i, p in enumerate(prompts * 3)]
+    rows[1]["choices"], rows[4]["regex"], rows[6]["stop"] = ["red", "green"], "[a-c]{2,5}!", ["a"]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli.main(["batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+                     "--model", str(d), "--max-new-tokens", "8", "--batch-size", "4"]) == 0
+    out = {r["id"]: r for r in map(json.loads, open(tmp_path / "out.jsonl"))}
+    from jaxgen.batch import row_seed
+
+    for r in rows:  # (a row's seed is derived from its seed and id: jaxgen.batch; a list: that row's own)
+        knobs = {k: v for k, v in r.items() if k not in ("id", "prompt")} | {"seed": [row_seed(r["seed"], r["id"])]}
+        (want,) = jaxgen.generate(model, [r["prompt"]], max_new_tokens=8, **knobs)
+        assert out[r["id"]]["tokens"] == want.tokens and out[r["id"]]["text"] == want.text, r
+
+
 def _copy(family, dst: pathlib.Path, edit=None) -> pathlib.Path:
     shutil.copytree(HF / family, dst)
     if edit:
@@ -148,7 +229,7 @@ def _copy(family, dst: pathlib.Path, edit=None) -> pathlib.Path:
 
 def test_bad_moe_checkpoints_are_one_line(tmp_path):
     """experts per token > experts, dense layers among sparse ones, shared experts, a missing expert
-    tensor, quantization: one ValueError line naming it."""
+    tensor: one ValueError line naming it."""
     cases = {
         "num_experts_per_tok 9 must be at most": ("qwen3_moe", lambda c: c.update(num_experts_per_tok=9)),
         "dense MLP layers among the sparse ones": ("qwen3_moe", lambda c: c.update(mlp_only_layers=[1])),
@@ -167,8 +248,6 @@ def test_bad_moe_checkpoints_are_one_line(tmp_path):
     save_file({k: v for k, v in t.items() if k != gone}, files[0])
     with pytest.raises(ValueError, match="missing tensor"):
         jaxgen.load(str(d))
-    with pytest.raises(ValueError, match="mixture-of-experts params is not supported"):
-        jaxgen.load(str(HF / "qwen3_moe"), quant="int8")
     with pytest.raises(ValueError, match="n_experts_per_tok"):
         ModelConfig(name="x", vocab_size=8, d_model=4, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=4, d_ff=4,
                     max_seq_len=8, n_experts=2, n_experts_per_tok=3, d_ff_expert=4)

@@ -100,6 +100,25 @@ def test_stage_equals_jaxgen_batch(cluster, ckpt, tmp_path):
     assert any("score" in x for x in got) and any("samples" in x for x in got)
 
 
+def test_stage_on_an_moe_checkpoint(cluster, tmp_path):
+    """A mixture-of-experts HF directory (tiny Qwen3-MoE with a character tokenizer) through the stage ==
+    `jaxgen batch` on it, row for row."""
+    from tests.test_moe import with_tokenizer
+
+    ck = str(with_tokenizer("qwen3_moe", tmp_path / "moe"))
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows(16)))
+    want = batch_lines(ck, inp, tmp_path / "out.jsonl", cluster)
+    sys.path.insert(0, str(ROOT / "examples"))
+    from ray_batch import run
+
+    stats = run(str(inp), str(tmp_path / "ray.jsonl"), actors=2, block_rows=8, model=ck, **OPTIONS)
+    got = [json.loads(x) for x in open(tmp_path / "ray.jsonl")]
+    assert stats["rows"] == len(got) == 16 and sorted(json.dumps(x["id"]) for x in got) == sorted(want)
+    for line in got:
+        same(line, want[json.dumps(line["id"])])
+
+
 class KillOnce(jray.Generate):
     """Kills its own process (SIGKILL) in the middle of its first block, once per marker file."""
 
