@@ -14,8 +14,8 @@ nibble, row i + I/2 in the high one. Why halves and not neighbouring rows: unpac
 slabs and the matmul splits x in two, where interleaving rows cost more than the int4 read saved.
 
 `quantize_params` swaps the big matrices for QMatrix leaves (the projections in their 2-D [in, out]
-form, the embedding in its [D, V] unembedding orientation, whose columns also serve the lookup); norms
-and biases stay float. `model.py` dispatches on the leaf type; the matmul dequantizes on the fly with f32
+form, a mixture-of-experts layer's expert matrices as [E, in, out], the embedding in its [D, V]
+unembedding orientation, whose columns also serve the lookup); norms, biases and routers stay float. `model.py` dispatches on the leaf type; the matmul dequantizes on the fly with f32
 accumulation. Scales are stored in the model's compute dtype. (The int8 KV cache is in `cache.py`.)
 """
 from __future__ import annotations
