@@ -43,6 +43,7 @@ except ImportError as e:  # pragma: no cover - the optional extra is missing
     raise ImportError("jaxgen.lm_eval needs lm-eval: pip install 'jaxgen[eval]'") from e
 
 from jaxgen import knobs as kn
+from jaxgen.checkpoint import DEFAULT_MODEL
 from jaxgen.model import Model, score_spans
 
 # generation kwargs a task may give (after lm-eval's normalize_gen_kwargs), as jaxgen.generate knobs
@@ -67,8 +68,9 @@ def _mesh(text):
 
 
 class JaxgenLM(TemplateLM):
-    """An lm-eval model backed by jaxgen. model: a registry name, .gguf path, HF or Orbax directory (as
-    `jaxgen.load` takes it), or a ready `jaxgen.Model` (with a tokenizer). dtype / quant / kv_quant /
+    """An lm-eval model backed by jaxgen. model (or HFLM's name, pretrained): a registry name, .gguf
+    path, HF or Orbax directory (as `jaxgen.load` takes it; default the default model), or a ready
+    `jaxgen.Model` (with a tokenizer). dtype / quant / kv_quant /
     mesh: as `jaxgen.load` (mesh as data=2;model=4). lora: a PEFT adapter directory, merged into the
     weights. batch_size: rows per compiled call ("auto" = 32). max_length: context window for
     truncation and rolling windows (default: the config's max_seq_len, what HFLM reads from
@@ -78,7 +80,7 @@ class JaxgenLM(TemplateLM):
     a warning, as HFLM falls back to the CPU (lm-eval's command line passes cuda:0 by default). Anything
     else is refused: an option that does nothing is an error, not a warning."""
 
-    def __init__(self, model="gemma3-270m", dtype="auto", quant=None, kv_quant=None, mesh=None, lora=None,
+    def __init__(self, model=None, dtype="auto", quant=None, kv_quant=None, mesh=None, lora=None,
                  batch_size=DEFAULT_BATCH, max_length=None, max_gen_toks=MAX_GEN_TOKS, add_bos_token=None,
                  prefix_token_id=None, seed=0, pretrained=None, device=None, max_batch_size=None, **unknown):
         super().__init__()
@@ -86,10 +88,9 @@ class JaxgenLM(TemplateLM):
             raise ValueError(f"jaxgen lm-eval model: unknown option(s) {', '.join(sorted(unknown))}; it takes model, "
                              "dtype, quant, kv_quant, mesh, lora, batch_size, max_length, max_gen_toks, "
                              "add_bos_token, prefix_token_id, seed")
-        if pretrained is not None:  # HFLM's name for it, so its commands carry over
-            if model != "gemma3-270m" and model != pretrained:
-                raise ValueError("jaxgen lm-eval model: give model= or pretrained=, not both")
-            model = pretrained
+        if pretrained is not None and model is not None:  # (pretrained: HFLM's name, so its commands carry over)
+            raise ValueError("jaxgen lm-eval model: give model= or pretrained=, not both")
+        model = model if model is not None else pretrained if pretrained is not None else DEFAULT_MODEL
         if device not in (None, "") and _platform(device) != jax.default_backend():
             # lm-eval's command line passes device="cuda:0" unless told otherwise, and HFLM runs on the CPU
             # when there is no such device: so does this (said, not silent)

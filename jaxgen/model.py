@@ -580,7 +580,7 @@ def fold_chunks(params: Params, tokens: jax.Array, positions: jax.Array, cache: 
 
     The chunks run in a `fori_loop` (one compiled chunk for every bucket above `chunk`) that stops
     after the last chunk holding a valid token of some row (a bucket's padding costs nothing); T <= chunk
-    is one pass. `prefill_hidden` keeps each row's last hidden state; `score_spans` sums log-probs."""
+    is one pass. `prefill_hidden` keeps each row's last hidden state, `score_spans` the spans' ones."""
     B, T = tokens.shape
     if T <= chunk:
         h, cache = forward_hidden(params, tokens, positions, cache, cfg, key_block=2 * chunk, paths=paths)

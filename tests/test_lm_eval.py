@@ -122,6 +122,24 @@ def test_sharded_over_a_mesh():
     assert_same(evaluate(lm, tasks), {"jaxgen_ll": reference("smollm2-135m")["plain"]["jaxgen_ll"]})
 
 
+def test_lora_directory_equals_the_merged_model(smollm2, tmp_path):
+    """model_args lora=DIR (a PEFT directory) scores as the model with that adapter merged (merge_lora:
+    == HF + peft, tests/test_lora.py)."""
+    from jaxgen import lora
+
+    adapter = lora.random_adapter(smollm2.cfg, jax.random.key(0), rank=4, scale=0.05)
+    lora.save_lora(adapter, tmp_path / "adapter")
+    tasks = [t for t in configs() if t["task"] == "jaxgen_ll"]
+    got = evaluate(JaxgenLM(model="smollm2-135m", dtype="float32", lora=str(tmp_path / "adapter"),
+                            max_length=MAX_LENGTH, batch_size=8), tasks)
+    merged = jaxgen.Model(smollm2.cfg, jaxgen.merge_lora(smollm2.params, adapter, smollm2.cfg), smollm2.tokenizer)
+    want = evaluate(JaxgenLM(model=merged, max_length=MAX_LENGTH, batch_size=8), tasks)
+    plain = reference("smollm2-135m")["plain"]["jaxgen_ll"]["samples"]
+    ll = lambda r: [s["resps"][0][0][0] for s in r["jaxgen_ll"]["samples"]]
+    assert ll(got) == pytest.approx(ll(want), abs=1e-5)
+    assert max(abs(a - s["resps"][0][0][0]) for a, s in zip(ll(got), plain)) > 1e-3  # the adapter changed them
+
+
 def test_new_params_rescore_without_recompiling(smollm2, compile_counter):
     """A training loop's evals: update_params, same programs (compiles counted), the new weights' answers
     (== a fresh adapter over a Model holding them)."""
