@@ -31,7 +31,8 @@ accelerator benchmark, `python -m benchmarks.accelerator`, whose `paths` rows ti
   first call's compile time does not grow with depth; the goal there is <= 30 s per preset).
 
 - moe (mixture-of-experts MLPs, jaxgen.moe): "auto" picks per call shape: "gathered" (the chosen
-  experts' weights gathered per token) when tokens x experts-per-token < experts, else "grouped"
+  experts' weights gathered per token; "picked" on CPU, one pair at a time, the experts read in place:
+  XLA:CPU copies the gather) when tokens x experts-per-token < experts, else "grouped"
   (jax.lax.ragged_dot over the tokens sorted by expert) on accelerators and "looped" (a loop over the
   experts and chunks of their tokens) on CPU, whose ragged_dot computes every expert on every row
   (measured: jaxgen.moe.looped); "dense" (every expert) is the reference.
@@ -53,7 +54,7 @@ CHOICES = {
     "gates": ("cond", "where"),
     "dequant": ("float32", "bfloat16"),
     "unroll": (True, False),
-    "moe": ("auto", "grouped", "gathered", "looped", "dense"),
+    "moe": ("auto", "grouped", "gathered", "picked", "looped", "dense"),
 }
 FIELDS = tuple(CHOICES) + ("decode_block",)
 ENV = "JAXGEN_PATHS"
@@ -67,7 +68,7 @@ class Paths:
     dequant: str = "float32"  # "float32" | "bfloat16"
     unroll: bool = True  # float layers unrolled (per-layer params) rather than scanned
     decode_block: int = 256  # key slots per loop step of the "live" decode path
-    moe: str = "auto"  # "auto" | "grouped" | "gathered" | "looped" | "dense" (mixture-of-experts MLPs: jaxgen.moe)
+    moe: str = "auto"  # "auto" | "grouped" | "gathered" | "picked" | "looped" | "dense" (MoE MLPs: jaxgen.moe)
 
     def __post_init__(self):
         for f, allowed in CHOICES.items():

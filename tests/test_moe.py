@@ -1,5 +1,5 @@
 """Mixture-of-experts models (jaxgen.moe): tiny random Qwen3-MoE and Mixtral HF checkpoints against HF
-transformers (tools/make_moe_fixtures.py), the grouped (ragged_dot), gathered, looped and dense computations
+transformers (tools/make_moe_fixtures.py), the grouped (ragged_dot), gathered, picked, looped and dense computations
 against each other, a data=2,model=4 mesh (experts split over `model`) against one device, the other
 decoding modes on an MoE model, and bad configs as one line."""
 import dataclasses
@@ -49,7 +49,7 @@ def test_greedy_equals_hf_with_every_expert_computation(models, family):
     published = json.loads((HF / family / "config.published.json").read_text())
     assert hf.config_from_hf(published) == hf.config_from_hf(json.loads((HF / family / "config.json").read_text()))
     cases = reference(family)
-    for impl in ("grouped", "gathered", "looped", "dense"):
+    for impl in ("grouped", "gathered", "picked", "looped", "dense"):
         m = dataclasses.replace(model, paths=backend.REFERENCE.replace(moe=impl))
         got = jaxgen.generate(m, [c["prompt_ids"] for c in cases], max_new_tokens=10, stop_ids=[])
         for c, g in zip(cases, got):
@@ -82,6 +82,7 @@ def test_grouped_gathered_dense_agree(norm):
         np.testing.assert_allclose(outs["grouped"], outs["dense"], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(outs["gathered"], outs["dense"], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(outs["looped"], outs["dense"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(outs["picked"], outs["dense"], rtol=1e-5, atol=1e-5)
         w, e = moe.route(cfg, h.reshape(B * T, -1), lp.router)
         if B * T <= 2:
             assert len(set(np.asarray(e).ravel().tolist())) < cfg.n_experts  # some experts unpicked
@@ -90,13 +91,13 @@ def test_grouped_gathered_dense_agree(norm):
             first = np.asarray(e)[both]
             assert (np.argmax(first == 1, -1) < np.argmax(first == 2, -1)).all()
         np.testing.assert_allclose(np.asarray(w).sum(-1), 1.0, rtol=1e-6) if norm else None
-    assert moe.choose(cfg, 1) == "gathered" and moe.choose(cfg, 64) == "looped"  # (on CPU; grouped elsewhere)
+    assert moe.choose(cfg, 1) == "picked" and moe.choose(cfg, 64) == "looped"  # (on CPU; gathered / grouped elsewhere)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mesh_equals_one_device(models, family):
     """Loaded onto a data=2,model=4 mesh (each device reads its slice; experts split over model): the
-    same greedy tokens and log-probs as one device, grouped, gathered and looped."""
+    same greedy tokens and log-probs as one device, grouped, gathered, picked and looped."""
     one = models(family)
     mesh = make_mesh("data=2,model=4")
     sharded = models(family, mesh=mesh)
@@ -104,7 +105,7 @@ def test_mesh_equals_one_device(models, family):
     assert spec[0] == "model", spec  # [E, D, Fe] split on E
     cases = reference(family)
     ps = [c["prompt_ids"] for c in cases]
-    for impl in ("grouped", "gathered", "looped"):
+    for impl in ("grouped", "gathered", "picked", "looped"):
         paths = backend.REFERENCE.replace(moe=impl)
         want = jaxgen.generate(dataclasses.replace(one, paths=paths), ps, max_new_tokens=8, stop_ids=[])
         got = jaxgen.generate(dataclasses.replace(sharded, paths=paths), ps, max_new_tokens=8, stop_ids=[])
@@ -153,7 +154,7 @@ def test_quantized_experts_equal_their_dequantized_floats(models, mode):
     floats = dataclasses.replace(model, params=deq)
     ps = [c["prompt_ids"] for c in reference("qwen3_moe")]
     want = jaxgen.generate(floats, ps, max_new_tokens=8, stop_ids=[])
-    for impl in ("grouped", "gathered", "looped", "dense"):
+    for impl in ("grouped", "gathered", "picked", "looped", "dense"):
         got = jaxgen.generate(dataclasses.replace(model, paths=backend.REFERENCE.replace(moe=impl)), ps,
                               max_new_tokens=8, stop_ids=[])
         for g, w in zip(got, want):
