@@ -17,7 +17,6 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
@@ -99,7 +98,7 @@ def main(argv=None):
     import jaxgen
     from jaxgen.checkpoint import hf_save
 
-    from benchmarks.run import publish, python_for
+    from benchmarks.run import publish, python_for, run_worker
 
     systems = ["jaxgen"] if a.quick else ["jaxgen", "hf"]
     if "hf" in systems and python_for("hf") is None:
@@ -114,12 +113,11 @@ def main(argv=None):
     for system in systems:
         env = dict(os.environ, PYTHONPATH=str(ROOT) if system == "jaxgen" else "", TF_CPP_MIN_LOG_LEVEL="3",
                    HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-        p = subprocess.run([python_for(system), str(pathlib.Path(__file__).resolve()), "--worker", system, "--spec",
-                            json.dumps(spec)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=a.timeout)
-        if p.returncode != 0:
-            print(f"{system} failed:\n{p.stderr[-3000:]}", file=sys.stderr)
+        try:
+            res[system] = run_worker(pathlib.Path(__file__).resolve(), system, spec, python_for(system), env, a.timeout)
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
             return 1
-        res[system] = json.loads(p.stdout.strip().splitlines()[-1])
         print(system, {k: round(v["requests_per_s"], 2) for k, v in res[system].items()}, file=sys.stderr, flush=True)
     if a.quick:
         print(json.dumps({k: v["requests_per_s"] for k, v in res["jaxgen"].items()}))

@@ -27,7 +27,6 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
@@ -188,7 +187,7 @@ def main(argv=None):
     if a.worker:
         print(json.dumps(SYSTEMS[a.worker](json.loads(a.spec))), flush=True)
         return 0
-    from run import publish
+    from run import publish, run_worker
 
     spec = {"model": "gemma3-270m", "P": 2 if a.quick else 8, "G": 2 if a.quick else 8,
             "max_new": 16 if a.quick else 128, "rank": 16, "steps": 1 if a.quick else 2}
@@ -197,12 +196,11 @@ def main(argv=None):
         env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
         if w == "reshard":  # 8 host devices for the two meshes (only in this process: they split the CPU)
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-        p = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", w, "--spec",
-                            json.dumps(spec)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=a.timeout)
-        if p.returncode != 0:
-            print(f"{w} failed:\n{p.stderr[-3000:]}", file=sys.stderr)
+        try:
+            out = run_worker(pathlib.Path(__file__).resolve(), w, spec, env=env, timeout=a.timeout)
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
             continue
-        out = json.loads(p.stdout.strip().splitlines()[-1])
         res.update(out if w == "rollouts" else {"reshard": out})
         print(w, "done", file=sys.stderr, flush=True)
     text = table(res, spec)

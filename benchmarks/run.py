@@ -66,6 +66,18 @@ def python_for(system: str) -> str | None:
     return str(py) if (py.parent.parent / ".ok").exists() else None
 
 
+def run_worker(script, name: str, spec: dict, python: str | None = None, env: dict | None = None,
+               timeout: int = 1800) -> dict:
+    """The harnesses' worker protocol: `python SCRIPT --worker NAME --spec JSON`, run in the repository
+    with `env`, prints its result as the last line of JSON. That result, or a RuntimeError carrying the
+    worker's stderr tail (benchmarks.evals, benchmarks.lora)."""
+    p = subprocess.run([python or sys.executable, str(script), "--worker", name, "--spec", json.dumps(spec)],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"{name} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def run_peer(system: str, spec: dict, timeout: int) -> dict:
     py = python_for(system)
     cmd = [py, str(ROOT / "benchmarks" / PEERS[system]), json.dumps(spec)]

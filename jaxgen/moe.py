@@ -8,12 +8,13 @@ gated MLP outputs are summed with the router's weights.
 Expert weights may be int8 / int4 (`jaxgen.quant` QMatrix leaves over [E, I, O]): each computation
 dequantizes what it reads (gathered: the pairs' experts; picked and looped: one expert at a time; grouped and
 dense: all of them, so int8 saves memory there but not bandwidth). Only the chosen experts are
-computed, two ways that give the same sums:
+computed, in ways that give the same sums:
 - `grouped`: the N * k (token, expert) pairs sorted by expert and run through `jax.lax.ragged_dot`
   (a grouped matmul: MaxText's and Tunix's MoE kernel), every expert's weights read once. Prefill
   and large batches.
 - `gathered`: each pair's expert weights gathered and applied as batched matmuls: reads N * k expert
   matrices instead of E, fewer bytes when N * k < E (decode at small batch).
+- `picked` (CPU, in place of gathered): a loop over the pairs, each expert indexed where it lies.
 - `looped` (CPU, in place of grouped): a loop over the experts and chunks of their sorted pairs.
 `dense` (every expert for every token, weighted by a [N, E] matrix of the chosen weights) is the tests'
 reference only. Axis legend as in jaxgen/model.py; E experts, k per token, Fe expert FFN width, N tokens.
