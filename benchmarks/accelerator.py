@@ -18,6 +18,12 @@ attention full / live / pallas, sampling gates cond / where with sampled rows, i
 dequantized to f32 / bf16, unrolled / scanned layers with their compile times), on a uniform batch
 and on a ragged one (one long prompt among short ones: the case length-aware attention is for). A
 choice that fails to compile is a row with its error, not the end of the run.
+Then `moe_rows` (issue 31 on the device; --moe-s of the budget kept for them): benchmarks.moe's
+random model with Qwen3-30B-A3B's layer shapes (--moe-layers layers, bf16): steady-state decode
+tokens/s and the fraction of the roofline of the *active* bytes (non-expert weights plus the experts
+the batch picks) for the default computation at batch 1 / 8 / 32 and for gathered / grouped forced
+at batch 1, 8 and 32 (where `jaxgen.moe.choose` switches between them), all experts ("dense") at
+batch 1, prefill of 2,048 tokens, and the same batch-1 fraction for a dense model of the active width.
 Models run in order until --budget-s is spent (the rest are listed as skipped), so one GPU run fits
 its time. Writes benchmarks/results/<device>-<date>-accelerator.json (`rows`) and, with --readme, the
 README table between the accelerator markers.
@@ -170,6 +176,23 @@ def hf_figures(cfg, args):
     return out
 
 
+def moe_rows(args, bw, device_kind, paths, deadline):
+    """benchmarks.moe's rows on this device (bf16), until `deadline`: see the module docstring."""
+    from benchmarks import moe
+
+    cfg = moe.config(args.smoke, args.moe_layers)
+    a = argparse.Namespace(prompt=args.prompt, new=16 if args.smoke else 32, repeats=args.repeats,
+                           prefill=64 if args.smoke else 2048, batches=None)
+    b = [1] if args.smoke else [1, 8, 32]
+    plan = [("auto", b), ("gathered", b), ("grouped", b), ("dense", b[:1])]
+    rows, prefill = moe.rows_for(cfg, "bfloat16", a, bw, paths, plan, deadline)
+    ref = moe.dense_reference(cfg, a, bw, "bfloat16", paths) if time.perf_counter() < deadline else None
+    for r in rows:
+        r.update(device_kind=device_kind, model=cfg.name)
+    return {"model": cfg.name, "layers": cfg.n_layers, "experts": cfg.n_experts, "experts_per_token": cfg.n_experts_per_tok,
+            "rows": rows, "prefill_tokens": a.prefill, "prefill_tok_s": prefill, "dense_reference": ref}
+
+
 PATH_FLIPS = [("decode_attention", "full"), ("decode_attention", "live"), ("decode_attention", "pallas"),
               ("prefill_attention", "xla"), ("prefill_attention", "dpa"), ("gates", "cond"), ("gates", "where"),
               ("unroll", True), ("unroll", False)]
@@ -259,6 +282,8 @@ def main(argv=None):
     ap.add_argument("--paths-batch", type=int, default=16)
     ap.add_argument("--paths-new", type=int, default=128)
     ap.add_argument("--paths-long", type=int, default=3000, help="the ragged batch's long prompt")
+    ap.add_argument("--moe-layers", type=int, default=8, help="layers of the MoE rows' model")
+    ap.add_argument("--moe-s", type=float, default=100.0, help="seconds of the budget kept for the MoE rows")
     ap.add_argument("--smoke", action="store_true", help="a tiny preset, small settings (CPU, CI)")
     ap.add_argument("--readme", action="store_true", help="write the README table")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -271,6 +296,7 @@ def main(argv=None):
         args.batches, args.new, args.prompt, args.prefill, args.repeats = [1, 2], 8, 8, [64], 1
         args.bandwidth_bytes = 64 * 2**20
         args.paths_batch, args.paths_new, args.paths_long, args.paths_s, args.budget_s = 2, 4, 40, 0.0, 1e9
+        args.moe_s, args.moe_layers = 0.0, 2
     t0 = time.perf_counter()
     device = jax.devices()[0]
     device_kind = device.device_kind
@@ -280,7 +306,7 @@ def main(argv=None):
     rows, skipped = [], []
     configs = [smoke_config()] if args.smoke else [jaxgen.load_config(m) for m in args.models]
     for cfg in configs:
-        if time.perf_counter() - t0 > args.budget_s - args.paths_s:
+        if time.perf_counter() - t0 > args.budget_s - args.paths_s - args.moe_s:
             skipped.append(cfg.name)
             continue
         got = jaxgen_rows(cfg, args, bw, device_kind, paths)
@@ -292,6 +318,7 @@ def main(argv=None):
         print(json.dumps(got), file=sys.stderr)
     from jaxgen import backend
 
+    moe_result = moe_rows(args, bw, device_kind, paths, t0 + args.budget_s - args.paths_s)
     paths_cfg = smoke_config() if args.smoke else jaxgen.load_config(args.paths_model)
     path_rows = paths_rows(paths_cfg, args, device_kind, t0 + args.budget_s)
     result = {"date": str(datetime.date.today()), "device_kind": device_kind, "platform": device.platform,
@@ -299,7 +326,7 @@ def main(argv=None):
                   "batches": args.batches, "new_tokens": args.new, "prompt": args.prompt, "prefill": args.prefill},
               "default_paths": dataclasses.asdict(backend.current()), "paths": dataclasses.asdict(paths),
               "preflight_errors": preflight_errors,
-              "rows": rows, "skipped": skipped, "paths_rows": path_rows, "wall_s": time.perf_counter() - t0}
+              "rows": rows, "skipped": skipped, "moe": moe_result, "paths_rows": path_rows, "wall_s": time.perf_counter() - t0}
     stem = re.sub(r"[^A-Za-z0-9]+", "-", device_kind).strip("-").lower()
     path = os.path.join(args.out, f"{stem}-{datetime.date.today()}-accelerator{'-smoke' if args.smoke else ''}.json")
     with open(path, "w") as f:
@@ -326,6 +353,7 @@ def table(result, path) -> str:
                      f"{r['compile_s']:.1f} | {pre} |")
     if result["skipped"]:
         lines.append(f"\nNot reached within the time budget: {', '.join(result['skipped'])}.")
+    lines += moe_table(result.get("moe"))
     prs = [r for r in result.get("paths_rows", []) if not r.get("skipped")]
     if prs:
         r0 = prs[0]
@@ -341,6 +369,30 @@ def table(result, path) -> str:
                               if f"decode_tok_s_{k}" in r else "-")
             lines.append(f"| {r['variant']} | {cell('uniform_greedy')} | {cell('uniform_sampled')} | {cell('ragged_greedy')} |")
     return "\n".join(lines)
+
+
+def moe_table(m) -> list[str]:
+    """The MoE rows as README lines (none if the run had none)."""
+    if not m or not any("decode_tok_s" in r for r in m["rows"]):
+        return []
+    lines = ["", f"Mixture of experts ({m['model']}, benchmarks.moe's model: {m['layers']} layers, {m['experts']} "
+             f"experts, {m['experts_per_token']} per token, bf16; steady-state decode tok/s and the fraction of the "
+             "roofline of the bytes a step reads: the dense weights and the experts the batch picks):", "", "| computation | batch | decode tok/s | experts read / layer | "
+             "active-bytes roofline fraction |", "|---|---|---|---|---|"]
+    for r in m["rows"]:
+        if "decode_tok_s" in r:
+            name = f"auto ({r['computation']})" if r["impl"] == "auto" else r["impl"]
+            lines.append(f"| {name} | {r['batch']} | {r['decode_tok_s']:.0f} | {r['experts_per_layer']} | "
+                         f"{r['roofline_fraction']:.0%} |")
+    ref, auto1 = m.get("dense_reference"), [r for r in m["rows"] if r["impl"] == "auto" and r["batch"] == 1
+                                             and "decode_tok_s" in r]
+    if ref and auto1:
+        lines.append(f"| dense model of the active width | 1 | {ref['decode_tok_s']:.0f} | | "
+                     f"{ref['roofline_fraction']:.0%} (MoE / dense: "
+                     f"{auto1[0]['roofline_fraction'] / ref['roofline_fraction']:.2f}) |")
+    if m.get("prefill_tok_s"):
+        lines.append(f"\nMoE prefill of one {m['prefill_tokens']}-token prompt: {m['prefill_tok_s']:.0f} tok/s.")
+    return lines
 
 
 if __name__ == "__main__":

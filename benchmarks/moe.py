@@ -6,7 +6,7 @@ be most of the bytes a step reads, hiding the experts), in float32 and bfloat16:
 - decode tokens/s at batch 1, 8, 32 (32-token prompts, greedy), steady state: B x (new - 1) /
   (t(new) - t(1)) from paired timings of the same compiled program (benchmarks/common.py's rule:
   the prefill cancels, which at batch 1 reads all 128 experts for its 32 tokens), jaxgen's default
-  expert computation on this CPU (gathered below 128 / 8 = 16 tokens per call, looped above: see
+  expert computation on this CPU (picked below 128 / 8 = 16 tokens per call, looped above: see
   jaxgen.moe) against the dense all-experts computation (Paths.moe="dense", float32 only). The
   grouped `ragged_dot` computation (the accelerators' choice) is not run: XLA:CPU computes every
   expert on every row there (3.6 tokens/s at batch 32, measured once: see jaxgen.moe);
@@ -17,7 +17,9 @@ be most of the bytes a step reads, hiding the experts), in float32 and bfloat16:
 - prefill tokens/s of one 2,048-token prompt;
 - the same batch-1 roofline fraction for a dense model with the same attention and an MLP of the
   active width (8 x 768), the goal being MoE batch-1 within 1.5x of it.
-Writes benchmarks/results/<machine>-<date>-moe.json and the README's bench-moe table.
+Writes benchmarks/results/<machine>-<date>-moe.json and the README's bench-moe table. On a GPU / TPU
+the same rows (`rows_for`, `dense_reference`) come from `python -m benchmarks.accelerator` (bf16, more
+layers, each expert computation forced at the batches where the choice between them is made).
 """
 import argparse
 import dataclasses
@@ -30,14 +32,14 @@ from benchmarks import common
 from benchmarks.run import bandwidth_gbs, publish
 
 
-def config(quick: bool):
+def config(quick: bool, n_layers: int = 2):
     from jaxgen.config import ModelConfig
 
     if quick:
         return ModelConfig(name="moe-quick", vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                            head_dim=16, d_ff=96, max_seq_len=4096, n_experts=16, n_experts_per_tok=4, d_ff_expert=24,
                            norm_topk_prob=True)
-    return ModelConfig(name="qwen3-moe-2layer", vocab_size=32000, d_model=2048, n_layers=2, n_heads=32, n_kv_heads=4,
+    return ModelConfig(name=f"qwen3-moe-{n_layers}layer", vocab_size=32000, d_model=2048, n_layers=n_layers, n_heads=32, n_kv_heads=4,
                        head_dim=128, d_ff=6144, max_seq_len=4096, qk_norm=True, tie_embeddings=False,
                        rope_theta=1e6, n_experts=128, n_experts_per_tok=8, d_ff_expert=768, norm_topk_prob=True)
 
@@ -79,22 +81,34 @@ def active_bytes(cfg, params, prompts, new, itemsize):
     return dense + cfg.n_layers * distinct * expert, distinct
 
 
-def rows_for(cfg, dtype_name, args, bw):
+def rows_for(cfg, dtype_name, args, bw, paths=None, plan=None, deadline=float("inf")):
+    """Decode rows per expert computation and batch, plan = [(Paths.moe value, batches), ...] (default:
+    "auto" at args.batches, plus "dense" in float32), and the prefill tokens/s of one
+    `args.prefill`-token prompt, for random params in `dtype_name` under `paths` (None: this backend's;
+    layers unstacked where paths.unroll). Rows not started by `deadline` (perf_counter) are skipped."""
     import jax
     import jax.numpy as jnp
 
     import jaxgen
-    from jaxgen import backend
+    from jaxgen import backend, moe
     from jaxgen.model import unstack_layers
 
+    paths = paths or backend.current()
     dtype = jnp.dtype(dtype_name)
-    params = unstack_layers(jax.jit(lambda k: jaxgen.init_params(cfg, k, dtype))(jax.random.key(0)))
+    params = jax.jit(lambda k: jaxgen.init_params(cfg, k, dtype))(jax.random.key(0))
+    if paths.unroll:  # the layout jaxgen.load gives for these paths
+        params = unstack_layers(params)
     itemsize = dtype.itemsize
     rng = np.random.default_rng(0)
     out = []
-    for impl in ("auto", "dense") if dtype_name == "float32" else ("auto",):  # the reference: one dtype
-        model = jaxgen.Model(cfg, params, paths=backend.current().replace(moe=impl))
-        for B in args.batches:
+    if plan is None:  # the dense reference in one dtype
+        plan = [(impl, args.batches) for impl in (("auto", "dense") if dtype_name == "float32" else ("auto",))]
+    for impl, batches in plan:
+        model = jaxgen.Model(cfg, params, paths=paths.replace(moe=impl))
+        for B in batches:
+            if time.perf_counter() > deadline:
+                out.append(dict(dtype=dtype_name, impl=impl, batch=B, skipped=True))
+                continue
             prompts = np.random.default_rng(B).integers(1, cfg.vocab_size, (B, args.prompt)).tolist()  # both impls
             t = time.perf_counter()
             jaxgen.precompile(model, B, args.prompt, args.new)
@@ -102,33 +116,40 @@ def rows_for(cfg, dtype_name, args, bw):
             tok_s = decode_rate(model, prompts, args.new, args.repeats if impl == "auto" else 1)
             step, distinct = active_bytes(cfg, params, prompts, args.new, itemsize)
             out.append(dict(dtype=dtype_name, impl=impl, batch=B, decode_tok_s=tok_s, compile_s=compile_s,
+                            computation=moe.choose(cfg, B) if impl == "auto" else impl,
                             experts_per_layer=distinct, active_bytes=step,
                             roofline_fraction=tok_s / (B * bw / step)))
             print(out[-1], file=sys.stderr, flush=True)
-    model = jaxgen.Model(cfg, params)
+    if time.perf_counter() > deadline:
+        return out, None
+    model = jaxgen.Model(cfg, params, paths=paths)
     ids = [rng.integers(1, cfg.vocab_size, args.prefill).tolist()]
     jaxgen.precompile(model, 1, args.prefill, 1)
     prefill = args.prefill / fastest(lambda: jaxgen.generate(model, ids, max_new_tokens=1, stop_ids=[]), args.repeats)
     return out, prefill
 
 
-def dense_reference(cfg, args, bw):
+def dense_reference(cfg, args, bw, dtype_name="float32", paths=None):
     """Batch-1 roofline fraction of a dense model with the same attention and the active MLP width."""
     import jax
     import jax.numpy as jnp
 
     import jaxgen
+    from jaxgen import backend
     from jaxgen.model import unstack_layers
 
+    paths = paths or backend.current()
     dcfg = dataclasses.replace(cfg, name=cfg.name + "-dense-active", d_ff=cfg.n_experts_per_tok * cfg.d_ff_expert,
                                n_experts=0, n_experts_per_tok=0, d_ff_expert=0, norm_topk_prob=False)
-    params = unstack_layers(jax.jit(lambda k: jaxgen.init_params(dcfg, k, jnp.float32))(jax.random.key(0)))
-    model = jaxgen.Model(dcfg, params)
+    params = jax.jit(lambda k: jaxgen.init_params(dcfg, k, jnp.dtype(dtype_name)))(jax.random.key(0))
+    if paths.unroll:
+        params = unstack_layers(params)
+    model = jaxgen.Model(dcfg, params, paths=paths)
     prompts = [np.random.default_rng(0).integers(1, cfg.vocab_size, args.prompt).tolist()]
     jaxgen.precompile(model, 1, args.prompt, args.new)
     tok_s = decode_rate(model, prompts, args.new, args.repeats)
     step = sum(x.nbytes for x in jax.tree.leaves(params)) - (0 if dcfg.tie_embeddings else params.embed.nbytes)
-    return dict(dtype="float32", batch=1, decode_tok_s=tok_s, active_bytes=step, roofline_fraction=tok_s / (bw / step))
+    return dict(dtype=dtype_name, batch=1, decode_tok_s=tok_s, active_bytes=step, roofline_fraction=tok_s / (bw / step))
 
 
 def table(res):

@@ -26,7 +26,10 @@ def test_accelerator_benchmark_smoke(tmp_path):
     """`python -m benchmarks.accelerator --smoke` (the GPU script on a tiny preset, on this CPU) runs end to
     end and writes every field of its rows, so the script a GPU session runs has not rotted."""
     from benchmarks import accelerator
+    from benchmarks.moe import config
+    from jaxgen import moe as moe_lib
 
+    cfg = config(quick=True)
     result = accelerator.main(["--smoke", "--no-hf", "--out", str(tmp_path)])
     saved = json.loads(next(tmp_path.glob("*-accelerator-smoke.json")).read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"])) and [r["batch"] for r in saved["rows"]] == [1, 2]
@@ -40,3 +43,12 @@ def test_accelerator_benchmark_smoke(tmp_path):
     for r in saved["paths_rows"]:
         assert "error" not in r and r["decode_tok_s_uniform_greedy"] > 0 and r["decode_tok_s_uniform_sampled"] > 0
     assert "| decode_attention=pallas |" in accelerator.table(saved, "x.json")
+    # the MoE rows (issue 31 on the device): every computation forced, the default's choice named
+    moe = saved["moe"]
+    assert [(r["impl"], r["batch"]) for r in moe["rows"]] == [(i, 1) for i in ("auto", "gathered", "grouped", "dense")]
+    for r in moe["rows"]:
+        assert r["decode_tok_s"] > 0 and r["computation"] == (moe_lib.choose(cfg, r["batch"]) if r["impl"] == "auto"
+                                                              else r["impl"])
+        assert 0 < r["experts_per_layer"] <= r["batch"] * cfg.n_experts_per_tok and 0 < r["roofline_fraction"] < 1.5
+    assert moe["prefill_tok_s"] > 0 and 0 < moe["dense_reference"]["roofline_fraction"] < 1.5
+    assert "| auto (picked) | 1 |" in accelerator.table(saved, "x.json")
