@@ -185,7 +185,7 @@ def moe_rows(args, bw, device_kind, paths, deadline):
                            prefill=64 if args.smoke else 2048, batches=None)
     b = [1] if args.smoke else [1, 8, 32]
     plan = [("auto", b), ("gathered", b), ("grouped", b), ("dense", b[:1])]
-    rows, prefill = moe.rows_for(cfg, "bfloat16", a, bw, paths, plan, deadline)
+    rows, prefill = moe.rows_for(cfg, "bfloat16", a, bw, paths, plan, deadline, catch=True)
     ref = moe.dense_reference(cfg, a, bw, "bfloat16", paths) if time.perf_counter() < deadline else None
     for r in rows:
         r.update(device_kind=device_kind, model=cfg.name)
@@ -318,7 +318,13 @@ def main(argv=None):
         print(json.dumps(got), file=sys.stderr)
     from jaxgen import backend
 
-    moe_result = moe_rows(args, bw, device_kind, paths, t0 + args.budget_s - args.paths_s)
+    try:
+        moe_result = moe_rows(args, bw, device_kind, paths, t0 + args.budget_s - args.paths_s)
+    except Exception as e:  # noqa: BLE001 - a failure here (memory, a kernel) is a finding, not the end of the run
+        if args.smoke:
+            raise
+        moe_result = {"error": _error(e)}
+    gc.collect()
     paths_cfg = smoke_config() if args.smoke else jaxgen.load_config(args.paths_model)
     path_rows = paths_rows(paths_cfg, args, device_kind, t0 + args.budget_s)
     result = {"date": str(datetime.date.today()), "device_kind": device_kind, "platform": device.platform,
@@ -373,6 +379,8 @@ def table(result, path) -> str:
 
 def moe_table(m) -> list[str]:
     """The MoE rows as README lines (none if the run had none)."""
+    if m and m.get("error"):
+        return ["", f"Mixture of experts: the run failed: {m['error'][:200]}"]
     if not m or not any("decode_tok_s" in r for r in m["rows"]):
         return []
     lines = ["", f"Mixture of experts ({m['model']}, benchmarks.moe's model: {m['layers']} layers, {m['experts']} "
@@ -384,6 +392,8 @@ def moe_table(m) -> list[str]:
             name = f"auto ({r['computation']})" if r["impl"] == "auto" else r["impl"]
             lines.append(f"| {name} | {r['batch']} | {r['decode_tok_s']:.0f} | {r['experts_per_layer']} | "
                          f"{r['roofline_fraction']:.0%} |")
+        elif r.get("error"):
+            lines.append(f"| {r['impl']} | {r['batch']} | error: {r['error'][:80]} | | |")
     ref, auto1 = m.get("dense_reference"), [r for r in m["rows"] if r["impl"] == "auto" and r["batch"] == 1
                                              and "decode_tok_s" in r]
     if ref and auto1:

@@ -81,11 +81,12 @@ def active_bytes(cfg, params, prompts, new, itemsize):
     return dense + cfg.n_layers * distinct * expert, distinct
 
 
-def rows_for(cfg, dtype_name, args, bw, paths=None, plan=None, deadline=float("inf")):
+def rows_for(cfg, dtype_name, args, bw, paths=None, plan=None, deadline=float("inf"), catch=False):
     """Decode rows per expert computation and batch, plan = [(Paths.moe value, batches), ...] (default:
     "auto" at args.batches, plus "dense" in float32), and the prefill tokens/s of one
     `args.prefill`-token prompt, for random params in `dtype_name` under `paths` (None: this backend's;
-    layers unstacked where paths.unroll). Rows not started by `deadline` (perf_counter) are skipped."""
+    layers unstacked where paths.unroll). Rows not started by `deadline` (perf_counter) are skipped;
+    catch: a row that raises records its error instead of ending the run (a device's first run)."""
     import jax
     import jax.numpy as jnp
 
@@ -110,10 +111,16 @@ def rows_for(cfg, dtype_name, args, bw, paths=None, plan=None, deadline=float("i
                 out.append(dict(dtype=dtype_name, impl=impl, batch=B, skipped=True))
                 continue
             prompts = np.random.default_rng(B).integers(1, cfg.vocab_size, (B, args.prompt)).tolist()  # both impls
-            t = time.perf_counter()
-            jaxgen.precompile(model, B, args.prompt, args.new)
-            compile_s = time.perf_counter() - t
-            tok_s = decode_rate(model, prompts, args.new, args.repeats if impl == "auto" else 1)
+            try:
+                t = time.perf_counter()
+                jaxgen.precompile(model, B, args.prompt, args.new)
+                compile_s = time.perf_counter() - t
+                tok_s = decode_rate(model, prompts, args.new, args.repeats if impl == "auto" else 1)
+            except Exception as e:  # noqa: BLE001 - on a device a computation that fails is a row (catch=True)
+                if not catch:
+                    raise
+                out.append(dict(dtype=dtype_name, impl=impl, batch=B, error=f"{type(e).__name__}: {str(e)[:300]}"))
+                continue
             step, distinct = active_bytes(cfg, params, prompts, args.new, itemsize)
             out.append(dict(dtype=dtype_name, impl=impl, batch=B, decode_tok_s=tok_s, compile_s=compile_s,
                             computation=moe.choose(cfg, B) if impl == "auto" else impl,
