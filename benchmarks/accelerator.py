@@ -21,9 +21,10 @@ choice that fails to compile is a row with its error, not the end of the run.
 Then `moe_rows` (issue 31 on the device; --moe-s of the budget kept for them): benchmarks.moe's
 random model with Qwen3-30B-A3B's layer shapes (--moe-layers layers, bf16): steady-state decode
 tokens/s and the fraction of the roofline of the *active* bytes (non-expert weights plus the experts
-the batch picks) for the default computation at batch 1 / 8 / 32 and for gathered / grouped forced
-at batch 1, 8 and 32 (where `jaxgen.moe.choose` switches between them), all experts ("dense") at
-batch 1, prefill of 2,048 tokens, and the same batch-1 fraction for a dense model of the active width.
+the batch picks) for the default computation at batch 1 / 8 / 32 and, at each, the one of gathered /
+grouped it did not choose (`jaxgen.moe.choose` switches between them in that range), all experts
+("dense") at batch 1, prefill of 2,048 tokens, and the same batch-1 fraction for a dense model of
+the active width.
 Models run in order until --budget-s is spent (the rest are listed as skipped), so one GPU run fits
 its time. Writes benchmarks/results/<device>-<date>-accelerator.json (`rows`) and, with --readme, the
 README table between the accelerator markers.
@@ -179,12 +180,15 @@ def hf_figures(cfg, args):
 def moe_rows(args, bw, device_kind, paths, deadline):
     """benchmarks.moe's rows on this device (bf16), until `deadline`: see the module docstring."""
     from benchmarks import moe
+    from jaxgen import moe as moe_lib
 
     cfg = moe.config(args.smoke, args.moe_layers)
     a = argparse.Namespace(prompt=args.prompt, new=16 if args.smoke else 32, repeats=args.repeats,
                            prefill=64 if args.smoke else 2048, batches=None)
     b = [1] if args.smoke else [1, 8, 32]
-    plan = [("auto", b), ("gathered", b), ("grouped", b), ("dense", b[:1])]
+    # each batch's default, then the computations it did not choose (the choice's measured reason), all experts at 1
+    plan = [("auto", b)] + [(impl, [B]) for B in b for impl in ("gathered", "grouped") if impl != moe_lib.choose(cfg, B)]
+    plan.append(("dense", b[:1]))
     rows, prefill = moe.rows_for(cfg, "bfloat16", a, bw, paths, plan, deadline, catch=True)
     ref = moe.dense_reference(cfg, a, bw, "bfloat16", paths) if time.perf_counter() < deadline else None
     for r in rows:
@@ -283,7 +287,7 @@ def main(argv=None):
     ap.add_argument("--paths-new", type=int, default=128)
     ap.add_argument("--paths-long", type=int, default=3000, help="the ragged batch's long prompt")
     ap.add_argument("--moe-layers", type=int, default=8, help="layers of the MoE rows' model")
-    ap.add_argument("--moe-s", type=float, default=100.0, help="seconds of the budget kept for the MoE rows")
+    ap.add_argument("--moe-s", type=float, default=90.0, help="seconds of the budget kept for the MoE rows")
     ap.add_argument("--smoke", action="store_true", help="a tiny preset, small settings (CPU, CI)")
     ap.add_argument("--readme", action="store_true", help="write the README table")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

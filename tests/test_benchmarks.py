@@ -46,6 +46,7 @@ def test_accelerator_benchmark_smoke(tmp_path):
     # the MoE rows (issue 31 on the device): every computation forced, the default's choice named
     moe = saved["moe"]
     assert [(r["impl"], r["batch"]) for r in moe["rows"]] == [(i, 1) for i in ("auto", "gathered", "grouped", "dense")]
+    assert moe_lib.choose(cfg, 1) == "picked"  # (on a GPU the default's own computation is not run twice)
     for r in moe["rows"]:
         assert r["decode_tok_s"] > 0 and r["computation"] == (moe_lib.choose(cfg, r["batch"]) if r["impl"] == "auto"
                                                               else r["impl"])
