@@ -174,6 +174,8 @@ def hf_figures(cfg, args):
             out["prefill"][str(L)] = L / timed(lambda: (model(ids, logits_to_keep=1), sync()), args.repeats)
     del model
     gc.collect()
+    if dev == "cuda":  # torch's caching allocator would keep the model's memory from JAX's later models
+        torch.cuda.empty_cache()
     return out
 
 
