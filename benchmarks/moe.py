@@ -16,13 +16,16 @@ be most of the bytes a step reads, hiding the experts), in float32 and bfloat16:
   the same run (benchmarks.run's probes: the fastest of four numpy reductions over 1 GiB, two threads);
 - prefill tokens/s of one 2,048-token prompt;
 - the same batch-1 roofline fraction for a dense model with the same attention and an MLP of the
-  active width (8 x 768), the goal being MoE batch-1 within 1.5x of it.
+  active width (8 x 768), the goal being MoE batch-1 within 1.5x of it;
+- `layer_probe` (alone: --layer): one layer's experts for one token, jaxgen's gathered and picked
+  against the same loop over separate per-expert arrays (where batch-1's expert time goes on CPU).
 Writes benchmarks/results/<machine>-<date>-moe.json and the README's bench-moe table. On a GPU / TPU
 the same rows (`rows_for`, `dense_reference`) come from `python -m benchmarks.accelerator` (bf16, more
 layers, each expert computation forced at the batches where the choice between them is made).
 """
 import argparse
 import dataclasses
+import json
 import sys
 import time
 
@@ -178,15 +181,65 @@ def table(res):
     rows.append(f"| prefill 2,048 tokens | | float32 {res['prefill_tok_s']['float32']:.0f} tok/s, bfloat16 "
                 f"{res['prefill_tok_s']['bfloat16']:.0f} tok/s | | | | |")
     rows.append(f"\nRead bandwidth in the same run: {res['bandwidth_gb_s']:.1f} GB/s (benchmarks.run's probes).")
+    lp = res.get("layer_probe")
+    if lp:
+        rows.append("\nOne layer's experts for one token (batch-1 decode's expert work, float32): " + "; ".join(
+            f"{name} {r['ms']:.1f} ms ({r['gb_s']:.0f} GB/s, compiled in {r['compile_s']:.1f} s)" for name, r in lp.items())
+            + ". The last is not a jaxgen path: the bound if each expert were its own array.")
     return "\n".join(rows)
+
+
+def layer_probe(cfg, repeats: int = 20) -> dict:
+    """Where batch-1 decode's expert time goes on this CPU: one layer's experts for one token (its k
+    (token, expert) pairs, float32), milliseconds (fastest of `repeats`) and GB/s of expert bytes, for
+    jaxgen's `gathered` and `picked`, and for a bound jaxgen does not use: the same pair loop with
+    every expert a separate array, picked by `lax.switch` (each expert read in place, not copied out
+    of the stacked [E, ...] array first; compile time is E branches per layer, reported too)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxgen import moe
+
+    E, D, F, k = cfg.n_experts, cfg.d_model, cfg.d_ff_expert, cfg.n_experts_per_tok
+    ks = jax.random.split(jax.random.key(0), 5)
+    wg, wu = (jax.random.normal(kk, (E, D, F), jnp.float32) * 0.02 for kk in ks[:2])
+    wd = jax.random.normal(ks[2], (E, F, D), jnp.float32) * 0.02
+    h = jax.random.normal(ks[3], (1, D), jnp.float32)
+    w, e = moe.route(cfg, h, jax.random.normal(ks[4], (D, E), jnp.float32) * 0.02)  # (unscaled: one expert takes all)
+
+    def switched(h, w, e, wg, wu, wd):  # wg / wu / wd: tuples of E arrays
+        branches = [lambda x, i=i: (jax.nn.silu(x @ wg[i]) * (x @ wu[i])) @ wd[i] for i in range(E)]
+        pair = lambda p, y: y + w[0, p] * jax.lax.switch(e[0, p], branches, h)
+        return jax.lax.fori_loop(0, k, pair, jnp.zeros((1, D), jnp.float32))
+
+    split = lambda a: tuple(a[i] for i in range(E))
+    cases = {"gathered": (lambda *a: moe.gathered(cfg, *a), (wg, wu, wd)),
+             "picked": (lambda *a: moe.picked(cfg, *a), (wg, wu, wd)),
+             "separate arrays (switch)": (switched, (split(wg), split(wu), split(wd)))}
+    out, ref = {}, None
+    for name, (fn, weights) in cases.items():
+        t = time.perf_counter()
+        f = jax.jit(fn)
+        y = jax.block_until_ready(f(h, w, e, *weights))
+        compile_s = time.perf_counter() - t
+        ref = y if ref is None else ref
+        ms = 1e3 * min(common.timed(lambda: jax.block_until_ready(f(h, w, e, *weights)), repeats))
+        out[name] = dict(ms=ms, gb_s=k * 3 * D * F * 4 / ms / 1e6, compile_s=compile_s,
+                         max_abs_diff=float(jnp.max(jnp.abs(y - ref))))
+        print(name, out[name], file=sys.stderr, flush=True)
+    return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a tiny config, batches 1 and 8, 8 new tokens")
+    ap.add_argument("--layer", action="store_true", help="only `layer_probe` (one layer, one token), printed")
     a = ap.parse_args(argv)
     import jax
 
+    if a.layer:
+        print(json.dumps(layer_probe(config(a.quick)), indent=1))
+        return 0
     a.batches = [1, 8] if a.quick else [1, 8, 32]
     a.prompt, a.new, a.repeats, a.prefill = (16, 8, 1, 256) if a.quick else (32, 16, 2, 2048)
     cfg = config(a.quick)
@@ -200,6 +253,7 @@ def main(argv=None):
         res["rows"] += rows
         res["prefill_tok_s"][dt] = prefill
     res["dense_reference"] = dense_reference(cfg, a, bw)
+    res["layer_probe"] = layer_probe(cfg, 3 if a.quick else 20)
     text = table(res)
     print(text)
     if not a.quick:
