@@ -31,8 +31,8 @@ accelerator benchmark, `python -m benchmarks.accelerator`, whose `paths` rows ti
   first call's compile time does not grow with depth; the goal there is <= 30 s per preset).
 
 - moe (mixture-of-experts MLPs, jaxgen.moe): "auto" picks per call shape: "gathered" (the chosen
-  experts' weights gathered per token; "picked" on CPU, one pair at a time, the experts read in place:
-  XLA:CPU copies the gather) when tokens x experts-per-token < experts, else "grouped"
+  experts' weights gathered per token; "picked" on CPU, one pair at a time: XLA:CPU's gather is
+  4.4x slower, measured by benchmarks.moe --layer) when tokens x experts-per-token < experts, else "grouped"
   (jax.lax.ragged_dot over the tokens sorted by expert) on accelerators and "looped" (a loop over the
   experts and chunks of their tokens) on CPU, whose ragged_dot computes every expert on every row
   (measured: jaxgen.moe.looped); "dense" (every expert) is the reference.

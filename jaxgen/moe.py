@@ -14,7 +14,7 @@ computed, in ways that give the same sums:
   and large batches.
 - `gathered`: each pair's expert weights gathered and applied as batched matmuls: reads N * k expert
   matrices instead of E, fewer bytes when N * k < E (decode at small batch).
-- `picked` (CPU, in place of gathered): a loop over the pairs, each expert indexed where it lies.
+- `picked` (CPU, in place of gathered): a loop over the pairs, one expert indexed at a time.
 - `looped` (CPU, in place of grouped): a loop over the experts and chunks of their sorted pairs.
 `dense` (every expert for every token, weighted by a [N, E] matrix of the chosen weights) is the tests'
 reference only. Axis legend as in jaxgen/model.py; E experts, k per token, Fe expert FFN width, N tokens.
@@ -73,10 +73,12 @@ def gathered(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
 
 
 def picked(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
-    """Each (token, expert) pair in turn, the expert's matrices indexed where they lie (a fori_loop over
-    the N * k pairs): [N, D] (f32). Why (CPU, few tokens): XLA:CPU materializes `gathered`'s gather,
-    copying every pair's experts before multiplying; indexing one expert per step reads it in place
-    (measured: one token's 8 of 128 Qwen3-30B-A3B experts, one layer: 59 ms gathered, 13 ms here)."""
+    """Each (token, expert) pair in turn, the expert's matrices indexed in the stacked arrays (a
+    fori_loop over the N * k pairs): [N, D] (f32). Why (CPU, few tokens): XLA:CPU's gather in
+    `gathered` is slow to copy out every pair's experts (measured, `python -m benchmarks.moe --layer`:
+    one token's 8 of 128 Qwen3-30B-A3B experts, one layer: 59 ms gathered, 13 ms here). XLA:CPU still
+    copies each indexed expert (a dynamic slice) before its matmul: separate per-expert arrays chosen
+    by lax.switch would be read in place (7 ms) but cost E branches of compile per layer."""
     N, k = e.shape
     pe, pw = e.reshape(-1), w.reshape(-1)
     mm = lambda a, b: jnp.dot(a, _float(b, a.dtype), preferred_element_type=jnp.float32)
