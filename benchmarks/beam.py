@@ -14,7 +14,6 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
@@ -77,15 +76,10 @@ def worker_hf(s: dict) -> dict:
 
 
 def run_one(system: str, spec: dict, timeout: int) -> dict:
-    from run import python_for
+    from run import python_for, run_worker
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
-    p = subprocess.run([python_for(system), str(pathlib.Path(__file__).resolve()), "--worker",
-                        json.dumps({**spec, "system": system})], capture_output=True, text=True, env=env, cwd=ROOT,
-                       timeout=timeout)
-    if p.returncode != 0:
-        raise RuntimeError(f"{system} failed (rc {p.returncode}):\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_worker(pathlib.Path(__file__).resolve(), system, spec, python_for(system), env, timeout)
 
 
 def main(argv=None) -> int:
@@ -96,11 +90,12 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--timeout", type=int, default=1800)
-    ap.add_argument("--worker")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        s = json.loads(a.worker)
-        print(json.dumps(worker_hf(s) if s["system"] == "hf" else worker_jaxgen(s)), flush=True)
+        s = json.loads(a.spec)
+        print(json.dumps(worker_hf(s) if a.worker == "hf" else worker_jaxgen(s)), flush=True)
         return 0
     from jaxgen.checkpoint import registry
     from run import publish

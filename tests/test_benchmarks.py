@@ -43,10 +43,10 @@ def test_accelerator_benchmark_smoke(tmp_path):
     for r in saved["paths_rows"]:
         assert "error" not in r and r["decode_tok_s_uniform_greedy"] > 0 and r["decode_tok_s_uniform_sampled"] > 0
     assert "| decode_attention=pallas |" in accelerator.table(saved, "x.json")
-    # the MoE rows (issue 31 on the device): every computation forced, the default's choice named
+    # the MoE rows (issue 31 on the device; the smoke runs the default and one forced computation, every
+    # computation's equality is tests/test_moe.py's): the default's choice named
     moe = saved["moe"]
-    assert [(r["impl"], r["batch"]) for r in moe["rows"]] == [(i, 1) for i in ("auto", "gathered", "grouped", "dense")]
-    assert moe_lib.choose(cfg, 1) == "picked"  # (on a GPU the default's own computation is not run twice)
+    assert [(r["impl"], r["batch"]) for r in moe["rows"]] == [("auto", 1), ("gathered", 1)]
     for r in moe["rows"]:
         assert r["decode_tok_s"] > 0 and r["computation"] == (moe_lib.choose(cfg, r["batch"]) if r["impl"] == "auto"
                                                               else r["impl"])
