@@ -189,14 +189,16 @@ def moe_rows(args, bw, device_kind, paths, deadline):
                            prefill=64 if args.smoke else 2048, batches=None)
     b = [1] if args.smoke else [1, 8, 32]
     # each batch's default, then the computations it did not choose (the choice's measured reason), all experts at 1
-    plan = [("auto", b)] + [(impl, [B]) for B in b for impl in ("gathered", "grouped") if impl != moe_lib.choose(cfg, B)]
+    plan = [("auto", b)] + [(impl, [B]) for B in b for impl in ("gathered", "grouped")
+                            if impl != moe_lib.choose(cfg, B)]
     plan = plan[:2] if args.smoke else plan + [("dense", b[:1])]  # smoke: the code paths, not every computation
     rows, prefill = moe.rows_for(cfg, "bfloat16", a, bw, paths, plan, deadline, catch=True)
     ref = moe.dense_reference(cfg, a, bw, "bfloat16", paths) if time.perf_counter() < deadline else None
     for r in rows:
         r.update(device_kind=device_kind, model=cfg.name)
-    return {"model": cfg.name, "layers": cfg.n_layers, "experts": cfg.n_experts, "experts_per_token": cfg.n_experts_per_tok,
-            "rows": rows, "prefill_tokens": a.prefill, "prefill_tok_s": prefill, "dense_reference": ref}
+    return {"model": cfg.name, "layers": cfg.n_layers, "experts": cfg.n_experts,
+            "experts_per_token": cfg.n_experts_per_tok, "rows": rows, "prefill_tokens": a.prefill,
+            "prefill_tok_s": prefill, "dense_reference": ref}
 
 
 PATH_FLIPS = [("decode_attention", "full"), ("decode_attention", "live"), ("decode_attention", "pallas"),
@@ -338,7 +340,8 @@ def main(argv=None):
                   "batches": args.batches, "new_tokens": args.new, "prompt": args.prompt, "prefill": args.prefill},
               "default_paths": dataclasses.asdict(backend.current()), "paths": dataclasses.asdict(paths),
               "preflight_errors": preflight_errors,
-              "rows": rows, "skipped": skipped, "moe": moe_result, "paths_rows": path_rows, "wall_s": time.perf_counter() - t0}
+              "rows": rows, "skipped": skipped, "moe": moe_result, "paths_rows": path_rows,
+              "wall_s": time.perf_counter() - t0}
     stem = re.sub(r"[^A-Za-z0-9]+", "-", device_kind).strip("-").lower()
     path = os.path.join(args.out, f"{stem}-{datetime.date.today()}-accelerator{'-smoke' if args.smoke else ''}.json")
     with open(path, "w") as f:
@@ -391,8 +394,9 @@ def moe_table(m) -> list[str]:
         return []
     lines = ["", f"Mixture of experts ({m['model']}, benchmarks.moe's model: {m['layers']} layers, {m['experts']} "
              f"experts, {m['experts_per_token']} per token, bf16; steady-state decode tok/s and the fraction of the "
-             "roofline of the bytes a step reads: the dense weights and the experts the batch picks):", "", "| computation | batch | decode tok/s | experts read / layer | "
-             "active-bytes roofline fraction |", "|---|---|---|---|---|"]
+             "roofline of the bytes a step reads: the dense weights and the experts the batch picks):", "",
+             "| computation | batch | decode tok/s | experts read / layer | active-bytes roofline fraction |",
+             "|---|---|---|---|---|"]
     for r in m["rows"]:
         if "decode_tok_s" in r:
             name = f"auto ({r['computation']})" if r["impl"] == "auto" else r["impl"]

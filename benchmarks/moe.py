@@ -42,9 +42,10 @@ def config(quick: bool, n_layers: int = 2):
         return ModelConfig(name="moe-quick", vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                            head_dim=16, d_ff=96, max_seq_len=4096, n_experts=16, n_experts_per_tok=4, d_ff_expert=24,
                            norm_topk_prob=True)
-    return ModelConfig(name=f"qwen3-moe-{n_layers}layer", vocab_size=32000, d_model=2048, n_layers=n_layers, n_heads=32, n_kv_heads=4,
-                       head_dim=128, d_ff=6144, max_seq_len=4096, qk_norm=True, tie_embeddings=False,
-                       rope_theta=1e6, n_experts=128, n_experts_per_tok=8, d_ff_expert=768, norm_topk_prob=True)
+    return ModelConfig(name=f"qwen3-moe-{n_layers}layer", vocab_size=32000, d_model=2048, n_layers=n_layers,
+                       n_heads=32, n_kv_heads=4, head_dim=128, d_ff=6144, max_seq_len=4096, qk_norm=True,
+                       tie_embeddings=False, rope_theta=1e6, n_experts=128, n_experts_per_tok=8, d_ff_expert=768,
+                       norm_topk_prob=True)
 
 
 def fastest(fn, repeats):
@@ -184,7 +185,8 @@ def table(res):
     lp = res.get("layer_probe")
     if lp:
         rows.append("\nOne layer's experts for one token (batch-1 decode's expert work, float32): " + "; ".join(
-            f"{name} {r['ms']:.1f} ms ({r['gb_s']:.0f} GB/s, compiled in {r['compile_s']:.1f} s)" for name, r in lp.items())
+            f"{name} {r['ms']:.1f} ms ({r['gb_s']:.0f} GB/s, compiled in {r['compile_s']:.1f} s)"
+            for name, r in lp.items())
             + ". The last is not a jaxgen path: the bound if each expert were its own array.")
     return "\n".join(rows)
 
