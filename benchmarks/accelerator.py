@@ -18,13 +18,13 @@ attention full / live / pallas, sampling gates cond / where with sampled rows, i
 dequantized to f32 / bf16, unrolled / scanned layers with their compile times), on a uniform batch
 and on a ragged one (one long prompt among short ones: the case length-aware attention is for). A
 choice that fails to compile is a row with its error, not the end of the run.
-Then `moe_rows` (issue 31 on the device; --moe-s of the budget kept for them): benchmarks.moe's
-random model with Qwen3-30B-A3B's layer shapes (--moe-layers layers, bf16): steady-state decode
-tokens/s and the fraction of the roofline of the *active* bytes (non-expert weights plus the experts
-the batch picks) for the default computation at batch 1 / 8 / 32 and, at each, the one of gathered /
-grouped it did not choose (`jaxgen.moe.choose` switches between them in that range), all experts
-("dense") at batch 1, prefill of 2,048 tokens, and the same batch-1 fraction for a dense model of
-the active width.
+Between the model rows and the paths rows, `moe_rows` (issue 31 on the device; --moe-s of the
+budget kept for them): benchmarks.moe's random model with Qwen3-30B-A3B's layer shapes (--moe-layers
+layers, bf16): steady-state decode tokens/s and the fraction of the roofline of the *active* bytes
+(non-expert weights plus the experts the batch picks) for the default computation at batch 1 / 8 / 32
+and, at each, the one of gathered / grouped it did not choose (`jaxgen.moe.choose` switches between
+them in that range), all experts ("dense") at batch 1, prefill of 2,048 tokens, and the same batch-1
+fraction for a dense model of the active width.
 Models run in order until --budget-s is spent (the rest are listed as skipped), so one GPU run fits
 its time. Writes benchmarks/results/<device>-<date>-accelerator.json (`rows`) and, with --readme, the
 README table between the accelerator markers.

@@ -21,7 +21,7 @@ be most of the bytes a step reads, hiding the experts), in float32 and bfloat16:
   against the same loop over separate per-expert arrays (where batch-1's expert time goes on CPU).
 Writes benchmarks/results/<machine>-<date>-moe.json and the README's bench-moe table. On a GPU / TPU
 the same rows (`rows_for`, `dense_reference`) come from `python -m benchmarks.accelerator` (bf16, more
-layers, each expert computation forced at the batches where the choice between them is made).
+layers, and at each batch also the one of gathered / grouped that the default did not choose).
 """
 import argparse
 import dataclasses
