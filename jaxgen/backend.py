@@ -32,10 +32,10 @@ accelerator benchmark, `python -m benchmarks.accelerator`, whose `paths` rows ti
 
 - moe (mixture-of-experts MLPs, jaxgen.moe): "auto" picks per call shape: "gathered" (the chosen
   experts' weights gathered per token; "picked" on CPU, one pair at a time: XLA:CPU's gather is
-  4.4x slower, measured by benchmarks.moe --layer) when tokens x experts-per-token < experts, else "grouped"
-  (jax.lax.ragged_dot over the tokens sorted by expert) on accelerators and "looped" (a loop over the
-  experts and chunks of their tokens) on CPU, whose ragged_dot computes every expert on every row
-  (measured: jaxgen.moe.looped); "dense" (every expert) is the reference.
+  4.4x slower, measured by benchmarks.moe --layer) when tokens x experts-per-token < experts, else
+  "grouped" (jax.lax.ragged_dot over the tokens sorted by expert) on accelerators and "looped" (a loop
+  over the experts and chunks of their tokens) on CPU, whose ragged_dot computes every expert on every
+  row (measured: jaxgen.moe.looped); "dense" (every expert) is the reference.
 
 `paths_for(backend)` gives the defaults; JAXGEN_PATHS="decode_attention=live,gates=where" overrides
 fields (read when a program is traced, so set it before the first call). Engine functions take

@@ -15,8 +15,9 @@ slabs and the matmul splits x in two, where interleaving rows cost more than the
 
 `quantize_params` swaps the big matrices for QMatrix leaves (the projections in their 2-D [in, out]
 form, a mixture-of-experts layer's expert matrices as [E, in, out], the embedding in its [D, V]
-unembedding orientation, whose columns also serve the lookup); norms, biases and routers stay float. `model.py` dispatches on the leaf type; the matmul dequantizes on the fly with f32
-accumulation. Scales are stored in the model's compute dtype. (The int8 KV cache is in `cache.py`.)
+unembedding orientation, whose columns also serve the lookup); norms, biases and routers stay float.
+`model.py` dispatches on the leaf type; the matmul dequantizes on the fly with f32 accumulation.
+Scales are stored in the model's compute dtype. (The int8 KV cache is in `cache.py`.)
 """
 from __future__ import annotations
 
@@ -179,6 +180,11 @@ LAYER_MATS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 MOE_MATS = ("we_gate", "we_up", "we_down")  # [L, E, I, O] as they are (per expert); the router stays float
 
 
+def present(layers, names) -> list[str]:
+    """The matrices of `names` a layer has (a dense layer has no expert matrices, an MoE layer no w_up)."""
+    return [n for n in names if getattr(layers, n) is not None]
+
+
 def matrix_shape(name: str, shape: tuple) -> tuple:
     """The 2-D matmul form [L, I, O] of a layer weight's shape (wq [L, D, N, H] -> [L, D, N*H];
     wo [L, N, H, D] -> [L, N*H, D])."""
@@ -207,10 +213,9 @@ def quantize_params(params, mode: str = "int8", group: int | None = None):
         return quantize_params(params.replace(layers=jax.tree.map(lambda *a: stack(a), *params.layers)), mode, group)
     bits = 8 if mode == "int8" else 4
     group = DEFAULT_GROUP[mode] if group is None else group
-    present = lambda names: [n for n in names if getattr(params.layers, n) is not None]  # (an MoE has no w_up)
-    layers = params.layers.replace(**{n: quantize(as_matrix(n, getattr(params.layers, n)), bits, group)
-                                      for n in present(LAYER_MATS)},
-                                   **{n: quantize(getattr(params.layers, n), bits, group) for n in present(MOE_MATS)})
+    lp = params.layers
+    layers = lp.replace(**{n: quantize(as_matrix(n, getattr(lp, n)), bits, group) for n in present(lp, LAYER_MATS)},
+                        **{n: quantize(getattr(lp, n), bits, group) for n in present(lp, MOE_MATS)})
     embed = params.embed if isinstance(params.embed, QMatrix) else quantize(params.embed, bits, group)
     unembed = params.unembed
     if unembed is not None and not isinstance(unembed, QMatrix):
@@ -236,7 +241,7 @@ def param_bytes(params) -> int:
 def groups_of(params) -> dict:
     """{matrix name: group} of quantized params (0 = per output channel), for `quantized_shapes`."""
     layers = params.layers[0] if isinstance(params.layers, tuple) else params.layers
-    mats = {n: getattr(layers, n) for n in LAYER_MATS + MOE_MATS if getattr(layers, n) is not None}
+    mats = {n: getattr(layers, n) for n in present(layers, LAYER_MATS + MOE_MATS)}
     mats["embed"] = params.embed
     if params.unembed is not None:
         mats["unembed"] = params.unembed
@@ -259,11 +264,10 @@ def quantized_shapes(shapes, mode: str, groups: dict | None = None):
         return QMatrix(q=jax.ShapeDtypeStruct((*lead, I // (2 if bits == 4 else 1), O), jnp.int8 if bits == 8 else jnp.uint8),
                        scale=sc, zero=sc if bits == 4 else None, bits=bits)
 
-    present = lambda names: [n for n in names if getattr(shapes.layers, n) is not None]
-    layers = shapes.layers.replace(**{n: qshape(matrix_shape(n, getattr(shapes.layers, n).shape), groups.get(n, group))
-                                      for n in present(LAYER_MATS)},
-                                   **{n: qshape(getattr(shapes.layers, n).shape, groups.get(n, group))
-                                      for n in present(MOE_MATS)})
+    lp = shapes.layers
+    layers = lp.replace(**{n: qshape(matrix_shape(n, getattr(lp, n).shape), groups.get(n, group))
+                           for n in present(lp, LAYER_MATS)},
+                        **{n: qshape(getattr(lp, n).shape, groups.get(n, group)) for n in present(lp, MOE_MATS)})
     D, V = shapes.embed.shape
     unembed = None if shapes.unembed is None else qshape((D, V), groups.get("unembed", group))
     return shapes.replace(embed=qshape((D, V), groups.get("embed", group)), layers=layers, unembed=unembed)

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxgen.cache import SCALES, KVCache
 from jaxgen.config import ModelConfig
 from jaxgen.model import LayerParams, Params, param_shapes
-from jaxgen.quant import LAYER_MATS as _QUANT_LAYER_MATS, MOE_MATS as _QUANT_MOE_MATS, QMatrix
+from jaxgen.quant import LAYER_MATS as _QUANT_LAYER_MATS, MOE_MATS as _QUANT_MOE_MATS, QMatrix, present
 
 AXES = ("data", "model")
 # experts split over `model` (expert parallelism: a device holds E / model whole experts; the router
@@ -144,11 +144,10 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict = RULES, params=No
         ok = lambda ax, d: ax if ax and d % mesh.shape[ax] == 0 else None
         return jax.tree.map(lambda arr: NamedSharding(mesh, P(*(ok(ax, d) for ax, d in zip(fs, arr.shape)))), qm)
 
-    present = lambda names: [n for n in names if getattr(params.layers, n) is not None]
     layers = out.layers.replace(**{n: q(getattr(out.layers, n), getattr(params.layers, n), n)
-                                   for n in present(_QUANT_LAYER_MATS)},
+                                   for n in present(params.layers, _QUANT_LAYER_MATS)},
                                 **{n: q_experts(getattr(out.layers, n), getattr(params.layers, n))
-                                   for n in present(_QUANT_MOE_MATS)})
+                                   for n in present(params.layers, _QUANT_MOE_MATS)})
     unembed = None if out.unembed is None else q(out.unembed, params.unembed, "unembed")
     return out.replace(embed=q(out.embed, params.embed, "embed"), layers=layers, unembed=unembed)
 

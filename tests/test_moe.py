@@ -5,6 +5,7 @@ decoding modes on an MoE model, and bad configs as one line."""
 import dataclasses
 import json
 import pathlib
+import re
 import shutil
 
 import jax
@@ -197,8 +198,6 @@ def test_constraints_and_jaxgen_batch_on_an_moe_model(tmp_path):
     kw = dict(max_new_tokens=12, regex=[r"[a-c]{2,5}!", None, r"(yes|no)"], choices=[None, ["red", "green"], None])
     got = jaxgen.generate(model, prompts, **kw)
     assert [c.tokens for c in got] == [c.tokens for c in jaxgen.generate(dense, prompts, **kw)]
-    import re
-
     assert re.fullmatch(r"[a-c]{2,5}!", got[0].text) and got[1].text in ("red", "green")
     assert re.fullmatch(r"yes|no", got[2].text)
     schema = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"],
