@@ -316,12 +316,6 @@ def attend_blocked(q: jax.Array, k, v, q_pos: jax.Array, k_pos: jax.Array, scale
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
 
 
-def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
-    if cfg.activation == "gelu_tanh":
-        return jax.nn.gelu(x, approximate=True)
-    return jax.nn.silu(x)
-
-
 def _matmul(x: jax.Array, w, out_dtype=None, dequant=jnp.float32) -> jax.Array:
     """x [..., I] @ w [I, O] as one plain 2-D dot (or a quantized QMatrix's dequantizing matmul, its
     weights dequantized to `dequant`: jaxgen.backend's choice).
@@ -466,7 +460,7 @@ def _layer(cfg: ModelConfig, carry, xs, ctx):
     else:
         gate = lora("gate", h, _matmul(h, lp.w_gate, dequant=dq))  # [B, T, F]
         up = lora("up", h, _matmul(h, lp.w_up, dequant=dq))  # [B, T, F]
-        act = _activation(cfg, gate) * up
+        act = moe.activation(cfg, gate) * up
         o = lora("down", act, _matmul(act, lp.w_down, dequant=dq))  # [B, T, D]
     if cfg.sandwich_norm:
         o = rms_norm(o, lp.post_ffn_norm, eps)

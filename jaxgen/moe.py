@@ -49,7 +49,9 @@ def _experts(w, idx):
     return jax.tree.map(lambda a: a[idx], w) if isinstance(w, quant.QMatrix) else w[idx]
 
 
-def _act(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+def activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """The MLP's gate activation (GeGLU's tanh GELU or SwiGLU's SiLU), for the experts here and the dense MLP
+    of jaxgen.model (which imports this module: defined once, below both)."""
     return jax.nn.gelu(x, approximate=True) if cfg.activation == "gelu_tanh" else jax.nn.silu(x)
 
 
@@ -58,7 +60,7 @@ def dense(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
     f32 = lambda a: _float(a, jnp.float32)
     g = jnp.einsum("nd,edf->nef", f32(h), f32(we_gate))
     u = jnp.einsum("nd,edf->nef", f32(h), f32(we_up))
-    y = jnp.einsum("nef,efd->ned", _act(cfg, g) * u, f32(we_down))  # [N, E, D]
+    y = jnp.einsum("nef,efd->ned", activation(cfg, g) * u, f32(we_down))  # [N, E, D]
     comb = jnp.zeros(y.shape[:2], jnp.float32).at[jnp.arange(h.shape[0])[:, None], e].add(w)  # [N, E]
     return jnp.einsum("ne,ned->nd", comb, y)
 
@@ -68,7 +70,7 @@ def gathered(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
     mm = lambda eq, a, b: jnp.einsum(eq, a, _float(b, a.dtype), preferred_element_type=jnp.float32)
     g = mm("nd,nkdf->nkf", h, _experts(we_gate, e))  # [N, k, Fe]
     u = mm("nd,nkdf->nkf", h, _experts(we_up, e))
-    y = mm("nkf,nkfd->nkd", (_act(cfg, g) * u).astype(h.dtype), _experts(we_down, e))  # [N, k, D]
+    y = mm("nkf,nkfd->nkd", (activation(cfg, g) * u).astype(h.dtype), _experts(we_down, e))  # [N, k, D]
     return jnp.einsum("nk,nkd->nd", w, y)
 
 
@@ -86,7 +88,7 @@ def picked(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
     def pair(p, y):
         x = jax.lax.dynamic_slice_in_dim(h, p // k, 1)  # [1, D]
         wg, wu, wd = (_experts(m, pe[p]) for m in (we_gate, we_up, we_down))
-        a = (_act(cfg, mm(x, wg)) * mm(x, wu)).astype(h.dtype)
+        a = (activation(cfg, mm(x, wg)) * mm(x, wu)).astype(h.dtype)
         return y.at[p // k].add(pw[p] * mm(a, wd)[0])
 
     return jax.lax.fori_loop(0, N * k, pair, jnp.zeros((N, h.shape[1]), jnp.float32))
@@ -97,7 +99,7 @@ def grouped(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
     order, xs, sizes = _sorted_pairs(h, e, we_gate.shape[0])
     rd = lambda a, b: jax.lax.ragged_dot(a, _float(b, a.dtype), sizes, preferred_element_type=jnp.float32)
     g, u = rd(xs, we_gate), rd(xs, we_up)  # [N * k, Fe]
-    return _combine(rd((_act(cfg, g) * u).astype(h.dtype), we_down), order, w)
+    return _combine(rd((activation(cfg, g) * u).astype(h.dtype), we_down), order, w)
 
 
 def _sorted_pairs(h, e, E: int):
@@ -133,7 +135,7 @@ def looped(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
             at = starts[j] + c * chunk
             x = jax.lax.dynamic_slice_in_dim(xs, at, chunk)  # [chunk, D]
             wg, wu, wd = (_experts(w, j) for w in (we_gate, we_up, we_down))
-            a = (_act(cfg, mm(x, wg)) * mm(x, wu)).astype(h.dtype)
+            a = (activation(cfg, mm(x, wg)) * mm(x, wu)).astype(h.dtype)
             out = jnp.where((jnp.arange(chunk) < sizes[j] - c * chunk)[:, None], mm(a, wd), 0.0)
             return jax.lax.dynamic_update_slice_in_dim(y, jax.lax.dynamic_slice_in_dim(y, at, chunk) + out, at, 0)
         return jax.lax.fori_loop(0, (sizes[j] + chunk - 1) // chunk, step, y)
