@@ -49,6 +49,18 @@ def _experts(w, idx):
     return jax.tree.map(lambda a: a[idx], w) if isinstance(w, quant.QMatrix) else w[idx]
 
 
+def _expert(j, *ws):
+    """Expert j (a traced scalar) of each of ws [E, ...] (float arrays or QMatrix), for the loops of
+    `picked` and `looped`: a lax.switch over the E static slices rather than w[j]. Why: XLA:CPU cannot
+    dynamic-slice (or gather) a bfloat16 array, so its float normalization converts the *whole* stacked
+    array to float32 first, and that conversion, loop-invariant, is hoisted out of the decode loop: a
+    float32 copy of every expert per call (2x the bf16 experts' memory) and float32 bytes read per step
+    (measured, one layer of Qwen3-30B-A3B shapes, one token's 8 experts: 555 ms with w[j], 13 ms with
+    the switch; float32 13 ms either way). A static slice in a branch is never converted whole."""
+    take = lambda i: tuple(jax.tree.map(lambda a: a[i], w) for w in ws)
+    return jax.lax.switch(j, [lambda i=i: take(i) for i in range(ws[0].shape[0])])
+
+
 def activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """The MLP's gate activation (GeGLU's tanh GELU or SwiGLU's SiLU), for the experts here and the dense MLP
     of jaxgen.model (which imports this module: defined once, below both)."""
@@ -79,15 +91,15 @@ def picked(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
     fori_loop over the N * k pairs): [N, D] (f32). Why (CPU, few tokens): XLA:CPU's gather in
     `gathered` is slow to copy out every pair's experts (measured, `python -m benchmarks.moe --layer`:
     one token's 8 of 128 Qwen3-30B-A3B experts, one layer: 59 ms gathered, 13 ms here). XLA:CPU still
-    copies each indexed expert (a dynamic slice) before its matmul: separate per-expert arrays chosen
-    by lax.switch would be read in place (7 ms) but cost E branches of compile per layer."""
+    copies each chosen expert (a branch of `_expert`) before its matmul: separate per-expert arrays
+    would be read in place (7 ms) but need a second params layout."""
     N, k = e.shape
     pe, pw = e.reshape(-1), w.reshape(-1)
     mm = lambda a, b: jnp.dot(a, _float(b, a.dtype), preferred_element_type=jnp.float32)
 
     def pair(p, y):
         x = jax.lax.dynamic_slice_in_dim(h, p // k, 1)  # [1, D]
-        wg, wu, wd = (_experts(m, pe[p]) for m in (we_gate, we_up, we_down))
+        wg, wu, wd = _expert(pe[p], we_gate, we_up, we_down)
         a = (activation(cfg, mm(x, wg)) * mm(x, wu)).astype(h.dtype)
         return y.at[p // k].add(pw[p] * mm(a, wd)[0])
 
@@ -134,7 +146,7 @@ def looped(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
         def step(c, y):  # (the expert's weights are taken in here: an unpicked expert's are never read)
             at = starts[j] + c * chunk
             x = jax.lax.dynamic_slice_in_dim(xs, at, chunk)  # [chunk, D]
-            wg, wu, wd = (_experts(w, j) for w in (we_gate, we_up, we_down))
+            wg, wu, wd = _expert(j, we_gate, we_up, we_down)
             a = (activation(cfg, mm(x, wg)) * mm(x, wu)).astype(h.dtype)
             out = jnp.where((jnp.arange(chunk) < sizes[j] - c * chunk)[:, None], mm(a, wd), 0.0)
             return jax.lax.dynamic_update_slice_in_dim(y, jax.lax.dynamic_slice_in_dim(y, at, chunk) + out, at, 0)

@@ -95,6 +95,26 @@ def test_grouped_gathered_dense_agree(norm):
     assert moe.choose(cfg, 1) == "picked" and moe.choose(cfg, 64) == "looped"  # (on CPU; gathered / grouped elsewhere)
 
 
+@pytest.mark.parametrize("impl", ["picked", "looped"])
+def test_bfloat16_experts_are_not_copied_whole(impl):
+    """picked / looped (CPU's computations) inside a loop, as in decode, on bfloat16 experts: the compiled
+    program's temporary memory stays below the experts' own bytes, and the output equals the float32
+    computation on the same (bf16-rounded) weights. Indexing w[j] made XLA:CPU convert every stacked
+    expert array to float32 before the loop (twice the experts' memory; see moe._expert)."""
+    cfg = ModelConfig(name="moe", vocab_size=16, d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32,
+                      d_ff=8, max_seq_len=32, n_experts=32, n_experts_per_tok=2, d_ff_expert=48)
+    lp = jax.tree.map(lambda a: a.astype(jax.numpy.bfloat16), _random_layer(cfg, jax.random.key(0)))
+    h = jax.random.normal(jax.random.key(1), (2, 1, cfg.d_model)).astype(jax.numpy.bfloat16)
+    steps = lambda lp, h: jax.lax.fori_loop(0, 3, lambda i, x: moe.mlp(cfg, x, lp, impl), h)
+    expert_bytes = sum(getattr(lp, n).nbytes for n in ("we_gate", "we_up", "we_down"))
+    temp = jax.jit(steps).lower(lp, h).compile().memory_analysis().temp_size_in_bytes
+    assert temp < expert_bytes / 2, (temp, expert_bytes)
+    as_f32 = jax.tree.map(lambda a: a.astype(np.float32), lp)
+    ref = jax.lax.fori_loop(0, 3, lambda i, x: moe.mlp(cfg, x, as_f32, "dense").astype(jax.numpy.bfloat16)
+                            .astype(np.float32), h.astype(np.float32))
+    np.testing.assert_allclose(np.asarray(jax.jit(steps)(lp, h), np.float32), np.asarray(ref), rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mesh_equals_one_device(models, family):
     """Loaded onto a data=2,model=4 mesh (each device reads its slice; experts split over model): the
