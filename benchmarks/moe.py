@@ -184,10 +184,10 @@ def table(res):
     rows.append(f"\nRead bandwidth in the same run: {res['bandwidth_gb_s']:.1f} GB/s (benchmarks.run's probes).")
     lp = res.get("layer_probe")
     if lp:
-        rows.append("\nOne layer's experts for one token (batch-1 decode's expert work, float32): " + "; ".join(
-            f"{name} {r['ms']:.1f} ms ({r['gb_s']:.0f} GB/s, compiled in {r['compile_s']:.1f} s)"
-            for name, r in lp.items())
-            + ". The last is not a jaxgen path: the bound if each expert were its own array.")
+        rows.append("\nOne layer's experts for one token (batch-1 decode's expert work, float32 unless named): "
+                    + "; ".join(f"{name} {r['ms']:.1f} ms ({r['gb_s']:.0f} GB/s, compiled in {r['compile_s']:.1f} s)"
+                                for name, r in lp.items())
+                    + ". Separate arrays is not a jaxgen path: the bound if each expert were its own array.")
     return "\n".join(rows)
 
 
@@ -196,7 +196,8 @@ def layer_probe(cfg, repeats: int = 20) -> dict:
     (token, expert) pairs, float32), milliseconds (fastest of `repeats`) and GB/s of expert bytes, for
     jaxgen's `gathered` and `picked`, and for a bound jaxgen does not use: the same pair loop with
     every expert a separate array, picked by `lax.switch` (each expert read in place, not copied out
-    of the stacked [E, ...] array first; compile time is E branches per layer, reported too)."""
+    of the stacked [E, ...] array first; compile time is E branches per layer, reported too); and
+    picked on bfloat16 experts (GB/s of bf16 bytes)."""
     import jax
     import jax.numpy as jnp
 
@@ -215,18 +216,20 @@ def layer_probe(cfg, repeats: int = 20) -> dict:
         return jax.lax.fori_loop(0, k, pair, jnp.zeros((1, D), jnp.float32))
 
     split = lambda a: tuple(a[i] for i in range(E))
-    cases = {"gathered": (lambda *a: moe.gathered(cfg, *a), (wg, wu, wd)),
-             "picked": (lambda *a: moe.picked(cfg, *a), (wg, wu, wd)),
-             "separate arrays (switch)": (switched, (split(wg), split(wu), split(wd)))}
+    bf16 = lambda *a: tuple(x.astype(jnp.bfloat16) for x in a)
+    cases = {"gathered": (lambda *a: moe.gathered(cfg, *a), (wg, wu, wd), h),
+             "picked": (lambda *a: moe.picked(cfg, *a), (wg, wu, wd), h),
+             "separate arrays (switch)": (switched, (split(wg), split(wu), split(wd)), h),
+             "picked, bfloat16 experts": (lambda *a: moe.picked(cfg, *a), bf16(wg, wu, wd), *bf16(h))}
     out, ref = {}, None
-    for name, (fn, weights) in cases.items():
+    for name, (fn, weights, x) in cases.items():
         t = time.perf_counter()
         f = jax.jit(fn)
-        y = jax.block_until_ready(f(h, w, e, *weights))
+        y = jax.block_until_ready(f(x, w, e, *weights))
         compile_s = time.perf_counter() - t
         ref = y if ref is None else ref
-        ms = 1e3 * min(common.timed(lambda: jax.block_until_ready(f(h, w, e, *weights)), repeats))
-        out[name] = dict(ms=ms, gb_s=k * 3 * D * F * 4 / ms / 1e6, compile_s=compile_s,
+        ms = 1e3 * min(common.timed(lambda: jax.block_until_ready(f(x, w, e, *weights)), repeats))
+        out[name] = dict(ms=ms, gb_s=k * 3 * D * F * weights[0][0].dtype.itemsize / ms / 1e6, compile_s=compile_s,
                          max_abs_diff=float(jnp.max(jnp.abs(y - ref))))
         print(name, out[name], file=sys.stderr, flush=True)
     return out

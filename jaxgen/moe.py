@@ -49,16 +49,28 @@ def _experts(w, idx):
     return jax.tree.map(lambda a: a[idx], w) if isinstance(w, quant.QMatrix) else w[idx]
 
 
-def _expert(j, *ws):
+def _expert(j, *ws, upcast: bool = False):
     """Expert j (a traced scalar) of each of ws [E, ...] (float arrays or QMatrix), for the loops of
-    `picked` and `looped`: a lax.switch over the E static slices rather than w[j]. Why: XLA:CPU cannot
-    dynamic-slice (or gather) a bfloat16 array, so its float normalization converts the *whole* stacked
-    array to float32 first, and that conversion, loop-invariant, is hoisted out of the decode loop: a
-    float32 copy of every expert per call (2x the bf16 experts' memory) and float32 bytes read per step
-    (measured, one layer of Qwen3-30B-A3B shapes, one token's 8 experts: 555 ms with w[j], 13 ms with
-    the switch; float32 13 ms either way). A static slice in a branch is never converted whole."""
-    take = lambda i: tuple(jax.tree.map(lambda a: a[i], w) for w in ws)
+    `picked` and `looped`: w[j], except half-precision experts on CPU, which come from a lax.switch over
+    the E static slices (as float32 with `upcast`). Why: XLA:CPU cannot dynamic-slice (or gather) a
+    bfloat16 array, so its float normalization converts the *whole* stacked array to float32 first, and
+    that conversion, loop-invariant, is hoisted out of the decode loop: a float32 copy of every expert per
+    call (twice the bf16 experts' memory). A static slice in a branch is converted alone (measured, `python
+    -m benchmarks.moe --layer`, one layer of Qwen3-30B-A3B shapes, one token's 8 experts, bf16: 555 ms with
+    w[j], 9.6 ms here with upcast, float32 12 ms). `upcast` is for one-row products (picked): XLA:CPU's
+    bfloat16 matrix-vector path is slow, its matrix-matrix one (looped's chunks) is not. Not for float32:
+    the E branches cost ~3 s of compile per layer."""
+    if jax.default_backend() != "cpu" or any(isinstance(w, quant.QMatrix) or w.dtype.itemsize != 2 for w in ws):
+        return tuple(_experts(w, j) for w in ws)
+    take = lambda i: tuple(w[i].astype(jnp.float32) if upcast else w[i] for w in ws)
     return jax.lax.switch(j, [lambda i=i: take(i) for i in range(ws[0].shape[0])])
+
+
+def _mm(a, b) -> jax.Array:
+    """a @ b, f32 accumulation: b dequantized to a's dtype, or a taken to float32 for a float32 b
+    (what `_expert` gives from half-precision experts on CPU)."""
+    a = a.astype(jnp.float32) if not isinstance(b, quant.QMatrix) and b.dtype == jnp.float32 else a
+    return jnp.dot(a, _float(b, a.dtype), preferred_element_type=jnp.float32)
 
 
 def activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
@@ -90,18 +102,17 @@ def picked(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
     """Each (token, expert) pair in turn, the expert's matrices indexed in the stacked arrays (a
     fori_loop over the N * k pairs): [N, D] (f32). Why (CPU, few tokens): XLA:CPU's gather in
     `gathered` is slow to copy out every pair's experts (measured, `python -m benchmarks.moe --layer`:
-    one token's 8 of 128 Qwen3-30B-A3B experts, one layer: 59 ms gathered, 13 ms here). XLA:CPU still
-    copies each chosen expert (a branch of `_expert`) before its matmul: separate per-expert arrays
-    would be read in place (7 ms) but need a second params layout."""
+    one token's 8 of 128 Qwen3-30B-A3B experts, one layer: 53 ms gathered, 12 ms here). XLA:CPU still
+    copies each indexed expert (a dynamic slice; bfloat16 experts: see `_expert`) before its matmul:
+    separate per-expert arrays would be read in place (7 ms) but need a second params layout."""
     N, k = e.shape
     pe, pw = e.reshape(-1), w.reshape(-1)
-    mm = lambda a, b: jnp.dot(a, _float(b, a.dtype), preferred_element_type=jnp.float32)
 
     def pair(p, y):
         x = jax.lax.dynamic_slice_in_dim(h, p // k, 1)  # [1, D]
-        wg, wu, wd = _expert(pe[p], we_gate, we_up, we_down)
-        a = (activation(cfg, mm(x, wg)) * mm(x, wu)).astype(h.dtype)
-        return y.at[p // k].add(pw[p] * mm(a, wd)[0])
+        wg, wu, wd = _expert(pe[p], we_gate, we_up, we_down, upcast=True)
+        a = (activation(cfg, _mm(x, wg)) * _mm(x, wu)).astype(h.dtype)
+        return y.at[p // k].add(pw[p] * _mm(a, wd)[0])
 
     return jax.lax.fori_loop(0, N * k, pair, jnp.zeros((N, h.shape[1]), jnp.float32))
 
@@ -140,15 +151,14 @@ def looped(cfg: ModelConfig, h, w, e, we_gate, we_up, we_down) -> jax.Array:
     order, xs, sizes = _sorted_pairs(h, e, E)
     xs = jnp.pad(xs, ((0, chunk), (0, 0)))  # [P + chunk, D]: a chunk never runs past the end
     starts = jnp.cumsum(sizes) - sizes
-    mm = lambda a, b: jnp.dot(a, _float(b, a.dtype), preferred_element_type=jnp.float32)
 
     def expert(j, y):
         def step(c, y):  # (the expert's weights are taken in here: an unpicked expert's are never read)
             at = starts[j] + c * chunk
             x = jax.lax.dynamic_slice_in_dim(xs, at, chunk)  # [chunk, D]
             wg, wu, wd = _expert(j, we_gate, we_up, we_down)
-            a = (activation(cfg, mm(x, wg)) * mm(x, wu)).astype(h.dtype)
-            out = jnp.where((jnp.arange(chunk) < sizes[j] - c * chunk)[:, None], mm(a, wd), 0.0)
+            a = (activation(cfg, _mm(x, wg)) * _mm(x, wu)).astype(h.dtype)
+            out = jnp.where((jnp.arange(chunk) < sizes[j] - c * chunk)[:, None], _mm(a, wd), 0.0)
             return jax.lax.dynamic_update_slice_in_dim(y, jax.lax.dynamic_slice_in_dim(y, at, chunk) + out, at, 0)
         return jax.lax.fori_loop(0, (sizes[j] + chunk - 1) // chunk, step, y)
 
