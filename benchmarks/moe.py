@@ -229,7 +229,8 @@ def layer_probe(cfg, repeats: int = 20) -> dict:
         compile_s = time.perf_counter() - t
         ref = y if ref is None else ref
         ms = 1e3 * min(common.timed(lambda: jax.block_until_ready(f(x, w, e, *weights)), repeats))
-        out[name] = dict(ms=ms, gb_s=k * 3 * D * F * weights[0][0].dtype.itemsize / ms / 1e6, compile_s=compile_s,
+        itemsize = jax.tree.leaves(weights)[0].dtype.itemsize
+        out[name] = dict(ms=ms, gb_s=k * 3 * D * F * itemsize / ms / 1e6, compile_s=compile_s,
                          max_abs_diff=float(jnp.max(jnp.abs(y - ref))))
         print(name, out[name], file=sys.stderr, flush=True)
     return out

@@ -347,13 +347,13 @@ def test_random_schemas_sound_and_complete(data):
         assert v.is_valid(value), (schema, text, [e.message for e in v.iter_errors(value)])
     for value in data.draw(st.lists(instances(schema), min_size=8, max_size=8)):
         text = text_of(value)
-        if valid_or_unresolvable(v, value) and all(writable(s) for s in _strings(value)):
+        if valid_resolving(v, value) and all(writable(s) for s in _strings(value)):
             assert re.fullmatch(regex, text), (schema, text)
 
 
-def valid_or_unresolvable(v, value) -> bool:
-    """v.is_valid(value), where a value that reaches a $ref pointing nowhere is not valid. jsonschema
-    resolves references lazily, as jaxgen does: a nested {"$ref": "#/$defs/d", "$defs": ...} points into
+def valid_resolving(v, value) -> bool:
+    """v.is_valid(value), False for a value that reaches a $ref pointing nowhere (jsonschema raises).
+    jsonschema resolves references lazily, as jaxgen does: a nested {"$ref": "#/$defs/d", "$defs": ...} points into
     the root and resolves nowhere, and a schema holding one in a branch no valid value uses (items under
     maxItems 0) is accepted by both; jsonschema raises only for a value that reaches it."""
     try:
@@ -372,7 +372,7 @@ def test_a_ref_pointing_nowhere_is_refused_where_a_value_reaches_it():
     unreachable = {"type": "array", "items": tree, "maxItems": 0}
     regex = S.to_regex(unreachable)
     v = validator(unreachable)
-    assert re.fullmatch(regex, "[]") and v.is_valid([]) and not valid_or_unresolvable(v, [{"v": 1}])
+    assert re.fullmatch(regex, "[]") and v.is_valid([]) and not valid_resolving(v, [{"v": 1}])
     with pytest.raises(ValueError, match=r"^schema\.items: '\$ref' '#/\$defs/t' points at nothing$"):
         S.to_regex({"type": "array", "items": tree, "maxItems": 1})
 
