@@ -65,6 +65,7 @@ def variant_model(base, variant: str):
 def _logprobs_fn():
     import jax
 
+    from jaxgen import backend
     from jaxgen.cache import init_cache
     from jaxgen.model import forward
 
@@ -75,7 +76,9 @@ def _logprobs_fn():
         logits, _ = forward(params, tokens, pos, cache, cfg)
         return jax.nn.log_softmax(logits[:, :-1].astype(jax.numpy.float32), axis=-1)  # [B, T-1, V]
 
-    return jax.jit(logprobs, static_argnames=("cfg", "kv_quant"))
+    # compiled as jaxgen compiles its own programs (on CPU: backend.CPU_COMPILER_OPTIONS, which change
+    # bfloat16 rounding), so the figures are those of jaxgen's generate and score paths
+    return backend.jit(logprobs, static_argnames=("cfg", "kv_quant"))
 
 
 def compare(ref, model, chunks: list[list[int]], ref_cache: dict | None = None) -> dict:

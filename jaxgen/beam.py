@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxgen import backend
 from jaxgen import constraints as con
 from jaxgen import engine as eng
 from jaxgen import stops as sst
@@ -242,9 +243,9 @@ def beam_search(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, m
 
 
 _STATICS = ("cfg", "max_new", "cache_len", "beams", "pad_id", "mesh", "kv_quant", "prefill_chunk", "paths")
-beam_jit = jax.jit(beam_search, static_argnames=_STATICS)
+beam_jit = backend.jit(beam_search, static_argnames=_STATICS)
 # the same computation as two programs, so that a caller can time the prefill and the search apart
-beam_start_jit = jax.jit(beam_start, static_argnames=_STATICS)
+beam_start_jit = backend.jit(beam_start, static_argnames=_STATICS)
 # Not donated: a donation only lets an input buffer become an output, and the loop returns finished
 # hypotheses, not its state (measured: XLA reports every donated buffer of the state unusable).
-beam_loop_jit = jax.jit(beam_loop, static_argnames=("cfg", "max_new", "mesh", "paths"))
+beam_loop_jit = backend.jit(beam_loop, static_argnames=("cfg", "max_new", "mesh", "paths"))

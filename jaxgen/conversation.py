@@ -181,12 +181,12 @@ def budget(max_new_tokens, cache):
 
 
 # ---- the host API -------------------------------------------------------------------------------
-start_jit = jax.jit(start, static_argnames=("cfg", "max_new", "cache_len", "top_logprobs", "candidates", "pad_id",
+start_jit = backend.jit(start, static_argnames=("cfg", "max_new", "cache_len", "top_logprobs", "candidates", "pad_id",
                                             "mesh", "kv_quant", "penalties", "n", "prefill_chunk", "paths"))
 # the episode is donated: the turn writes its tokens into the kept cache in place
-feed_jit = jax.jit(feed, static_argnames=("cfg", "max_new", "top_logprobs", "candidates", "pad_id", "mesh",
+feed_jit = backend.jit(feed, static_argnames=("cfg", "max_new", "top_logprobs", "candidates", "pad_id", "mesh",
                                           "prefill_chunk", "paths"), donate_argnames="ep")
-finish_jit = jax.jit(finish, static_argnames=("cfg", "max_new", "candidates", "pad_id", "mesh", "paths"),
+finish_jit = backend.jit(finish, static_argnames=("cfg", "max_new", "candidates", "pad_id", "mesh", "paths"),
                      donate_argnames="state")
 PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty")
 # what a turn takes: generate's knobs, less those fixed for the whole conversation or not multi-turn

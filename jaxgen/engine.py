@@ -368,10 +368,10 @@ def generate_tokens(params: Params, prompts: jax.Array, prompt_lengths: jax.Arra
 
 _STATIC = ("cfg", "max_new", "cache_len", "top_logprobs", "candidates", "pad_id", "mesh", "kv_quant", "penalties",
            "n", "prefill_chunk", "paths")
-generate_jit = jax.jit(generate_tokens, static_argnames=_STATIC)
+generate_jit = backend.jit(generate_tokens, static_argnames=_STATIC)
 # The streaming pair: the same two phases as separate programs, so a caller can read tokens between
 # chunks of decode steps. The state is donated: each chunk updates the cache in place.
-prefill_jit = jax.jit(prefill, static_argnames=_STATIC)
-insert_jit = jax.jit(insert, donate_argnames="state")
-decode_jit = jax.jit(decode, static_argnames=("cfg", "candidates", "pad_id", "mesh", "paths"), donate_argnames="state")
-prefill_prefix_jit = jax.jit(prefill_prefix, static_argnames=("cfg", "cache_len", "kv_quant", "prefill_chunk", "paths"))
+prefill_jit = backend.jit(prefill, static_argnames=_STATIC)
+insert_jit = backend.jit(insert, donate_argnames="state")
+decode_jit = backend.jit(decode, static_argnames=("cfg", "candidates", "pad_id", "mesh", "paths"), donate_argnames="state")
+prefill_prefix_jit = backend.jit(prefill_prefix, static_argnames=("cfg", "cache_len", "kv_quant", "prefill_chunk", "paths"))

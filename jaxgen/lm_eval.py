@@ -42,6 +42,7 @@ try:
 except ImportError as e:  # pragma: no cover - the optional extra is missing
     raise ImportError("jaxgen.lm_eval needs lm-eval: pip install 'jaxgen[eval]'") from e
 
+from jaxgen import backend
 from jaxgen import knobs as kn
 from jaxgen.checkpoint import DEFAULT_MODEL
 from jaxgen.model import Model, score_spans
@@ -55,7 +56,7 @@ SCORE_BUCKETS = tuple(sorted({b for p in kn.PROMPT_BUCKETS for b in (p, p * 3 //
 MAX_GEN_TOKS = 256  # HFLM's default when a task gives no max_gen_toks
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "chunk", "paths"))
+@functools.partial(backend.jit, static_argnames=("cfg", "chunk", "paths"))
 def _score(params, tokens, targets, first, lengths, cfg, chunk, paths):
     return score_spans(params, tokens, targets, first, lengths, cfg, chunk, paths)
 

@@ -318,13 +318,13 @@ def speculative_tokens(params, draft_params, prompts, prompt_lengths, sp, max_ne
 
 
 _DECODE_STATIC = ("cfg", "draft_cfg", "gamma", "ngram", "candidates", "pad_id", "paths")
-speculative_jit = jax.jit(speculative_tokens, static_argnames=_DECODE_STATIC + ("max_new", "cache_len", "kv_quant",
+speculative_jit = backend.jit(speculative_tokens, static_argnames=_DECODE_STATIC + ("max_new", "cache_len", "kv_quant",
                                                                                 "penalties", "prefill_chunk"))
 # The two phases as separate programs, so `generate(..., timings=)` can time them apart.
-spec_prefill_jit = jax.jit(spec_prefill, static_argnames=("cfg", "draft_cfg", "gamma", "max_new", "cache_len",
+spec_prefill_jit = backend.jit(spec_prefill, static_argnames=("cfg", "draft_cfg", "gamma", "max_new", "cache_len",
                                                           "candidates", "pad_id", "kv_quant", "penalties",
                                                           "prefill_chunk", "paths"))
-spec_decode_jit = jax.jit(spec_decode, static_argnames=_DECODE_STATIC, donate_argnames="s")
+spec_decode_jit = backend.jit(spec_decode, static_argnames=_DECODE_STATIC, donate_argnames="s")
 
 
 @dataclasses.dataclass

@@ -23,6 +23,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("jaxgen.tunix_rollout needs google-tunix: pip install 'jaxgen[tunix]'") from e
 
+from jaxgen import backend
 from jaxgen.generate import generate
 from jaxgen.model import Model, Params
 from jaxgen.sharding import reshard
@@ -54,7 +55,7 @@ def _logps(params, prompt_tokens, completion_tokens, pad_id, eos_id, cfg, adapte
     return score_completions(params, seq, plen, first, Tc, cfg, adapters)
 
 
-_logps_jit = jax.jit(_logps, static_argnames=("pad_id", "eos_id", "cfg"))
+_logps_jit = backend.jit(_logps, static_argnames=("pad_id", "eos_id", "cfg"))
 
 
 class JaxgenRollout(base_rollout.BaseRollout):

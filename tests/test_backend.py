@@ -5,13 +5,15 @@ beam search, speculative decoding) with the accelerator paths against the refere
 log-probs within float rounding. bfloat16 dequantization against its definition."""
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxgen
-from jaxgen import backend, kernels, quant
+from jaxgen import backend, engine, kernels, quant
 from jaxgen import cache as kvc
+from jaxgen.generate import place, prepare
 from jaxgen.model import Model, attend, decode_global, stack_layers, unstack_layers
 from tests.conftest import TINY_GEMMA, TINY_QWEN, random_params
 
@@ -193,3 +195,39 @@ def test_load_keeps_layers_stacked_where_unroll_is_off(monkeypatch, tmp_path):
     assert isinstance(jaxgen.load(str(tmp_path / "m")).params.layers, tuple)
     monkeypatch.setenv(backend.ENV, "unroll=false")
     assert not isinstance(jaxgen.load(str(tmp_path / "m")).params.layers, tuple)
+
+
+def _program(jit, model, prompts):
+    """jit's compiled generate program for prompts (as generate.run calls it), its temporaries' bytes and
+    its output."""
+    _, args, p = prepare(model, prompts, max_new_tokens=4, stop_ids=[])
+    statics = dict(cfg=model.cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=0,
+                   candidates=jaxgen.sampling.DEFAULT_CANDIDATES, mesh=None, kv_quant=None, penalties=p.penalties,
+                   n=p.n, prefill_chunk=model.prefill_chunk, paths=model.paths)
+    compiled = jit.lower(model.params, **place(model, args), **statics).compile()
+    return compiled.memory_analysis().temp_size_in_bytes, compiled(model.params, **place(model, args))
+
+
+def test_bfloat16_embedding_table_is_not_copied():
+    """jaxgen's programs on CPU (backend.jit: CPU_COMPILER_OPTIONS) look tokens up in a bfloat16 embedding
+    table without a float32 copy of it: the compiled generate program's temporaries stay below the table's
+    bytes, where plain jax.jit of the same function holds a float32 copy (>= twice the table: the negative
+    control). float32 programs are unchanged by the options (identical tokens and log-probs); bfloat16
+    ones stay within bfloat16 rounding of the float32 computation on the same weights."""
+    cfg = dataclasses.replace(TINY_QWEN, name="tiny-wide", vocab_size=16384, n_layers=2)
+    params = random_params(cfg)
+    prompts = [[5, 900, 16000, 7], [3, 12000]]
+    plain = jax.jit(engine.generate_tokens, static_argnames=engine._STATIC)
+    out = {}
+    for dt in (jnp.float32, jnp.bfloat16):
+        model = Model(cfg, jax.tree.map(lambda a: a.astype(dt), params))
+        (temp, got), (plain_temp, want) = _program(engine.generate_jit, model, prompts), _program(plain, model, prompts)
+        table = model.params.embed.nbytes
+        if dt == jnp.bfloat16:
+            assert temp < table <= plain_temp / 2, (temp, plain_temp, table)
+        else:
+            np.testing.assert_array_equal(got.tokens, want.tokens)
+            np.testing.assert_array_equal(got.logprobs, want.logprobs)
+        out[dt] = got
+    # the first token's log-prob depends on the prompt only (the later ones on the tokens each dtype chose)
+    np.testing.assert_allclose(out[jnp.bfloat16].logprobs[:, 0], out[jnp.float32].logprobs[:, 0], atol=0.05)

@@ -185,14 +185,17 @@ def test_bfloat16_quantized_scales():
     assert qp.embed.dtype == jnp.bfloat16 and qp.layers.wq.q.dtype == jnp.int8
     out = generate(dataclasses.replace(Model(TINY_GEMMA, qp)), [[1, 2, 3]], max_new_tokens=8, stop_ids=[])[0]
     # against the float32 model of the same (dequantized) weights, teacher-forced on the same tokens:
-    # each log-probability within bfloat16 rounding, and each greedy choice its (near-)argmax
+    # each log-probability within bfloat16 rounding, and each greedy choice its (near-)argmax. Rounding
+    # here is every bfloat16 operation's, through 8 layers (jaxgen's CPU programs round each one, as the
+    # program says: backend.CPU_COMPILER_OPTIONS): 0.058 at most on these 8 tokens (0.045 when XLA:CPU
+    # kept chains of bfloat16 arithmetic in float32), so 0.1 for the log-probabilities
     f32 = random_params(TINY_GEMMA)
     ref = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), reshape_like(f32, dequantized_params(qp)))
     seq = jnp.asarray([[1, 2, 3] + out.tokens], jnp.int32)
     logits = _forward(ref, seq, jnp.arange(seq.shape[1])[None], init_cache(TINY_GEMMA, 1, seq.shape[1]), TINY_GEMMA)[0]
     lp = np.asarray(jax.nn.log_softmax(logits[0, 2:-1], axis=-1))  # [8, V] for the 8 new tokens
     chosen = lp[np.arange(8), out.tokens]
-    np.testing.assert_allclose(out.logprobs, chosen, atol=0.05)
+    np.testing.assert_allclose(out.logprobs, chosen, atol=0.1)
     assert np.all(chosen >= lp.max(axis=-1) - 0.05), (chosen, lp.max(axis=-1))
 
 
