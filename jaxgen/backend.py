@@ -51,6 +51,10 @@ fields (read when a program is traced, so set it before the first call). Engine 
   also rounds after each operation, as the program says and as HF transformers' bfloat16 does (the pass
   kept chains in float32, "excess precision"): `python -m benchmarks.bf16_cpu` measures both against
   HF; the README's dtype paragraph has the figures. Other backends compile with their defaults.
+  Without the pass XLA:CPU cannot emit a dot whose result is bfloat16 (an internal RET_CHECK): every
+  jaxgen dot asks for a float32 result (preferred_element_type); jax.nn.dot_product_attention's XLA
+  form does not, so "dpa" runs in float32 on CPU (model._dpa). benchmarks.accelerator --smoke (a CI
+  test) runs every path in bfloat16 on CPU: what would catch a new one.
 """
 from __future__ import annotations
 

@@ -249,13 +249,20 @@ def _dpa(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
     """`attend` as jax.nn.dot_product_attention computes it: cuDNN's fused attention on GPU for
     bf16 / f16 where cuDNN takes the shapes (the mask becomes its bias), XLA's otherwise (CPU, TPU,
     f32: the same einsums)."""
-    run = lambda impl: jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation=impl)
+    run = lambda impl, q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
+                                                            implementation=impl)
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:
-            return run("cudnn")
+            return run("cudnn", q, k, v)
         except (ValueError, NotImplementedError, RuntimeError):  # shapes / versions cuDNN refuses (at trace time)
             pass
-    return run("xla")
+    if jax.default_backend() == "cpu" and q.dtype != jnp.float32:
+        # XLA's form multiplies the probabilities by v with a bf16 result, a dot XLA:CPU cannot emit
+        # under jaxgen's options (backend.CPU_COMPILER_OPTIONS): on CPU, where "dpa" is only forced
+        # (tests, benchmarks.accelerator --smoke), it runs in float32
+        f32 = lambda a: a.astype(jnp.float32)
+        return run("xla", f32(q), f32(k), f32(v)).astype(q.dtype)
+    return run("xla", q, k, v)
 
 
 def decode_global(q: jax.Array, k, v, q_pos: jax.Array, k_pos: jax.Array, mask: jax.Array, scale: float,
