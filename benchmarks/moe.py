@@ -164,8 +164,9 @@ def dense_reference(cfg, args, bw, dtype_name="float32", paths=None):
 
 
 def table(res):
-    rows = ["| dtype | batch | jaxgen decode tok/s | experts read / layer | active-bytes roofline fraction | all experts (dense) tok/s | jaxgen / dense |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| dtype | batch | jaxgen decode tok/s | first call (compile) s | experts read / layer | "
+            "active-bytes roofline fraction | all experts (dense) tok/s | jaxgen / dense |",
+            "|---|---|---|---|---|---|---|---|"]
     by = {(r["dtype"], r["impl"], r["batch"]): r for r in res["rows"]}
     for (dt, impl, B), r in sorted(by.items()):
         if impl != "auto":
@@ -173,14 +174,15 @@ def table(res):
         d = by.get((dt, "dense", B))
         dense = ("| |" if d is None else
                  f"{d['decode_tok_s']:.1f} | {r['decode_tok_s'] / d['decode_tok_s']:.2f}x |")
-        rows.append(f"| {dt} | {B} | {r['decode_tok_s']:.1f} | {r['experts_per_layer']} of {res['experts']} | "
+        rows.append(f"| {dt} | {B} | {r['decode_tok_s']:.1f} | {r['compile_s']:.1f} | "
+                    f"{r['experts_per_layer']} of {res['experts']} | "
                     f"{r['roofline_fraction']:.2f} | {dense}")
     ref = res["dense_reference"]
     moe1 = by[("float32", "auto", 1)]["roofline_fraction"]
-    rows.append(f"| float32 | 1 | dense model of the active width: {ref['decode_tok_s']:.1f} | | "
+    rows.append(f"| float32 | 1 | dense model of the active width: {ref['decode_tok_s']:.1f} | | | "
                 f"{ref['roofline_fraction']:.2f} (MoE / dense: {moe1 / ref['roofline_fraction']:.2f}) | | |")
     rows.append(f"| prefill 2,048 tokens | | float32 {res['prefill_tok_s']['float32']:.0f} tok/s, bfloat16 "
-                f"{res['prefill_tok_s']['bfloat16']:.0f} tok/s | | | | |")
+                f"{res['prefill_tok_s']['bfloat16']:.0f} tok/s | | | | | |")
     rows.append(f"\nRead bandwidth in the same run: {res['bandwidth_gb_s']:.1f} GB/s (benchmarks.run's probes).")
     lp = res.get("layer_probe")
     if lp:
@@ -197,11 +199,13 @@ def layer_probe(cfg, repeats: int = 20) -> dict:
     jaxgen's `gathered` and `picked`, and for a bound jaxgen does not use: the same pair loop with
     every expert a separate array, picked by `lax.switch` (each expert read in place, not copied out
     of the stacked [E, ...] array first; compile time is E branches per layer, reported too); and
-    picked on bfloat16 experts (GB/s of bf16 bytes)."""
+    picked on bfloat16 experts (GB/s of bf16 bytes), compiled as jaxgen compiles its programs
+    (backend.jit) and in a user's own jax.jit (XLA:CPU's bfloat16 normalization on: moe._expert's
+    switch over the experts)."""
     import jax
     import jax.numpy as jnp
 
-    from jaxgen import moe
+    from jaxgen import backend, moe
 
     E, D, F, k = cfg.n_experts, cfg.d_model, cfg.d_ff_expert, cfg.n_experts_per_tok
     ks = jax.random.split(jax.random.key(0), 5)
@@ -217,14 +221,16 @@ def layer_probe(cfg, repeats: int = 20) -> dict:
 
     split = lambda a: tuple(a[i] for i in range(E))
     bf16 = lambda *a: tuple(x.astype(jnp.bfloat16) for x in a)
-    cases = {"gathered": (lambda *a: moe.gathered(cfg, *a), (wg, wu, wd), h),
-             "picked": (lambda *a: moe.picked(cfg, *a), (wg, wu, wd), h),
-             "separate arrays (switch)": (switched, (split(wg), split(wu), split(wd)), h),
-             "picked, bfloat16 experts": (lambda *a: moe.picked(cfg, *a), bf16(wg, wu, wd), *bf16(h))}
+    cases = {"gathered": (lambda *a: moe.gathered(cfg, *a), (wg, wu, wd), h, backend.jit),
+             "picked": (lambda *a: moe.picked(cfg, *a), (wg, wu, wd), h, backend.jit),
+             "separate arrays (switch)": (switched, (split(wg), split(wu), split(wd)), h, jax.jit),
+             "picked, bfloat16 experts": (lambda *a: moe.picked(cfg, *a), bf16(wg, wu, wd), *bf16(h), backend.jit),
+             "picked, bfloat16 experts, a user's jax.jit": (lambda *a: moe.picked(cfg, *a), bf16(wg, wu, wd), *bf16(h),
+                                                            jax.jit)}
     out, ref = {}, None
-    for name, (fn, weights, x) in cases.items():
+    for name, (fn, weights, x, jit) in cases.items():
         t = time.perf_counter()
-        f = jax.jit(fn)
+        f = jit(fn)
         y = jax.block_until_ready(f(x, w, e, *weights))
         compile_s = time.perf_counter() - t
         ref = y if ref is None else ref

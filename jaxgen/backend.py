@@ -58,6 +58,7 @@ fields (read when a program is traced, so set it before the first call). Engine 
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import os
@@ -168,16 +169,47 @@ def _top_level() -> bool:
     return _core.trace_state_clean()
 
 
+# True while a program compiled with CPU_COMPILER_OPTIONS is being traced (set by `jit` around the traced
+# function, so it is a fact of the compile, read at trace time like jax.default_backend()).
+_TRACING_WITH_OPTIONS = contextvars.ContextVar("jaxgen_tracing_with_cpu_options", default=False)
+
+
+def cpu_bf16_normalized() -> bool:
+    """Whether the program being traced goes to XLA:CPU with its float-normalization-bf16 pass on: the CPU
+    backend, outside jaxgen's own programs (a user's jax.jit around jaxgen code). There a bfloat16 dynamic
+    slice, gather or scatter converts its whole operand to float32, which the workarounds that ask this
+    (moe._expert) avoid; inside jaxgen's programs the operation reads bfloat16 in place."""
+    return jax.default_backend() == "cpu" and not _TRACING_WITH_OPTIONS.get()
+
+
 def jit(fun, **kw):
     """`jax.jit(fun, **kw)`, compiled with CPU_COMPILER_OPTIONS when the default backend is the CPU.
 
     Compiler options belong to a jit object, not to a call, and the backend is unknown at import (asking
     JAX for it here would start the backends before `jax.distributed.initialize`): so one jit object
-    per kind, picked at each call. The result is called, lowered and traced like a jax.jit function."""
-    programs = {"cpu": jax.jit(fun, compiler_options=CPU_COMPILER_OPTIONS, **kw), "other": jax.jit(fun, **kw)}
+    per kind, picked at each call. The result is called, lowered and traced like a jax.jit function.
+    The option programs trace `fun` with `cpu_bf16_normalized()` False: a distinct function, so that
+    jax's trace caches never hand one kind's trace to the other."""
+    @functools.wraps(fun)
+    def with_options(*args, **kwargs):
+        token = _TRACING_WITH_OPTIONS.set(True)
+        try:
+            return fun(*args, **kwargs)
+        finally:
+            _TRACING_WITH_OPTIONS.reset(token)
+
+    programs = {"cpu": jax.jit(with_options, compiler_options=CPU_COMPILER_OPTIONS, **kw),
+                # nested inside one of jaxgen's option programs (it takes no options of its own, the outer
+                # compile has them): traced as they are
+                "inside cpu": jax.jit(with_options, **kw),
+                "other": jax.jit(fun, **kw)}
+
     # Inside another transformation (a user's jax.jit, vmap, scan) the program is part of the caller's,
-    # which takes no options from a nested jit (jax refuses them there): the plain one.
-    pick = lambda: programs["cpu" if _top_level() and jax.default_backend() == "cpu" else "other"]
+    # which takes no options from a nested jit (jax refuses them there): a plain one.
+    def pick():
+        if _TRACING_WITH_OPTIONS.get():
+            return programs["inside cpu"]
+        return programs["cpu" if _top_level() and jax.default_backend() == "cpu" else "other"]
 
     @functools.wraps(fun)
     def call(*args, **kwargs):

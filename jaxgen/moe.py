@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxgen import quant
+from jaxgen import backend, quant
 from jaxgen.config import ModelConfig
 
 
@@ -51,16 +51,18 @@ def _experts(w, idx):
 
 def _expert(j, *ws, upcast: bool = False):
     """Expert j (a traced scalar) of each of ws [E, ...] (float arrays or QMatrix), for the loops of
-    `picked` and `looped`: w[j], except half-precision experts on CPU, which come from a lax.switch over
-    the E static slices (as float32 with `upcast`). Why: XLA:CPU cannot dynamic-slice (or gather) a
-    bfloat16 array, so its float normalization converts the *whole* stacked array to float32 first, and
-    that conversion, loop-invariant, is hoisted out of the decode loop: a float32 copy of every expert per
-    call (twice the bf16 experts' memory). A static slice in a branch is converted alone (measured, `python
-    -m benchmarks.moe --layer`, one layer of Qwen3-30B-A3B shapes, one token's 8 experts, bf16: 555 ms with
-    w[j], 9.6 ms here with upcast, float32 12 ms). `upcast` is for one-row products (picked): XLA:CPU's
-    bfloat16 matrix-vector path is slow, its matrix-matrix one (looped's chunks) is not. Not for float32:
-    the E branches cost ~3 s of compile per layer."""
-    if jax.default_backend() != "cpu" or any(isinstance(w, quant.QMatrix) or w.dtype.itemsize != 2 for w in ws):
+    `picked` and `looped`: w[j], except half-precision experts traced for XLA:CPU with its bfloat16 float
+    normalization on (a user's own jax.jit on CPU; jaxgen's programs compile without it:
+    backend.cpu_bf16_normalized), which come from a lax.switch over the E static slices (as float32
+    with `upcast`). Why: there XLA:CPU converts the *whole* stacked array to float32 before a bfloat16
+    dynamic slice, and that conversion, loop-invariant, is hoisted out of the decode loop: a float32 copy
+    of every expert per call (twice the bf16 experts' memory). A static slice in a branch is converted
+    alone. Measured (`python -m benchmarks.moe --layer`: one layer of Qwen3-30B-A3B shapes, one token's 8
+    of 128 experts, bf16, picked): 11.1 ms with the switch in a plain jit (compiled in 3.6 s: E branches
+    per layer), 10.4 ms with w[j] in jaxgen's programs (compiled in 0.2 s); w[j] in a plain jit took
+    555 ms. `upcast` is for one-row products (picked): XLA:CPU's normalized bfloat16 matrix-vector path
+    is slow, its matrix-matrix one (looped's chunks) is not."""
+    if not backend.cpu_bf16_normalized() or any(isinstance(w, quant.QMatrix) or w.dtype.itemsize != 2 for w in ws):
         return tuple(_experts(w, j) for w in ws)
     take = lambda i: tuple(w[i].astype(jnp.float32) if upcast else w[i] for w in ws)
     return jax.lax.switch(j, [lambda i=i: take(i) for i in range(ws[0].shape[0])])

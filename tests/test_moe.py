@@ -95,22 +95,30 @@ def test_grouped_gathered_dense_agree(norm):
     assert moe.choose(cfg, 1) == "picked" and moe.choose(cfg, 64) == "looped"  # (on CPU; gathered / grouped elsewhere)
 
 
+@pytest.mark.parametrize("jit", ["jax.jit", "backend.jit", "jax.jit(backend.jit)", "backend.jit(backend.jit)"])
 @pytest.mark.parametrize("impl", ["picked", "looped"])
-def test_bfloat16_experts_are_not_copied_whole(impl):
+def test_bfloat16_experts_are_not_copied_whole(impl, jit):
     """picked / looped (CPU's computations) inside a loop, as in decode, on bfloat16 experts: the compiled
     program's temporary memory stays below the experts' own bytes, and the output equals the float32
-    computation on the same (bf16-rounded) weights. Indexing w[j] made XLA:CPU convert every stacked
-    expert array to float32 before the loop (twice the experts' memory: 1.2 MB of temporaries here;
-    see moe._expert)."""
+    computation on the same (bf16-rounded) weights, both in a user's own jax.jit (XLA:CPU's bfloat16
+    normalization on: indexing w[j] there made it convert every stacked expert array to float32 before
+    the loop, 1.2 MB of temporaries here, so moe._expert switches over static slices) and in jaxgen's
+    programs (backend.jit: the normalization is off, w[j] is read in place, and the program has no
+    E-way switch, whose branches cost ~4 s of compile per layer at 128 experts). A backend.jit program
+    called inside another jit is traced as part of the outer one: it switches only in a plain jax.jit."""
     cfg = ModelConfig(name="moe", vocab_size=16, d_model=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32,
                       d_ff=8, max_seq_len=32, n_experts=32, n_experts_per_tok=2, d_ff_expert=48)
     lp = jax.tree.map(lambda a: a.astype(jax.numpy.bfloat16), _random_layer(cfg, jax.random.key(0)))
     h = jax.random.normal(jax.random.key(1), (2, 1, cfg.d_model)).astype(jax.numpy.bfloat16)
     steps = lambda lp, h: jax.lax.fori_loop(0, 3, lambda i, x: moe.mlp(cfg, x, lp, impl), h)
     expert_bytes = sum(getattr(lp, n).nbytes for n in ("we_gate", "we_up", "we_down"))
-    compiled = jax.jit(steps).lower(lp, h).compile()
+    outer, _, inner = jit.rstrip(")").partition("(")
+    program = backend.jit(steps) if inner else steps
+    compiled = (jax.jit if outer == "jax.jit" else backend.jit)(lambda *a: program(*a)).lower(lp, h).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < expert_bytes / 2, (temp, expert_bytes)
+    switches = [len(m.group(1).split(",")) for m in re.finditer(r"branch_computations=\{([^}]*)\}", compiled.as_text())]
+    assert (cfg.n_experts in switches) == (outer == "jax.jit"), switches
     as_f32 = jax.tree.map(lambda a: a.astype(np.float32), lp)
     ref = jax.lax.fori_loop(0, 3, lambda i, x: moe.mlp(cfg, x, as_f32, "dense").astype(jax.numpy.bfloat16)
                             .astype(np.float32), h.astype(np.float32))
