@@ -503,10 +503,14 @@ def run(model: Model, args: dict, p: Plan, top_logprobs: int = 0,
         candidates: int = smp.DEFAULT_CANDIDATES) -> GenerateOutput:
     """Call the compiled program on `prepare`d arguments (always by keyword: jit keys its cache on
     how arguments are passed, so every caller goes through here)."""
-    return generate_jit(model.params, **place(model, args), cfg=model.cfg, max_new=p.max_new,
-                        cache_len=p.cache_len, top_logprobs=top_logprobs, candidates=candidates, mesh=model.mesh,
-                        kv_quant=model.kv_quant, penalties=p.penalties, n=p.n, prefill_chunk=model.prefill_chunk,
-                        paths=model.paths)
+    return generate_jit(model.params, **place(model, args), **statics(model, p, top_logprobs, candidates))
+
+
+def statics(model: Model, p: Plan, top_logprobs: int = 0, candidates: int = smp.DEFAULT_CANDIDATES) -> dict:
+    """generate_jit's (and prefill_jit's) static arguments for a plan, as `run` and `stream` pass them."""
+    return dict(cfg=model.cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=top_logprobs,
+                candidates=candidates, mesh=model.mesh, kv_quant=model.kv_quant, penalties=p.penalties, n=p.n,
+                prefill_chunk=model.prefill_chunk, paths=model.paths)
 
 
 def place(model: Model, args: dict) -> dict:
@@ -592,13 +596,10 @@ def stream(model: Model, prompts, *, chunk_steps: int = 8, top_logprobs: int = 0
     kn.check("include_stop", request.pop("include_stop", False))  # outputs are token arrays; `to_completions` cuts text
     model = lora_mod.attach(model, request.get("lora"), _count(prompts))
     ids, args, p = prepare(model, prompts, candidates=candidates, top_logprobs=top_logprobs, **request)
-    statics = dict(cfg=model.cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=top_logprobs,
-                   candidates=candidates, mesh=model.mesh, kv_quant=model.kv_quant, penalties=p.penalties, n=p.n,
-                   prefill_chunk=model.prefill_chunk, paths=model.paths)
     args = place(model, args)
     loop_args = {k: args[k] for k in ("sp", "max_new_tokens", "stop_ids", "seeds")}
     t0 = time.perf_counter()
-    lowered = prefill_jit.lower(model.params, **args, **statics)
+    lowered = prefill_jit.lower(model.params, **args, **statics(model, p, top_logprobs, candidates))
     prefill_c = lowered.compile()
     # decode takes the state exactly as prefill lays it out (shapes, and shardings on a mesh)
     state_shape = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),

@@ -13,7 +13,7 @@ import pytest
 import jaxgen
 from jaxgen import backend, engine, kernels, quant
 from jaxgen import cache as kvc
-from jaxgen.generate import place, prepare
+from jaxgen.generate import place, prepare, statics
 from jaxgen.model import Model, attend, decode_global, stack_layers, unstack_layers
 from tests.conftest import TINY_GEMMA, TINY_QWEN, random_params
 
@@ -201,10 +201,7 @@ def _program(jit, model, prompts):
     """jit's compiled generate program for prompts (as generate.run calls it), its temporaries' bytes and
     its output."""
     _, args, p = prepare(model, prompts, max_new_tokens=4, stop_ids=[])
-    statics = dict(cfg=model.cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=0,
-                   candidates=jaxgen.sampling.DEFAULT_CANDIDATES, mesh=None, kv_quant=None, penalties=p.penalties,
-                   n=p.n, prefill_chunk=model.prefill_chunk, paths=model.paths)
-    compiled = jit.lower(model.params, **place(model, args), **statics).compile()
+    compiled = jit.lower(model.params, **place(model, args), **statics(model, p)).compile()
     return compiled.memory_analysis().temp_size_in_bytes, compiled(model.params, **place(model, args))
 
 
