@@ -158,15 +158,19 @@ def resolve(paths: Paths | None) -> Paths:
     return current() if paths is None else paths
 
 
-# XLA options for jaxgen's programs compiled for the CPU (see the module docstring). A user's own jax.jit
-# around jaxgen.forward on CPU can pass them too: jax.jit(f, compiler_options=CPU_COMPILER_OPTIONS).
+# XLA options for jaxgen's programs compiled for the CPU (see the module docstring). A user's own jit
+# around jaxgen.forward on CPU gets them from `jit` below (or jax.jit(f, compiler_options=...)).
 CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "float-normalization-bf16"}
 
 
-def _top_level() -> bool:
-    """True outside any JAX transformation. jax has no public form of this test (0.10); a tracer among the
-    arguments would miss a nested call whose arguments are all concrete."""
-    return _core.trace_state_clean()
+def _top_level(args) -> bool:
+    """True outside any JAX transformation. jax has no public form of this test (0.10). Should a later jax
+    drop the private one, a tracer among the call's arguments says it instead (that misses a nested call
+    whose arguments are all concrete: jax then refuses the options with its own error, on CPU only)."""
+    clean = getattr(_core, "trace_state_clean", None)
+    if clean is not None:
+        return clean()
+    return not any(isinstance(x, _core.Tracer) for x in jax.tree.leaves(args))
 
 
 # True while a program compiled with CPU_COMPILER_OPTIONS is being traced (set by `jit` around the traced
@@ -206,17 +210,18 @@ def jit(fun, **kw):
 
     # Inside another transformation (a user's jax.jit, vmap, scan) the program is part of the caller's,
     # which takes no options from a nested jit (jax refuses them there): a plain one.
-    def pick():
+    # (the backend first: other backends never ask the private test)
+    def pick(*args):
         if _TRACING_WITH_OPTIONS.get():
             return programs["inside cpu"]
-        return programs["cpu" if _top_level() and jax.default_backend() == "cpu" else "other"]
+        return programs["cpu" if jax.default_backend() == "cpu" and _top_level(args) else "other"]
 
     @functools.wraps(fun)
     def call(*args, **kwargs):
-        return pick()(*args, **kwargs)
+        return pick(args, kwargs)(*args, **kwargs)
 
-    call.lower = lambda *a, **k: pick().lower(*a, **k)
-    call.trace = lambda *a, **k: pick().trace(*a, **k)
-    call.eval_shape = lambda *a, **k: pick().eval_shape(*a, **k)
+    call.lower = lambda *a, **k: pick(a, k).lower(*a, **k)
+    call.trace = lambda *a, **k: pick(a, k).trace(*a, **k)
+    call.eval_shape = lambda *a, **k: pick(a, k).eval_shape(*a, **k)
     call._cache_size = lambda: pick()._cache_size()  # the tests' count of compiled programs
     return call
