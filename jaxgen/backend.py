@@ -54,7 +54,9 @@ fields (read when a program is traced, so set it before the first call). Engine 
   Without the pass XLA:CPU cannot emit a dot whose result is bfloat16 (an internal RET_CHECK): every
   jaxgen dot asks for a float32 result (preferred_element_type); jax.nn.dot_product_attention's XLA
   form does not, so "dpa" runs in float32 on CPU (model._dpa). benchmarks.accelerator --smoke (a CI
-  test) runs every path in bfloat16 on CPU: what would catch a new one.
+  test) runs every path in bfloat16 on CPU: what would catch a new one. A user's own jax.jit around
+  jaxgen code compiles with the pass on; code whose best form differs between the two asks
+  `cpu_bf16_normalized()` while it is traced (moe._expert: a switch over the experts only there).
 """
 from __future__ import annotations
 
