@@ -258,13 +258,11 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
     from jaxgen import sampling as smp
     from jaxgen import stops as sst
     from jaxgen.engine import decode_jit, insert_jit, output, prefill_jit
-    from jaxgen.generate import fetch, place, prepare, to_completions
+    from jaxgen.generate import fetch, place, prepare, statics, to_completions
 
     cfg = model.cfg
     B, NS = p.batch, p.stop_slots
-    statics = dict(cfg=cfg, max_new=p.max_new, cache_len=p.cache_len, top_logprobs=top_logprobs, mesh=model.mesh,
-                   kv_quant=model.kv_quant, penalties=p.penalties, prefill_chunk=model.prefill_chunk,
-                   paths=model.paths)
+    prefill_statics = statics(model, p, top_logprobs)  # generate's prefill program, as `stream` calls it
 
     # LoRA: one table of the run's adapters for every prefill and the running state
     adapters = list(defaults.get("adapters") or [])
@@ -304,7 +302,7 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
             [], model.tokenizer.token_bytes(), cfg.vocab_size, sorted(set(stops)), rows=B, universe=constrained)
     if adapters:
         empty["adapters"] = np.zeros((B,), np.int32)
-    state = prefill_jit(model.params, **place(model, empty), **statics)
+    state = prefill_jit(model.params, **place(model, empty), **prefill_statics)
     host = {k: empty[k] for k in ("sp", "max_new_tokens", "stop_ids", "seeds")}
     slot_row = [None] * B
     pending = list(rows)
@@ -314,7 +312,7 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
         take, pending = pending[:len(free)], pending[len(free):]
         if take:
             args = request(take)
-            new = prefill_jit(model.params, **place(model, args), **statics)
+            new = prefill_jit(model.params, **place(model, args), **prefill_statics)
             b = args["prompts"].shape[0]
             dest = np.array(free[:len(take)] + [B] * (b - len(take)), np.int32)  # padding rows dropped
             state = insert_jit(state, new, dest)
