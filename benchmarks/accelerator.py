@@ -18,7 +18,11 @@ attention full / live / pallas, sampling gates cond / where with sampled rows, i
 dequantized to f32 / bf16, unrolled / scanned layers with their compile times), on a uniform batch
 and on a ragged one (one long prompt among short ones: the case length-aware attention is for). A
 choice that fails to compile is a row with its error, not the end of the run.
-Between the model rows and the paths rows, `moe_rows` (issue 31 on the device; --moe-s of the
+After the model rows, `profiles` (benchmarks.step_profile; --profile-s of the budget kept for them):
+where one decode step's time goes on the paths model at --profile-batches: wall and device-busy ms,
+op launches and device<->host copies per step, the ops with the most self time and the jaxgen line
+that made each.
+Then `moe_rows` (issue 31 on the device; --moe-s of the
 budget kept for them): benchmarks.moe's random model with Qwen3-30B-A3B's layer shapes (--moe-layers
 layers, bf16): steady-state decode tokens/s and the fraction of the roofline of the *active* bytes
 (non-expert weights plus the experts the batch picks) for the default computation at batch 1 / 8 / 32
@@ -179,6 +183,32 @@ def hf_figures(cfg, args):
     return out
 
 
+def profile_rows(cfg, args, paths, deadline):
+    """benchmarks.step_profile's one-step profile of cfg at each of --profile-batches, until `deadline`
+    (a profile that fails is a row with its error: the profiler needs CUPTI on a GPU)."""
+    from benchmarks import step_profile
+
+    model = step_profile.random_model(cfg, paths)
+    rng = np.random.default_rng(2)
+    n1, n2 = (17, 32) if args.smoke else (144, 256)
+    out = []
+    for B in args.profile_batches:
+        if time.perf_counter() > deadline:
+            out.append(dict(model=cfg.name, batch=B, skipped=True))
+            continue
+        try:
+            p = step_profile.profile(model, rng.integers(1, cfg.vocab_size, (B, args.prompt)).tolist(), n1, n2)
+            print("\n".join(step_profile.lines(p)), file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - recorded in the results file
+            if args.smoke:
+                raise
+            p = dict(model=cfg.name, batch=B, error=_error(e))
+        out.append(p)
+    del model
+    gc.collect()
+    return out
+
+
 def moe_rows(args, bw, device_kind, paths, deadline):
     """benchmarks.moe's rows on this device (bf16), until `deadline`: see the module docstring."""
     from benchmarks import moe
@@ -290,6 +320,8 @@ def main(argv=None):
     ap.add_argument("--paths-batch", type=int, default=16)
     ap.add_argument("--paths-new", type=int, default=128)
     ap.add_argument("--paths-long", type=int, default=3000, help="the ragged batch's long prompt")
+    ap.add_argument("--profile-batches", type=int, nargs="*", default=[1, 64], help="batches of the step profiles")
+    ap.add_argument("--profile-s", type=float, default=60.0, help="seconds of the budget kept for the profiles")
     ap.add_argument("--moe-layers", type=int, default=8, help="layers of the MoE rows' model")
     ap.add_argument("--moe-s", type=float, default=90.0, help="seconds of the budget kept for the MoE rows")
     ap.add_argument("--smoke", action="store_true", help="a tiny preset, small settings (CPU, CI)")
@@ -305,6 +337,7 @@ def main(argv=None):
         args.bandwidth_bytes = 64 * 2**20
         args.paths_batch, args.paths_new, args.paths_long, args.paths_s, args.budget_s = 2, 4, 40, 0.0, 1e9
         args.moe_s, args.moe_layers = 0.0, 2
+        args.profile_batches, args.profile_s = [2], 0.0
     t0 = time.perf_counter()
     device = jax.devices()[0]
     device_kind = device.device_kind
@@ -314,7 +347,7 @@ def main(argv=None):
     rows, skipped = [], []
     configs = [smoke_config()] if args.smoke else [jaxgen.load_config(m) for m in args.models]
     for cfg in configs:
-        if time.perf_counter() - t0 > args.budget_s - args.paths_s - args.moe_s:
+        if time.perf_counter() - t0 > args.budget_s - args.paths_s - args.moe_s - args.profile_s:
             skipped.append(cfg.name)
             continue
         got = jaxgen_rows(cfg, args, bw, device_kind, paths)
@@ -326,6 +359,8 @@ def main(argv=None):
         print(json.dumps(got), file=sys.stderr)
     from jaxgen import backend
 
+    paths_cfg = smoke_config() if args.smoke else jaxgen.load_config(args.paths_model)
+    profiles = profile_rows(paths_cfg, args, paths, t0 + args.budget_s - args.paths_s - args.moe_s)
     try:
         moe_result = moe_rows(args, bw, device_kind, paths, t0 + args.budget_s - args.paths_s)
     except Exception as e:  # noqa: BLE001 - a failure here (memory, a kernel) is a finding, not the end of the run
@@ -333,14 +368,13 @@ def main(argv=None):
             raise
         moe_result = {"error": _error(e)}
     gc.collect()
-    paths_cfg = smoke_config() if args.smoke else jaxgen.load_config(args.paths_model)
     path_rows = paths_rows(paths_cfg, args, device_kind, t0 + args.budget_s)
     result = {"date": str(datetime.date.today()), "device_kind": device_kind, "platform": device.platform,
               "jax": jax.__version__, "bandwidth_gb_s": bw / 1e9, "smoke": args.smoke, "settings": {
                   "batches": args.batches, "new_tokens": args.new, "prompt": args.prompt, "prefill": args.prefill},
               "default_paths": dataclasses.asdict(backend.current()), "paths": dataclasses.asdict(paths),
               "preflight_errors": preflight_errors,
-              "rows": rows, "skipped": skipped, "moe": moe_result, "paths_rows": path_rows,
+              "rows": rows, "skipped": skipped, "profiles": profiles, "moe": moe_result, "paths_rows": path_rows,
               "wall_s": time.perf_counter() - t0}
     stem = re.sub(r"[^A-Za-z0-9]+", "-", device_kind).strip("-").lower()
     path = os.path.join(args.out, f"{stem}-{datetime.date.today()}-accelerator{'-smoke' if args.smoke else ''}.json")
@@ -368,6 +402,7 @@ def table(result, path) -> str:
                      f"{r['compile_s']:.1f} | {pre} |")
     if result["skipped"]:
         lines.append(f"\nNot reached within the time budget: {', '.join(result['skipped'])}.")
+    lines += profile_table(result.get("profiles"))
     lines += moe_table(result.get("moe"))
     prs = [r for r in result.get("paths_rows", []) if not r.get("skipped")]
     if prs:
@@ -384,6 +419,23 @@ def table(result, path) -> str:
                               if f"decode_tok_s_{k}" in r else "-")
             lines.append(f"| {r['variant']} | {cell('uniform_greedy')} | {cell('uniform_sampled')} | {cell('ragged_greedy')} |")
     return "\n".join(lines)
+
+
+def profile_table(profiles, top: int = 5) -> list[str]:
+    """The step profiles as README lines: per batch, the step's wall / busy ms, launches, copies and its
+    `top` ops by self time."""
+    done = [p for p in profiles or [] if "wall_ms" in p]
+    if not done:
+        return []
+    lines = ["", f"One decode step of {done[0]['model']} (`benchmarks.step_profile`: two traced calls, "
+             f"{done[0]['new_tokens'][0]} and {done[0]['new_tokens'][1]} new tokens, differenced):", "",
+             "| batch | wall ms | device busy | launches | copies | top ops: ms (share) source |", "|---|---|---|---|---|---|"]
+    for p in done:
+        ops = "<br>".join(f"{r['ms']:.3f} ({(r['share'] or 0):.0%}) {r.get('source') or r['op']}" for r in p["top"][:top])
+        copies = ", ".join(f"{k} x{v:.1f}" for k, v in p["copies"].items()) or "none"
+        lines.append(f"| {p['batch']} | {p['wall_ms']:.3f} | {(p['busy_fraction'] or 0):.0%} | {p['launches']:.0f} | "
+                     f"{copies} | {ops} |")
+    return lines
 
 
 def moe_table(m) -> list[str]:

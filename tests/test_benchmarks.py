@@ -22,6 +22,12 @@ def test_quick_benchmark_end_to_end(tmp_path):
     assert s["sampling_cost"]["2"] == s["decode_tps"]["2"]["median"] / s["sampled_tps"]["2"]["median"] - 1
 
 
+def test_busy_time_is_the_union_of_intervals():
+    from benchmarks.step_profile import busy_ns
+
+    assert busy_ns([(20, 25), (0, 10), (5, 15), (6, 7)]) == 20 and busy_ns([]) == 0
+
+
 def test_accelerator_benchmark_smoke(tmp_path):
     """`python -m benchmarks.accelerator --smoke` (the GPU script on a tiny preset, on this CPU) runs end to
     end and writes every field of its rows, so the script a GPU session runs has not rotted."""
@@ -37,6 +43,15 @@ def test_accelerator_benchmark_smoke(tmp_path):
         assert r["decode_tok_s"] > 0 and 0 < r["roofline_fraction"] < 1.5 and r["compile_s"] > 0
     assert saved["rows"][0]["prefill_tok_s"]["64"] > 0 and saved["bandwidth_gb_s"] > 0
     assert "| tiny-gemma3 | 2 |" in accelerator.table(saved, "x.json")
+    # the step profile (benchmarks.step_profile): a traced decode step, its ops named by jaxgen's lines
+    (prof,) = saved["profiles"]
+    cfg_smoke = accelerator.smoke_config()
+    assert prof["program"] == "jit_generate_tokens" and prof["batch"] == 2 and prof["wall_ms"] > 0
+    assert 0 < prof["busy_ms"] and prof["launches"] >= cfg_smoke.n_layers and len(prof["top"]) == 15
+    assert sum(r["ms"] for r in prof["top"]) <= prof["busy_ms"] * 1.5  # self times: nothing counted twice
+    # the largest matmul of a step is one of the model's projections, traced back to model._matmul
+    assert any("dot_general @ model.py:" in r["source"] and "_matmul" in r["source"] for r in prof["top"])
+    assert "| 2 | " in "\n".join(accelerator.profile_table(saved["profiles"]))
     # the paths A/B: the default and every flip of it, each decoding (on CPU the kernel runs interpreted)
     variants = [r["variant"] for r in saved["paths_rows"]]
     assert variants[0] == "default" and "decode_attention=pallas" in variants and "int8 dequant=bfloat16" in variants
