@@ -100,13 +100,15 @@ def _program(trace: dict) -> str:
     """The module of the generate program: the one with the most busy time among those named after it
     (else among all)."""
     names = [m for m in trace if m and "generate" in m] or [m for m in trace if m] or [""]
-    return max(names, key=lambda m: busy_ns(trace[m]["intervals"]))
+    return max(names, key=lambda m: busy_ns(trace.get(m, {}).get("intervals", [])))
 
 
 def per_step(short: dict, long: dict, wall_short: float, wall_long: float, steps: int, top: int) -> dict:
-    """One decode step: (long trace - short trace) / steps, as the module docstring lists."""
+    """One decode step: (long trace - short trace) / steps, as the module docstring lists. A trace
+    without op events (a profiler that saw no device: no CUPTI) gives zeros, not an error."""
     prog = _program(long)
-    a, b = short.get(prog, {"ops": {}, "intervals": [], "copies": {}}), long[prog]
+    empty = {"ops": {}, "intervals": [], "copies": {}}
+    a, b = short.get(prog, empty), long.get(prog, empty)
     busy = (busy_ns(b["intervals"]) - busy_ns(a["intervals"])) / steps / 1e6
     ops = []
     for op, (self_ns, count, kernel) in b["ops"].items():

@@ -3,6 +3,8 @@ settings) on the default model runs end to end, asserts no recompilation inside 
 writes a result with a roofline for every figure."""
 import json
 
+import pytest
+
 from benchmarks import run
 
 
@@ -26,6 +28,28 @@ def test_busy_time_is_the_union_of_intervals():
     from benchmarks.step_profile import busy_ns
 
     assert busy_ns([(20, 25), (0, 10), (5, 15), (6, 7)]) == 20 and busy_ns([]) == 0
+
+
+def test_step_profile_differences_two_traces():
+    """per_step: (long - short) / steps for busy time, self times and launches; the program is the
+    generate module; copies counted; a trace with no op events gives zeros (no device plane seen)."""
+    from benchmarks.step_profile import per_step
+
+    def trace(steps):  # each step: a 3 ms matmul then a 1 ms copy, 1 ms apart; a 5 ms prefill first
+        ev = [(0, 5e6)] + [(6e6 + i * 5e6, 9e6 + i * 5e6) for i in range(steps)] + \
+             [(9e6 + i * 5e6, 10e6 + i * 5e6) for i in range(steps)]
+        return {"jit_generate_tokens": {"ops": {"prefill": [5e6, 1, "k0"], "dot.1": [3e6 * steps, steps, "gemm"],
+                                                "copy.2": [1e6 * steps, steps, "MemcpyDtoH"]},
+                                        "intervals": ev, "copies": {"MemcpyDtoH": steps}},
+                "jit_other": {"ops": {"x": [1e9, 1, "x"]}, "intervals": [(0, 1)], "copies": {}}}
+
+    p = per_step(trace(10), trace(30), 0.060, 0.160, 20, top=5)
+    assert p["program"] == "jit_generate_tokens" and p["busy_ms"] == pytest.approx(4.0)
+    assert p["wall_ms"] == pytest.approx(5.0) and p["busy_fraction"] == pytest.approx(0.8)
+    assert [(r["op"], r["ms"], r["launches"]) for r in p["top"]] == [("dot.1", 3.0, 1.0), ("copy.2", 1.0, 1.0)]
+    assert p["launches"] == 2 and p["copies"] == {"MemcpyDtoH": 1.0}
+    none = per_step({}, {}, 0.1, 0.2, 10, top=5)
+    assert none["busy_ms"] == 0 and none["top"] == [] and none["launches"] == 0
 
 
 def test_accelerator_benchmark_smoke(tmp_path):
