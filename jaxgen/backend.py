@@ -213,10 +213,12 @@ def jit(fun, **kw):
     # Inside another transformation (a user's jax.jit, vmap, scan) the program is part of the caller's,
     # which takes no options from a nested jit (jax refuses them there): a plain one.
     # (the backend first: other backends never ask the private test)
-    def pick(*args):
+    def pick(args: tuple = (), kwargs: dict | None = None):
+        """The jit object for a call with these arguments (the fallback top-level test reads them)."""
         if _TRACING_WITH_OPTIONS.get():
             return programs["inside cpu"]
-        return programs["cpu" if jax.default_backend() == "cpu" and _top_level(args) else "other"]
+        top = jax.default_backend() == "cpu" and _top_level((args, kwargs or {}))
+        return programs["cpu" if top else "other"]
 
     @functools.wraps(fun)
     def call(*args, **kwargs):
