@@ -360,7 +360,12 @@ def main(argv=None):
     from jaxgen import backend
 
     paths_cfg = smoke_config() if args.smoke else jaxgen.load_config(args.paths_model)
-    profiles = profile_rows(paths_cfg, args, paths, t0 + args.budget_s - args.paths_s - args.moe_s)
+    try:
+        profiles = profile_rows(paths_cfg, args, paths, t0 + args.budget_s - args.paths_s - args.moe_s)
+    except Exception as e:  # noqa: BLE001 - as the MoE rows: a finding, not the end of the run
+        if args.smoke:
+            raise
+        profiles = [dict(model=paths_cfg.name, error=_error(e))]
     try:
         moe_result = moe_rows(args, bw, device_kind, paths, t0 + args.budget_s - args.paths_s)
     except Exception as e:  # noqa: BLE001 - a failure here (memory, a kernel) is a finding, not the end of the run
