@@ -2,7 +2,7 @@
     python -m benchmarks.step_profile [--model llama3.2-1b] [--batch 1] [--top 15] [--keep DIR]
     python -m benchmarks.step_profile --smoke       # a tiny preset (CPU, CI), no results file
 
-Two generate calls of one compiled program are traced: the same prompts with N1 and N2 new tokens (one
+Two calls of generate's compiled program are traced: the same prompts with N1 and N2 new tokens (one
 NEW_TOKEN_BUCKETS bucket, so one program), greedy, no stop. Each trace is read back with
 jax.profiler.ProfileData; their difference divided by N2 - N1 is one decode step with the prefill and
 the call's fixed costs taken out. Per step:
@@ -14,7 +14,8 @@ the call's fixed costs taken out. Per step:
 - copies: device<->host copy events by name (inside the loop each is a host sync: XLA:GPU reads a
   while loop's and a lax.cond's predicate on the host unless command buffers take them over);
 - top: the ops with the most self time (an event's duration less the events nested in it on its line),
-  with their share of busy_ms and a kernel name.
+  with their share of busy_ms, a kernel name and their source (`sources`: shape, jax op and the jaxgen
+  line that made the op, from the compiled module's metadata).
 The raw traces are deleted unless --keep names a folder (open them with xprof / TensorBoard). Writes
 benchmarks/results/<device>-<date>-step-profile-<model>-b<batch>.json.
 Random bf16 params from the preset's shapes, as benchmarks.accelerator's rows; no network, no packages.
