@@ -6,10 +6,11 @@ Two calls of generate's compiled program are traced: the same prompts with N1 an
 NEW_TOKEN_BUCKETS bucket, so one program), greedy, no stop. Each trace is read back with
 jax.profiler.ProfileData; their difference divided by N2 - N1 is one decode step with the prefill and
 the call's fixed costs taken out. Per step:
-- wall_ms: the call's wall time;
+- wall_ms: the call's wall time (untraced calls, the best of 3 each);
 - busy_ms: the union of the program's op intervals (GPU: its kernels and copies on the device's streams;
   CPU: XLA's thunks on the host's threads), so wall - busy is time the device waited (launches, host
-  syncs);
+  syncs); busy comes from the traced calls, whose ops the profiler slows a little, so a step that never
+  waits can show busy above wall;
 - launches: op events (GPU kernels: launch-bound steps have many short ones);
 - copies: device<->host copy events by name (inside the loop each is a host sync: XLA:GPU reads a
   while loop's and a lax.cond's predicate on the host unless command buffers take them over);
@@ -32,6 +33,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from benchmarks import common
 
 # Line names of a device plane that summarize other lines (counting them too would count work twice).
 _SUMMARY_LINES = {"XLA Modules", "Steps", "XLA TraceMe", "Launch Stats", "Source code", "TensorFlow Name Scope",
@@ -222,9 +225,13 @@ def profile(model, prompts, n1: int, n2: int, *, top: int = 15, keep: str | None
     run(args2)  # warm the allocator and the caches
     folder = keep or tempfile.mkdtemp(prefix="jaxgen-profile-")
     os.makedirs(folder, exist_ok=True)
+    # wall times from untraced calls, the best of 3 (a difference of two single timings is noise on a
+    # tiny model or a busy machine); the traces give the ops
+    wall = lambda args: min(common.timed(lambda: run(args), 3))
+    wall_short, wall_long = wall(args1), wall(args2)
     try:
-        short, wall_short = _traced(lambda: run(args1), folder)
-        long, wall_long = _traced(lambda: run(args2), folder)
+        short, _ = _traced(lambda: run(args1), folder)
+        long, _ = _traced(lambda: run(args2), folder)
         summary = per_step(read_trace(short), read_trace(long), wall_short, wall_long, n2 - n1, top)
     finally:
         if keep is None:
