@@ -110,14 +110,12 @@ def preflight():
 
 def jaxgen_rows(cfg, args, bw, device_kind, paths=None):
     import jax
-    import jax.numpy as jnp
 
     import jaxgen
+    from benchmarks.step_profile import random_model
 
-    params = jax.jit(lambda k: jaxgen.init_params(cfg, k, jnp.bfloat16))(jax.random.key(0))
-    if paths is not None and paths.unroll:  # the layout jaxgen.load gives for these paths
-        params = jaxgen.model.unstack_layers(params)
-    model = jaxgen.Model(cfg, params, paths=paths)
+    model = random_model(cfg, paths)  # random bf16 params in the layout jaxgen.load gives for these paths
+    params = model.params
     weights = sum(x.nbytes for x in jax.tree.leaves(params))
     n_params = sum(x.size for x in jax.tree.leaves(params))
     rng = np.random.default_rng(0)
@@ -296,6 +294,11 @@ def paths_rows(cfg, args, device_kind, deadline):
     return rows
 
 
+def results_stem(device_kind: str) -> str:
+    """A device kind as the start of a results file name ("NVIDIA H200" -> "nvidia-h200")."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", device_kind).strip("-").lower()
+
+
 def smoke_config():
     import jaxgen
 
@@ -381,8 +384,7 @@ def main(argv=None):
               "preflight_errors": preflight_errors,
               "rows": rows, "skipped": skipped, "profiles": profiles, "moe": moe_result, "paths_rows": path_rows,
               "wall_s": time.perf_counter() - t0}
-    stem = re.sub(r"[^A-Za-z0-9]+", "-", device_kind).strip("-").lower()
-    path = os.path.join(args.out, f"{stem}-{datetime.date.today()}-accelerator{'-smoke' if args.smoke else ''}.json")
+    path = os.path.join(args.out, f"{results_stem(device_kind)}-{datetime.date.today()}-accelerator{'-smoke' if args.smoke else ''}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     if args.readme and not args.smoke:

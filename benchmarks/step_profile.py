@@ -280,7 +280,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     import jaxgen
-    from benchmarks.accelerator import smoke_config
+    from benchmarks.accelerator import results_stem, smoke_config
 
     cfg = smoke_config() if args.smoke else jaxgen.load_config(args.model)
     if args.smoke:
@@ -293,7 +293,7 @@ def main(argv=None):
 
         import jax
 
-        kind = re.sub(r"[^A-Za-z0-9]+", "-", jax.devices()[0].device_kind).strip("-").lower()
+        kind = results_stem(jax.devices()[0].device_kind)
         p = dict(date=str(datetime.date.today()), device_kind=jax.devices()[0].device_kind, jax=jax.__version__, **p)
         path = os.path.join(args.out, f"{kind}-{datetime.date.today()}-step-profile-{cfg.name}-b{args.batch}.json")
         with open(path, "w") as f:
