@@ -47,8 +47,6 @@ def test_convert_round_trip(ckpt):
     a = registry.load(str(gguf_path), config=str(toml))
     b = registry.load(str(ck))
     assert a.cfg == b.cfg == TINY_LLAMA
-    import jax
-    import numpy as np
     chex.assert_trees_all_equal(a.params, b.params)
 
 
@@ -190,6 +188,7 @@ def test_command_keeps_compiled_programs_on_disk(ckpt, tmp_path):
 
     _, _, ck = ckpt
     env = dict(os.environ, JAXGEN_CACHE=str(tmp_path), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the test run's shared cache (conftest), which the command would keep
     # count the persistent cache's hits and misses (programs compiled, then written to it)
     code = ("import sys, jax; from jaxgen import cli; ev = []\n"
             "jax.monitoring.register_event_listener(lambda e, **k: ev.append(e))\n"
