@@ -35,22 +35,22 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "qwen: Qwen2.5-Coder real-model tests, opt-in with --run-qwen")
-    _share_compiled_programs(config)
+    _share_compiled_programs()
 
 
 _XLA_CACHE = None  # the run's compilation cache directory, made (and removed) by this process
 
 
-def _share_compiled_programs(config):
-    """JAX's persistent compilation cache, one fresh directory per test run, shared by both xdist
-    workers (they inherit the variable from the controller, which sets it before starting them) and by
-    every command the tests start (`jaxgen`, notebooks' kernels, Ray actors). Why: each test module
-    drops its programs (jax.clear_caches, below) and the next compiles the same tiny-config programs
-    again; so do the commands. Measured (-n 2, the whole suite, cold cache, on the 2-core CI kind):
-    2583 s -> 2246 s (the tests' own times 5043 s -> 4445 s; 6 modules alone: 360 s -> 317 s). Every program is cached (no minimum compile time:
-    most tiny ones compile in under JAX's default 1 s). A program loaded from the cache still runs, and
-    still counts in CompileCounter (jax's backend-compile event wraps the cache lookup). A directory the
-    user set (JAX_COMPILATION_CACHE_DIR) is used as it is and kept."""
+def _share_compiled_programs():
+    """JAX's persistent compilation cache, one fresh directory per test run, shared by both xdist workers (they inherit
+    the variable from the controller, which sets it before starting them) and by every command the tests start
+    (`jaxgen`, notebooks' kernels, Ray actors). Why: each test module drops its programs (jax.clear_caches,
+    below) and the next compiles the same tiny-config programs again; so do the commands. Measured (-n 2, the
+    whole suite, cold cache, on the 2-core CI kind): 2583 s -> 2246 s (the tests' own times 5043 s -> 4445 s; 6
+    modules alone: 360 s -> 317 s). Every program is cached (no minimum compile time: most tiny ones compile in
+    under JAX's default 1 s). A program loaded from the cache still runs, and still counts in CompileCounter
+    (jax's backend-compile event wraps the cache lookup). A directory the user set (JAX_COMPILATION_CACHE_DIR)
+    is used as it is and kept."""
     global _XLA_CACHE
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         _XLA_CACHE = tempfile.mkdtemp(prefix="jaxgen-tests-xla-")
