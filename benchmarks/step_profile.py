@@ -135,16 +135,14 @@ def per_step(short: dict, long: dict, wall_short: float, wall_long: float, steps
 
 
 def _traced(fn, folder: str):
-    """Run fn under jax.profiler.trace into a new subfolder; returns (path of its .xplane.pb, wall s)."""
+    """Run fn under jax.profiler.trace into a new subfolder; returns the path of its .xplane.pb."""
     import jax
 
     sub = tempfile.mkdtemp(dir=folder)
     with jax.profiler.trace(sub):
-        t = time.perf_counter()
         fn()
-        wall = time.perf_counter() - t
     (path,) = glob.glob(os.path.join(sub, "**", "*.xplane.pb"), recursive=True)
-    return path, wall
+    return path
 
 
 _TABLE = re.compile(r'^(\d+) (?:"(.*)"|\{(.*)\})$')
@@ -230,8 +228,8 @@ def profile(model, prompts, n1: int, n2: int, *, top: int = 15, keep: str | None
     wall = lambda args: min(common.timed(lambda: run(args), 3))
     wall_short, wall_long = wall(args1), wall(args2)
     try:
-        short, _ = _traced(lambda: run(args1), folder)
-        long, _ = _traced(lambda: run(args2), folder)
+        short = _traced(lambda: run(args1), folder)
+        long = _traced(lambda: run(args2), folder)
         summary = per_step(read_trace(short), read_trace(long), wall_short, wall_long, n2 - n1, top)
     finally:
         if keep is None:
