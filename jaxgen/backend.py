@@ -15,6 +15,9 @@ accelerator benchmark, `python -m benchmarks.accelerator`, whose `paths` rows ti
   "pallas" jaxgen.kernels.decode_attention: one kernel per (row, kv head) that reads only that row's
            own length. Expected on GPU: XLA:GPU reads a while-loop's predicate on the host each
            iteration, which a per-layer data-dependent loop ("live") would pay at every layer.
+           Layers the kernel does not take (kernels.decode_supported: int8 caches, head dims that
+           are not a power of two, a jax without Pallas's Triton backend, which jax 0.11 deprecated)
+           run "live".
 - prefill_attention (multi-token calls whose keys fit one pass):
   "xla"    einsum, mask, softmax, einsum (the reference).
   "dpa"    jax.nn.dot_product_attention: cuDNN's fused flash attention on GPU for bf16 / f16

@@ -13,6 +13,7 @@ one-kv-head model still spreads over the GPU's SMs; the splits are merged by the
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +27,23 @@ BLOCK_ELEMS = 128 * 128  # slots x head dim per tile
 TARGET_PROGRAMS = 256  # (row, kv head, split) programs to aim for: about two per SM of an H100 / H200
 
 
+@functools.cache
+def available() -> bool:
+    """Whether this jax has Pallas's Triton backend, which the kernel is written for (plgpu.dot; also in
+    interpret mode). JAX 0.11 deprecated that backend (a DeprecationWarning at each lowering) and says a
+    later version removes it: without it the model takes the pure-JAX path rather than failing."""
+    try:
+        importlib.import_module("jax.experimental.pallas.triton")
+    except ImportError:
+        return False
+    return True
+
+
 def decode_supported(S: int, H: int, k) -> bool:
     """Whether `decode_attention` takes this layer: a float cache (int8 pairs take the XLA path),
-    power-of-two head dims (Triton's tiles) and a bucket that splits into blocks of >= 16 slots."""
-    return not isinstance(k, tuple) and S % 16 == 0 and H >= 16 and H & (H - 1) == 0
+    power-of-two head dims (Triton's tiles), a bucket that splits into blocks of >= 16 slots, and a jax
+    that has the Triton backend (`available`)."""
+    return not isinstance(k, tuple) and S % 16 == 0 and H >= 16 and H & (H - 1) == 0 and available()
 
 
 def _block(S: int, H: int) -> int:

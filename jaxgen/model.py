@@ -270,8 +270,9 @@ def decode_global(q: jax.Array, k, v, q_pos: jax.Array, k_pos: jax.Array, mask: 
     """One new token per row [B, 1, N, H] against a global layer's cache k / v [B, S, K, H] (slot p holds
     position p), as jaxgen.backend's decode_attention says: "full" `attend` over every slot; "live"
     key blocks of `block` slots up to the longest live row (`attend_blocked`); "pallas"
-    jaxgen.kernels, each row up to its own length (float caches; int8 pairs take "live"). All equal
-    "full" up to float rounding."""
+    jaxgen.kernels, each row up to its own length (where kernels.decode_supported: int8 pairs, other
+    head dims and a jax without Pallas's Triton backend take "live"). All equal "full" up to float
+    rounding."""
     S, H = k_pos.shape[1], q.shape[-1]
     if how == "pallas" and kernels.decode_supported(S, H, k):
         kv_len = jnp.maximum(q_pos[:, 0] + 1, 0)  # a finished row (position -1) reads nothing

@@ -4,6 +4,7 @@ generations (greedy and sampled, n samples, int8 KV, stacked and unrolled layers
 beam search, speculative decoding) with the accelerator paths against the reference: tokens identical,
 log-probs within float rounding. bfloat16 dequantization against its definition."""
 import dataclasses
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +85,26 @@ def test_decode_kernel_refuses_bad_splits():
         kernels.decode_attention(q, k, v, pos[:, 0] + 1, scale=1.0, splits=2, interpret=True)
     assert not kernels.decode_supported(40, 16, k)  # not a multiple of 16: the XLA path
     assert not kernels.decode_supported(48, 16, (k, k))  # int8 pairs: the XLA path
+
+
+def test_decode_without_the_triton_backend_takes_the_live_path(monkeypatch):
+    """A jax without Pallas's Triton backend (deprecated in jax 0.11, to be removed): "pallas" layers run
+    the pure-JAX "live" path, the same attention, instead of failing at the kernel's import."""
+    import jax.experimental.pallas as pallas_pkg
+
+    q, k, v, pos, k_pos, mask = _case(4, 64, 2, 2, 16, jnp.float32)
+    assert kernels.decode_supported(64, 16, k)  # this jax has it
+    monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)  # import raises ImportError
+    monkeypatch.delattr(pallas_pkg, "triton", raising=False)
+    kernels.available.cache_clear()
+    try:
+        assert not kernels.decode_supported(64, 16, k)
+        got = decode_global(q, k, v, pos, k_pos, mask, 0.25, 0.0, "pallas", block=16)
+    finally:
+        kernels.available.cache_clear()
+    ref = attend(q, k, v, mask, 0.25, 0.0)
+    live = np.asarray(pos[:, 0] >= 0)
+    np.testing.assert_allclose(np.asarray(got)[live], np.asarray(ref)[live], atol=2e-6, rtol=2e-6)
 
 
 PROMPTS = [list(range(1, 40)), [5, 9, 2], list(np.arange(70) % 60 + 1), [7] * 20]
