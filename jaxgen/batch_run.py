@@ -60,6 +60,8 @@ def check_flags(args, rows: list[dict]):
     if args.json_whitespace is not None and args.json_schema is None and not any("json_schema" in r for r in rows):
         raise ValueError("--json-whitespace only applies with --json-schema or rows with a json_schema, and there "
                          "are none")
+    if args.include_stop and not args.stop and not any(r.get("stop") for r in rows):
+        raise ValueError("--include-stop only applies with --stop or rows with a stop field, and there are none")
     if args.speculative:
         from jaxgen import speculative
 
@@ -520,6 +522,7 @@ def describe(model, work: list[tuple]) -> dict:
 
 def execute(args, model, work: list[tuple], prefixes: dict, emit, proposer=None):
     """Run the planned work, passing each finished group of output lines to emit(lines)."""
+    from jaxgen.flags import CHUNK_STEPS
     from jaxgen.generate import prefill_prefix
 
     defaults = defaults_of(args)
@@ -530,6 +533,6 @@ def execute(args, model, work: list[tuple], prefixes: dict, emit, proposer=None)
             shared[key] = prefill_prefix(model, prefixes[pre], lora=rows[0]["adapter"])
         if refill:
             rows = sorted(rows, key=lambda r: -len(r["ids"]))
-            run_refill(model, rows, defaults, refill, args.chunk_steps, args.top_logprobs, emit, shared.get(key))
+            run_refill(model, rows, defaults, refill, args.chunk_steps or CHUNK_STEPS["batch"], args.top_logprobs, emit, shared.get(key))
         for b in batches:
             emit(run_batch(model, b, defaults, args.top_logprobs, proposer, shared.get(key), n))

@@ -163,7 +163,7 @@ def cmd_generate(args) -> int:
 
     def final_text(i):
         return to_completions(model, prompts, _row(out, i), 1, 1, [stops], args.include_stop)[0].text
-    for out in stream(model, texts, chunk_steps=args.chunk_steps if streaming else 1 << 30, timings=timings,
+    for out in stream(model, texts, chunk_steps=(args.chunk_steps or flags.CHUNK_STEPS["generate"]) if streaming else 1 << 30, timings=timings,
                       **request):
         if not streaming:
             continue

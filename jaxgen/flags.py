@@ -13,6 +13,10 @@ import math
 
 from jaxgen import knobs as kn
 
+# --chunk-steps when not given: generate's decode steps between streamed outputs, batch's between refills.
+# (None in the parsed flags, so that `check` can refuse the flag where nothing would use it.)
+CHUNK_STEPS = {"generate": 4, "batch": 8}
+
 
 class Parser(argparse.ArgumentParser):
     """argparse, reporting a bad argument as one line (exit 2), like every other bad input."""
@@ -111,7 +115,9 @@ def build_parser(raise_errors: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--system", default=None, help="system message for --chat")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     g.add_argument("--json-input", action="store_true", help="stdin lines are JSON strings")
-    g.add_argument("--chunk-steps", type=positive_int, default=4, help="decode steps between streamed outputs")
+    g.add_argument("--chunk-steps", type=positive_int, default=None,
+                   help=f"decode steps between streamed outputs (default {CHUNK_STEPS['generate']}; streamed text "
+                        "only: not --json, --num-beams or --speculative)")
 
     b = sub.add_parser("batch", help="generate for a JSONL file of prompts (resumable, sharded)")
     b.add_argument("--input", required=True, help="JSONL: {id, prompt | messages, per-row fields...} per line")
@@ -126,7 +132,8 @@ def build_parser(raise_errors: bool = False) -> argparse.ArgumentParser:
     b.add_argument("--dry-run", action="store_true", help="print the batch plan and compiled programs only")
     b.add_argument("--refill", action=argparse.BooleanOptionalAction, default=True,
                    help="continuous batching: refill finished slots between decode chunks (default on)")
-    b.add_argument("--chunk-steps", type=positive_int, default=8, help="decode steps between refills")
+    b.add_argument("--chunk-steps", type=positive_int, default=None,
+                   help=f"decode steps between refills (default {CHUNK_STEPS['batch']}; with --refill)")
     b.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first (multi-host: run on every host)")
 
@@ -192,6 +199,18 @@ def check(args, command: str, options: bool = False) -> dict:
             raise ValueError(f"{label('whitespace')} only applies with {label('json_schema')}")
         if getattr(args, "system", None) is not None and not args.chat:
             raise ValueError("--system only applies with --chat (it is the chat template's system message)")
+        if "top_logprobs" in given_knobs and not args.json:
+            raise ValueError(f"{label('top_logprobs')} only applies with --json (streamed text has no log-probabilities)")
+    if command == "generate":
+        if args.include_stop and not args.stop:
+            raise ValueError(f"{label('include_stop')} only applies with {label('stop')} (it keeps a matched stop string)")
+        if args.json_input and args.prompts:
+            raise ValueError("--json-input reads stdin's lines as JSON strings: give the prompts there, not as arguments")
+        if args.chunk_steps is not None and (args.json or args.num_beams > 1 or args.speculative):
+            raise ValueError("--chunk-steps only applies to streamed text (not --json, --num-beams or --speculative)")
+    elif command == "batch" and args.chunk_steps is not None and not args.refill:
+        raise ValueError(f"{name('--chunk-steps')} only applies with {name('--refill')} (the decode steps between "
+                         "refills)")
     constraint_regex(args)  # a bad schema file
     specs = lora_specs(args, name("--lora"))
     if command == "generate" and len(specs) > 1:
