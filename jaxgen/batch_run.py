@@ -60,6 +60,9 @@ def check_flags(args, rows: list[dict]):
     if args.json_whitespace is not None and args.json_schema is None and not any("json_schema" in r for r in rows):
         raise ValueError("--json-whitespace only applies with --json-schema or rows with a json_schema, and there "
                          "are none")
+    if args.chat and not any("prompt" in r for r in rows):
+        raise ValueError("--chat only applies to rows with a \"prompt\" (\"messages\" rows are formatted by the chat "
+                         "template anyway), and there are none")
     if args.include_stop and not args.stop and not any(r.get("stop") for r in rows):
         raise ValueError("--include-stop only applies with --stop or rows with a stop field, and there are none")
     if args.speculative:

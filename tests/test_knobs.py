@@ -169,6 +169,7 @@ def test_ray_options_take_a_string_as_one_value():
      "--chunk-steps only applies with --refill"),
     (["batch", "--input", "IN", "--output", "o.jsonl", "--include-stop"],
      "--include-stop only applies with --stop or rows with a stop field"),
+    (["batch", "--input", "MESSAGES", "--output", "o.jsonl", "--chat"], '--chat only applies to rows with a "prompt"'),
     (["batch", "--input", "IN", "--output", "o.jsonl", "--memory-gb", "-1"], "argument --memory-gb: must be a positive number"),
     (["batch", "--input", "IN", "--output", "o.jsonl", "--chunk-steps", "0"], "argument --chunk-steps: must be a positive"),
     (["batch", "--input", "IN", "--output", "o.jsonl", "--presence-penalty", "nan"], "--presence-penalty must be a finite number"),
@@ -187,6 +188,7 @@ def test_bad_input_is_one_line_before_the_model_loads(argv, message, tmp_path, c
     monkeypatch.chdir(tmp_path)
     (tmp_path / "IN").write_text('{"id": 1, "prompt": "x"}\n')
     (tmp_path / "EMPTY").write_text("")
+    (tmp_path / "MESSAGES").write_text('{"id": 1, "messages": [{"role": "user", "content": "x"}]}\n')
     rc = cli.main(argv + ["--model", NO_MODEL])
     out, err = capsys.readouterr()
     assert (rc, out) == (2, "") and err.count("\n") == 1 and message in err, err
