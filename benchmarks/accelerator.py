@@ -31,7 +31,15 @@ them in that range), all experts ("dense") at batch 1, prefill of 2,048 tokens, 
 fraction for a dense model of the active width.
 Models run in order until --budget-s is spent (the rest are listed as skipped), so one GPU run fits
 its time. Writes benchmarks/results/<device>-<date>-accelerator.json (`rows`) and, with --readme, the
-README table between the accelerator markers.
+README table between the accelerator markers. The file is rewritten after every stage ("complete":
+false until the last), and a model whose jaxgen or HF run fails is a row with its error, so a run
+stopped at its time limit, or one model out of memory, does not lose the rest.
+
+On a lent device machine (no network; only the files a command leaves in $OUT come back), one command:
+    PYTHONUNBUFFERED=1 python3 -m benchmarks.accelerator --out "$OUT" 2>&1 | tee "$OUT/accelerator.log"
+(its packages are all in that image: `import jaxgen` needs no gguf, outlines-core or jsonschema); then
+here, with the file copied into benchmarks/results/:
+    python -m benchmarks.accelerator --readme-from benchmarks/results/<device>-<date>-accelerator.json
 """
 import argparse
 import dataclasses
@@ -329,8 +337,15 @@ def main(argv=None):
     ap.add_argument("--moe-s", type=float, default=90.0, help="seconds of the budget kept for the MoE rows")
     ap.add_argument("--smoke", action="store_true", help="a tiny preset, small settings (CPU, CI)")
     ap.add_argument("--readme", action="store_true", help="write the README table")
+    ap.add_argument("--readme-from", metavar="FILE", help="only write the README table of this results file (one "
+                    "a device run wrote to its $OUT)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
+    if args.readme_from:
+        with open(args.readme_from) as f:
+            result = json.load(f)
+        update_readme(table(result, os.path.relpath(os.path.abspath(args.readme_from), ROOT)), "accelerator")
+        return result
     import jax
 
     import jaxgen
@@ -341,52 +356,77 @@ def main(argv=None):
         args.paths_batch, args.paths_new, args.paths_long, args.paths_s, args.budget_s = 2, 4, 40, 0.0, 1e9
         args.moe_s, args.moe_layers = 0.0, 2
         args.profile_batches, args.profile_s = [2], 0.0
+    from jaxgen import backend
+
     t0 = time.perf_counter()
     device = jax.devices()[0]
     device_kind = device.device_kind
+    path = os.path.join(args.out, f"{results_stem(device_kind)}-{datetime.date.today()}-accelerator{'-smoke' if args.smoke else ''}.json")
+    result = {"date": str(datetime.date.today()), "device_kind": device_kind, "platform": device.platform,
+              "jax": jax.__version__, "smoke": args.smoke, "complete": False, "settings": {
+                  "batches": args.batches, "new_tokens": args.new, "prompt": args.prompt, "prefill": args.prefill},
+              "default_paths": dataclasses.asdict(backend.current()), "rows": [], "skipped": []}
+
+    def save():
+        """The results so far, rewritten after every stage: a run stopped at its time limit (a device
+        run's command) still leaves what it measured, with complete: false."""
+        result["wall_s"] = time.perf_counter() - t0
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
     bw = bandwidth(args.bandwidth_bytes)
     paths, preflight_errors = preflight()
+    result.update(bandwidth_gb_s=bw / 1e9, paths=dataclasses.asdict(paths), preflight_errors=preflight_errors)
     print(f"{device_kind}: {bw / 1e9:.0f} GB/s; paths {paths}; preflight errors {preflight_errors}", file=sys.stderr)
-    rows, skipped = [], []
+    save()
     configs = [smoke_config()] if args.smoke else [jaxgen.load_config(m) for m in args.models]
     for cfg in configs:
         if time.perf_counter() - t0 > args.budget_s - args.paths_s - args.moe_s - args.profile_s:
-            skipped.append(cfg.name)
+            result["skipped"].append(cfg.name)
             continue
-        got = jaxgen_rows(cfg, args, bw, device_kind, paths)
-        hf = None if args.no_hf else hf_figures(cfg, args)
+        try:
+            got = jaxgen_rows(cfg, args, bw, device_kind, paths)
+        except Exception as e:  # noqa: BLE001 - one model that fails (memory, a kernel) is a row, not the end
+            if args.smoke:
+                raise
+            got = [dict(device_kind=device_kind, model=cfg.name, error=_error(e))]
+            gc.collect()
+        hf, hf_error = None, None
+        if not args.no_hf and "error" not in got[0]:
+            try:
+                hf = hf_figures(cfg, args)
+            except Exception as e:  # noqa: BLE001 - HF's side failing leaves jaxgen's figures standing
+                if args.smoke:
+                    raise
+                hf_error = _error(e)
+                gc.collect()
         for r in got:
             r["hf_decode_tok_s"] = hf["decode"].get(r["batch"]) if hf else None
         got[0]["hf_prefill_tok_s"] = hf["prefill"] if hf else None
-        rows += got
+        if hf_error:
+            got[0]["hf_error"] = hf_error
+        result["rows"] += got
         print(json.dumps(got), file=sys.stderr)
-    from jaxgen import backend
-
+        save()
     paths_cfg = smoke_config() if args.smoke else jaxgen.load_config(args.paths_model)
     try:
-        profiles = profile_rows(paths_cfg, args, paths, t0 + args.budget_s - args.paths_s - args.moe_s)
+        result["profiles"] = profile_rows(paths_cfg, args, paths, t0 + args.budget_s - args.paths_s - args.moe_s)
     except Exception as e:  # noqa: BLE001 - as the MoE rows: a finding, not the end of the run
         if args.smoke:
             raise
-        profiles = [dict(model=paths_cfg.name, error=_error(e))]
+        result["profiles"] = [dict(model=paths_cfg.name, error=_error(e))]
+    save()
     try:
-        moe_result = moe_rows(args, bw, device_kind, paths, t0 + args.budget_s - args.paths_s)
+        result["moe"] = moe_rows(args, bw, device_kind, paths, t0 + args.budget_s - args.paths_s)
     except Exception as e:  # noqa: BLE001 - a failure here (memory, a kernel) is a finding, not the end of the run
         if args.smoke:
             raise
-        moe_result = {"error": _error(e)}
+        result["moe"] = {"error": _error(e)}
+    save()
     gc.collect()
-    path_rows = paths_rows(paths_cfg, args, device_kind, t0 + args.budget_s)
-    result = {"date": str(datetime.date.today()), "device_kind": device_kind, "platform": device.platform,
-              "jax": jax.__version__, "bandwidth_gb_s": bw / 1e9, "smoke": args.smoke, "settings": {
-                  "batches": args.batches, "new_tokens": args.new, "prompt": args.prompt, "prefill": args.prefill},
-              "default_paths": dataclasses.asdict(backend.current()), "paths": dataclasses.asdict(paths),
-              "preflight_errors": preflight_errors,
-              "rows": rows, "skipped": skipped, "profiles": profiles, "moe": moe_result, "paths_rows": path_rows,
-              "wall_s": time.perf_counter() - t0}
-    path = os.path.join(args.out, f"{results_stem(device_kind)}-{datetime.date.today()}-accelerator{'-smoke' if args.smoke else ''}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    result["paths_rows"] = paths_rows(paths_cfg, args, device_kind, t0 + args.budget_s)
+    result["complete"] = True
+    save()
     if args.readme and not args.smoke:
         update_readme(table(result, os.path.relpath(path, ROOT)), "accelerator")
     print(f"wrote {path}", file=sys.stderr)
@@ -402,13 +442,20 @@ def table(result, path) -> str:
              "| model | batch | jaxgen decode tok/s | of roofline | HF decode tok/s | compile s | prefill tok/s "
              "(jaxgen / HF) |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        if r.get("error"):
+            lines.append(f"| {r['model']} | | error: {r['error'][:80]} | | | | |")
+            continue
         pre = "; ".join(f"{L}: {v:.0f} / {(r.get('hf_prefill_tok_s') or {}).get(L, float('nan')):.0f}"
                         for L, v in (r.get("prefill_tok_s") or {}).items())
         hf = f"{r['hf_decode_tok_s']:.0f}" if r.get("hf_decode_tok_s") else "-"
         lines.append(f"| {r['model']} | {r['batch']} | {r['decode_tok_s']:.0f} | {r['roofline_fraction']:.0%} | {hf} | "
                      f"{r['compile_s']:.1f} | {pre} |")
+    if hf_errors := [f"{r['model']}: {r['hf_error'][:120]}" for r in result["rows"] if r.get("hf_error")]:
+        lines.append(f"\nHF transformers failed on {'; '.join(hf_errors)}.")
     if result["skipped"]:
         lines.append(f"\nNot reached within the time budget: {', '.join(result['skipped'])}.")
+    if not result.get("complete", True):
+        lines.append("\nThe run stopped before its end (its time limit): the stages after these rows are missing.")
     lines += profile_table(result.get("profiles"))
     lines += moe_table(result.get("moe"))
     prs = [r for r in result.get("paths_rows", []) if not r.get("skipped")]

@@ -63,6 +63,7 @@ def test_accelerator_benchmark_smoke(tmp_path):
     result = accelerator.main(["--smoke", "--no-hf", "--out", str(tmp_path)])
     saved = json.loads(next(tmp_path.glob("*-accelerator-smoke.json")).read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"])) and [r["batch"] for r in saved["rows"]] == [1, 2]
+    assert saved["complete"] is True
     for r in saved["rows"]:
         assert r["decode_tok_s"] > 0 and 0 < r["roofline_fraction"] < 1.5 and r["compile_s"] > 0
     assert saved["rows"][0]["prefill_tok_s"]["64"] > 0 and saved["bandwidth_gb_s"] > 0
@@ -95,3 +96,26 @@ def test_accelerator_benchmark_smoke(tmp_path):
         assert 0 < r["experts_per_layer"] <= r["batch"] * cfg.n_experts_per_tok and r["roofline_fraction"] > 0
     assert moe["prefill_tok_s"] > 0 and moe["dense_reference"]["roofline_fraction"] > 0
     assert "| auto (picked) | 1 |" in accelerator.table(saved, "x.json")
+
+
+def test_accelerator_table_of_a_partial_run(tmp_path, monkeypatch):
+    """A device run's results file as the README shows it when a model failed, HF failed on another and
+    the run was stopped at its time limit (the file is rewritten after every stage); --readme-from writes
+    the table of a file that came back from the device."""
+    from benchmarks import accelerator
+
+    ok = dict(model="m1", batch=1, decode_tok_s=100.0, roofline_fraction=0.5, compile_s=2.0, hf_decode_tok_s=None,
+              prefill_tok_s={"2048": 9000.0}, hf_prefill_tok_s=None, hf_error="OutOfMemoryError: CUDA out of memory")
+    result = {"date": "2026-12-06", "device_kind": "NVIDIA H200", "jax": "0.11.2", "bandwidth_gb_s": 4000.0,
+              "paths": {}, "rows": [ok, dict(model="m2", error="XlaRuntimeError: RESOURCE_EXHAUSTED")],
+              "skipped": [], "complete": False}
+    text = accelerator.table(result, "r.json")
+    assert "| m1 | 1 | 100 | 50% | - | 2.0 | 2048: 9000 / nan |" in text
+    assert "| m2 | | error: XlaRuntimeError: RESOURCE_EXHAUSTED |" in text
+    assert "HF transformers failed on m1: OutOfMemoryError" in text and "stopped before its end" in text
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    written = []
+    monkeypatch.setattr(accelerator, "update_readme", lambda table, marker: written.append((table, marker)))
+    accelerator.main(["--readme-from", str(tmp_path / "r.json")])
+    assert len(written) == 1 and written[0][1] == "accelerator" and "| m2 | | error:" in written[0][0]
+
