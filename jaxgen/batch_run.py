@@ -536,6 +536,7 @@ def execute(args, model, work: list[tuple], prefixes: dict, emit, proposer=None)
             shared[key] = prefill_prefix(model, prefixes[pre], lora=rows[0]["adapter"])
         if refill:
             rows = sorted(rows, key=lambda r: -len(r["ids"]))
-            run_refill(model, rows, defaults, refill, args.chunk_steps or CHUNK_STEPS["batch"], args.top_logprobs, emit, shared.get(key))
+            run_refill(model, rows, defaults, refill, args.chunk_steps or CHUNK_STEPS["batch"], args.top_logprobs, emit,
+                       shared.get(key))
         for b in batches:
             emit(run_batch(model, b, defaults, args.top_logprobs, proposer, shared.get(key), n))

@@ -163,8 +163,8 @@ def cmd_generate(args) -> int:
 
     def final_text(i):
         return to_completions(model, prompts, _row(out, i), 1, 1, [stops], args.include_stop)[0].text
-    for out in stream(model, texts, chunk_steps=(args.chunk_steps or flags.CHUNK_STEPS["generate"]) if streaming else 1 << 30, timings=timings,
-                      **request):
+    chunk_steps = (args.chunk_steps or flags.CHUNK_STEPS["generate"]) if streaming else 1 << 30  # --json: one chunk
+    for out in stream(model, texts, chunk_steps=chunk_steps, timings=timings, **request):
         if not streaming:
             continue
         for i in range(n):

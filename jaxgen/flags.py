@@ -200,12 +200,15 @@ def check(args, command: str, options: bool = False) -> dict:
         if getattr(args, "system", None) is not None and not args.chat:
             raise ValueError("--system only applies with --chat (it is the chat template's system message)")
         if "top_logprobs" in given_knobs and not args.json:
-            raise ValueError(f"{label('top_logprobs')} only applies with --json (streamed text has no log-probabilities)")
+            raise ValueError(f"{label('top_logprobs')} only applies with --json (streamed text has no "
+                             "log-probabilities)")
     if command == "generate":
         if args.include_stop and not args.stop:
-            raise ValueError(f"{label('include_stop')} only applies with {label('stop')} (it keeps a matched stop string)")
+            raise ValueError(f"{label('include_stop')} only applies with {label('stop')} (it keeps a matched stop "
+                             "string)")
         if args.json_input and args.prompts:
-            raise ValueError("--json-input reads stdin's lines as JSON strings: give the prompts there, not as arguments")
+            raise ValueError("--json-input reads stdin's lines as JSON strings: give the prompts there, not as "
+                             "arguments")
         if args.chunk_steps is not None and (args.json or args.num_beams > 1 or args.speculative):
             raise ValueError("--chunk-steps only applies to streamed text (not --json, --num-beams or --speculative)")
     elif command == "batch" and args.chunk_steps is not None and not args.refill:
