@@ -152,6 +152,15 @@ def jaxgen_rows(cfg, args, bw, device_kind, paths=None):
     return rows
 
 
+def release():
+    """Free what a finished (or failed) model left: Python's cycles, and torch's cached device memory,
+    which JAX's next model could not otherwise allocate."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def hf_figures(cfg, args):
     """HF transformers' decode tokens/s per batch and prefill tokens/s per length on the same device,
     or None where torch / transformers are missing."""
@@ -183,9 +192,7 @@ def hf_figures(cfg, args):
             ids = torch.randint(1, cfg.vocab_size, (1, L), device=dev)
             out["prefill"][str(L)] = L / timed(lambda: (model(ids, logits_to_keep=1), sync()), args.repeats)
     del model
-    gc.collect()
-    if dev == "cuda":  # torch's caching allocator would keep the model's memory from JAX's later models
-        torch.cuda.empty_cache()
+    release()
     return out
 
 
@@ -390,7 +397,7 @@ def main(argv=None):
             if args.smoke:
                 raise
             got = [dict(device_kind=device_kind, model=cfg.name, error=_error(e))]
-            gc.collect()
+        release()  # (after the except block, which holds the traceback and so the failed call's arrays)
         hf, hf_error = None, None
         if not args.no_hf and "error" not in got[0]:
             try:
@@ -399,7 +406,7 @@ def main(argv=None):
                 if args.smoke:
                     raise
                 hf_error = _error(e)
-                gc.collect()
+            release()
         for r in got:
             r["hf_decode_tok_s"] = hf["decode"].get(r["batch"]) if hf else None
         got[0]["hf_prefill_tok_s"] = hf["prefill"] if hf else None
