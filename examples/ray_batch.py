@@ -20,8 +20,9 @@ def run(inp: str, out: str, actors: int = 1, block_rows: int = 64, gpus_per_acto
     ds = ray.data.read_json(inp)
     res = ds.map_batches(jaxgen.ray.Generate, fn_constructor_kwargs=options,
                          compute=ray.data.ActorPoolStrategy(size=actors), batch_size=block_rows,
-                         batch_format="pandas", **({"num_gpus": gpus_per_actor} if gpus_per_actor else {}),
-                         max_restarts=-1, max_task_retries=-1)  # a lost actor is restarted and its block retried
+                         batch_format="pandas", **({"num_gpus": gpus_per_actor} if gpus_per_actor else {}))
+    # (a lost actor is restarted and its block retried: Ray Data's default for an actor pool; passing
+    # max_restarts / max_task_retries as extra map_batches arguments is deprecated, gone in Ray 2.64)
     n = 0
     with open(out, "w") as f:
         for row in res.iter_rows():  # streamed: lines are written as blocks finish
