@@ -191,6 +191,12 @@ def cpu_bf16_normalized() -> bool:
     return jax.default_backend() == "cpu" and not _TRACING_WITH_OPTIONS.get()
 
 
+# Called as observe(fun, jit_kwargs, args, kwargs) before each top-level call (or lower) of a program made by
+# `jit`. For tests (tests/test_backend.py lowers every program the host API runs for GPU and TPU from this CPU
+# machine); empty otherwise, and then the check is one list test.
+OBSERVERS: list = []
+
+
 def jit(fun, **kw):
     """`jax.jit(fun, **kw)`, compiled with CPU_COMPILER_OPTIONS when the default backend is the CPU.
 
@@ -223,11 +229,17 @@ def jit(fun, **kw):
         top = jax.default_backend() == "cpu" and _top_level((args, kwargs or {}))
         return programs["cpu" if top else "other"]
 
+    def observed(args, kwargs):
+        if OBSERVERS and not _TRACING_WITH_OPTIONS.get() and _top_level((args, kwargs)):
+            for observe in OBSERVERS:
+                observe(fun, kw, args, kwargs)
+        return pick(args, kwargs)
+
     @functools.wraps(fun)
     def call(*args, **kwargs):
-        return pick(args, kwargs)(*args, **kwargs)
+        return observed(args, kwargs)(*args, **kwargs)
 
-    call.lower = lambda *a, **k: pick(a, k).lower(*a, **k)
+    call.lower = lambda *a, **k: observed(a, k).lower(*a, **k)
     call.trace = lambda *a, **k: pick(a, k).trace(*a, **k)
     call.eval_shape = lambda *a, **k: pick(a, k).eval_shape(*a, **k)
     call._cache_size = lambda: pick()._cache_size()  # the tests' count of compiled programs

@@ -2,9 +2,12 @@
 decode-attention kernel (interpret mode) and the length-aware "live" decode against `attend`; whole
 generations (greedy and sampled, n samples, int8 KV, stacked and unrolled layers, softcaps, a mesh,
 beam search, speculative decoding) with the accelerator paths against the reference: tokens identical,
-log-probs within float rounding. bfloat16 dequantization against its definition."""
+log-probs within float rounding. bfloat16 dequantization against its definition. The GPU and TPU programs
+(every preset's, every one the host API runs) lowered for CUDA and TPU from this CPU machine."""
 import dataclasses
+import re
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -246,3 +249,103 @@ def test_bfloat16_embedding_table_is_not_copied():
         out[dt] = got
     # the first token's log-prob depends on the prompt only (the later ones on the tokens each dtype chose)
     np.testing.assert_allclose(out[jnp.bfloat16].logprobs[:, 0], out[jnp.float32].logprobs[:, 0], atol=0.05)
+
+
+# ---- the device programs, lowered from this CPU machine ----
+# What CI can check of the GPU and TPU programs short of compiling them: each program, traced as that backend
+# traces it (its default Paths, and jax.default_backend() answering that backend: jaxgen reads it at trace
+# time) and lowered for that platform. That runs Pallas's Triton lowering of the decode kernel on real shapes
+# (interpret mode checks the kernel's arithmetic, not what Triton accepts) and fails on any operation with no
+# lowering there.
+PLATFORMS = {"cuda": "gpu", "tpu": "tpu"}
+TRITON = "__gpu$xla.gpu.triton"  # the custom call of a Pallas Triton kernel
+
+
+def _lowered(fun, jit_kw: dict, args: tuple, kwargs: dict, platform: str) -> set:
+    """The custom-call targets of fun(*args, **kwargs) traced as on `platform` and lowered for it."""
+    fake = PLATFORMS[platform]
+    if "paths" in kwargs:
+        kwargs = {**kwargs, "paths": backend.DEFAULTS[fake]}
+    # a fresh function: jax's trace caches never hand this trace to a call that runs here
+    jitted = jax.jit(lambda *a, **k: fun(*a, **k), **jit_kw)
+    with mock.patch.object(jax, "default_backend", lambda: fake):
+        traced = jitted.trace(*args, **kwargs)
+    return set(re.findall(r"custom_call @([\w$.\-]+)", traced.lower(lowering_platforms=(platform,)).as_text()))
+
+
+@pytest.mark.parametrize("platform", sorted(PLATFORMS))
+def test_every_preset_lowers_for_the_accelerators(platform):
+    """Every preset's generate program at its real shapes (abstract bfloat16 params: nothing is allocated), in
+    the layout jaxgen.load gives there (stacked layers). On GPU the decode kernel is in it: every preset's
+    head dim suits the kernel (kernels.decode_supported), so a GPU run that took "live" instead is a bug."""
+    for name in jaxgen.preset_names():
+        cfg = jaxgen.load_config(name)
+        params = jax.eval_shape(lambda k: jaxgen.init_params(cfg, k, jnp.bfloat16), jax.random.key(0))
+        model = Model(cfg, params)
+        _, args, p = prepare(model, [[1] * 40, [2] * 3], max_new_tokens=16, temperature=0.8)
+        targets = _lowered(engine.generate_tokens, dict(static_argnames=engine._STATIC), (params,),
+                           {**args, **statics(model, p)}, platform)
+        assert (TRITON in targets) == (platform == "cuda"), (name, targets)
+
+
+class Lowered(Exception):
+    """Raised by the test's observer once it has lowered a program whose CPU run the test does not need."""
+
+
+def test_host_api_programs_lower_for_the_accelerators(monkeypatch):
+    """Every program the host API runs, in each decoding mode and option that changes the program (n
+    samples, log-probs, penalties, stop strings, constraints, a shared prefix, LoRA, streaming, beam search,
+    speculative decoding, a conversation's turns, int8 weights and cache, an MoE model at both of its
+    accelerator computations), lowered for GPU and TPU where the host API calls it (backend.OBSERVERS). The
+    GPU programs that decode one token per row run the kernel wherever it takes the layers (the tiny
+    Gemma's head dim 16), and only those: none on TPU."""
+    from jaxgen import lora, speculative
+    from tests.test_constraints import SCHEMA, JsonTokenizer
+
+    RUN = {"prefill_prefix", "prefill", "start", "finish"}  # what later programs need the outputs of
+    lowered = {}  # (request, program, platform) -> the custom-call targets
+    request = None
+
+    def observe(fun, jit_kw, args, kwargs):
+        for platform in PLATFORMS:
+            lowered[request, fun.__name__, platform] = _lowered(fun, jit_kw, args, kwargs, platform)
+        if fun.__name__ not in RUN:
+            raise Lowered  # (generate, and the like: a CPU run would only cost its compile here)
+
+    monkeypatch.setattr(backend, "OBSERVERS", [observe])
+    m = Model(TINY_GEMMA, random_params(TINY_GEMMA), tokenizer=JsonTokenizer())
+    q = Model(TINY_QWEN, quant.quantize_params(random_params(TINY_QWEN), "int8"), kv_quant="int8")
+    moe_cfg = dataclasses.replace(TINY_QWEN, name="tiny-moe", n_experts=16, n_experts_per_tok=2, d_ff_expert=8)
+    ps, kw = PROMPTS[:2], dict(max_new_tokens=6)
+
+    def conversation():
+        conv = jaxgen.Conversation(m, max_len=128)
+        conv.generate(ps, **kw)
+        conv.generate([[7, 8], [9]], **kw)
+
+    requests = {
+        "sampled": lambda: jaxgen.generate(m, ps, n=2, top_logprobs=2, temperature=0.8, repetition_penalty=1.2,
+                                           stop=["ab"], **kw),
+        "json_schema": lambda: jaxgen.generate(m, ps, json_schema=SCHEMA, **kw),
+        "prefix": lambda: jaxgen.generate(m, ps, prefix=jaxgen.prefill_prefix(m, [3, 4, 5]), **kw),
+        "lora": lambda: jaxgen.generate(m, ps, lora=lora.random_adapter(m.cfg, jax.random.key(1), rank=2), **kw),
+        "stream": lambda: list(jaxgen.stream(m, ps, chunk_steps=2, **kw)),
+        "beam": lambda: jaxgen.generate(m, ps, num_beams=3, **kw),
+        "speculative": lambda: speculative.generate(m, ps, speculative.parse("lookup,gamma=4"), **kw),
+        "conversation": conversation,
+        "int8": lambda: jaxgen.generate(q, ps, **kw),
+        "moe": lambda: jaxgen.generate(Model(moe_cfg, random_params(moe_cfg)), ps, **kw),  # decode gathers, prefill groups
+    }
+    for request, call in requests.items():
+        with pytest.raises(Lowered):
+            call()
+    programs = {"sampled": {"generate_tokens"}, "json_schema": {"generate_tokens"},
+                "prefix": {"prefill_prefix", "generate_tokens"}, "lora": {"generate_tokens"},
+                "stream": {"prefill", "decode"}, "beam": {"beam_search"}, "speculative": {"speculative_tokens"},
+                "conversation": {"start", "finish", "feed"}, "int8": {"generate_tokens"}, "moe": {"generate_tokens"}}
+    assert set(lowered) == {(r, name, pl) for r, names in programs.items() for name in names for pl in PLATFORMS}
+    decodes = {"generate_tokens", "decode", "beam_search", "finish"}  # (speculative steps verify several tokens)
+    no_kernel = {"int8", "moe"}  # an int8 cache; the tiny Qwen's head dim 8
+    for (r, name, platform), targets in lowered.items():
+        want = platform == "cuda" and name in decodes and r not in no_kernel
+        assert (TRITON in targets) == want, (r, name, platform, targets)
