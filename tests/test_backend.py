@@ -334,7 +334,8 @@ def test_host_api_programs_lower_for_the_accelerators(monkeypatch):
         "speculative": lambda: speculative.generate(m, ps, speculative.parse("lookup,gamma=4"), **kw),
         "conversation": conversation,
         "int8": lambda: jaxgen.generate(q, ps, **kw),
-        "moe": lambda: jaxgen.generate(Model(moe_cfg, random_params(moe_cfg)), ps, **kw),  # decode gathers, prefill groups
+        # decode at 2 rows x 2 experts < 16: gathered; a prefill's tokens: grouped (ragged_dot)
+        "moe": lambda: jaxgen.generate(Model(moe_cfg, random_params(moe_cfg)), ps, **kw),
     }
     for request, call in requests.items():
         with pytest.raises(Lowered):
