@@ -194,7 +194,13 @@ def rope_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
 def rope_tables(positions: jax.Array, inv_freq: np.ndarray):
     """cos, sin [B, T, H/2] for positions [B, T] and inverse frequencies [H/2] (`rope_frequencies`)."""
     angle = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
-    return jnp.cos(angle), jnp.sin(angle)
+    cs = jnp.stack([jnp.cos(angle), jnp.sin(angle)])  # [2, B, T, H/2]
+    # Computed once, read by every layer. XLA:CPU fuses an elementwise producer into each of its consumers
+    # (and drops optimization barriers): every layer's q and k fusions recomputed these cosines and sines
+    # (measured, a 512-token Gemma 3 prefill: 4.2 ms per layer for q alone). A reduction is never fused into
+    # its consumers: two copies summed, then halved (the same bits), make a buffer that the layers read.
+    cs = jax.lax.reduce(jnp.stack([cs, cs]), np.float32(0), jax.lax.add, (0,)) * 0.5
+    return cs[0], cs[1]
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
