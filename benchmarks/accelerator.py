@@ -361,6 +361,7 @@ def main(argv=None):
         args.profile_batches, args.profile_s = [2], 0.0
     from jaxgen import backend
 
+    os.makedirs(args.out, exist_ok=True)  # the results file is rewritten after every stage, the first included
     t0 = time.perf_counter()
     device = jax.devices()[0]
     device_kind = device.device_kind

@@ -277,6 +277,7 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="a tiny preset and few steps (CPU, CI)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)  # now, not after the traced runs
     import jaxgen
     from benchmarks.accelerator import results_stem, smoke_config
 
