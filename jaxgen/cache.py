@@ -25,7 +25,6 @@ import numpy as np
 from flax import struct
 
 from jaxgen import backend
-
 from jaxgen.config import ModelConfig
 
 NEG_INF = -1e30  # finite, so a fully masked (padding) query row gives no NaN
