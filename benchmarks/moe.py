@@ -78,7 +78,7 @@ def active_bytes(cfg, params, prompts, new, itemsize):
     if not cfg.tie_embeddings:  # the input table is only gathered (B rows): not read whole
         dense -= params.embed.nbytes
     emb = params.embed  # the tokens' hidden states: a random projection stands in (only the routing is used)
-    h = jnp.take(jnp.asarray(emb).T, jnp.asarray([p[-1] for p in prompts]), axis=0)
+    h = jnp.take(jnp.asarray(emb), jnp.asarray([p[-1] for p in prompts]), axis=0)  # rows of [V, D]
     _, e = moe.route(cfg, h.astype(jnp.float32), lp.router)
     distinct = len(set(np.asarray(e).ravel().tolist()))
     expert = 3 * cfg.d_model * cfg.d_ff_expert * itemsize

@@ -21,7 +21,7 @@ def gemma_params(path, dtype):
     p = gguf.load_params(gguf.open_gguf(path), cfg, np.float32)
     ly = p.layers
     cast = lambda x: jnp.asarray(x, dtype)
-    out = {"embedder": {"input_embedding": cast(p.embed.T)}, "final_norm": {"scale": cast(p.final_norm - 1)}}
+    out = {"embedder": {"input_embedding": cast(p.embed)}, "final_norm": {"scale": cast(p.final_norm - 1)}}
     for i in range(cfg.n_layers):
         out[f"layer_{i}"] = {
             "attn": {

@@ -1,5 +1,5 @@
 """jaxgen: fast, exact, composable autoregressive generation in JAX."""
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from jaxgen.cache import KVCache, cache_bytes, init_cache
 from jaxgen.config import ModelConfig, config_from_dict, load_config, preset_names

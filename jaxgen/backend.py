@@ -47,7 +47,7 @@ fields (read when a program is traced, so set it before the first call). Engine 
 - bfloat16 data movement on CPU (`jit`, `CPU_COMPILER_OPTIONS`): jaxgen's programs are compiled for the
   CPU with XLA's `float-normalization-bf16` pass off. XLA:CPU has no bfloat16 gather, dynamic-slice or
   scatter; that pass converts the *whole* operand to float32 first, and for a loop-invariant operand
-  (the [D, V] embedding table the decode loop looks tokens up in) the conversion is hoisted out of the
+  (the [V, D] embedding table the decode loop looks tokens up in) the conversion is hoisted out of the
   loop: a float32 copy of the table made on every call and held while it runs. Measured on Gemma 3 270M
   in bfloat16 (benchmarks/results/x86_64-2cpu-2026-12-05-bf16cpu*.json): peak RSS 2743 -> 2103 MB,
   prefill 924 -> 1205 tok/s, batch-32 decode 306 -> 291 tok/s. With the pass off, bfloat16 arithmetic

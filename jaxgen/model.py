@@ -58,15 +58,17 @@ class LayerParams:  # stacked: leaves lead with an L axis (layers in order); per
 
 @struct.dataclass
 class Params:
-    # [D, V]: the unembedding's layout (x [., D] @ table reads it row by row). The lookup takes
-    # columns. Why not [V, D]: XLA:CPU contracting D of a [V, D] table ran at 25 GB/s against 31
-    # for [D, V] (Gemma 3's 262k x 640 table is 63% of the weights read per decode step).
-    embed: jax.Array  # [D, V] token embedding (also the unembedding when tied)
+    # [V, D]: a row per token, as every checkpoint format stores it. The unembedding contracts D of
+    # it: XLA:CPU read the 262k x 640 Gemma 3 table (63% of the weights a decode step reads) at 1.3-1.6x
+    # the speed of [D, V] from 2 rows up, in float32 and bfloat16 (measured 2026-12-06; jaxgen 0.2 stored
+    # [D, V], chosen for the float32 one-row product, 24 against 26 ms, whose [V, D] form `unembed` picks).
+    embed: jax.Array  # [V, D] token embedding (also the unembedding when tied); a quantized
+    # table is a QMatrix [D, V] (jaxgen.quant: every QMatrix is [in, out], its groups along D)
     # LayerParams with a leading L axis (run by lax.scan: one compiled layer), or a tuple of
     # per-layer LayerParams without it (run unrolled; see unstack_layers).
     layers: LayerParams | tuple
     final_norm: jax.Array  # [D]
-    unembed: jax.Array | None = None  # [D, V] if not cfg.tie_embeddings (same layout as embed)
+    unembed: jax.Array | None = None  # [V, D] if not cfg.tie_embeddings (same layout as embed)
     # LoRA adapters applied unmerged (jaxgen.lora.LoraTable: per target a [L, M, I, R], b [L, M, R, O];
     # always stacked on L): each cache row names its slot (KVCache.adapter). None: no adapters.
     lora: Any = None
@@ -111,8 +113,8 @@ def param_shapes(cfg: ModelConfig, dtype=jnp.float32) -> Params:
         post_attn_norm=opt(cfg.sandwich_norm, L, D), post_ffn_norm=opt(cfg.sandwich_norm, L, D),
         router=opt(not dense, L, D, E), we_gate=opt(not dense, L, E, D, Fe), we_up=opt(not dense, L, E, D, Fe),
         we_down=opt(not dense, L, E, Fe, D))
-    return Params(embed=s(D, V), layers=layers, final_norm=s(D),
-                  unembed=opt(not cfg.tie_embeddings, D, V))
+    return Params(embed=s(V, D), layers=layers, final_norm=s(D),
+                  unembed=opt(not cfg.tie_embeddings, V, D))
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
@@ -129,6 +131,8 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
         if name.startswith("b"):
             return jnp.zeros(sd.shape, dtype)
         fan_in = {"wo": cfg.n_heads * cfg.head_dim, "w_down": cfg.d_ff, "we_down": cfg.d_ff_expert}.get(name, cfg.d_model)
+        if name in ("embed", "unembed"):  # drawn [D, V] and transposed: the values of jaxgen 0.2's tables
+            return (fan_in ** -0.5 * jax.random.normal(k, sd.shape[::-1], jnp.float32)).T.astype(dtype)
         return (fan_in ** -0.5 * jax.random.normal(k, sd.shape, jnp.float32)).astype(dtype)
 
     return jax.tree.unflatten(treedef, [init(p, sd, k) for (p, sd), k in zip(leaves, keys)])
@@ -513,10 +517,10 @@ def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
     4-6x slower.) A tuple of per-layer params runs as an unrolled loop over separate arrays.
     """
     B, T = tokens.shape
-    if isinstance(params.embed, quant.QMatrix):  # the [D, V] table: take columns
+    if isinstance(params.embed, quant.QMatrix):  # the [D, V] QMatrix: take columns
         x = quant.take_columns(params.embed, tokens)  # [B, T, D]
     else:
-        x = jnp.moveaxis(jnp.take(params.embed, tokens, axis=1), 0, -1)  # [D, B, T] -> [B, T, D]
+        x = jnp.take(params.embed, tokens, axis=0)  # [B, T, D]: rows of the [V, D] table
     x = x * jnp.asarray(cfg.embed_multiplier, x.dtype) if cfg.embed_scale else x
 
     lengths = kvc.new_lengths(cache.lengths, positions)  # [B]
@@ -624,15 +628,30 @@ def fold_chunks(params: Params, tokens: jax.Array, positions: jax.Array, cache: 
 
 
 def unembed(params: Params, h: jax.Array, cfg: ModelConfig, paths: backend.Paths | None = None) -> jax.Array:
-    """Logits [..., V] in f32 from hidden states [..., D] and the [D, V] table (float or QMatrix)."""
+    """Logits [..., V] in f32 from hidden states [..., D] and the [V, D] table (or its [D, V] QMatrix)."""
     table = params.embed if cfg.tie_embeddings else params.unembed
     if isinstance(table, quant.QMatrix):
         logits = quant.matmul(h.astype(jnp.float32), table, jnp.dtype(backend.resolve(paths).dequant))
     else:
-        logits = _matmul(h, table, out_dtype=jnp.float32)
+        logits = _unembed_dot(h.reshape(-1, h.shape[-1]), table).reshape(*h.shape[:-1], table.shape[0])
     if cfg.final_logit_softcap:
         logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
     return logits
+
+
+def _unembed_dot(h: jax.Array, table: jax.Array) -> jax.Array:
+    """h [M, D] contracted with the [V, D] table's D -> [M, V] f32 (f32 accumulation, as `_matmul`).
+    One row is the decode step at batch 1, where XLA:CPU is slowest (measured 2026-12-06, Gemma 3's
+    table): a bfloat16 row takes the two-row path (`_matmul`'s reason), and a float32 one is written
+    table @ h (26 ms against 27-32 for h @ table^T)."""
+    contract_d = (((1,), (1,)), ((), ()))
+    M = h.shape[0]
+    if M == 1 and jax.default_backend() == "cpu":
+        if table.dtype == jnp.bfloat16:
+            return jax.lax.dot_general(jnp.pad(h, ((0, 1), (0, 0))), table, contract_d,
+                                       preferred_element_type=jnp.float32)[:1]
+        return jax.lax.dot_general(table, h, contract_d, preferred_element_type=jnp.float32).T  # [V, 1] -> [1, V]
+    return jax.lax.dot_general(h, table, contract_d, preferred_element_type=jnp.float32)
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache,

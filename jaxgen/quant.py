@@ -14,8 +14,9 @@ nibble, row i + I/2 in the high one. Why halves and not neighbouring rows: unpac
 slabs and the matmul splits x in two, where interleaving rows cost more than the int4 read saved.
 
 `quantize_params` swaps the big matrices for QMatrix leaves (the projections in their 2-D [in, out]
-form, a mixture-of-experts layer's expert matrices as [E, in, out], the embedding in its [D, V]
-unembedding orientation, whose columns also serve the lookup); norms, biases and routers stay float.
+form, a mixture-of-experts layer's expert matrices as [E, in, out], the float [V, D] embedding
+transposed to its [D, V] unembedding orientation, groups along D, whose columns also serve the lookup);
+norms, biases and routers stay float.
 `model.py` dispatches on the leaf type; the matmul dequantizes on the fly with f32 accumulation.
 Scales are stored in the model's compute dtype. (The int8 KV cache is in `cache.py`.)
 """
@@ -216,10 +217,8 @@ def quantize_params(params, mode: str = "int8", group: int | None = None):
     lp = params.layers
     layers = lp.replace(**{n: quantize(as_matrix(n, getattr(lp, n)), bits, group) for n in present(lp, LAYER_MATS)},
                         **{n: quantize(getattr(lp, n), bits, group) for n in present(lp, MOE_MATS)})
-    embed = params.embed if isinstance(params.embed, QMatrix) else quantize(params.embed, bits, group)
-    unembed = params.unembed
-    if unembed is not None and not isinstance(unembed, QMatrix):
-        unembed = quantize(unembed, bits, group)
+    table = lambda t: t if t is None or isinstance(t, QMatrix) else quantize(t.T, bits, group)  # T:vd_dv
+    embed, unembed = table(params.embed), table(params.unembed)
     return params.replace(embed=embed, layers=layers, unembed=unembed)
 
 
@@ -268,6 +267,6 @@ def quantized_shapes(shapes, mode: str, groups: dict | None = None):
     layers = lp.replace(**{n: qshape(matrix_shape(n, getattr(lp, n).shape), groups.get(n, group))
                            for n in present(lp, LAYER_MATS)},
                         **{n: qshape(getattr(lp, n).shape, groups.get(n, group)) for n in present(lp, MOE_MATS)})
-    D, V = shapes.embed.shape
+    V, D = shapes.embed.shape  # the float [V, D] tables are quantized as [D, V] (quantize_params)
     unembed = None if shapes.unembed is None else qshape((D, V), groups.get("unembed", group))
     return shapes.replace(embed=qshape((D, V), groups.get("embed", group)), layers=layers, unembed=unembed)

@@ -105,7 +105,7 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict = RULES, params=No
     """NamedShardings of the params. `params` (arrays or ShapeDtypeStructs) is needed for quantized
     params: a QMatrix leaf (jaxgen.quant) takes the split of the float matrix it replaces, for its
     integers and its scales alike (wq [L, D, N, H] split on N -> q [L, D, N*H] and scale [L, D/g, N*H]
-    split on the merged axis; the embedding [D, V] split on V -> q and scale [., V] split on V; expert
+    split on the merged axis; the embedding [V, D] split on V -> its [D, V] q and scale [., V] split on V; expert
     matrices [L, E, I, O] keep their axes, so their integers and scales split on E like the floats).
     Per-layer (unstacked) params get each layer's share of the stacked rule."""
     if params is not None and isinstance(params.layers, tuple):
@@ -117,16 +117,16 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: dict = RULES, params=No
     shapes = param_shapes(cfg)
     layer_axes = LayerParams(**{f.name: getattr(_LAYER_AXES, f.name) if getattr(shapes.layers, f.name) is not None else None
                                 for f in dataclasses.fields(LayerParams)})
-    axes = Params(embed=("embed", "vocab"), layers=layer_axes, final_norm=("embed",),
-                  unembed=("embed", "vocab") if shapes.unembed is not None else None)
+    axes = Params(embed=("vocab", "embed"), layers=layer_axes, final_norm=("embed",),
+                  unembed=("vocab", "embed") if shapes.unembed is not None else None)
     out = _axes_tree(axes, shapes, mesh, rules)
     if params is None or not isinstance(params.embed, QMatrix):
         return out
 
     def q(float_sharding, qm, name):
         fs = tuple(float_sharding.spec) + (None,) * (len(shapes.embed.shape) + 2)
-        if name in ("embed", "unembed"):  # [D, V] as it is
-            i_ax, o_ax = fs[0], fs[1]
+        if name in ("embed", "unembed"):  # the float [V, D] quantized as [D, V] (quant.quantize_params)
+            i_ax, o_ax = fs[1], fs[0]
             lead = ()
         elif name == "wo":  # [L, N, H, D] -> [L, N*H, D]
             lead, i_ax, o_ax = (None,), fs[1], fs[3]

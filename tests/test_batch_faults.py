@@ -205,7 +205,7 @@ def test_nan_logits_end_the_row_with_error(model_dir):
     params = m.params.replace(unembed=m.params.embed if m.cfg.tie_embeddings else m.params.unembed)
     model = Model(cfg, params, m.tokenizer)
     bad = 7
-    broken = Model(cfg, params.replace(embed=params.embed.at[:, bad].set(jnp.nan)), m.tokenizer)  # [D, V]
+    broken = Model(cfg, params.replace(embed=params.embed.at[bad].set(jnp.nan)), m.tokenizer)  # [V, D]
     tok = model.tokenizer
     good_ids = [t for t in tok.encode("the cat sat") if t != bad]
     prompts = [good_ids, good_ids[:2] + [bad] + good_ids[2:]]

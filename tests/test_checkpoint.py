@@ -57,7 +57,7 @@ def write_gguf(path, cfg, params, arch="llama"):
     w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre("gpt2"), w.add_token_list(tokens)
     w.add_token_types([1] * 258 + [3]), w.add_token_merges(merges)
     w.add_eos_token_id(258), w.add_add_bos_token(False)
-    w.add_tensor("token_embd.weight", np.ascontiguousarray(p.embed.T))  # [D, V] -> [V, D]
+    w.add_tensor("token_embd.weight", p.embed)  # [V, D] as GGUF stores it
     w.add_tensor("output_norm.weight", p.final_norm)
     ly = p.layers
     for i in range(L):
@@ -183,7 +183,7 @@ def test_orbax_round_trip_with_tokenizer(tiny_file, tmp_path):
     assert model.tokenizer.encode(" the tea") == tok.encode(" the tea")
     bf = registry.load(str(tmp_path / "ck"), "bfloat16")
     assert bf.params.embed.dtype == jax.numpy.bfloat16
-    # a checkpoint from before the [D, V] table layout (embedding stored [V, D]) restores transposed
+    # a checkpoint written by jaxgen 0.2 (embedding stored [D, V]) restores transposed
     O.save(tmp_path / "old", TINY_LLAMA, params.replace(embed=np.ascontiguousarray(np.asarray(params.embed).T)))
     _, old, _ = O.restore(tmp_path / "old")
     np.testing.assert_array_equal(np.asarray(old.embed), np.asarray(params.embed))
@@ -196,7 +196,7 @@ def test_orbax_restore_onto_sharding(tiny_file, tmp_path):
     O.save(tmp_path / "ck", TINY_LLAMA, params)
     mesh = Mesh(np.array(jax.devices()[:2]), ("model",))
     shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
-    shardings = shardings.replace(embed=NamedSharding(mesh, P("model", None)))  # [D, V] split on D
+    shardings = shardings.replace(embed=NamedSharding(mesh, P(None, "model")))  # [V, D] split on D (V = 259)
     cfg, got, tok = O.restore(tmp_path / "ck", shardings=shardings)
     assert tok is None and got.embed.sharding == shardings.embed
     np.testing.assert_array_equal(np.asarray(got.embed), np.asarray(params.embed))

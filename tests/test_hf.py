@@ -130,10 +130,10 @@ def test_bf16_checkpoint_stays_bf16_unless_asked(tmp_path):
     assert {str(a.dtype) for p, a in leaves if "norm" not in jax.tree_util.keystr(p)} == {"bfloat16"}
     assert {str(a.dtype) for p, a in leaves if "norm" in jax.tree_util.keystr(p)} == {"float32"}
     embed = tensors["model.embed_tokens.weight"].astype(jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(m.params.embed), embed.T)
+    np.testing.assert_array_equal(np.asarray(m.params.embed), embed)  # [V, D] as stored
     f32 = jaxgen.load(str(d), dtype="float32")
     assert f32.params.embed.dtype == jnp.float32
-    np.testing.assert_array_equal(np.asarray(f32.params.embed), embed.T.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(f32.params.embed), embed.astype(np.float32))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -33,6 +33,21 @@ def test_cached_decode_equals_full_forward(tiny_model):
     np.testing.assert_array_equal(cache.lengths, [T] * B)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_unembedding_forms_equal_numpy(tiny_model, dtype, rows):
+    """The unembedding contracts D of the [V, D] table in a form chosen by row count and dtype
+    (one row: table @ h in float32, two padded rows in bfloat16): each is h @ table.T in float32."""
+    from jaxgen.model import _unembed_dot
+
+    table = tiny_model.params.embed.astype(dtype)  # [V, D]
+    h = jax.random.normal(jax.random.key(rows), (rows, table.shape[1])).astype(dtype)
+    got = jax.jit(_unembed_dot)(h, table)
+    assert got.shape == (rows, table.shape[0]) and got.dtype == jnp.float32
+    want = np.asarray(h, np.float32) @ np.asarray(table, np.float32).T
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_per_layer_params_equal_stacked(tiny_model):
     """The unrolled decode layout (one LayerParams per layer) computes what the scan over stacked
     layers computes: prefill then cached decode, local rings wrapping; stack_layers inverts it."""
@@ -128,7 +143,7 @@ def numpy_qwen2_forward(params, tokens, cfg):
         a, b = v[..., :H // 2], v[..., H // 2:]
         return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 
-    x = P.embed.T[np.asarray(tokens)]  # embed is stored [D, V]: row t of its transpose  [T, D]
+    x = P.embed[np.asarray(tokens)]  # embed is stored [V, D]: row t  [T, D]
     G = cfg.n_heads // cfg.n_kv_heads
     causal = np.tril(np.ones((T, T), bool))
     for l in range(cfg.n_layers):
@@ -143,7 +158,7 @@ def numpy_qwen2_forward(params, tokens, cfg):
         h = norm(x, L.ffn_norm[l])
         g = h @ L.w_gate[l]
         x = x + (g / (1 + np.exp(-g)) * (h @ L.w_up[l])) @ L.w_down[l]
-    return norm(x, P.final_norm) @ P.unembed  # [T, V]
+    return norm(x, P.final_norm) @ P.unembed.T  # [T, V]
 
 
 def test_qwen2_forward_equals_independent_numpy_forward():

@@ -182,6 +182,7 @@ def test_quantized_experts_equal_their_dequantized_floats(models, mode):
     assert lp.we_gate.q.shape[:2] == (2, 8)  # [L, E, ...]
     deq = jax.tree.map(lambda a: quant.dequantize(a) if isinstance(a, quant.QMatrix) else a, model.params,
                        is_leaf=lambda a: isinstance(a, quant.QMatrix))
+    deq = deq.replace(embed=deq.embed.T, unembed=None if deq.unembed is None else deq.unembed.T)  # [D, V] -> [V, D]
     floats = dataclasses.replace(model, params=deq)
     ps = [c["prompt_ids"] for c in reference("qwen3_moe")]
     want = jaxgen.generate(floats, ps, max_new_tokens=8, stop_ids=[])

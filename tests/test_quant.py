@@ -27,8 +27,9 @@ def dequantized_params(qp):
     for n in quant.LAYER_MATS:
         w = deq(getattr(L, n))  # [L, I, O]
         layers[n] = w
-    return qp.replace(embed=deq(qp.embed), layers=L.replace(**layers),
-                      unembed=None if qp.unembed is None else deq(qp.unembed))
+    # the tables: quantized as [D, V], float [V, D]
+    return qp.replace(embed=deq(qp.embed).T, layers=L.replace(**layers),
+                      unembed=None if qp.unembed is None else deq(qp.unembed).T)
 
 
 def reshape_like(float_params, flat):
@@ -232,7 +233,7 @@ def test_gguf_q8_0_tensors_load_as_int8_without_float(tmp_path):
         assert m.q.dtype == np.int8 and m.group == 32
         np.testing.assert_allclose(quant.dequantize(m), quant.as_matrix(n, getattr(f32.layers, n)), rtol=1e-6, atol=1e-7)
     assert q.layers.w_down.group == 24  # float in the file (48 inputs): quantized here, largest divisor <= 32
-    np.testing.assert_allclose(np.asarray(quant.dequantize(q.embed)), f32.embed, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(quant.dequantize(q.embed)).T, f32.embed, rtol=1e-6, atol=1e-7)
     # and the model built from it is the float model of the same file (w_down: of its int8 rounding)
     tok = jnp.asarray([[1, 5, 9, 200, 3]])
     pos = jnp.arange(5)[None]

@@ -56,7 +56,7 @@ def test_param_and_cache_shardings_follow_the_rules():
     assert spec(params.layers.wk) == P(None, None, None, None)  # 2 kv heads on 4 shards: replicated
     assert spec(params.layers.wo) == P(None, "model", None, None)
     assert spec(params.layers.w_gate) == P(None, None, "model") and spec(params.layers.w_down) == P(None, "model", None)
-    assert spec(params.embed) == P(None, "model")  # vocab split
+    assert spec(params.embed) == P("model", None)  # [V, D]: vocab split
     assert spec(params.layers.attn_norm) == P(None, None)
     model = Model(cfg, params, mesh=mesh)
     _, args, p = prepare(model, PROMPTS[:3], max_new_tokens=4)

@@ -6,8 +6,8 @@ every shape is asserted, and every transpose or permute is named where it happen
 
   GGUF stores a linear layer y = W x as W [out, in] (numpy view), jaxgen stores [in, out...] so that
   einsums contract the leading axis: q/k/v/gate/up are transposed ("T:in_out"), attn_output and
-  ffn_down likewise. The token embedding is [V, D] in the file and [D, V] in jaxgen ("T:vd_dv"),
-  the layout its use as the (tied) unembedding reads fastest.
+  ffn_down likewise. The token embedding is [V, D] in the file and in jaxgen (a quantized one is
+  transposed to the QMatrix's [D, V]: "T:vd_dv").
   llama-architecture files have q/k rows permuted for interleaved RoPE pairs; we undo it
   ("unpermute_rope") so every family rotates halves.
 """
@@ -228,9 +228,9 @@ def load_params(reader, cfg: ModelConfig, dtype=np.float32, quant: str | None = 
         layers[f] = buf
     V = cfg.vocab_size
 
-    def table(name):  # [V, D] in the file -> the [D, V] unembedding layout (float or QMatrix)
+    def table(name):  # [V, D] in the file -> [V, D] float, or the [D, V] QMatrix
         if not bits:
-            return np.ascontiguousarray(get(name, (V, D)).T)  # T:vd_dv
+            return np.ascontiguousarray(get(name, (V, D)))
         if direct(name):  # the unembedding contracts D: D is the QMatrix's input axis
             m = q8_matrix(name)
             assert m.shape == (D, V), (name, m.shape)

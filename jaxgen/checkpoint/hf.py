@@ -16,7 +16,7 @@ Layouts (HF `nn.Linear` stores W [out, in]; jaxgen [in, out...], see jaxgen/mode
   q_proj [N*H, D] -> wq [D, N, H]      ("T": transpose, then split the out axis into heads)
   k_proj / v_proj [K*H, D] -> [D, K, H]  o_proj [D, N*H] -> wo [N, H, D]
   gate_proj / up_proj [F, D] -> [D, F]   down_proj [D, F] -> [F, D]   q/k/v biases [X*H] -> [X, H]
-  embed_tokens / lm_head [V, D] -> [D, V]
+  embed_tokens / lm_head [V, D] -> embed / unembed [V, D] as they are ("as_is")
   mixture of experts (qwen3_moe: mlp.gate / mlp.experts.{j}.gate_proj ...; mixtral: block_sparse_moe.gate /
   experts.{j}.w1 w3 w2): router [E, D] -> [D, E]; expert j's [out, in] -> we_*[j] [in, out] ("T" per expert)
   Gemma norms store w - 1 and apply (1 + w): the +1 is folded in here (in float32; kept float32).
@@ -331,7 +331,7 @@ def expected_names(cfg: ModelConfig, family: str | None = None) -> dict[str, tup
     mixture-of-experts family's expert matrices are read per expert: how "E<j>" (transposed into
     expert j of the layer's [E, ...] stack)."""
     shapes = param_shapes(cfg)
-    names = {"embed_tokens.weight": ("embed", None, "T"), "norm.weight": ("final_norm", None, "norm")}
+    names = {"embed_tokens.weight": ("embed", None, "as_is"), "norm.weight": ("final_norm", None, "norm")}
     per_layer = {**_LAYER_NAMES, **_NORM_AFTER_ATTN[cfg.sandwich_norm]}
     if cfg.n_experts:
         router, expert, mats = _MOE_NAMES[family or "qwen3_moe"]
@@ -344,7 +344,7 @@ def expected_names(cfg: ModelConfig, family: str | None = None) -> dict[str, tup
             if getattr(shapes.layers, field) is not None:
                 names[f"layers.{i}.{hf_name}"] = (field, i, how)
     if not cfg.tie_embeddings:
-        names["lm_head.weight"] = ("unembed", None, "T")
+        names["lm_head.weight"] = ("unembed", None, "as_is")
     return names
 
 
@@ -381,6 +381,8 @@ def _read(sl, how: str, shape: tuple, index: tuple, dtype, plus_one: bool) -> np
             a = np.asarray(sl[rows]).reshape(len(head), H)
     elif how == "T":
         a = np.asarray(sl[span(r[1]), span(r[0])]).T
+    elif how == "as_is":  # the [V, D] tables
+        a = np.asarray(sl[span(r[0]), span(r[1])])
     else:  # norms: [X]
         a = np.asarray(sl[span(r[0])])
     if plus_one:  # Gemma's (1 + w), folded in float32

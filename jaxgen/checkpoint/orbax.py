@@ -77,7 +77,8 @@ def restore(path, dtype=jnp.float32, shardings=None, mesh=None):
     stored_dtype = max((x.dtype for x in jax.tree.leaves(stored)),
                        key=lambda d: jnp.dtype(d).kind == "f")  # a float leaf (norms are never quantized)
     target = param_shapes(cfg, stored_dtype)
-    # jaxgen < 0.2 stored float embedding tables as [V, D]: restored as such, then transposed
+    # checkpoints written by jaxgen 0.2 store float embedding tables as [D, V]:
+    # restored as such, then transposed
     old_tables = _old_table_names(stored, cfg)
     target = target.replace(**{n: jax.ShapeDtypeStruct(getattr(target, n).shape[::-1], stored_dtype) for n in old_tables})
     qfile = path / "quant.json"
@@ -105,7 +106,7 @@ def restore(path, dtype=jnp.float32, shardings=None, mesh=None):
     layers = restored["layers"]
     params = Params(**{**restored, "layers": LayerParams(**{f.name: layers.get(f.name) for f in
                                                             dataclasses.fields(LayerParams)})})
-    if old_tables:  # T:vd_dv
+    if old_tables:  # T:dv_vd
         params = params.replace(**{n: getattr(params, n).T for n in old_tables})
     if params.embed.dtype != jnp.dtype(dtype):
         params = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
@@ -122,12 +123,13 @@ def _stored(params) -> dict:
 
 
 def _old_table_names(meta, cfg: ModelConfig) -> list:
-    """Float embedding tables stored as [V, D] (the layout before [D, V]); none in a current checkpoint."""
+    """Float embedding tables stored as [D, V] (jaxgen 0.2's layout); none in a current checkpoint (and
+    none in one from before 0.2, whose [V, D] is the current layout again)."""
     meta = getattr(meta, "tree", meta)  # orbax's TreeMetadata holds a dict of ArrayMetadata
     out = []
     for n in ("embed", "unembed"):
         m = meta.get(n) if isinstance(meta, dict) else getattr(meta, n, None)
         shape = tuple(getattr(m, "shape", ()) or ())
-        if shape == (cfg.vocab_size, cfg.d_model) and cfg.vocab_size != cfg.d_model:
+        if shape == (cfg.d_model, cfg.vocab_size) and cfg.vocab_size != cfg.d_model:
             out.append(n)
     return out
