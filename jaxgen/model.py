@@ -60,8 +60,8 @@ class LayerParams:  # stacked: leaves lead with an L axis (layers in order); per
 class Params:
     # [V, D]: a row per token, as every checkpoint format stores it. The unembedding contracts D of
     # it: XLA:CPU read the 262k x 640 Gemma 3 table (63% of the weights a decode step reads) at 1.3-1.6x
-    # the speed of [D, V] from 2 rows up, in float32 and bfloat16 (measured 2026-12-06; jaxgen 0.2 stored
-    # [D, V], chosen for the float32 one-row product, 24 against 26 ms, whose [V, D] form `unembed` picks).
+    # the speed of [D, V] from 2 rows up, in float32 and bfloat16 (measured 2026-12-06). jaxgen 0.2 stored
+    # [D, V] for the float32 one-row product (24 ms against 26 for the best [V, D] form: `_unembed_dot`).
     embed: jax.Array  # [V, D] token embedding (also the unembedding when tied); a quantized
     # table is a QMatrix [D, V] (jaxgen.quant: every QMatrix is [in, out], its groups along D)
     # LayerParams with a leading L axis (run by lax.scan: one compiled layer), or a tuple of
