@@ -358,14 +358,18 @@ def _matmul(x: jax.Array, w, out_dtype=None, dequant=jnp.float32) -> jax.Array:
         y = quant.matmul(x, w, dequant)
         return y if out_dtype is None else y.astype(out_dtype)
     x2 = x.reshape(-1, x.shape[-1])  # [M, I]
-    M = x2.shape[0]
-    if M == 1 and w.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
-        # XLA:CPU's bfloat16 matrix-vector path is ~10x slower than its matrix-matrix one (Gemma's
-        # unembedding: 230 ms against 23 ms): a second (zero) row takes the fast path.
-        x2 = jnp.pad(x2, ((0, 1), (0, 0)))
     # f32 accumulation always: a bfloat16-output dot made XLA:CPU convert the weights to f32 first
-    y = jnp.dot(x2, w, preferred_element_type=jnp.float32)[:M].astype(out_dtype or jnp.result_type(x, w))
-    return y.reshape(*x.shape[:-1], w.shape[-1])
+    y = jnp.dot(_rows_for(x2, w.dtype), w, preferred_element_type=jnp.float32)[:x2.shape[0]]
+    return y.astype(out_dtype or jnp.result_type(x, w)).reshape(*x.shape[:-1], w.shape[-1])
+
+
+def _rows_for(x2: jax.Array, w_dtype) -> jax.Array:
+    """x2 [M, I] as the left operand of a product with a `w_dtype` matrix: one row padded with a zero
+    row for a bfloat16 matrix on CPU, where XLA:CPU's bfloat16 matrix-vector path is ~10x slower than
+    its matrix-matrix one (Gemma's unembedding: 230 ms against 23 ms). Callers keep the first M rows."""
+    if x2.shape[0] == 1 and w_dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+        return jnp.pad(x2, ((0, 1), (0, 0)))
+    return x2
 
 
 def _proj(h: jax.Array, w, heads: int, dequant=jnp.float32) -> jax.Array:
@@ -642,16 +646,13 @@ def unembed(params: Params, h: jax.Array, cfg: ModelConfig, paths: backend.Paths
 def _unembed_dot(h: jax.Array, table: jax.Array) -> jax.Array:
     """h [M, D] contracted with the [V, D] table's D -> [M, V] f32 (f32 accumulation, as `_matmul`).
     One row is the decode step at batch 1, where XLA:CPU is slowest (measured 2026-12-06, Gemma 3's
-    table): a bfloat16 row takes the two-row path (`_matmul`'s reason), and a float32 one is written
+    table): a bfloat16 row takes the two-row path (`_rows_for`), and a float32 one is written
     table @ h (26 ms against 27-32 for h @ table^T)."""
     contract_d = (((1,), (1,)), ((), ()))
-    M = h.shape[0]
-    if M == 1 and jax.default_backend() == "cpu":
-        if table.dtype == jnp.bfloat16:
-            return jax.lax.dot_general(jnp.pad(h, ((0, 1), (0, 0))), table, contract_d,
-                                       preferred_element_type=jnp.float32)[:1]
+    if h.shape[0] == 1 and table.dtype != jnp.bfloat16 and jax.default_backend() == "cpu":
         return jax.lax.dot_general(table, h, contract_d, preferred_element_type=jnp.float32).T  # [V, 1] -> [1, V]
-    return jax.lax.dot_general(h, table, contract_d, preferred_element_type=jnp.float32)
+    y = jax.lax.dot_general(_rows_for(h, table.dtype), table, contract_d, preferred_element_type=jnp.float32)
+    return y[:h.shape[0]]
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache,
