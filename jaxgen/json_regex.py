@@ -242,7 +242,10 @@ _PCT = r"%[0-9A-Fa-f]{2}"
 _PCHAR = rf"(?:[A-Za-z0-9._~!$&'()*+,;=:@\-]|{_PCT})"
 _TAIL = rf"(?:/{_PCHAR}*)*(?:\?(?:{_PCHAR}|[/?])*)?(?:#(?:{_PCHAR}|[/?])*)?"
 _URI = rf"[A-Za-z][A-Za-z0-9+.\-]*://(?:[A-Za-z0-9._~\-]|{_PCT})+(?::[0-9]+)?{_TAIL}"
-_RELATIVE = (rf"(?:/{_PCHAR}*|(?:[A-Za-z0-9._~!$&'()*+,;=@\-]|{_PCT})+)(?:/{_PCHAR}*)*"
+# A relative reference's path (RFC 3986 4.2): absolute ("/", then a non-empty first segment if any more
+# follow: "//x" would be read as an authority, so jsonschema refuses "//::"), or a first segment without ":"
+# (else it reads as a scheme).
+_RELATIVE = (rf"(?:/(?:{_PCHAR}+(?:/{_PCHAR}*)*)?|(?:[A-Za-z0-9._~!$&'()*+,;=@\-]|{_PCT})+(?:/{_PCHAR}*)*)"
              rf"(?:\?(?:{_PCHAR}|[/?])*)?(?:#(?:{_PCHAR}|[/?])*)?")
 # Each: a regex of the format's strings (ASCII: no JSON escapes needed), a subset of what jsonschema's
 # format checker accepts (rfc3339-validator, isoduration, fqdn, ipaddress, rfc3986-validator), and
@@ -259,7 +262,8 @@ FORMATS = {
              rf"|(?:{_H}:){{1,4}}(?::{_H}){{1,3}}|(?:{_H}:){{1,3}}(?::{_H}){{1,4}}|(?:{_H}:){{1,2}}(?::{_H}){{1,5}}"
              rf"|{_H}:(?::{_H}){{1,6}}|:(?::{_H}){{1,7}}|::)", "no embedded IPv4, no zone"),
     "uri": (_URI, "scheme://host[:port] then path, query, fragment; no user info or IP literal"),
-    "uri-reference": (f"(?:{_URI}|{_RELATIVE})", "a URI as above, or a non-empty relative reference"),
+    "uri-reference": (f"(?:{_URI}|{_RELATIVE})",
+                      "a URI as above, or a non-empty relative reference not starting \"//\" (no host)"),
     "iri": (_URI, "ASCII, as uri"),
     "iri-reference": (f"(?:{_URI}|{_RELATIVE})", "ASCII, as uri-reference"),
     "uuid": (r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", ""),
