@@ -4,7 +4,9 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+# (after the flags the test passes: conftest.TEST_XLA_FLAGS)
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
+                                                 "--xla_force_host_platform_device_count=4"]))
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -11,6 +11,7 @@ import pytest
 from jaxgen import cli
 from jaxgen.checkpoint import registry
 
+from .conftest import TEST_XLA_FLAGS
 from .test_cli import ckpt  # noqa: F401  (the module-scoped tiny checkpoint fixture)
 
 WORDS = ["the", "tea", "is", "hot", "and", "the", "cat", "sat", "on", "a", "mat", "today"]
@@ -215,7 +216,7 @@ def test_single_device_batch_equals_sharded(model_dir, tmp_path):
     write_input(inp, 9)
     knobs = ["--temperature", "0.9", "--top-k", "8", "--seed", "3", "--batch-size", "4", "--repetition-penalty", "1.3"]
     assert batch(model_dir, inp, tmp_path / "sharded.jsonl", *knobs) == 0
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {TEST_XLA_FLAGS}", JAX_PLATFORMS="cpu")
     code = "import sys, jax; from jaxgen import cli; assert jax.device_count() == 1; sys.exit(cli.main(sys.argv[1:]))"
     for mode in ("--refill", "--no-refill"):
         out = tmp_path / f"one{mode}.jsonl"

@@ -12,6 +12,7 @@ from jaxgen import cli
 from jaxgen.checkpoint import orbax as O
 from jaxgen.checkpoint import registry
 
+from .conftest import TEST_XLA_FLAGS
 from .conftest import random_params
 from .test_checkpoint import TINY_LLAMA, write_gguf
 
@@ -433,8 +434,8 @@ def test_distributed_batch_writes_one_file_per_process(ckpt, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     procs = [subprocess_popen([sys.executable, "-c", code, "batch", *flags, "--output", str(tmp_path / "out.jsonl"),
                                "--distributed"],
-                              dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-                                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", SLURM_JOB_ID="7", SLURM_NTASKS="2",
+                              dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {TEST_XLA_FLAGS}",
+                                   JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", SLURM_JOB_ID="7", SLURM_NTASKS="2",
                                    SLURM_STEP_NODELIST="localhost", SLURM_PROCID=str(i), SLURM_LOCALID=str(i)))
              for i in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]

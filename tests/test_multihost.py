@@ -9,7 +9,7 @@ import sys
 import jaxgen
 from jaxgen.model import Model
 
-from .conftest import CONFIGS, random_params
+from .conftest import CONFIGS, TEST_XLA_FLAGS, random_params
 from .test_sharding import KNOBS, PROMPTS
 
 
@@ -26,6 +26,7 @@ def test_two_processes_equal_one(tmp_path):
     port, out = free_port(), tmp_path / "tokens.json"
     worker = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["XLA_FLAGS"] = TEST_XLA_FLAGS  # the worker adds its 4 devices
     procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), str(out)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     logs = []

@@ -8,6 +8,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests.conftest import TEST_XLA_FLAGS
+
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "colab").glob("*.ipynb"))
 
 
@@ -15,7 +17,7 @@ NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "colab").glob("*.ipyn
 def test_notebook_runs(path, tmp_path, monkeypatch):
     # the kernel sees the one CPU device a Colab CPU runtime has, not the 8 fake devices of the tests
     # (with 8, make_mesh() pads every batch to 8 rows: the notebooks ran ~2x slower for nothing)
-    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("XLA_FLAGS", TEST_XLA_FLAGS)
     nb = nbformat.read(path, as_version=4)
     t = time.perf_counter()
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()

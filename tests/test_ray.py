@@ -16,6 +16,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import jaxgen.ray as jray  # noqa: E402
+from tests.conftest import TEST_XLA_FLAGS  # noqa: E402
 from tests.test_cli import ckpt  # noqa: E402,F401  (module-scoped fixture: a tiny checkpoint)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -44,7 +45,7 @@ def rows(n=64, ids=str):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     # actors: one CPU device each (not the 8 fake devices of this process), and this repository importable
-    env = {"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+    env = {"XLA_FLAGS": TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
            "JAXGEN_CACHE": str(tmp_path_factory.mktemp("actors-cache"))}  # compiled programs shared by the actors
     # 2 actors of 1 CPU each, and logical CPUs left for the read tasks (else the actors hold every CPU and
     # the reads that feed them never schedule)
