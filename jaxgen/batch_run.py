@@ -107,9 +107,59 @@ def row_seed(seed: int, rid) -> int:
     return zlib.crc32(f"{seed}:{rid}".encode()) & 0x7FFFFFFF
 
 
-def plan_batches(model, rows: list[dict], batch_size: int, memory_bytes: int | None, prefix=None, n: int = 1):
+def longest_row(rows: list[dict]) -> int:
+    """The most tokens one row holds: its prompt + its own max_new_tokens (`generate.plan` checks the
+    context against it, so a long prompt with a small budget batches with a short one with a large one)."""
+    return max(len(r["ids"]) + r["max_new"] for r in rows)
+
+
+def stop_strings(rows: list[dict]) -> set:
+    """The distinct stop strings of these rows."""
+    return {x for r in rows for x in r.get("stop", [])}
+
+
+def end_ids(model, defaults: dict) -> list[int]:
+    """The stop ids a call's constraint tables are built with (as `generate.prepare` builds them)."""
+    stops = defaults["stop_ids"] if defaults["stop_ids"] is not None else model.tokenizer.stop_ids
+    return sorted(set(stops))
+
+
+def one_call(model, ends: list[int]):
+    """fits(rows): whether these rows can share one call (a static batch, a refill run): at most
+    knobs.MAX_STOP_STRINGS distinct stop strings (the bits of a row mask) and their constraints' tables
+    together within jaxgen.constraints' limits (each row's alone is checked by `resolve`)."""
+    from jaxgen import constraints as con
+
+    memo: dict = {}
+
+    def fits(rows: list[dict]) -> bool:
+        if len(stop_strings(rows)) > kn.MAX_STOP_STRINGS:
+            return False
+        regexes = frozenset(r["constraint"] for r in rows if r.get("constraint"))
+        if len(regexes) > 1 and regexes not in memo:
+            memo[regexes] = con.problem(sorted(regexes), model.tokenizer.token_bytes(), model.cfg.vocab_size,
+                                        ends) is None
+        return len(regexes) <= 1 or memo[regexes]
+    return fits
+
+
+def call_groups(rows: list[dict], fits) -> list[list[dict]]:
+    """Rows split, in order, into groups that each fit one call (`one_call`): a row joins the first
+    group it fits; one group when they all fit together."""
+    groups: list[list[dict]] = []
+    for r in rows:
+        g = next((g for g in groups if fits(g + [r])), None)
+        if g is None:
+            groups.append([r])
+        else:
+            g.append(r)
+    return groups
+
+
+def plan_batches(model, rows: list[dict], batch_size: int, memory_bytes: int | None, prefix=None, n: int = 1,
+                 fits=None):
     """Sort by length; cut into batches of <= batch_size decode rows (rows x n samples) whose cache
-    fits memory_bytes."""
+    fits memory_bytes and whose rows fit one call (fits(rows): `one_call`; None: any rows do)."""
     from jaxgen.cache import cache_bytes
     from jaxgen.generate import plan, prefix_slots
 
@@ -120,10 +170,10 @@ def plan_batches(model, rows: list[dict], batch_size: int, memory_bytes: int | N
     for r in rows:
         trial = cur + [r]
         p = plan(model.cfg, len(trial), max(len(x["ids"]) for x in trial), max(x["max_new"] for x in trial), n=n,
-                 prefix=Tp, prefix_len=lp)
+                 prefix=Tp, prefix_len=lp, longest_row=longest_row(trial))
         need = cache_bytes(model.cfg, p.rows, p.cache_len, model.params.embed.dtype, kv_quant=model.kv_quant)
-        fits = memory_bytes is None or need <= memory_bytes
-        if cur and (len(trial) * n > batch_size or not fits):
+        room = (memory_bytes is None or need <= memory_bytes) and (fits is None or fits(trial))
+        if cur and (len(trial) * n > batch_size or not room):
             batches.append(cur)
             cur = [r]
         else:
@@ -240,7 +290,8 @@ def refill_plan(model, rows: list[dict], slots: int, memory_bytes: int | None, d
     penalties = uses_penalties(make_sampling_params(len(rows), **penalty_knobs))
     lp = len(prefix) if prefix is not None else 0
     p = plan(model.cfg, 1, max(len(r["ids"]) for r in rows), max(r["max_new"] for r in rows), stop_slots=n_stops,
-             penalties=penalties, prefix=prefix.bucket if prefix is not None else 0, prefix_len=lp)
+             penalties=penalties, prefix=prefix.bucket if prefix is not None else 0, prefix_len=lp,
+             longest_row=longest_row(rows))
     need = lambda b: cache_bytes(model.cfg, b, p.cache_len, model.params.embed.dtype, kv_quant=model.kv_quant)
     b = _data_multiple(model, slots)
     while memory_bytes is not None and b > d and need(b) > memory_bytes:
@@ -302,9 +353,8 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
     if constrained:  # the running state's tables: every prefill of the run builds these same ones
         from jaxgen import constraints as con
 
-        stops = defaults["stop_ids"] if defaults["stop_ids"] is not None else model.tokenizer.stop_ids
         empty["constraints"], empty["constraint_start"] = con.build(
-            [], model.tokenizer.token_bytes(), cfg.vocab_size, sorted(set(stops)), rows=B, universe=constrained)
+            [], model.tokenizer.token_bytes(), cfg.vocab_size, end_ids(model, defaults), rows=B, universe=constrained)
     if adapters:
         empty["adapters"] = np.zeros((B,), np.int32)
     state = prefill_jit(model.params, **place(model, empty), **prefill_statics)
@@ -461,6 +511,12 @@ def resolve(args, model, rows: list[dict], proposer=None) -> tuple[list[dict], l
         r["num_beams"] = int(r.get("num_beams", args.num_beams))
         stop = r.get("stop", default_stop)
         r["stop"] = [stop] if isinstance(stop, str) else list(stop)
+    # speculative decoding verifies up to gamma + 1 tokens past a row's budget (speculative.generate)
+    spec = 0 if proposer is None else proposer.gamma + 1
+    constraint_problem = _constraint_problems(model, defaults_of(args))
+    context = model.cfg.max_seq_len
+    if proposer is not None and proposer.draft is not None:
+        context = min(context, proposer.draft.cfg.max_seq_len)
     for r in rows:
         if r["ids"] is None:
             continue
@@ -470,13 +526,34 @@ def resolve(args, model, rows: list[dict], proposer=None) -> tuple[list[dict], l
         if r["num_beams"] > 1 and (args.top_logprobs or proposer is not None):
             errors.append({"id": r["id"], "error": "num_beams > 1 (beam search) does not take --top-logprobs or "
                            "--speculative"})
-        elif not r["ids"] or lp + len(r["ids"]) + r["max_new"] > model.cfg.max_seq_len or r["max_new"] < 1:
+        elif not r["ids"] or lp + len(r["ids"]) + r["max_new"] + spec > context or r["max_new"] < 1:
             what = f"prefix of {lp} tokens + " if lp else ""
+            extra = f" + gamma + 1 ({spec}, --speculative)" if spec else ""
             errors.append({"id": r["id"], "error": f"{what}prompt of {len(r['ids'])} tokens + max_new_tokens "
-                           f"{r['max_new']} does not fit {model.cfg.name}'s context of {model.cfg.max_seq_len}"})
+                           f"{r['max_new']}{extra} does not fit {model.cfg.name}'s context of {context}"})
+        elif r["constraint"] and (why := constraint_problem(r["constraint"])):
+            errors.append({"id": r["id"], "error": why})
         else:
             ok.append(r)
     return ok, errors, prefixes
+
+
+def _constraint_problems(model, defaults: dict):
+    """problem(regex): why a row's constraint cannot run on this model, alone (its automaton over the
+    vocabulary, its table within jaxgen.constraints' limits), or None; once per distinct regex."""
+    from functools import lru_cache
+
+    from jaxgen import constraints as con
+
+    ends = end_ids(model, defaults)
+
+    @lru_cache(maxsize=None)
+    def problem(regex: str) -> str | None:
+        try:
+            return con.problem([regex], model.tokenizer.token_bytes(), model.cfg.vocab_size, ends)
+        except ValueError as e:  # no token sequence of the vocabulary writes it
+            return str(e)
+    return problem
 
 
 def plan_work(args, model, rows: list[dict], prefixes: dict) -> list[tuple]:
@@ -487,6 +564,7 @@ def plan_work(args, model, rows: list[dict], prefixes: dict) -> list[tuple]:
 
     memory = int(args.memory_gb * (1 << 30)) if args.memory_gb else None
     defaults = defaults_of(args)
+    fits = one_call(model, end_ids(model, defaults))
     groups: dict = {}
     for r in rows:
         k = bucket(r["num_beams"], BEAM_BUCKETS, "num_beams") if r["num_beams"] > 1 else 0
@@ -496,11 +574,11 @@ def plan_work(args, model, rows: list[dict], prefixes: dict) -> list[tuple]:
     work = []
     for (pre, n, beams, _), g in groups.items():
         shared = _planning_prefix(model, prefixes[pre]) if pre is not None else None
-        if args.refill and n == 1 and not beams:  # one running state per length class
-            for c in length_classes(model, g, args.batch_size, shared):
+        if args.refill and n == 1 and not beams:  # one running state per length class (and group of one_call)
+            for c in (s for c in length_classes(model, g, args.batch_size, shared) for s in call_groups(c, fits)):
                 work.append((pre, n, c, refill_plan(model, c, args.batch_size, memory, defaults, shared), []))
         else:
-            work.append((pre, n, g, None, plan_batches(model, g, args.batch_size, memory, shared, n)))
+            work.append((pre, n, g, None, plan_batches(model, g, args.batch_size, memory, shared, n, fits)))
     return work
 
 
@@ -511,7 +589,8 @@ def describe(model, work: list[tuple]) -> dict:
     shapes = {}
     for _, n, _, _, bs in work:
         for b in bs:
-            p = plan(model.cfg, len(b), max(len(r["ids"]) for r in b), max(r["max_new"] for r in b), n=n)
+            p = plan(model.cfg, len(b), max(len(r["ids"]) for r in b), max(r["max_new"] for r in b), n=n,
+                     longest_row=longest_row(b))
             shapes.setdefault((p.batch, p.prompt_len, p.max_new), 0)
             shapes[(p.batch, p.prompt_len, p.max_new)] += 1
     refills = [(len(w[2]), w[3]) for w in work if w[3] is not None]

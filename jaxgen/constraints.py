@@ -185,6 +185,49 @@ def _build(regex: str, token_bytes, end_ids) -> dict:
             "accepting": accepting}
 
 
+def _union(autos: list[dict], vocab_size: int):
+    """The automata side by side (state 0: unconstrained, then each one's states at its offset) and the
+    token classes: (offsets [A + 1], (src, tok, dst) [E] int64, token_class [V], first [C])."""
+    offsets = np.cumsum([1] + [len(a["accepting"]) for a in autos])
+    Q = int(offsets[-1])
+    src = np.concatenate([a["src"] + o for a, o in zip(autos, offsets)] + [np.zeros(0, np.int32)]).astype(np.int64)
+    tok = np.concatenate([a["tok"] for a in autos] + [np.zeros(0, np.int32)]).astype(np.int64)
+    dst = np.concatenate([a["dst"] + o for a, o in zip(autos, offsets)] + [np.zeros(0, np.int32)]).astype(np.int64)
+    # Token classes: tokens with the same transitions from every state. A token's signature is a
+    # random-weighted sum over its transitions (uint64, wrapping); equal signatures are then checked
+    # to mean equal transitions (`build`), so a collision cannot merge two different tokens silently.
+    w = np.random.default_rng(0).integers(1, 2 ** 63, size=Q, dtype=np.uint64)
+    sig = np.zeros(vocab_size, np.uint64)
+    with np.errstate(over="ignore"):
+        np.add.at(sig, tok, w[src] * (dst.astype(np.uint64) + np.uint64(2)))
+    _, first, token_class = np.unique(sig, return_index=True, return_inverse=True)
+    return offsets, (src, tok, dst), token_class, first
+
+
+def _too_big(Q: int, C: int) -> str | None:
+    """Why one call's table of Q states x C token classes cannot be built (None: it can)."""
+    if Q * C > MAX_CELLS:
+        return (f"the constraints need {Q} states x {C} token classes = {Q * C:,} table cells, over the budget of "
+                f"{MAX_CELLS:,} (jaxgen.constraints.MAX_CELLS); simplify the regex / schema (e.g. smaller "
+                f"maxLength) or split the batch")
+    if Q > STATE_BUCKETS[-1]:
+        return (f"the constraints need {Q} automaton states, over the largest bucket {STATE_BUCKETS[-1]}; simplify "
+                f"the regex / schema or split the batch")
+    return None
+
+
+def problem(regexes: Sequence[str | None], token_bytes: Sequence[bytes], vocab_size: int,
+            end_ids: Sequence[int] = ()) -> str | None:
+    """Why one call cannot hold the tables of these regexes together (over MAX_CELLS or the largest
+    state bucket), or None; front ends that batch rows (`jaxgen batch`) split their calls by it.
+    Builds (and caches) each automaton: raises ValueError for a regex the vocabulary cannot write."""
+    distinct = list(dict.fromkeys(r for r in regexes if r is not None))
+    if not distinct:
+        return None
+    offsets, _, _, first = _union([automaton(r, token_bytes, end_ids) for r in distinct], vocab_size)
+    return _too_big(int(offsets[-1]), len(first))
+
+
 def build(regexes: Sequence[str | None], token_bytes: Sequence[bytes], vocab_size: int, end_ids: Sequence[int] = (),
           rows: int | None = None, universe: Sequence[str] | None = None) -> tuple[Constraints, np.ndarray]:
     """Host tables for these rows' regexes (None: unconstrained; rows past the list too) and each
@@ -198,24 +241,10 @@ def build(regexes: Sequence[str | None], token_bytes: Sequence[bytes], vocab_siz
                 raise ValueError(f"constraint {r!r:.80} is not in the run's table")
             distinct.append(r)
     autos = [automaton(r, token_bytes, end_ids) for r in distinct]
-    offsets = np.cumsum([1] + [len(a["accepting"]) for a in autos])  # state 0: unconstrained
-    Q = int(offsets[-1])
-    src = np.concatenate([a["src"] + o for a, o in zip(autos, offsets)] + [np.zeros(0, np.int32)]).astype(np.int64)
-    tok = np.concatenate([a["tok"] for a in autos] + [np.zeros(0, np.int32)]).astype(np.int64)
-    dst = np.concatenate([a["dst"] + o for a, o in zip(autos, offsets)] + [np.zeros(0, np.int32)]).astype(np.int64)
-    # Token classes: tokens with the same transitions from every state. A token's signature is a
-    # random-weighted sum over its transitions (uint64, wrapping); equal signatures are then checked
-    # to mean equal transitions, so a collision cannot merge two different tokens silently.
-    w = np.random.default_rng(0).integers(1, 2 ** 63, size=Q, dtype=np.uint64)
-    sig = np.zeros(vocab_size, np.uint64)
-    with np.errstate(over="ignore"):
-        np.add.at(sig, tok, w[src] * (dst.astype(np.uint64) + np.uint64(2)))
-    _, first, token_class = np.unique(sig, return_index=True, return_inverse=True)
-    C = len(first)
-    if Q * C > MAX_CELLS:
-        raise ValueError(f"the constraints need {Q} states x {C} token classes = {Q * C:,} table cells, over the "
-                         f"budget of {MAX_CELLS:,} (jaxgen.constraints.MAX_CELLS); simplify the regex / schema "
-                         f"(e.g. smaller maxLength) or split the batch")
+    offsets, (src, tok, dst), token_class, first = _union(autos, vocab_size)
+    Q, C = int(offsets[-1]), len(first)
+    if why := _too_big(Q, C):
+        raise ValueError(why)
     Qb, Cb = bucket(Q, STATE_BUCKETS, "constraint automaton states"), bucket(C, CLASS_BUCKETS, "constraint token classes")
     next_state = np.full((Qb, Cb), -1, np.int32)
     next_state[0, :] = 0

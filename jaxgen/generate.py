@@ -6,7 +6,9 @@ within one bucket and any knob values reuse one compiled program.
 Buckets: prompt length rounds up to PROMPT_BUCKETS, batch to BATCH_BUCKETS, max_new_tokens to
 NEW_TOKEN_BUCKETS, stop ids and biased ids per row to SLOT_BUCKETS, stop-string tables to
 `jaxgen.stops`' buckets; the cache holds (prefix bucket +) prompt bucket + new-token bucket positions
-(capped at the model's max_seq_len). Padding rows are done from the start and cost one prefill row.
+(capped at the model's max_seq_len), which holds every row whose own prompt + max_new_tokens fits the
+context: the context bounds each row, not the longest prompt + another row's larger budget. Padding
+rows are done from the start and cost one prefill row.
 
 Shared prefixes: `prefix=` (text, ids, or a `prefill_prefix` result to reuse) is prefilled once into
 a one-row cache; each prompt is then prefilled on a copy of it at the positions that follow, so
@@ -87,15 +89,18 @@ class Plan:
 
 def plan(cfg: ModelConfig, batch: int, prompt_len: int, max_new: int, stop_slots: int = SLOT_BUCKETS[0],
          bias_slots: int = SLOT_BUCKETS[0], penalties: bool = True, n: int = 1, prefix: int = 0,
-         prefix_len: int = 0) -> Plan:
+         prefix_len: int = 0, longest_row: int | None = None) -> Plan:
     """The bucketed shapes for a request of this size (raises if it cannot fit the model);
     stop_slots / bias_slots are the most stop ids / biased ids of any row, rounded to SLOT_BUCKETS;
-    prefix / prefix_len: a shared prefix's cache slots and its tokens (0: none)."""
+    prefix / prefix_len: a shared prefix's cache slots and its tokens (0: none). longest_row: the
+    most tokens one row holds, its prompt + its own max_new_tokens (default prompt_len + max_new).
+    The context bounds each row, not the longest prompt + the largest budget of two different rows:
+    the cache (prompt bucket + new-token bucket, capped at the context) holds every row that fits."""
     if max_new <= 0:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
     t = bucket(prompt_len, PROMPT_BUCKETS, "prompt length")
     m = bucket(max_new, NEW_TOKEN_BUCKETS, "max_new_tokens")
-    if prefix_len + prompt_len + max_new > cfg.max_seq_len:
+    if prefix_len + (prompt_len + max_new if longest_row is None else longest_row) > cfg.max_seq_len:
         what = f"prefix of {prefix_len} tokens + " if prefix_len else ""
         raise ValueError(f"{what}prompt length {prompt_len} + max_new_tokens {max_new} exceeds {cfg.name}'s "
                          f"context of {cfg.max_seq_len} tokens")
@@ -281,8 +286,9 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
     mnt = kn.per_row("max_new_tokens", _per_sample(max_new_tokens, P, n, "scalar"), R, np.int32)
     longest = max(len(x) for x in ids)
     lp = len(pre_ids) if pre_ids is not None else 0
+    row_tokens = [len(x) + int(mnt[i * n:(i + 1) * n].max()) for i, x in enumerate(ids)]  # prompt + budget
     for i, x in enumerate(ids):
-        if lp + len(x) + mnt[i * n:(i + 1) * n].max() > model.cfg.max_seq_len:
+        if lp + row_tokens[i] > model.cfg.max_seq_len:
             what = f"prefix of {lp} tokens + " if lp else ""
             raise ValueError(f"prompt {i}: {what}{len(x)} tokens + max_new_tokens {mnt[i * n]} exceeds "
                              f"{model.cfg.name}'s context of {model.cfg.max_seq_len} tokens")
@@ -311,7 +317,7 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
     sp = smp.make_sampling_params(R, vocab_size=model.cfg.vocab_size, candidates=candidates, **knobs)
     Tp = prefix_slots(model.cfg, lp)
     p = plan(model.cfg, P, longest, int(mnt.max()), stop_slots=most, bias_slots=sp.bias_ids.shape[1],
-             penalties=smp.uses_penalties(sp), n=n, prefix=Tp, prefix_len=lp)
+             penalties=smp.uses_penalties(sp), n=n, prefix=Tp, prefix_len=lp, longest_row=max(row_tokens))
     if not isinstance(seed, (list, tuple, np.ndarray)):
         # Row i of a scalar seed s uses s * 1_000_003 + i (i counts sample rows); pass one seed per
         # row to make a row's samples independent of its place in the batch.

@@ -382,9 +382,13 @@ def generate(model: Model, prompts, proposer: Proposer, *, candidates: int = smp
     model = lora_mod.attach(model, request.get("lora"), len(prompts) if isinstance(prompts, (list, tuple)) else 1)
     ids, args, p = prepare(model, prompts, candidates=candidates, **request)
     g = proposer.gamma
-    cache_len = p.cache_len + g + 1
-    if cache_len > model.cfg.max_seq_len or (d is not None and cache_len > d.cfg.max_seq_len):
-        raise ValueError(f"prompt + max_new_tokens + gamma + 1 = {cache_len} exceeds the context")
+    # a row verifies up to gamma + 1 tokens past its budget's last position: each row needs its prompt +
+    # max_new_tokens + gamma + 1 slots (the context bounds each row, as generate.plan's does)
+    context = min(model.cfg.max_seq_len, d.cfg.max_seq_len if d is not None else model.cfg.max_seq_len)
+    need = int(np.max(np.repeat(args["prompt_lengths"], p.n) + args["max_new_tokens"])) + g + 1
+    if need > context:
+        raise ValueError(f"prompt + max_new_tokens + gamma + 1 = {need} tokens exceeds the context of {context}")
+    cache_len = min(p.cache_len + g + 1, context)
     dp = d.params if d is not None else None
     statics = dict(cfg=model.cfg, draft_cfg=d.cfg if d is not None else None, gamma=g, candidates=candidates,
                    paths=model.paths)

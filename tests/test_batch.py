@@ -268,6 +268,95 @@ def test_speculative_batch_equals_plain(model_dir, tmp_path):
         assert 0 <= spec[k]["timing"]["acceptance_rate"] <= 1
 
 
+def test_rows_that_fit_one_by_one_run_together(model_dir, tmp_path):
+    """A long prompt with a small budget and short prompts with large ones (longest prompt + largest
+    budget > the 128-token context, each row within it) run in static batches, in the refill state,
+    with n > 1 and with --speculative (which needs gamma + 1 more per row); each row == the API alone.
+    Static batches and n > 1 refused the whole file with exit 2; --speculative stopped the run at their batch."""
+    import jaxgen
+    from jaxgen.batch import row_seed
+
+    model = registry.load(model_dir)
+    long = " ".join(WORDS * 2)
+    assert 75 <= len(model.tokenizer.encode(long)) <= 90
+    rows = [{"id": "long", "prompt": long, "max_new_tokens": 6}, {"id": "short", "prompt": "the cat", "max_new_tokens": 60},
+            {"id": "n", "prompt": "a mat", "max_new_tokens": 60, "n": 2}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = {"static": ["--no-refill"], "refill": ["--refill"], "spec": ["--speculative", "lookup,ngram=2,gamma=4"]}
+    for name, flags in runs.items():
+        rs = rows[:2] if name == "spec" else rows  # (--speculative takes no n > 1)
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+        assert cli.main(["batch", "--input", str(tmp_path / f"{name}.jsonl"), "--output", str(tmp_path / f"{name}.out"),
+                         "--model", model_dir, "--ignore-stop", "--temperature", "0" if name == "spec" else "0.9",
+                         *flags]) == 0, name
+        out = read_output(tmp_path / f"{name}.out")
+        for r in rs:
+            want = jaxgen.generate(model, [r["prompt"]], n=r.get("n", 1), seed=[row_seed(0, r["id"])], stop_ids=[],
+                                   max_new_tokens=r["max_new_tokens"], temperature=0.0 if name == "spec" else 0.9)
+            got = out[r["id"]]["samples"] if r.get("n", 1) > 1 else [out[r["id"]]]
+            assert [g["tokens"] for g in got] == [w.tokens for w in want], (name, r["id"])
+            assert all(len(g["tokens"]) == r["max_new_tokens"] for g in got), (name, r["id"])
+    rows[0]["max_new_tokens"] = 128 - len(model.tokenizer.encode(long)) - 4  # fits plainly, not with gamma + 1
+    (tmp_path / "over.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert batch(model_dir, tmp_path / "over.jsonl", tmp_path / "over.out", "--speculative", "lookup,gamma=4") == 0
+    assert "+ gamma + 1 (5, --speculative) does not fit" in read_output(tmp_path / "over.out")["long"]["error"]
+
+
+def test_more_distinct_stop_strings_than_one_call_takes(model_dir, tmp_path):
+    """36 rows with a stop string each (a call takes 32 distinct: the bits of a row mask) run in refill
+    states and static batches of at most 32 strings each; every row == the API alone. Both modes ended
+    the run with an error (one refill run, or one static batch, holding all 36 rows' strings)."""
+    import jaxgen
+    from jaxgen.batch import row_seed
+
+    model = registry.load(model_dir)
+    rows = [{"id": i, "prompt": " ".join(WORDS[: 1 + i % 5]), "stop": [f"q{i}"], "temperature": 0.9} for i in range(36)]
+    for r in rows[::4]:  # and a string that the row's unstopped text holds
+        free = jaxgen.generate(model, [r["prompt"]], seed=[row_seed(0, r["id"])], temperature=0.9, max_new_tokens=6,
+                               stop_ids=[])[0].text
+        r["stop"].append(next(c for c in free[2:] if c != "\ufffd" and c.strip()))
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for mode in ("--refill", "--no-refill"):
+        out = tmp_path / f"out{mode}.jsonl"
+        assert batch(model_dir, tmp_path / "in.jsonl", out, "--batch-size", "64", mode) == 0, mode
+        got = read_output(out)
+        assert sorted(got) == list(range(36)), mode
+        for r in rows:
+            want = jaxgen.generate(model, [r["prompt"]], stop=r["stop"], seed=[row_seed(0, r["id"])],
+                                   temperature=0.9, max_new_tokens=6, stop_ids=[])[0]
+            assert (got[r["id"]]["tokens"], got[r["id"]]["stop_reason"]) == (want.tokens, want.stop_reason), (mode, r)
+        assert sum(g["stop_reason"] is not None for g in got.values()) >= 5, mode  # the strings are live
+
+
+def test_constraints_too_big_for_one_call_split_into_calls(model_dir, tmp_path, monkeypatch):
+    """Rows whose constraints' tables do not fit one call together (jaxgen.constraints.MAX_CELLS, here
+    100 cells: each of these regexes' tables fits alone, two of them together do not) run in several
+    refill states / static batches, each row == the API alone; a row whose own table is too big gets
+    an error line naming the budget and the others run. Both modes ended the run with an error."""
+    import jaxgen
+    from jaxgen import constraints as con
+    from jaxgen.batch import row_seed
+
+    monkeypatch.setattr(con, "MAX_CELLS", 100)
+    model = registry.load(model_dir)
+    regexes = ["[a-z]{1,8}", "(yes|no|maybe)", "[0-9]{2,6}", None]
+    rows = [{"id": i, "prompt": " ".join(WORDS[: 1 + i % 5]), "temperature": 0.9,
+             **({"regex": regexes[i % 4]} if regexes[i % 4] else {})} for i in range(12)]
+    rows.append({"id": 12, "prompt": "the cat", "regex": "[a-z ]{10,40}"})  # 42 states x 4 classes alone
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for mode in ("--refill", "--no-refill"):
+        out = tmp_path / f"out{mode}.jsonl"
+        assert cli.main(["batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--model", model_dir,
+                         "--max-new-tokens", "6", "--batch-size", "64", mode]) == 0, mode
+        got = read_output(out)
+        assert sorted(got) == list(range(13)), mode
+        assert "over the budget of 100" in got[12]["error"], mode
+        for r in rows[:12]:
+            want = jaxgen.generate(model, [r["prompt"]], regex=r.get("regex"), seed=[row_seed(0, r["id"])],
+                                   temperature=0.9, max_new_tokens=6)[0]
+            assert (got[r["id"]]["tokens"], got[r["id"]]["finish_reason"]) == (want.tokens, want.finish_reason), (mode, r)
+
+
 def test_n_stop_and_prefix_fields(model_dir, tmp_path):
     """Rows with "n", "stop" and "prefix" fields (and --stop / --prefix defaults) give exactly the
     API's completions for the same seeds; n > 1 rows give one line with n samples. n == 1 rows run

@@ -189,6 +189,20 @@ def test_plan_buckets():
     assert (p.batch, p.prompt_len, p.max_new, p.cache_len) == (4, 32, 32, 64)
     with pytest.raises(ValueError, match="context"):
         plan(TINY_GEMMA, 1, 500, 100)
+    assert plan(TINY_GEMMA, 2, 500, 100, longest_row=510).cache_len == 512  # the rows fit one by one
+
+
+def test_context_bounds_each_row_not_the_longest_prompt_plus_the_largest_budget(gemma_model):
+    """A 400-token prompt with 10 new tokens and a 3-token prompt with 200 fit the 512-token context
+    one by one, so they share a call (it refused them: 400 + 200 > 512), each row == itself alone;
+    a row that does not fit is still refused, naming it."""
+    prompts, budgets = [[1 + i % 60 for i in range(400)], [2, 3, 4]], [10, 200]
+    out = generate(gemma_model, prompts, max_new_tokens=budgets, stop_ids=[], temperature=0.8, seed=[3, 4])
+    for p, m, s, o in zip(prompts, budgets, [3, 4], out):
+        alone = generate(gemma_model, [p], max_new_tokens=m, stop_ids=[], temperature=0.8, seed=[s])[0]
+        assert len(o.tokens) == m and o.tokens == alone.tokens
+    with pytest.raises(ValueError, match="prompt 0: 400 tokens \\+ max_new_tokens 113 exceeds"):
+        generate(gemma_model, prompts, max_new_tokens=[113, 200], stop_ids=[])
 
 
 def test_inside_user_jit(gemma_model):

@@ -222,6 +222,19 @@ def test_bad_speculative_specs():
         S.generate(Model(TINY_QWEN, random_params(TINY_QWEN)), [[1, 2]], S.Proposer(draft=small))
 
 
+def test_context_bounds_each_row():
+    """Each row needs its prompt + max_new_tokens + gamma + 1 slots: a 400-token prompt with 10 new
+    tokens and an 8-token one with 100 run together in the 512-token context (the bucketed sum, 512 +
+    128 + 5, refused them), equal to plain greedy; a row past the context is refused, naming its need."""
+    model = Model(TINY_GEMMA, random_params(TINY_GEMMA))
+    prompts, prop = [[1 + i % 7 for i in range(400)], [2, 3, 4, 2, 3, 4, 2, 3]], S.Proposer(gamma=4, ngram=2)
+    out, _ = S.generate(model, prompts, prop, max_new_tokens=[10, 100], stop_ids=[])
+    plain = generate(model, prompts, max_new_tokens=[10, 100], stop_ids=[])
+    assert [o.tokens for o in out] == [p.tokens for p in plain] and [len(o.tokens) for o in out] == [10, 100]
+    with pytest.raises(ValueError, match="gamma \\+ 1 = 513 tokens exceeds the context of 512"):
+        S.generate(model, prompts, prop, max_new_tokens=[108, 100], stop_ids=[])
+
+
 def test_quantized_target_and_int8_cache():
     """Speculation over int8 weights and an int8 KV cache (rolled back by length like the float one)
     gives the same greedy tokens as plain decoding of that quantized model."""
