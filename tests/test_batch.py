@@ -279,7 +279,8 @@ def test_rows_that_fit_one_by_one_run_together(model_dir, tmp_path):
     model = registry.load(model_dir)
     long = " ".join(WORDS * 2)
     assert 75 <= len(model.tokenizer.encode(long)) <= 90
-    rows = [{"id": "long", "prompt": long, "max_new_tokens": 6}, {"id": "short", "prompt": "the cat", "max_new_tokens": 60},
+    rows = [{"id": "long", "prompt": long, "max_new_tokens": 6},
+            {"id": "short", "prompt": "the cat", "max_new_tokens": 60},
             {"id": "n", "prompt": "a mat", "max_new_tokens": 60, "n": 2}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     runs = {"static": ["--no-refill"], "refill": ["--refill"], "spec": ["--speculative", "lookup,ngram=2,gamma=4"]}
@@ -354,7 +355,8 @@ def test_constraints_too_big_for_one_call_split_into_calls(model_dir, tmp_path, 
         for r in rows[:12]:
             want = jaxgen.generate(model, [r["prompt"]], regex=r.get("regex"), seed=[row_seed(0, r["id"])],
                                    temperature=0.9, max_new_tokens=6)[0]
-            assert (got[r["id"]]["tokens"], got[r["id"]]["finish_reason"]) == (want.tokens, want.finish_reason), (mode, r)
+            g = got[r["id"]]
+            assert (g["tokens"], g["finish_reason"]) == (want.tokens, want.finish_reason), (mode, r)
 
 
 def test_n_stop_and_prefix_fields(model_dir, tmp_path):

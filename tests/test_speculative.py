@@ -224,8 +224,9 @@ def test_bad_speculative_specs():
 
 def test_context_bounds_each_row():
     """Each row needs its prompt + max_new_tokens + gamma + 1 slots: a 400-token prompt with 10 new
-    tokens and an 8-token one with 100 run together in the 512-token context (the bucketed sum, 512 +
-    128 + 5, refused them), equal to plain greedy; a row past the context is refused, naming its need."""
+    tokens and an 8-token one with 100 run together in the 512-token context (the bucketed cache, 512
+    slots + gamma + 1, refused them), equal to plain greedy; a row past the context is refused, naming
+    its need."""
     model = Model(TINY_GEMMA, random_params(TINY_GEMMA))
     prompts, prop = [[1 + i % 7 for i in range(400)], [2, 3, 4, 2, 3, 4, 2, 3]], S.Proposer(gamma=4, ngram=2)
     out, _ = S.generate(model, prompts, prop, max_new_tokens=[10, 100], stop_ids=[])
