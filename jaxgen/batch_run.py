@@ -511,12 +511,10 @@ def resolve(args, model, rows: list[dict], proposer=None) -> tuple[list[dict], l
         r["num_beams"] = int(r.get("num_beams", args.num_beams))
         stop = r.get("stop", default_stop)
         r["stop"] = [stop] if isinstance(stop, str) else list(stop)
-    # speculative decoding verifies up to gamma + 1 tokens past a row's budget (speculative.generate)
+    # speculative decoding verifies up to gamma + 1 tokens past a row's budget (Proposer.context)
     spec = 0 if proposer is None else proposer.gamma + 1
+    context = model.cfg.max_seq_len if proposer is None else proposer.context(model.cfg)
     constraint_problem = _constraint_problems(model, defaults_of(args))
-    context = model.cfg.max_seq_len
-    if proposer is not None and proposer.draft is not None:
-        context = min(context, proposer.draft.cfg.max_seq_len)
     for r in rows:
         if r["ids"] is None:
             continue

@@ -70,6 +70,12 @@ class Proposer:
         if self.draft is None and not 1 <= self.ngram <= 16:
             raise ValueError(f"prompt-lookup ngram must be in [1, 16], got {self.ngram}")
 
+    def context(self, cfg) -> int:
+        """The tokens a row may hold, prompt + max_new_tokens + gamma + 1 (a row verifies up to gamma + 1
+        tokens past its budget's last position): the target's context, or the draft's if shorter."""
+        draft = self.draft.cfg.max_seq_len if self.draft is not None else cfg.max_seq_len
+        return min(cfg.max_seq_len, draft)
+
 
 def parse(spec: str, *, mesh=None, top_logprobs: int = 0) -> Proposer:
     """"draft=MODEL,gamma=4" or "lookup,ngram=3,gamma=8" -> Proposer. A draft model is left as its
@@ -382,10 +388,8 @@ def generate(model: Model, prompts, proposer: Proposer, *, candidates: int = smp
     model = lora_mod.attach(model, request.get("lora"), len(prompts) if isinstance(prompts, (list, tuple)) else 1)
     ids, args, p = prepare(model, prompts, candidates=candidates, **request)
     g = proposer.gamma
-    # a row verifies up to gamma + 1 tokens past its budget's last position: each row needs its prompt +
-    # max_new_tokens + gamma + 1 slots (the context bounds each row, as generate.plan's does)
-    context = min(model.cfg.max_seq_len, d.cfg.max_seq_len if d is not None else model.cfg.max_seq_len)
-    need = int(np.max(np.repeat(args["prompt_lengths"], p.n) + args["max_new_tokens"])) + g + 1
+    context = proposer.context(model.cfg)  # bounds each row (n == 1: one decode row per prompt row)
+    need = int(np.max(args["prompt_lengths"] + args["max_new_tokens"])) + g + 1
     if need > context:
         raise ValueError(f"prompt + max_new_tokens + gamma + 1 = {need} tokens exceeds the context of {context}")
     cache_len = min(p.cache_len + g + 1, context)
