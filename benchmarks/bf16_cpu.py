@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import sys
 import tempfile
 
@@ -90,7 +89,7 @@ def main():
     if a.worker == "hf":
         print(json.dumps(hf_worker(json.loads(a.spec))))
         return
-    from benchmarks.run import python_for, run_worker
+    from benchmarks.run import cpu, machine, python_for, run_worker
     from jaxgen.checkpoint import gguf_path
 
     if python_for("hf") is None:
@@ -112,8 +111,8 @@ def main():
 
     rows = [row(dt, name, got) for (dt, name), got in ours.items()] + [row(None, "HF bfloat16 itself", hf["bfloat16"])]
     day = datetime.date.today().isoformat()
-    out = ROOT / "benchmarks" / "results" / f"{platform.machine()}-{os.cpu_count()}cpu-{day}-bf16-vs-hf.json"
-    out.write_text(json.dumps({"model": a.model, "date": day, "positions": sum(map(len, seqs)),
+    out = ROOT / "benchmarks" / "results" / f"{machine()}-{day}-bf16-vs-hf.json"
+    out.write_text(json.dumps({"model": a.model, "date": day, "cpu": cpu(), "positions": sum(map(len, seqs)),
                                "hf": versions, "rows": rows}, indent=1))
     for r in rows:
         print(r)

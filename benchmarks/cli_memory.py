@@ -8,11 +8,10 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 
-from benchmarks.run import ROOT, update_readme
+from benchmarks.run import ROOT, cpu, machine, update_readme, where
 
 VARIANTS = {"float32": [], "bfloat16": ["--dtype", "bfloat16"], "int8": ["--quant", "int8"],
             "int4": ["--quant", "int4"], "int8 + int8 KV": ["--quant", "int8", "--kv-quant", "int8"]}
@@ -37,12 +36,12 @@ def main(argv=None):
         peak(cmd)  # converts / quantizes into the cache on a first run
         rows.append({"variant": name, "flags": " ".join(flags), "peak_rss_mb": round(peak(cmd), 1)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    stem = f"{platform.machine()}-{os.cpu_count()}cpu-{datetime.date.today()}-cli-memory"
-    (ROOT / "benchmarks" / "results" / f"{stem}.json").write_text(json.dumps({"model": a.model, "rows": rows}, indent=1))
+    stem = f"{machine()}-{datetime.date.today()}-cli-memory"
+    (ROOT / "benchmarks" / "results" / f"{stem}.json").write_text(json.dumps({"cpu": cpu(), "model": a.model, "rows": rows}, indent=1))
     lines = ["| `jaxgen generate` flags | peak RSS MB |", "|---|---|"]
     lines += [f"| {r['flags'] or '(float32)'} | {r['peak_rss_mb']:.0f} |" for r in rows]
     text = "\n".join(lines) + (f"\n\n{a.model}, 32 new tokens, peak resident memory (VmHWM) of a fresh process after "
-                               f"the conversion cache is warm (`python -m benchmarks.cli_memory`; "
+                               f"the conversion cache is warm, measured {datetime.date.today()} on {where()} (`python -m benchmarks.cli_memory`; "
                                f"`benchmarks/results/{stem}.json`).")
     print(text)
     if not a.no_readme:

@@ -17,7 +17,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
@@ -200,7 +199,7 @@ def main(argv=None) -> int:
         print(json.dumps(out), flush=True)
         return 0
     from jaxgen.checkpoint import registry
-    from run import publish, python_for
+    from run import machine, publish, python_for
 
     gguf_path = str(registry.gguf_path("gemma3-270m"))
     lengths = [int(x) for x in a.lengths.split(",")]
@@ -211,7 +210,7 @@ def main(argv=None) -> int:
             subprocess.run(["git", "worktree", "add", "--detach", str(tree), a.before], check=True, cwd=ROOT)
         runs.insert(0, (f"jaxgen@{a.before}", python_for("jaxgen"), tree))
     day = datetime.date.today().isoformat()
-    stem = ROOT / "benchmarks" / "results" / f"{platform.machine()}-{os.cpu_count()}cpu-{day}"
+    stem = ROOT / "benchmarks" / "results" / f"{machine()}-{day}"
     if a.mixed:
         res = mixed(a, [r for r in runs if r[0] != "hf"])
         pathlib.Path(f"{stem}-mixed-b{a.batch_size}.json").write_text(json.dumps(res, indent=1))

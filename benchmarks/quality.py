@@ -156,12 +156,12 @@ def main(argv=None):
         rows[v] = r
         print(v, json.dumps(r), file=sys.stderr, flush=True)
     import datetime
-    import os
-    import platform
+
+    from benchmarks.run import cpu, machine
 
     day = datetime.date.today().isoformat()
     out = ROOT / "benchmarks" / "results" / f"quality-{a.model}.json"
-    out.write_text(json.dumps({"model": a.model, "date": day, "machine": f"{platform.machine()}-{os.cpu_count()}cpu",
+    out.write_text(json.dumps({"model": a.model, "date": day, "machine": machine(), "cpu": cpu(),
                                "chunks": len(chunks), "chunk": a.chunk,
                                "tokens": rows["float32"]["tokens"] if "float32" in rows else None,
                                "texts": list(texts()), "variants": rows}, indent=1))

@@ -205,7 +205,7 @@ def plot(summary: dict, bw: float, path: pathlib.Path):
         ax.axhline(roof, color="gray", linestyle=next(styles, ":"), linewidth=1, label=f"B=1 roofline {dtype} ({roof:.0f})")
     ax.set_xscale("log", base=2), ax.set_yscale("log")
     ax.set_xlabel("batch size"), ax.set_ylabel("decode tokens/s (all rows)")
-    ax.set_title(f"Gemma 3 270M decode on {platform.machine()} x{os.cpu_count()} ({bw:.0f} GB/s)")
+    ax.set_title(f"Gemma 3 270M decode on {cpu()} x{os.cpu_count()} ({bw:.0f} GB/s)", fontsize=9)
     ax.legend(fontsize=7), ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout(), fig.savefig(path, dpi=120)
 
@@ -221,14 +221,48 @@ def update_readme(text: str, name: str = "bench"):
     readme.write_text(s[:a] + "\n" + text + "\n" + s[b:])
 
 
-def publish(tag: str, results, text: str, command: str) -> pathlib.Path:
-    """Write results/<machine>-<date>-<tag>.json and put `text` between the README's bench-<tag> markers,
-    with the date, the machine and the command that measured it."""
+def machine() -> str:
+    """The results files' machine name: architecture and core count ("x86_64-2cpu")."""
+    return f"{platform.machine()}-{os.cpu_count()}cpu"
+
+
+def cpu(cpuinfo: str | None = None) -> str:
+    """The CPU behind that name, which is not one host: the hosts lent as "x86_64-2cpu" have been an
+    Intel Xeon with AMX and an AMD EPYC without it, and which dot layout XLA:CPU reads fastest (and whether
+    HF's oneDNN has AMX) differs between them (2026-12-07: the float32 unembedding at batch 1 read [D, V]
+    in 19.8 ms and [V, D] in 23.2 on the EPYC, the reverse of the Xeon's ranking). Model name plus the
+    matrix extensions present, e.g. "AMD EPYC with AVX-512, AVX-512 BF16"."""
+    name, flags = platform.processor() or platform.machine(), set()
+    if cpuinfo is None:
+        try:
+            cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: the processor string alone
+            cpuinfo = ""
+    for line in cpuinfo.splitlines():  # the first processor's block names them all
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            name = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            break
+    units = [label for flag, label in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX-512 BF16"),
+                                       ("amx_tile", "AMX")) if flag in flags]
+    return name + (f" with {', '.join(units)}" if units else "")
+
+
+def where() -> str:
+    """The README's "on this machine (...)" for a measurement."""
+    return f"this machine ({platform.machine()}, {os.cpu_count()} CPUs: {cpu()})"
+
+
+def publish(tag: str, results: dict, text: str, command: str) -> pathlib.Path:
+    """Write results/<machine>-<date>-<tag>.json (with the CPU) and put `text` between the README's
+    bench-<tag> markers, with the date, the machine and the command that measured it."""
     day = datetime.date.today().isoformat()
-    path = ROOT / "benchmarks" / "results" / f"{platform.machine()}-{os.cpu_count()}cpu-{day}-{tag}.json"
-    path.write_text(json.dumps(results, indent=1))
-    update_readme(f"Measured {day} on this machine ({platform.machine()}, {os.cpu_count()} CPUs), "
-                  f"`{command}`; results: `{path.relative_to(ROOT)}`.\n\n{text}", f"bench-{tag}")
+    path = ROOT / "benchmarks" / "results" / f"{machine()}-{day}-{tag}.json"
+    path.write_text(json.dumps({"cpu": cpu(), **results}, indent=1))
+    update_readme(f"Measured {day} on {where()}, `{command}`; results: `{path.relative_to(ROOT)}`.\n\n{text}",
+                  f"bench-{tag}")
     return path
 
 
@@ -289,7 +323,7 @@ def main(argv=None):
     wb = weight_bytes("float32", path)
     bw = max(b["best"] for b in bws)  # the machine's read bandwidth: its fastest probe in any round
     summary = summarize(rows, bw, wb)
-    result = {"machine": f"{platform.machine()}-{os.cpu_count()}cpu", "date": datetime.date.today().isoformat(),
+    result = {"machine": machine(), "cpu": cpu(), "date": datetime.date.today().isoformat(),
               "model": "gemma3-270m", "gguf": pathlib.Path(path).name, "settings": {k: v for k, v in vars(a).items()},
               "prompt_tokens": len(spec["prompt_ids"]), "bandwidth_gbs": bws, "weight_bytes": wb,
               "summary": summary, "ratios": ratios(rows), "runs": rows}

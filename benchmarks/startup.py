@@ -15,13 +15,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
-from benchmarks.run import ROOT, update_readme
+from benchmarks.run import ROOT, cpu, machine, update_readme, where
 
 LOAD = ("import json, sys, time; t = time.perf_counter(); import jaxgen; m = jaxgen.load('gemma3-270m'); "
         "print(json.dumps({'load_s': time.perf_counter() - t}))")
@@ -55,10 +54,10 @@ def main(argv=None):
     res["example_s"] = wall
     res["example"] = json.loads(text.strip().splitlines()[-1])  # the example's own summary line
     print(json.dumps(res, indent=1), file=sys.stderr)
-    stem = f"{platform.machine()}-{os.cpu_count()}cpu-{datetime.date.today()}-startup"
+    stem = f"{machine()}-{datetime.date.today()}-startup"
     path = ROOT / "benchmarks" / "results" / f"{stem}.json"
-    path.write_text(json.dumps({"date": str(datetime.date.today()), "model": "gemma3-270m", **res}, indent=1) + "\n")
-    block = (f"Measured {datetime.date.today()} on this machine ({platform.machine()}, {os.cpu_count()} CPUs), "
+    path.write_text(json.dumps({"date": str(datetime.date.today()), "cpu": cpu(), "model": "gemma3-270m", **res}, indent=1) + "\n")
+    block = (f"Measured {datetime.date.today()} on {where()}, "
              f"`python -m benchmarks.startup`; results: `benchmarks/results/{stem}.json`.\n\n"
              "| what (Gemma 3 270M float32, each in a fresh process with an empty cache) | first | again |\n|---|---|---|\n"
              f"| `import jaxgen; jaxgen.load(...)` (first: GGUF -> Orbax conversion; again: restore) | {res['load_first_s']:.1f} s | "

@@ -62,6 +62,9 @@ class Params:
     # it: XLA:CPU read the 262k x 640 Gemma 3 table (63% of the weights a decode step reads) at 1.3-1.6x
     # the speed of [D, V] from 2 rows up, in float32 and bfloat16 (measured 2026-12-06). jaxgen 0.2 stored
     # [D, V] for the float32 one-row product (24 ms against 26 for the best [V, D] form: `_unembed_dot`).
+    # The ranking is the host's: on an AMD EPYC (2026-12-07) float32 [D, V] read in 19.8 / 39.7 / 49.5 ms
+    # at 1 / 4 / 8 rows against [V, D]'s 23.2 / 48.3 / 55.7, equal at 2, 16 and 32 and in bfloat16.
+    # Kept [V, D]: one layout, as checkpoints store it, and the larger gains were the Xeon's.
     embed: jax.Array  # [V, D] token embedding (also the unembedding when tied); a quantized
     # table is a QMatrix [D, V] (jaxgen.quant: every QMatrix is [in, out], its groups along D)
     # LayerParams with a leading L axis (run by lax.scan: one compiled layer), or a tuple of

@@ -19,9 +19,20 @@ def test_quick_benchmark_end_to_end(tmp_path):
     assert 0 < s["roofline_fraction_b1"] < 1.5  # tokens/s against bandwidth / weight bytes
     assert result["weight_bytes"]["float32"] == 4 * result["weight_bytes"]["params"]
     assert 250e6 < result["weight_bytes"]["params"] < 300e6  # Gemma 3 270M
+    assert result["machine"] == files[0].name.split("-20")[0] and result["cpu"] == run.cpu()
     # the sampling cost figure: top-k + top-p decode at the largest batch, same compiled program
     assert set(s["sampled_tps"]) == {"2"} and s["sampled_tps"]["2"]["median"] > 0
     assert s["sampling_cost"]["2"] == s["decode_tps"]["2"]["median"] / s["sampled_tps"]["2"]["median"] - 1
+
+
+def test_cpu_names_the_host_and_its_matrix_units():
+    # hosts that share the name x86_64-2cpu differ in what decides XLA:CPU's fastest layouts
+    xeon = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz\n"
+            "flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n\n"
+            "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz\nflags\t\t: fpu\n")
+    assert run.cpu(xeon) == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz with AVX-512, AVX-512 BF16, AMX"
+    assert run.cpu("model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f\n") == "AMD EPYC with AVX-512"
+    assert run.cpu("model name\t: Some ARM\nflags\t\t: fp asimd\n") == "Some ARM"
 
 
 def test_busy_time_is_the_union_of_intervals():
