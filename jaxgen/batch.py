@@ -32,6 +32,7 @@ import os
 import sys
 import time
 
+from jaxgen import knobs as kn
 from jaxgen.batch_run import check_flags, check_lora, check_row, describe, execute, plan_work, resolve, setup
 from jaxgen.batch_run import row_seed  # noqa: F401  (part of this module's interface: a row's seed)
 
@@ -82,6 +83,9 @@ def read_requests(path: str, on_error: str = "fail", num_beams: int = 1) -> tupl
             rid = obj["id"]
             if not isinstance(rid, (str, int)) or isinstance(rid, bool):
                 bad(n, f"id must be a string or integer, got {rid!r}")
+                continue
+            if problem := kn.text_problem(rid, "id"):  # (no UTF-8 form: the output line could not hold it)
+                bad(n, problem)
                 continue
             if rid in seen:
                 bad(n, "duplicate id (the first line with it runs)", rid)

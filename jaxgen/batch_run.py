@@ -100,6 +100,8 @@ def check_messages(messages) -> str | None:
             return f"messages[{i}].role must be system, user or assistant, got {m['role']!r:.40}"
         if not isinstance(m["content"], str):
             return f"messages[{i}].content must be a string, got {m['content']!r:.40}"
+        if problem := kn.text_problem(m["content"], f"messages[{i}].content"):
+            return problem
     return None
 
 
@@ -414,7 +416,7 @@ def check_row(obj: dict, num_beams: int = 1) -> str | None:
     if ("prompt" in obj) == ("messages" in obj):
         return "give exactly one of 'prompt' or 'messages'"
     problem = (check_messages(obj["messages"]) if "messages" in obj else
-               None if isinstance(obj["prompt"], str) and obj["prompt"] else
+               kn.text_problem(obj["prompt"], "prompt") if isinstance(obj["prompt"], str) and obj["prompt"] else
                f"prompt must be a non-empty string, got {obj['prompt']!r:.80}")
     if problem:
         return problem

@@ -63,6 +63,9 @@ def _generate_beams(args, model, texts, prompts, request, timings) -> int:
 
 def _read_prompts(args) -> list[str]:
     if args.prompts:
+        for i, p in enumerate(args.prompts, 1):
+            if problem := kn.text_problem(p, f"prompt {i}"):
+                raise ValueError(problem)
         return list(args.prompts)
     if sys.stdin is None or sys.stdin.isatty():
         raise ValueError("give a prompt, or pipe prompts on stdin (one per line)")
@@ -79,6 +82,8 @@ def _read_prompts(args) -> list[str]:
             if not isinstance(value, str):
                 raise ValueError(f"stdin line {n} must be a JSON string, got {type(value).__name__}")
             line = value
+        if problem := kn.text_problem(line, f"stdin line {n}"):
+            raise ValueError(problem)
         prompts.append(line)
     if not prompts:
         raise ValueError("no prompts on stdin (every line was empty)")

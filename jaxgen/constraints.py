@@ -32,7 +32,7 @@ import numpy as np
 from flax import struct
 
 from jaxgen.json_regex import escape
-from jaxgen.knobs import bucket
+from jaxgen.knobs import bucket, text_problem
 
 STATE_BUCKETS = (16, 64, 256, 1024, 4096, 16384)
 CLASS_BUCKETS = (64, 512, 4096, 32768, 262144)
@@ -51,6 +51,8 @@ def to_regex(kind: str, value, whitespace: str | None = None) -> str:
     """The regex of one constraint: kind "regex" (a Python-compatible regex), "json_schema" (a dict or
     JSON text; whitespace: the regex allowed between JSON tokens, "" = compact, the default) or
     "choices" (a non-empty list of strings, the output is exactly one of them)."""
+    if kind in KINDS and (problem := text_problem(value, kind)):  # (the tables are built over UTF-8 bytes)
+        raise ValueError(problem)
     if kind == "regex":
         if not isinstance(value, str) or not value:
             raise ValueError(f"regex must be a non-empty string, got {value!r:.80}")

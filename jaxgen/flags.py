@@ -199,6 +199,8 @@ def check(args, command: str, options: bool = False) -> dict:
             raise ValueError(f"{label('whitespace')} only applies with {label('json_schema')}")
         if getattr(args, "system", None) is not None and not args.chat:
             raise ValueError("--system only applies with --chat (it is the chat template's system message)")
+        if problem := kn.text_problem(getattr(args, "system", None), "--system"):
+            raise ValueError(problem)
         if "top_logprobs" in given_knobs and not args.json:
             raise ValueError(f"{label('top_logprobs')} only applies with --json (streamed text has no "
                              "log-probabilities)")
@@ -257,6 +259,9 @@ def constraint_regex(args) -> str | None:
                     schema = f.read()
             except OSError as e:
                 raise ValueError(f"--json-schema {args.json_schema}: {e.strerror}") from None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"--json-schema {args.json_schema}: not UTF-8 text (byte 0x{e.object[e.start]:02x} "
+                                 f"at offset {e.start})") from None
         return to_regex("json_schema", schema, args.json_whitespace)
     if args.regex is not None:
         return to_regex("regex", args.regex)

@@ -135,6 +135,8 @@ def _encode(model: Model, p, what: str, add_bos: bool | None = None) -> list[int
         if model.tokenizer is None:
             raise ValueError(f"{what} is text: text prompts and prefixes need a model with a tokenizer; "
                              "pass token ids instead")
+        if problem := kn.text_problem(p, what):
+            raise ValueError(problem)
         ids = model.tokenizer.encode(p, add_bos=add_bos)
     else:
         try:

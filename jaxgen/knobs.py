@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -165,6 +166,30 @@ def must(name: str, **limits) -> str:
             "adapter": "an adapter from jaxgen.load_lora or None (a batch row: the NAME of a --lora NAME=DIR)"}[k.kind]
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def text_problem(value, label: str) -> str | None:
+    """A lone surrogate in `value` (a string, or in the strings of its lists and dicts) as one line
+    naming `label`, or None. Such a str has no UTF-8 form, so no tokenizer, stop-string or constraint
+    table takes it: a JSON "\\ud83d" escape without its other half (a UTF-16 pair cut in two), or a
+    byte that is not UTF-8 in a command-line argument or on stdin (Python reads those as U+DC80-U+DCFF)."""
+    if isinstance(value, str):
+        m = _SURROGATE.search(value)
+        if m is None:
+            return None
+        cp = ord(m.group())
+        what = (f"the byte 0x{cp - 0xDC00:02X}, which is not UTF-8, or a lone surrogate U+{cp:04X}"
+                if 0xDC80 <= cp <= 0xDCFF else f"a lone surrogate U+{cp:04X} (half of a UTF-16 pair)")
+        return f"{label} is not valid Unicode text: {what} at character {m.start()}"
+    items = [x for kv in value.items() for x in kv] if isinstance(value, dict) else value
+    if isinstance(items, (list, tuple)):
+        for item in items:
+            if p := text_problem(item, label):
+                return p
+    return None
+
+
 def problem(name: str, value, label: str | None = None, **limits) -> str | None:
     """What is wrong with `value` for knob `name` (one value: a row's, or the call's), as one line
     naming it `label` (default: the knob's name); None if it is fine. limits: the per-call bounds a
@@ -173,6 +198,8 @@ def problem(name: str, value, label: str | None = None, **limits) -> str | None:
     label = label or name
     bad = f"{label} must be {must(name, **limits)}, got {_show(value)}"
     hi = limits.get(k.hi) if isinstance(k.hi, str) else k.hi
+    if k.kind in ("text", "strings", "choices", "regex", "schema") and (p := text_problem(value, label)):
+        return p
     if k.kind in ("int", "float"):
         if not (_is_int(value) if k.kind == "int" else _is_number(value)):
             return bad

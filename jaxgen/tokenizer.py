@@ -43,6 +43,16 @@ class Tokenizer(Protocol):
     def to_dict(self) -> dict: ...
 
 
+def _text(text: str) -> str:
+    """`text` if it has a UTF-8 form; else one clear ValueError (the tokenizers' own errors for a lone
+    surrogate are a TypeError from the Rust binding and a UnicodeEncodeError)."""
+    from jaxgen.knobs import text_problem
+
+    if problem := text_problem(text, "the text to encode"):
+        raise ValueError(problem)
+    return text
+
+
 class _Base:
     chat_format: str  # "gemma" | "chatml" | ""
     default_system: str | None
@@ -141,7 +151,7 @@ class SentencePieceTokenizer(_Base):
                     "chat_template": f.get("chat_template") or None, "special_tokens": _gguf_special(f)})
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = self.sp.encode(text)
+        ids = self.sp.encode(_text(text))
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
@@ -211,7 +221,7 @@ class BPETokenizer(_Base):
                     "chat_template": template or None, "special_tokens": _gguf_special(f)})
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = self.tk.encode(text, add_special_tokens=False).ids
+        ids = self.tk.encode(_text(text), add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids

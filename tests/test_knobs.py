@@ -3,8 +3,10 @@ line, `jaxgen batch` rows and the Ray stage's options. Every knob goes through e
 has it: a bad value is refused with the same message (the front end's name for the knob, then the
 table's range) and, off the Python API, before any model loads; a good value reaches `generate`
 unchanged, and the same request gives the same tokens through all four."""
+import io
 import json
 import math
+import sys
 
 import jax
 import numpy as np
@@ -181,6 +183,20 @@ def test_ray_options_take_a_string_as_one_value():
     (["batch", "--input", "IN", "--output", "o.jsonl", "--json-whitespace", " "], "--json-whitespace only applies with --json-schema"),
     (["batch", "--input", "IN", "--output", "o.jsonl", "--speculative", "lookup", "--prefix", "x"],
      "--speculative takes neither a prefix nor n > 1 samples yet"),
+    # text with no UTF-8 form: a byte that is not UTF-8 in an argument (Python reads it as U+DCxx), a JSON
+    # "\\ud83d" escape without its pair; the tokenizer, stop-string and constraint tables cannot take it
+    (["generate", "caf\udce9"], "prompt 1 is not valid Unicode text: the byte 0xE9, which is not UTF-8, or a lone "
+                                 "surrogate U+DCE9 at character 3"),
+    (["generate", "hi", "--stop", "\udcff"], "--stop is not valid Unicode text: the byte 0xFF"),
+    (["generate", "hi", "--chat", "--system", "x\udcff"], "--system is not valid Unicode text"),
+    (["generate", "hi", "--prefix", "\udcff"], "--prefix is not valid Unicode text"),
+    (["generate", "hi", "--regex", "a\udcff"], "--regex is not valid Unicode text"),
+    (["generate", "hi", "--choice", "a", "--choice", "\udcff"], "--choice is not valid Unicode text"),
+    (["generate", "hi", "--json-schema", "LATIN1"], "--json-schema LATIN1: not UTF-8 text (byte 0xe9 at offset 14)"),
+    (["batch", "--input", "IN", "--output", "o.jsonl", "--stop", "\udcff"], "--stop is not valid Unicode text"),
+    (["batch", "--input", "SURROGATES", "--output", "o.jsonl"],
+     "SURROGATES:2: id 2: prompt is not valid Unicode text: a lone surrogate U+D83D (half of a UTF-16 pair) at "
+     "character 3"),
 ])
 def test_bad_input_is_one_line_before_the_model_loads(argv, message, tmp_path, capsys, monkeypatch):
     """Every case of the solid-ground review: one line, exit 2, and no model load (the model given does
@@ -189,10 +205,67 @@ def test_bad_input_is_one_line_before_the_model_loads(argv, message, tmp_path, c
     (tmp_path / "IN").write_text('{"id": 1, "prompt": "x"}\n')
     (tmp_path / "EMPTY").write_text("")
     (tmp_path / "MESSAGES").write_text('{"id": 1, "messages": [{"role": "user", "content": "x"}]}\n')
+    (tmp_path / "LATIN1").write_bytes(b'{"const": "caf\xe9"}')
+    (tmp_path / "SURROGATES").write_text(SURROGATE_ROWS)
     rc = cli.main(argv + ["--model", NO_MODEL])
     out, err = capsys.readouterr()
     assert (rc, out) == (2, "") and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.jsonl.lock").exists()
+
+
+# a lone surrogate where each text field of a batch row can hold one (row 1 is fine; the id of row 9)
+SURROGATE_ROWS = "".join(json.dumps(row) + "\n" for row in [
+    {"id": 1, "prompt": "fine"}, {"id": 2, "prompt": "cut\ud83d"}, {"id": 3, "prompt": "x", "stop": ["a", "\ud83d"]},
+    {"id": 4, "prompt": "x", "regex": "a\ude00"}, {"id": 5, "prompt": "x", "prefix": "\ud83d"},
+    {"id": 6, "messages": [{"role": "user", "content": "\ud83d!"}]},
+    {"id": 7, "prompt": "x", "choices": ["a", "\ud83d"]},
+    {"id": 8, "prompt": "x", "json_schema": {"enum": ["\ud83d"]}}, {"id": "\ud83d", "prompt": "x"},
+    {"id": 10, "prompt": "also fine"}])
+
+
+def test_text_without_a_utf8_form_is_refused_where_it_enters(ckpt, tmp_path, capsys):
+    """A lone surrogate (a UTF-16 pair cut in two, or a byte that is not UTF-8 read by Python) made the
+    tokenizer raise a TypeError after the model loaded, a stop string or regex a UnicodeEncodeError, and
+    one such row of a batch file ended the run with a traceback. Each is now one line naming the field:
+    the API's ValueError, the tokenizer's own (for every other caller), a batch row's error line."""
+    surrogate = "pr\ud83dompt"
+    assert kn.text_problem(surrogate, "x") == ("x is not valid Unicode text: a lone surrogate U+D83D (half of a UTF-16 "
+                                               "pair) at character 2")
+    assert kn.text_problem(["ok", {"k": [surrogate]}], "x") and kn.text_problem({surrogate: 1}, "x")
+    assert kn.text_problem(["ok", "\U0001f600", {"k": "é"}, 5, None], "x") is None  # a whole pair is text
+    model = registry.load(str(ckpt[2]))
+    for kw, label in [(dict(prompts=["ok", surrogate]), "prompt 1"), (dict(stop=["\ud83d"]), "stop"),
+                      (dict(regex="a\ud83d"), "regex"), (dict(choices=["\ud83d"]), "choices"),
+                      (dict(json_schema={"const": "\ud83d"}), "json_schema"), (dict(prefix=surrogate), "prefix")]:
+        with pytest.raises(ValueError, match=f"{label} is not valid Unicode text: a lone surrogate U\\+D83D"):
+            jaxgen.generate(model, **{"prompts": ["ok"], "max_new_tokens": 2, **kw})
+    with pytest.raises(ValueError, match="^the text to encode is not valid Unicode text"):
+        model.tokenizer.encode(surrogate)
+    # stdin: a Latin-1 line among UTF-8 ones (sys.stdin decodes with surrogateescape)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(SURROGATE_ROWS)
+    rc = cli.main(["batch", "--input", str(inp), "--output", str(tmp_path / "out.jsonl"), "--model", str(ckpt[2]),
+                   "--max-new-tokens", "2", "--on-error", "skip"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    errors = {x["id"]: x["error"] for x in lines if "error" in x}
+    assert sorted(x["id"] for x in lines if "text" in x) == [1, 10]
+    def lone(field, cp, at):
+        return f"{field} is not valid Unicode text: a lone surrogate U+{cp} (half of a UTF-16 pair) at character {at}"
+    assert errors == {2: lone("prompt", "D83D", 3), 3: lone("stop", "D83D", 0), 4: lone("regex", "DE00", 1),
+                      5: lone("prefix", "D83D", 0), 6: lone("messages[0].content", "D83D", 0),
+                      7: lone("choices", "D83D", 0), 8: lone("json_schema", "D83D", 0)}
+    assert f"{inp}:9: id is not valid Unicode text" in err  # no id the output could hold: reported, not written
+
+
+def test_a_stdin_line_that_is_not_utf8_is_one_line_before_loading(capsys, monkeypatch):
+    stdin = io.TextIOWrapper(io.BytesIO("caf\xe9\n".encode() + b"caf\xe9\n"), encoding="utf-8",
+                             errors="surrogateescape")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert cli.main(["generate", "--model", NO_MODEL]) == 2
+    assert capsys.readouterr().err == ("jaxgen generate: error: stdin line 2 is not valid Unicode text: the byte 0xE9, "
+                                       "which is not UTF-8, or a lone surrogate U+DCE9 at character 3\n")
 
 
 def test_the_same_request_gives_the_same_tokens_through_every_front_end(ckpt, tmp_path, capsys):
