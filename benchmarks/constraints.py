@@ -138,7 +138,7 @@ def host_peer(model, steps: int) -> float:
     from jaxgen.model import forward
 
     tok, cfg = model.tokenizer, model.cfg
-    vocab, _ = con._outlines_vocab(tok.token_bytes(), tok.stop_ids)
+    vocab, _, _ = con._outlines_vocab(tok.token_bytes(), tok.stop_ids)  # (with jaxgen's id V + 1 for "\x00")
     index = Index(FREE, vocab)
 
     @jax.jit
@@ -155,7 +155,8 @@ def host_peer(model, steps: int) -> float:
     for i in range(steps):
         t = time.perf_counter()
         mask = np.zeros(cfg.vocab_size, bool)
-        mask[np.asarray(index.get_allowed_tokens(state), np.int64)] = True
+        allowed = np.asarray(index.get_allowed_tokens(state), np.int64)
+        mask[allowed[allowed < cfg.vocab_size]] = True
         nxt_d, cache = step(model.params, jnp.asarray([[nxt]]), jnp.asarray([[pos]]), cache, jnp.asarray(mask))
         nxt = int(nxt_d[0])
         state = index.get_next_state(state, nxt)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxgen.json_regex import escape
+from jaxgen.json_regex import escape, json_whitespace, python_regex
 from jaxgen.knobs import bucket, text_problem
 
 STATE_BUCKETS = (16, 64, 256, 1024, 4096, 16384)
@@ -47,29 +47,41 @@ class Constraints:
     closed: jax.Array  # [Q] bool accepting and no token may follow: the row ends here
 
 
-def to_regex(kind: str, value, whitespace: str | None = None) -> str:
-    """The regex of one constraint: kind "regex" (a Python-compatible regex), "json_schema" (a dict or
-    JSON text; whitespace: the regex allowed between JSON tokens, "" = compact, the default) or
-    "choices" (a non-empty list of strings, the output is exactly one of them)."""
+class Built(str):
+    """A constraint's regex as `to_regex` writes it for outlines-core. The front ends build each row's
+    constraint once and pass it on as `regex=`, where it is taken as it is: read again as a Python
+    regex it would be written again (the same language in another string, not the run's table entry)."""
+    __slots__ = ()
+
+
+def to_regex(kind: str, value, whitespace: str | None = None) -> Built:
+    """The regex outlines-core builds for one constraint: kind "regex" (Python's syntax and meaning:
+    the output is what re.fullmatch accepts; `json_regex.python_regex` writes it out for Rust's reader),
+    "json_schema" (a dict or JSON text; whitespace: a Python regex of the JSON whitespace allowed
+    between tokens, "" = compact, the default) or "choices" (a non-empty list of strings, the output is
+    exactly one of them). A `Built` regex is returned as it is."""
+    if isinstance(value, Built) and kind == "regex":
+        return value
     if kind in KINDS and (problem := text_problem(value, kind)):  # (the tables are built over UTF-8 bytes)
         raise ValueError(problem)
     if kind == "regex":
         if not isinstance(value, str) or not value:
             raise ValueError(f"regex must be a non-empty string, got {value!r:.80}")
+        built = Built(python_regex(value))  # (parsed first: it refuses what Python would warn about)
         try:
-            re.compile(value)
+            re.compile(value)  # what only compiling finds (a look-behind's width; refused above anyway)
         except re.error as e:
             raise ValueError(f"invalid regex {value!r:.80}: {e}") from None
-        return value
+        return built
     if kind == "choices":
         if (not isinstance(value, (list, tuple)) or not value
                 or not all(isinstance(c, str) and c for c in value)):
             raise ValueError(f"choices must be a non-empty list of non-empty strings, got {value!r:.80}")
-        return "(" + "|".join(escape(c) for c in value) + ")"
+        return Built("(" + "|".join(escape(c) for c in value) + ")")
     if kind == "json_schema":
         from jaxgen.schema import to_regex as schema_regex
 
-        return schema_regex(value, whitespace)
+        return Built(schema_regex(value, None if whitespace is None else json_whitespace(whitespace)))
     raise ValueError(f"unknown constraint kind {kind!r}; choose one of {KINDS}")
 
 
@@ -125,7 +137,12 @@ def _outlines_vocab(token_bytes, end_ids):
         if b and i not in ends:  # control tokens read as nothing; end ids are the stop ids' business
             groups.setdefault(b, []).append(i)
     eos = min(ends) if ends else len(token_bytes)
-    return Vocabulary(eos, groups), eos
+    first = len(token_bytes) + 1  # the id of a token written only by the regex's leading "\x00" (`_build`)
+    groups.setdefault(b"\x00", []).append(first)
+    return Vocabulary(eos, groups), eos, first
+
+
+_FORM = "v2"  # of the cached automata: v2 are built as `_build` says; v1 lost some matches
 
 
 def automaton(regex: str, token_bytes: Sequence[bytes], end_ids: Sequence[int] = ()) -> dict:
@@ -133,7 +150,7 @@ def automaton(regex: str, token_bytes: Sequence[bytes], end_ids: Sequence[int] =
     src, tok, dst [E] of its transitions (end ids left out) and `accepting` [Q]. Cached in memory and
     on disk ($JAXGEN_CACHE/constraints/<sha256>.npz)."""
     _, digest = _vocab(token_bytes, end_ids)
-    key = hashlib.sha256(f"{digest}\0{regex}".encode()).hexdigest()
+    key = hashlib.sha256(f"{_FORM}\0{digest}\0{regex}".encode()).hexdigest()
     if key in _MEMO:
         return _MEMO[key]
     path = _cache_dir() / f"{key}.npz"
@@ -159,9 +176,15 @@ def _cache_dir() -> pathlib.Path:
 def _build(regex: str, token_bytes, end_ids) -> dict:
     from outlines_core import Index
 
-    vocab, eos = _outlines_vocab(token_bytes, end_ids)
+    vocab, eos, first = _outlines_vocab(token_bytes, end_ids)
     try:
-        index = Index(regex, vocab)
+        # "$": outlines-core's DFA is leftmost-first, which drops the threads of lower priority than a
+        # match (an alternation's later branches, a lazy repeat's longer runs): (a|ab) became "a" alone and
+        # choices=["a", "ab"] could not write "ab". With the end anchor nothing matches before the text
+        # ends, and the automaton holds the whole language. The leading \x00, written by a token of its
+        # own (`first`), keeps the regex from matching the empty text, where the anchor leaves the DFA no
+        # start state that outlines-core takes; the automaton starts after it.
+        index = Index(f"\\x00(?:{regex})$", vocab)
     except Exception as e:
         why = str(e).splitlines()[0]
         if "incompatible" in why:  # a character no token can write: outlines-core names it
@@ -170,15 +193,18 @@ def _build(regex: str, token_bytes, end_ids) -> dict:
                              f"({why[:160]})") from None
         raise ValueError(f"constraint {regex!r:.80} cannot be compiled: {why[:200]}") from None
     trans = index.get_transitions()  # {state: {token: next}}; ids are sparse
-    init = index.get_initial_state()
+    init = trans[index.get_initial_state()][first]
     finals = set(index.get_final_states())
-    order = [init] + sorted((s for s in set(trans) | finals | {n for t in trans.values() for n in t.values()}
-                             if s != init))
+    order, seen = [init], {init}  # the states reachable from the start, in the order first reached
+    for s in order:
+        for t, n in trans.get(s, {}).items():
+            if t not in (eos, first) and n not in seen:
+                seen.add(n), order.append(n)
     number = {s: i for i, s in enumerate(order)}
     src, tok, dst = [], [], []
-    for s, row in trans.items():
-        for t, n in row.items():
-            if t != eos:  # the end is allowed by the row's stop ids in accepting states
+    for s in order:
+        for t, n in trans.get(s, {}).items():
+            if t not in (eos, first):  # the end is allowed by the row's stop ids in accepting states
                 src.append(number[s]), tok.append(t), dst.append(number[n])
     accepting = np.array([s in finals for s in order], bool)
     if not accepting.any():

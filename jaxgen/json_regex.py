@@ -1,6 +1,7 @@
 """The lexical half of the JSON Schema compiler: regexes for JSON strings, numbers in a range, string
 formats and a schema's `pattern`, each over the text jaxgen writes (compact JSON, one encoding per
-character). jaxgen.schema assembles them into a document's regex; outlines-core compiles that.
+character). jaxgen.schema assembles them into a document's regex; outlines-core compiles that. Also a
+user's own regex (`regex=`, `whitespace=`) written out with Python's meaning (`python_regex`, below).
 
 Every regex here is a *subset* of what the schema allows (sound: whatever it matches validates with
 jsonschema and the format checkers jsonschema uses), usually all of it in jaxgen's canonical form
@@ -15,8 +16,10 @@ of key names can be excluded exactly.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
+import warnings
 
 try:  # Python 3.11+
     from re import _constants as _C, _parser as _P
@@ -483,3 +486,141 @@ def _with_length(items, lengths, p, state) -> str:
             return _translate(new)
     raise Refused(f"'pattern' {p!r} beside minLength / maxLength (jaxgen folds lengths into a pattern with "
                   "one repeated character class; write the lengths into the pattern)")
+
+
+# ---- a user's regex (`regex=`), as Python reads it ---------------------------------------------------
+# outlines-core reads Rust's regex syntax, which agrees with Python's on most text and not on some that
+# both accept: \w \s \d (Python: str.isalnum() + "_", str.isspace(), str.isdecimal(); Rust's Unicode
+# properties add marks and joiners to \w and leave \x1c-\x1f out of \s), "[" "&&" "--" "~~" inside a
+# class (characters in Python, a nested class or set operation in Rust), "{" that starts no repeat
+# (a character in Python, an error in Rust), (?x) whitespace inside a class, (?i) on a few characters.
+# So a regex is parsed by Python and written again from its tree: every character set spelled out as
+# the code points Python's own engine matches, with the flags in force, so that the automaton is the
+# language re.fullmatch accepts. Only the anchors that open or close it are dropped (no-ops for a
+# whole-text match); constructs that are not regular are refused.
+_LOW = "".join(map(chr, range(_SURROGATES[0])))  # every code point, in the two runs around the surrogates
+_HIGH = "".join(map(chr, range(_SURROGATES[1] + 1, MAX_CODE + 1)))
+_FLAGS = _C.SRE_FLAG_IGNORECASE | _C.SRE_FLAG_DOTALL | _C.SRE_FLAG_ASCII  # those a character's set depends on
+_ESCAPE_OF = {_C.CATEGORY_DIGIT: r"\d", _C.CATEGORY_NOT_DIGIT: r"\D", _C.CATEGORY_WORD: r"\w",
+              _C.CATEGORY_NOT_WORD: r"\W", _C.CATEGORY_SPACE: r"\s", _C.CATEGORY_NOT_SPACE: r"\S"}
+_NOT_REGULAR = {_C.GROUPREF: "a back-reference", _C.GROUPREF_EXISTS: "a conditional group",
+                _C.ASSERT: "a lookahead / lookbehind", _C.ASSERT_NOT: "a lookahead / lookbehind",
+                _C.AT: "an anchor or word boundary inside the regex (only a leading ^ / \\A and a trailing $ / "
+                       "\\Z are taken)"}
+for _name, _what in (("ATOMIC_GROUP", "an atomic group"), ("POSSESSIVE_REPEAT", "a possessive repeat")):
+    if hasattr(_C, _name):  # Python 3.11+
+        _NOT_REGULAR[getattr(_C, _name)] = _what
+
+
+def python_regex(p: str) -> str:
+    """The regex outlines-core should build for `p` (Python syntax), matching what re.fullmatch(p, text)
+    matches: the same language, in the dialect both engines read alike (explicit code point sets,
+    non-capturing groups, counted repeats). ValueError for what is not a regular language."""
+    return _python_regex(p, "regex")[0]
+
+
+def json_whitespace(p: str) -> str:
+    """`python_regex` of a schema's whitespace regex (`whitespace=`), which may write JSON's whitespace
+    characters only (space, tab, newline, carriage return: anything else would not parse as JSON)."""
+    regex, used = _python_regex(p, "whitespace")
+    extra = _norm([(a, b) for lo, hi in used for a, b in _split_out(lo, hi, (9, 10, 13, 32))])
+    if extra:
+        raise ValueError(f"whitespace {p!r:.80} also writes U+{extra[0][0]:04X}: JSON's whitespace is space, "
+                         "\\t, \\n and \\r only")
+    return regex
+
+
+def _python_regex(p: str, label: str) -> tuple[str, list]:
+    """(python_regex(p), the code point ranges it writes)."""
+    with warnings.catch_warnings():
+        # Python reads "[" "&&" "--" "~~" "||" inside a class as characters and warns that their meaning
+        # will change (POSIX classes and set operations, as Rust reads them): refused, not guessed
+        warnings.simplefilter("error", FutureWarning)
+        try:
+            tree = _P.parse(p)
+        except re.error as e:
+            raise ValueError(("" if label == "regex" else f"{label}: ") + f"invalid regex {p!r:.80}: {e}") from None
+        except FutureWarning as e:
+            raise ValueError(f"{label} {p!r:.80}: {e} (Python reads '[', '&&', '--', '~~' or '||' inside a class "
+                             "as characters, other engines as a nested class or set operation: escape it)") from None
+    alts = list(tree)
+    branches = alts[0][1][1] if len(alts) == 1 and alts[0][0] is _C.BRANCH else [alts]
+    out, used = [], []
+    for branch in branches:
+        _, items, _ = _strip_anchors(branch)
+        try:
+            out.append(_write(items, tree.state.flags, used))
+        except Refused as e:
+            raise ValueError(f"{label} {p!r:.80}: {e} cannot be enforced as a constraint") from None
+    return (out[0] if len(out) == 1 else "(?:" + "|".join(out) + ")"), _norm(used)
+
+
+def _write(items, flags: int, used: list) -> str:
+    """The regex of a parsed item list under `flags`; `used` collects the character sets written."""
+    out = []
+    for op, av in items:
+        if op in (_C.LITERAL, _C.NOT_LITERAL, _C.ANY, _C.IN):
+            chars = _chars(op, av, flags)
+            used += chars
+            out.append(_set_regex(chars))
+        elif op is _C.BRANCH:
+            out.append("(?:" + "|".join(_write(b, flags, used) for b in av[1]) + ")")
+        elif op is _C.SUBPATTERN:  # (group, flags added, flags removed, items)
+            out.append("(?:" + _write(av[3], (flags | av[1]) & ~av[2], used) + ")")
+        elif op in (_C.MAX_REPEAT, _C.MIN_REPEAT):  # greedy or lazy: the same language
+            lo, hi, sub = av
+            out.append(repeat("(?:" + _write(sub, flags, used) + ")", lo, None if hi >= _C.MAXREPEAT else hi))
+        else:
+            raise Refused(_NOT_REGULAR.get(op, str(op).lower()))
+    return "".join(out)
+
+
+def _chars(op, av, flags: int) -> tuple:
+    """The code point ranges one character item matches under `flags`: written out directly for
+    literals and plain sets, else found by Python's engine over every code point (cached)."""
+    flags &= _FLAGS
+    if op is _C.LITERAL and not flags & _C.SRE_FLAG_IGNORECASE:
+        return ((av, av),)
+    if op is _C.NOT_LITERAL and not flags & _C.SRE_FLAG_IGNORECASE:
+        return tuple(_complement([(av, av)]))
+    if op is _C.ANY:
+        return tuple(_norm([(0, MAX_CODE)]) if flags & _C.SRE_FLAG_DOTALL else _complement([(10, 10)]))
+    cp = lambda c: f"\\U{c:08x}"
+    if op in (_C.LITERAL, _C.NOT_LITERAL):
+        text = ("[^" if op is _C.NOT_LITERAL else "[") + cp(av) + "]"
+    else:
+        parts = []
+        for iop, iav in av:
+            if iop is _C.NEGATE:
+                parts.insert(0, "^")
+            elif iop is _C.LITERAL:
+                parts.append(cp(iav))
+            elif iop is _C.RANGE:
+                parts.append(f"{cp(iav[0])}-{cp(iav[1])}")
+            elif iop is _C.CATEGORY and iav in _ESCAPE_OF:
+                parts.append(_ESCAPE_OF[iav])
+            else:
+                raise Refused(f"{str(iop).lower()} in a character class")
+        if not flags & _C.SRE_FLAG_IGNORECASE and not any(iop is _C.CATEGORY for iop, _ in av):
+            ranges = [(v, v) if iop is _C.LITERAL else v for iop, v in av if iop in (_C.LITERAL, _C.RANGE)]
+            return tuple(_complement(ranges) if parts[:1] == ["^"] else _norm(ranges))
+        text = "[" + "".join(parts) + "]"
+    return _engine_chars(text, flags)
+
+
+@functools.lru_cache(maxsize=256)
+def _engine_chars(text: str, flags: int) -> tuple:
+    """Code point ranges of the one-character regex `text` under `flags`, as Python's re matches them."""
+    rx = re.compile(f"(?:{text})+", flags)
+    return tuple(_norm([(m.start() + base, m.end() - 1 + base) for base, s in ((0, _LOW), (_SURROGATES[1] + 1, _HIGH))
+                        for m in rx.finditer(s)]))
+
+
+def _set_regex(ranges) -> str:
+    """One character of these code point ranges, in the common dialect (escapes for all but ASCII
+    letters and digits)."""
+    if len(ranges) == 1 and ranges[0][0] == ranges[0][1]:
+        return _cp(ranges[0][0])
+    if not ranges:
+        return "[^\\u0000-\\U0010ffff]"  # (a set nothing matches: [^\s\S])
+    return "[" + "".join(_cp(a) if a == b else f"{_cp(a)}-{_cp(b)}" for a, b in ranges) + "]"

@@ -96,7 +96,8 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
        help="keep the matched stop string in the text"),
     _K("prefix", "text", None, per_row=False, flag="--prefix", metavar="TEXT",
        help="a prefix every prompt continues, prefilled once (encoded with BOS, prompts without)"),
-    _K("regex", "regex", None, flag="--regex", help="structured output: the text matches this regex whole"),
+    _K("regex", "regex", None, flag="--regex",
+       help="structured output: the text matches this regex whole (Python's re.fullmatch)"),
     _K("json_schema", "schema", None, flag="--json-schema", metavar="FILE",
        help="structured output: JSON text valid under the JSON schema in FILE (compact)"),
     _K("choices", "choices", None, flag="--choice", metavar="TEXT",
@@ -243,12 +244,12 @@ def problem(name: str, value, label: str | None = None, **limits) -> str | None:
         if k.kind == "regex" and not (isinstance(value, str) and value):
             return bad
         if name == "whitespace":  # a regex of its own, not a constraint
-            import re
+            from jaxgen.json_regex import json_whitespace
 
             try:
-                re.compile(value)
-            except re.error as e:
-                return f"{label}: invalid regex {value!r:.80}: {e}"
+                json_whitespace(value)
+            except ValueError as e:
+                return str(e).replace("whitespace", label, 1)
             return None
         from jaxgen.constraints import to_regex
 

@@ -6,6 +6,7 @@ outputs, top-k / top-p on); an unconstrained row in a constrained batch == the s
 alone; n samples == prompts repeated; a 2x4 mesh == one device; another constraint of a similar
 size reuses the compiled program; bad constraints are one clear ValueError before anything compiles.
 """
+import itertools
 import json
 import re
 
@@ -257,6 +258,73 @@ def test_budget_and_speculative_refusal(model, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="speculative decoding does not take a constraint"):
         speculative.generate(model, [[1]], speculative.parse("lookup,ngram=2,gamma=2"), regex="[0-9]")
+
+
+# ---- a regex means what Python's re says (outlines-core reads Rust's syntax) -----------------------
+# characters on which Python's and Rust's readings of \w \s \d, (?i) and (?s) differ, and the
+# characters of the classes, braces and escapes below; each is one token of PROBE_VOCAB
+PROBE = ["a", "B", "_", "0", "7", " ", "\n", "\x0b", "\x1c", "\x85", "\u00a0", "\u0301", "\ufe0f", "\u200d",
+         "\u203f", "\u00b2", "\u2160", "\u0660", "\U0001fbf5", "\u212a", "k", "\u017f", "s", "\u0130", "i", "I",
+         "\u0131", "\uff22", "{", "}", "[", "]", ":", "&", "-", "~", "\"", "\U0001f600"]
+PROBE_REGEXES = [r"\w+", r"\W", r"\s*", r"\S", r"\d\D", r"[^\W\d]", r"[\w&]", r"(?i)k", r"(?i)[a-z]s",
+                 r"(?i:s)i", r"(?i)I", r"(?s).", r".", r"\{\"a\": 7}", r"a{,2}", r"0{1}}", r"[a[]", r"[]a]", r"[^]a]+",
+                 r"^a|b$", r"\Aa\Z", r"(?x) a  7 # a comment [", r"(?a)\w", r"\u00b2|\U0001F600", r"\x2d|-?~",
+                 # outlines-core's leftmost-first DFA dropped a later branch past an earlier one's match, a lazy
+                 # repeat's longer runs, and (with the end anchor that fixed it) the regexes matching ""
+                 r"a|aB", r"(a|aB)7?", r"a+?", r"(?:a|aB)+", r"a*|B", r"(|a)(B|)", r"B{0,2}?"]
+
+
+def _accepts(table, start, ids) -> bool:
+    """Whether the automaton reads these token ids to an accepting state."""
+    state = int(start)
+    for t in ids:
+        state = int(table.next_state[state][table.token_class[t]])
+        if state < 0:
+            return False
+    return bool(table.accepting[state])
+
+
+@pytest.mark.parametrize("regex", PROBE_REGEXES)
+def test_a_regex_constraint_accepts_what_re_fullmatch_accepts(regex):
+    """Every text of up to 3 probe characters: the automaton accepts it iff re.fullmatch(regex, text).
+    Before, the regex went to outlines-core as it was: its Rust reader gave \\w marks and joiners, took
+    \\x1c out of \\s, read "[a[]" as a nested class and refused "{" that starts no repeat."""
+    tb = [b""] + [c.encode() for c in PROBE]
+    table, start = con.build([con.to_regex("regex", regex)], tb, len(tb), (0,))
+    for n in range(4):
+        for ids in itertools.product(range(1, len(tb)), repeat=n):
+            text = "".join(PROBE[i - 1] for i in ids)
+            assert _accepts(table, start[0], ids) == bool(re.fullmatch(regex, text)), (regex, text)
+
+
+@pytest.mark.parametrize("regex, message", [
+    (r"[[:digit:]]", "Possible nested set at position 1"), (r"[a-z&&[^x]]", "Possible set intersection"),
+    (r"[+--]", "Possible set difference"), (r"a\bc", "an anchor or word boundary inside"), (r"(?=a)a", "a lookahead"),
+    (r"(a)\1", "a back-reference"), (r"a*+", "a possessive repeat"), (r"(?>a)", "an atomic group"),
+    (r"a^b", "an anchor")])
+def test_regexes_read_two_ways_or_not_regular_are_refused(regex, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        con.to_regex("regex", regex)
+
+
+def test_choices_that_prefix_one_another_are_all_written(model):
+    """choices=["a", "ab"] wrote "a" only (the automaton had no "ab"), and the JSON number enum [1, 12] at
+    the top of a schema lost 12: every choice is now a finished output of some seed."""
+    out = jaxgen.generate(model, [[1, 2]], n=32, max_new_tokens=4, temperature=1.0, seed=1,
+                          choices=["1", "12", "12a"])
+    assert {c.text for c in out if c.finish_reason == "stop"} == {"1", "12", "12a"}
+    out = jaxgen.generate(model, [[1, 2]], n=32, max_new_tokens=4, temperature=1.0, seed=1,
+                          json_schema={"enum": [1, 12]})
+    assert {c.text for c in out if c.finish_reason == "stop"} == {"1", "12"}
+
+
+def test_json_whitespace_is_read_by_python_and_writes_json_whitespace():
+    array = {"type": "array"}
+    assert con.to_regex("json_schema", array, r"\n|\t") == con.to_regex("json_schema", array, "[\t\n]")
+    with pytest.raises(ValueError, match=r"also writes U\+000B: JSON's whitespace is space"):
+        con.to_regex("json_schema", {"type": "array"}, r"\s*")  # Python's \s: \x0b, \x1c, ... (not JSON)
+    built = con.to_regex("regex", r"\w")
+    assert con.to_regex("regex", built) is built  # a front end's built regex is passed on as it is
 
 
 # ---- command line and batch (test_cli's tiny llama checkpoint, byte-level vocabulary) -----------
