@@ -498,18 +498,16 @@ def _with_length(items, lengths, p, state) -> str:
 # the code points Python's own engine matches, with the flags in force, so that the automaton is the
 # language re.fullmatch accepts. Only the anchors that open or close it are dropped (no-ops for a
 # whole-text match); constructs that are not regular are refused.
-_LOW = "".join(map(chr, range(_SURROGATES[0])))  # every code point, in the two runs around the surrogates
-_HIGH = "".join(map(chr, range(_SURROGATES[1] + 1, MAX_CODE + 1)))
 _FLAGS = _C.SRE_FLAG_IGNORECASE | _C.SRE_FLAG_DOTALL | _C.SRE_FLAG_ASCII  # those a character's set depends on
 _ESCAPE_OF = {_C.CATEGORY_DIGIT: r"\d", _C.CATEGORY_NOT_DIGIT: r"\D", _C.CATEGORY_WORD: r"\w",
               _C.CATEGORY_NOT_WORD: r"\W", _C.CATEGORY_SPACE: r"\s", _C.CATEGORY_NOT_SPACE: r"\S"}
 _NOT_REGULAR = {_C.GROUPREF: "a back-reference", _C.GROUPREF_EXISTS: "a conditional group",
                 _C.ASSERT: "a lookahead / lookbehind", _C.ASSERT_NOT: "a lookahead / lookbehind",
                 _C.AT: "an anchor or word boundary inside the regex (only a leading ^ / \\A and a trailing $ / "
-                       "\\Z are taken)"}
-for _name, _what in (("ATOMIC_GROUP", "an atomic group"), ("POSSESSIVE_REPEAT", "a possessive repeat")):
-    if hasattr(_C, _name):  # Python 3.11+
-        _NOT_REGULAR[getattr(_C, _name)] = _what
+                       "\\Z are taken)",
+                **{getattr(_C, name): what for name, what in (("ATOMIC_GROUP", "an atomic group"),
+                                                              ("POSSESSIVE_REPEAT", "a possessive repeat"))
+                   if hasattr(_C, name)}}  # (Python 3.11+)
 
 
 def python_regex(p: str) -> str:
@@ -608,12 +606,19 @@ def _chars(op, av, flags: int) -> tuple:
     return _engine_chars(text, flags)
 
 
+@functools.lru_cache(maxsize=1)
+def _code_points() -> tuple:
+    """Every code point as text, in the two runs around the surrogates: ((first, text), (first, text))
+    (4 MB, made when a regex first needs Python's engine for a set)."""
+    return ((0, "".join(map(chr, range(_SURROGATES[0])))),
+            (_SURROGATES[1] + 1, "".join(map(chr, range(_SURROGATES[1] + 1, MAX_CODE + 1)))))
+
+
 @functools.lru_cache(maxsize=256)
 def _engine_chars(text: str, flags: int) -> tuple:
     """Code point ranges of the one-character regex `text` under `flags`, as Python's re matches them."""
     rx = re.compile(f"(?:{text})+", flags)
-    return tuple(_norm([(m.start() + base, m.end() - 1 + base) for base, s in ((0, _LOW), (_SURROGATES[1] + 1, _HIGH))
-                        for m in rx.finditer(s)]))
+    return tuple(_norm([(m.start() + base, m.end() - 1 + base) for base, s in _code_points() for m in rx.finditer(s)]))
 
 
 def _set_regex(ranges) -> str:
