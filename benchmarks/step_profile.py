@@ -128,10 +128,12 @@ def per_step(short: dict, long: dict, wall_short: float, wall_long: float, steps
             n = (long.get(src, {}).get("copies", {}).get(name, 0) - short.get(src, {}).get("copies", {}).get(name, 0))
             copies[name] = copies.get(name, 0) + n / steps
     launches = sum(c for _, c, _ in b["ops"].values()) - sum(c for _, c, _ in a["ops"].values())
+    # every op the extra steps launched, by count (exact) where `top` ranks by time (noise on a busy host)
+    launched = sorted(op for op, (_, count, _) in b["ops"].items() if count > a["ops"].get(op, (0, 0, ""))[1])
     wall = (wall_long - wall_short) / steps * 1e3
     return dict(program=prog, modules=sorted(m for m in long if m), wall_ms=wall, busy_ms=busy,
                 busy_fraction=busy / wall if wall > 0 else None, launches=launches / steps,
-                copies={k: v for k, v in copies.items() if v}, top=ops[:top])
+                copies={k: v for k, v in copies.items() if v}, top=ops[:top], launched=launched)
 
 
 def _traced(fn, folder: str):
@@ -237,6 +239,8 @@ def profile(model, prompts, n1: int, n2: int, *, top: int = 15, keep: str | None
     where = sources(compiled.as_text())
     for r in summary["top"]:
         r["source"] = where.get(r["op"], "")
+    # the distinct source lines of every op a step launched (which jaxgen lines a step runs)
+    summary["launched"] = sorted({where.get(op, "") for op in summary["launched"]} - {""})
     return dict(model=model.cfg.name, batch=len(prompts), prompt=len(prompts[0]), new_tokens=[n1, n2],
                 paths=str(model.paths), compile_s=compile_s, **summary)
 

@@ -58,7 +58,7 @@ def test_step_profile_differences_two_traces():
     assert p["program"] == "jit_generate_tokens" and p["busy_ms"] == pytest.approx(4.0)
     assert p["wall_ms"] == pytest.approx(5.0) and p["busy_fraction"] == pytest.approx(0.8)
     assert [(r["op"], r["ms"], r["launches"]) for r in p["top"]] == [("dot.1", 3.0, 1.0), ("copy.2", 1.0, 1.0)]
-    assert p["launches"] == 2 and p["copies"] == {"MemcpyDtoH": 1.0}
+    assert p["launches"] == 2 and p["copies"] == {"MemcpyDtoH": 1.0} and p["launched"] == ["copy.2", "dot.1"]
     none = per_step({}, {}, 0.1, 0.2, 10, top=5)
     assert none["busy_ms"] == 0 and none["top"] == [] and none["launches"] == 0
 
@@ -86,8 +86,9 @@ def test_accelerator_benchmark_smoke(tmp_path):
     # flip their sign, so only their presence is checked; per_step's arithmetic is tested above)
     assert prof["program"] == "jit_generate_tokens" and prof["batch"] == 2 and "wall_ms" in prof and "busy_ms" in prof
     assert prof["launches"] >= cfg_smoke.n_layers and 1 <= len(prof["top"]) <= 15  # launches: counts, exact
-    # the largest matmul of a step is one of the model's projections, traced back to model._matmul
-    assert any("dot_general @ model.py:" in r["source"] and "_matmul" in r["source"] for r in prof["top"])
+    # a step's matmuls are the model's projections, traced back to model._matmul (by launches: which ops rank
+    # in the timed top 15 of a tiny step is noise on a loaded 2-core machine, where CI once saw none there)
+    assert any("dot_general @ model.py:" in s and "_matmul" in s for s in prof["launched"])
     assert "| 2 | " in "\n".join(accelerator.profile_table(saved["profiles"]))
     # the paths A/B: the default and every flip of it, each decoding (on CPU the kernel runs interpreted)
     variants = [r["variant"] for r in saved["paths_rows"]]
