@@ -262,7 +262,7 @@ def test_budget_and_speculative_refusal(model, monkeypatch):
 
 # ---- a regex means what Python's re says (outlines-core reads Rust's syntax) -----------------------
 # characters on which Python's and Rust's readings of \w \s \d, (?i) and (?s) differ, and the
-# characters of the classes, braces and escapes below; each is one token of PROBE_VOCAB
+# characters of the classes, braces and escapes below; each is one token of the test vocabulary
 PROBE = ["a", "B", "_", "0", "7", " ", "\n", "\x0b", "\x1c", "\x85", "\u00a0", "\u0301", "\ufe0f", "\u200d",
          "\u203f", "\u00b2", "\u2160", "\u0660", "\U0001fbf5", "\u212a", "k", "\u017f", "s", "\u0130", "i", "I",
          "\u0131", "\uff22", "{", "}", "[", "]", ":", "&", "-", "~", "\"", "\U0001f600"]
