@@ -308,14 +308,19 @@ def test_regexes_read_two_ways_or_not_regular_are_refused(regex, message):
 
 
 def test_choices_that_prefix_one_another_are_all_written(model):
-    """choices=["a", "ab"] wrote "a" only (the automaton had no "ab"), and the JSON number enum [1, 12] at
-    the top of a schema lost 12: every choice is now a finished output of some seed."""
+    """choices=["a", "ab"] wrote "a" only (the automaton had no "ab"), the JSON number enum [1, 12] at
+    the top of a schema lost 12, an integer in [0, 150] had one digit: each is now written whole."""
     out = jaxgen.generate(model, [[1, 2]], n=32, max_new_tokens=4, temperature=1.0, seed=1,
                           choices=["1", "12", "12a"])
     assert {c.text for c in out if c.finish_reason == "stop"} == {"1", "12", "12a"}
     out = jaxgen.generate(model, [[1, 2]], n=32, max_new_tokens=4, temperature=1.0, seed=1,
                           json_schema={"enum": [1, 12]})
     assert {c.text for c in out if c.finish_reason == "stop"} == {"1", "12"}
+    # an integer range at the top: (the digits of) 0-9 | 10-99 | 100-150, whose first branch ended every row
+    schema = {"type": "integer", "minimum": 0, "maximum": 150}
+    out = jaxgen.generate(model, [[1, 2]], n=32, max_new_tokens=4, temperature=1.0, seed=1, json_schema=schema)
+    finished = [c.text for c in out if c.finish_reason == "stop"]
+    assert all(0 <= int(t) <= 150 for t in finished) and {len(t) for t in finished} >= {1, 2}
 
 
 def test_json_whitespace_is_read_by_python_and_writes_json_whitespace():
