@@ -37,11 +37,13 @@ def main(argv=None):
         rows.append({"variant": name, "flags": " ".join(flags), "peak_rss_mb": round(peak(cmd), 1)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     stem = f"{machine()}-{datetime.date.today()}-cli-memory"
-    (ROOT / "benchmarks" / "results" / f"{stem}.json").write_text(json.dumps({"cpu": cpu(), "model": a.model, "rows": rows}, indent=1))
+    (ROOT / "benchmarks" / "results" / f"{stem}.json").write_text(
+        json.dumps({"cpu": cpu(), "model": a.model, "rows": rows}, indent=1))
     lines = ["| `jaxgen generate` flags | peak RSS MB |", "|---|---|"]
     lines += [f"| {r['flags'] or '(float32)'} | {r['peak_rss_mb']:.0f} |" for r in rows]
     text = "\n".join(lines) + (f"\n\n{a.model}, 32 new tokens, peak resident memory (VmHWM) of a fresh process after "
-                               f"the conversion cache is warm, measured {datetime.date.today()} on {where()} (`python -m benchmarks.cli_memory`; "
+                               f"the conversion cache is warm, measured {datetime.date.today()} on {where()} "
+                               f"(`python -m benchmarks.cli_memory`; "
                                f"`benchmarks/results/{stem}.json`).")
     print(text)
     if not a.no_readme:

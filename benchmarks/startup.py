@@ -56,7 +56,8 @@ def main(argv=None):
     print(json.dumps(res, indent=1), file=sys.stderr)
     stem = f"{machine()}-{datetime.date.today()}-startup"
     path = ROOT / "benchmarks" / "results" / f"{stem}.json"
-    path.write_text(json.dumps({"date": str(datetime.date.today()), "cpu": cpu(), "model": "gemma3-270m", **res}, indent=1) + "\n")
+    path.write_text(json.dumps({"date": str(datetime.date.today()), "cpu": cpu(), "model": "gemma3-270m", **res},
+                               indent=1) + "\n")
     block = (f"Measured {datetime.date.today()} on {where()}, "
              f"`python -m benchmarks.startup`; results: `benchmarks/results/{stem}.json`.\n\n"
              "| what (Gemma 3 270M float32, each in a fresh process with an empty cache) | first | again |\n|---|---|---|\n"

@@ -240,7 +240,7 @@ def profile(model, prompts, n1: int, n2: int, *, top: int = 15, keep: str | None
     for r in summary["top"]:
         r["source"] = where.get(r["op"], "")
     # the distinct source lines of every op a step launched (which jaxgen lines a step runs)
-    summary["launched"] = sorted({where.get(op, "") for op in summary["launched"]} - {""})
+    summary["launched_sources"] = sorted({where.get(op, "") for op in summary["launched"]} - {""})
     return dict(model=model.cfg.name, batch=len(prompts), prompt=len(prompts[0]), new_tokens=[n1, n2],
                 paths=str(model.paths), compile_s=compile_s, **summary)
 

@@ -358,6 +358,12 @@ def _translate(items) -> str:
     return "".join(out)
 
 
+def _branches(tree) -> list:
+    """The item lists of a parsed regex's top-level alternatives (one: the regex itself)."""
+    alts = list(tree)
+    return alts[0][1][1] if len(alts) == 1 and alts[0][0] is _C.BRANCH else [alts]
+
+
 def _strip_anchors(items):
     """(anchored at start, items, anchored at end) of one alternative. An anchor may also open (close)
     every branch of a leading (trailing) alternation: Python factors `^a$|^b$` into `^(?:a$|b$)`."""
@@ -389,13 +395,8 @@ def pattern(p: str, lengths: tuple[int, int | None] = (0, None)) -> str:
         raise Refused(f"'pattern' {p!r} is not a valid regex ({e})") from None
     if tree.state.flags & (_C.SRE_FLAG_IGNORECASE | _C.SRE_FLAG_MULTILINE):
         raise Refused(f"an inline flag ((?i), (?m)) in 'pattern' {p!r}")
-    alts = list(tree)
-    if len(alts) == 1 and alts[0][0] is _C.BRANCH:
-        branches = alts[0][1][1]
-    else:
-        branches = [alts]
     out = []
-    for branch in branches:
+    for branch in _branches(tree):
         start, items, end = _strip_anchors(branch)
         any_char = _P.SubPattern(tree.state, [(_C.IN, [(_C.RANGE, (0, MAX_CODE))])])  # newlines too
         anything = (_C.MAX_REPEAT, (0, _C.MAXREPEAT, any_char))
@@ -517,13 +518,14 @@ def python_regex(p: str) -> str:
     return _python_regex(p, "regex")[0]
 
 
-def json_whitespace(p: str) -> str:
+def json_whitespace(p: str, label: str = "whitespace") -> str:
     """`python_regex` of a schema's whitespace regex (`whitespace=`), which may write JSON's whitespace
-    characters only (space, tab, newline, carriage return: anything else would not parse as JSON)."""
-    regex, used = _python_regex(p, "whitespace")
+    characters only (space, tab, newline, carriage return: anything else would not parse as JSON).
+    Errors name it `label` (the front end's name for the knob)."""
+    regex, used = _python_regex(p, label)
     extra = _norm([(a, b) for lo, hi in used for a, b in _split_out(lo, hi, (9, 10, 13, 32))])
     if extra:
-        raise ValueError(f"whitespace {p!r:.80} also writes U+{extra[0][0]:04X}: JSON's whitespace is space, "
+        raise ValueError(f"{label} {p!r:.80} also writes U+{extra[0][0]:04X}: JSON's whitespace is space, "
                          "\\t, \\n and \\r only")
     return regex
 
@@ -541,10 +543,8 @@ def _python_regex(p: str, label: str) -> tuple[str, list]:
         except FutureWarning as e:
             raise ValueError(f"{label} {p!r:.80}: {e} (Python reads '[', '&&', '--', '~~' or '||' inside a class "
                              "as characters, other engines as a nested class or set operation: escape it)") from None
-    alts = list(tree)
-    branches = alts[0][1][1] if len(alts) == 1 and alts[0][0] is _C.BRANCH else [alts]
     out, used = [], []
-    for branch in branches:
+    for branch in _branches(tree):
         _, items, _ = _strip_anchors(branch)
         try:
             out.append(_write(items, tree.state.flags, used))

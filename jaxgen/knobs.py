@@ -247,9 +247,9 @@ def problem(name: str, value, label: str | None = None, **limits) -> str | None:
             from jaxgen.json_regex import json_whitespace
 
             try:
-                json_whitespace(value)
+                json_whitespace(value, label)
             except ValueError as e:
-                return str(e).replace("whitespace", label, 1)
+                return str(e)
             return None
         from jaxgen.constraints import to_regex
 

@@ -88,7 +88,7 @@ def test_accelerator_benchmark_smoke(tmp_path):
     assert prof["launches"] >= cfg_smoke.n_layers and 1 <= len(prof["top"]) <= 15  # launches: counts, exact
     # a step's matmuls are the model's projections, traced back to model._matmul (by launches: which ops rank
     # in the timed top 15 of a tiny step is noise on a loaded 2-core machine, where CI once saw none there)
-    assert any("dot_general @ model.py:" in s and "_matmul" in s for s in prof["launched"])
+    assert any("dot_general @ model.py:" in s and "_matmul" in s for s in prof["launched_sources"])
     assert "| 2 | " in "\n".join(accelerator.profile_table(saved["profiles"]))
     # the paths A/B: the default and every flip of it, each decoding (on CPU the kernel runs interpreted)
     variants = [r["variant"] for r in saved["paths_rows"]]
