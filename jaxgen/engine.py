@@ -46,7 +46,8 @@ class DecodeState:
     finish: jax.Array  # [B] int32 STOP / LENGTH once done, else 0
     num_new: jax.Array  # [B] int32 tokens generated per row (a stop token counts)
     # Penalty history, [B, V] only in programs built with penalties=True (5 bytes x B x V: 1.3 GB at
-    # batch 1024 on Gemma's 262k vocabulary), else [B, 0]: a greedy or plain-sampled batch carries none.
+    # batch 1024 on Gemma's 262k vocabulary, split over a mesh's data x model devices like the logits),
+    # else [B, 0]: a greedy or plain-sampled batch carries none.
     seen: jax.Array  # [B, V | 0] bool token seen in prompt or output (repetition penalty)
     counts: jax.Array  # [B, V | 0] int32 generated-token counts (presence / frequency penalties)
     stop_state: jax.Array  # [B] int32 stop-string automaton state of the row's text so far

@@ -158,16 +158,21 @@ def cache_shardings(cache_shape: KVCache, mesh: Mesh, rules: dict = RULES) -> KV
 
 
 def state_shardings(state_shape, mesh: Mesh, rules: dict = RULES):
-    """NamedShardings of an engine.DecodeState: every [B, ...] leaf split by rows on `data`; the
-    stop-string and constraint tables (read by every row) replicated."""
+    """NamedShardings of an engine.DecodeState: every [B, ...] leaf split by rows on `data`, and the
+    [B, V] penalty history also by vocabulary on `model`, as the logits it adjusts are (split by rows
+    alone, it was all-gathered whole inside the decode loop, every step: XLA's "involuntary full
+    rematerialization" warning); the stop-string and constraint tables (read by every row) replicated."""
     rows = lambda s: NamedSharding(mesh, spec(("batch",) + (None,) * (len(s.shape) - 1), s.shape, mesh, rules))
+    vocab = lambda s: NamedSharding(mesh, spec(("batch", "vocab"), s.shape, mesh, rules))
     full = lambda s: NamedSharding(mesh, P())
     st = state_shape.stops
     stops = st.replace(token_class=full(st.token_class), next_state=full(st.next_state), hit=full(st.hit),
                        mask=rows(st.mask))
     return state_shape.replace(
         **{f.name: jax.tree.map(rows, getattr(state_shape, f.name))
-           for f in dataclasses.fields(state_shape) if f.name not in ("step", "cache", "stops", "cons")},
+           for f in dataclasses.fields(state_shape)
+           if f.name not in ("step", "cache", "stops", "cons", "seen", "counts")},
+        seen=vocab(state_shape.seen), counts=vocab(state_shape.counts),
         step=NamedSharding(mesh, P()), stops=stops, cache=cache_shardings(state_shape.cache, mesh, rules),
         cons=jax.tree.map(full, state_shape.cons))  # constraint tables: read by every row
 

@@ -13,7 +13,7 @@ from .conftest import CONFIGS, random_params
 
 PROMPTS = [[1, 5, 9], [3] * 11, [7, 2], [4, 4, 8, 15, 16, 23, 42], [9], [10, 11, 12, 13], [6, 6], [2, 3, 5, 7, 11]]
 MESHES = [(8, 1), (1, 8), (2, 4), (4, 2)]
-KNOBS = [dict(), dict(temperature=0.9, top_p=0.9, top_k=20, seed=3, repetition_penalty=1.2)]
+KNOBS = [dict(), dict(temperature=0.9, top_p=0.9, top_k=20, seed=3, repetition_penalty=1.2, frequency_penalty=0.3)]
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -47,6 +47,26 @@ def test_sharded_equals_single_device(case, mesh_shape, compile_counter):
     assert compile_counter.count() == before  # same shapes, other knobs and prompts: no recompilation
 
 
+def test_penalty_history_is_never_gathered():
+    """The [B, V] penalty history is split like the logits it adjusts: no collective of the sharded
+    program moves a row's whole vocabulary of it (split by rows only, XLA gathered it every step:
+    "involuntary full rematerialization")."""
+    import re
+
+    from jaxgen.engine import generate_jit
+    from jaxgen.generate import place, statics
+
+    cfg = CONFIGS["gemma"]
+    mesh = shd.make_mesh("data=2,model=4")
+    model = Model(cfg, shd.shard_params(random_params(cfg), cfg, mesh), mesh=mesh)
+    _, args, p = prepare(model, PROMPTS, max_new_tokens=4, stop_ids=[], **KNOBS[1])
+    assert p.penalties
+    hlo = generate_jit.lower(model.params, **place(model, args), **statics(model, p)).compile().as_text()
+    moved = re.findall(r"= ((?:pred|s32)\[\d+,(\d+)\])\S* (?:all-gather|all-reduce|all-to-all|collective-permute)\(",
+                       hlo)
+    assert not [shape for shape, v in moved if int(v) == cfg.vocab_size], moved
+
+
 def test_param_and_cache_shardings_follow_the_rules():
     cfg = CONFIGS["gemma"]  # N=4 query heads, K=2 kv heads, F=64, V=64
     mesh = shd.make_mesh("data=2,model=4")
@@ -65,7 +85,8 @@ def test_param_and_cache_shardings_follow_the_rules():
     state = prefill_jit(params, **place(model, args), cfg=cfg, max_new=p.max_new, cache_len=p.cache_len, mesh=mesh)
     assert spec(state.cache.k_local) == P(None, "data", None, None, None)
     assert spec(state.cache.pos_global) == P("data", None)
-    assert spec(state.tokens) == P("data", None) and spec(state.seen) == P("data", None)
+    assert spec(state.tokens) == P("data", None)
+    assert spec(state.seen) == spec(state.counts) == P("data", "model")  # [B, V] like the logits it adjusts
     mesh2 = shd.make_mesh("data=4,model=2")  # now the 2 kv heads split
     cache = shd.cache_shardings(state.cache, mesh2)
     assert tuple(cache.k_global.spec)[:4] == (None, "data", None, "model")
