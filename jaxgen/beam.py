@@ -31,6 +31,7 @@ from jaxgen import constraints as con
 from jaxgen import engine as eng
 from jaxgen import stops as sst
 from jaxgen.model import PREFILL_CHUNK, Params, forward_hidden, unembed
+from jaxgen.sharding import stack_shardings
 
 EARLY_STOPPING = {False: 0, True: 1, "never": 2}  # HF's early_stopping values -> their code here
 
@@ -198,7 +199,7 @@ def beam_start(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, ma
                               cache_len=cache_len, pad_id=pad_id, kv_quant=kv_quant, penalties=False, n=beams,
                               stop_strings=stop_strings, prefix=prefix, prefill_chunk=prefill_chunk,
                               constraints=constraints, constraint_start=constraint_start, paths=eng._paths(paths, mesh),
-                              adapters=adapters)
+                              adapters=adapters, mesh=mesh)
     return _constrain(init(state, logits, width, length_penalty, early_stopping, max_new_tokens, stop_ids), mesh)
 
 
@@ -213,7 +214,8 @@ def beam_loop(params: Params, b: BeamState, max_new_tokens: jax.Array, stop_ids:
     def body(b: BeamState):
         s = b.run
         pos = jnp.where(s.done, -1, s.cache.lengths)[:, None]  # done rows write nothing
-        h, cache = forward_hidden(params, s.last[:, None], pos, s.cache, cfg, paths=paths)
+        h, cache = forward_hidden(params, s.last[:, None], pos, s.cache, cfg, paths=paths,
+                                  stack_shardings=stack_shardings(s.cache, mesh))
         return _constrain(step(b.replace(run=s.replace(cache=cache)), unembed(params, h[:, 0], cfg, paths),
                                max_new_tokens, stop_ids), mesh)
 

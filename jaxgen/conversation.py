@@ -42,6 +42,7 @@ from jaxgen.engine import (LENGTH, DecodeState, Prefix, _constrain, _no_stop_str
 from jaxgen.generate import (Completion, SharedPrefix, _encode, _encode_prompts, fetch, place, prefix_slots, prepare,
                              stop_rows, to_completions)
 from jaxgen.model import PREFILL_CHUNK, Params, prefill_hidden, unembed
+from jaxgen.sharding import stack_shardings
 
 
 @struct.dataclass
@@ -114,7 +115,8 @@ def feed(params: Params, ep: Episode, segments: jax.Array, segment_lengths: jax.
     seg = jnp.take_along_axis(segments, jnp.clip(col - pend[:, None], 0, T - 1), axis=1)
     tokens = jnp.where(col < pend[:, None], ep.last[:, None], seg).astype(jnp.int32)  # [B, T + 1]
     positions = jnp.where(col < count[:, None], c.lengths[:, None] + col, -1).astype(jnp.int32)
-    h_last, cache = prefill_hidden(params, tokens, positions, c, cfg, prefill_chunk, paths)  # [B, D]
+    h_last, cache = prefill_hidden(params, tokens, positions, c, cfg, prefill_chunk, paths,
+                                   stack_shardings(c, mesh))  # [B, D]
     logits = unembed(params, h_last, cfg, paths)  # [B, V]
 
     seen = ep.seen

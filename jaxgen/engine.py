@@ -27,6 +27,7 @@ from jaxgen import stops as sst
 from jaxgen.cache import KVCache, init_cache, padded_positions, ring_size
 from jaxgen.config import ModelConfig
 from jaxgen.model import PREFILL_CHUNK, Params, forward_hidden, prefill_hidden, unembed
+from jaxgen.sharding import stack_shardings
 
 STOP, LENGTH, STOP_STRING, CLOSED, ERROR = 1, 2, 3, 4, 5  # finish codes; 0 = still running
 # CLOSED: the row's constraint accepts its text and allows nothing more; ERROR: the row's logits were
@@ -159,7 +160,7 @@ def start(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, max_new
           stop_strings: sst.StopStrings | None = None, prefix: Prefix | None = None,
           prefill_chunk: int = PREFILL_CHUNK, constraints: con.Constraints | None = None,
           constraint_start: jax.Array | None = None, paths: backend.Paths | None = None,
-          adapters: jax.Array | None = None) -> tuple[DecodeState, jax.Array]:
+          adapters: jax.Array | None = None, mesh=None) -> tuple[DecodeState, jax.Array]:
     """The prefill without its first choice: the decode state of B = P * n rows with nothing
     generated yet, and the logits [B, V] of each row's first new token (`prefill` samples from them,
     beam search scores them). Arguments as for `prefill`."""
@@ -175,7 +176,8 @@ def start(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, max_new
         positions = jnp.where(positions >= 0, positions + prefix.cache.lengths[0], -1)
     if adapters is not None:  # each prompt's LoRA slot in params.lora (jaxgen.lora)
         cache = cache.replace(adapter=jnp.asarray(adapters, jnp.int32))
-    h_last, cache = prefill_hidden(params, prompts, positions, cache, cfg, prefill_chunk, paths)  # [P, D]
+    h_last, cache = prefill_hidden(params, prompts, positions, cache, cfg, prefill_chunk, paths,
+                                   stack_shardings(cache, mesh))  # [P, D]
     logits = unembed(params, h_last, cfg, paths)  # [P, V]
 
     H = V if penalties else 0
@@ -230,7 +232,7 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
                           cache_len=cache_len, top_logprobs=top_logprobs, pad_id=pad_id, kv_quant=kv_quant,
                           cache_extra=cache_extra, penalties=penalties, n=n, stop_strings=stop_strings,
                           prefix=prefix, prefill_chunk=prefill_chunk, constraints=constraints,
-                          constraint_start=constraint_start, paths=paths, adapters=adapters)
+                          constraint_start=constraint_start, paths=paths, adapters=adapters, mesh=mesh)
     return _constrain(record(state, logits, sp, max_new_tokens, stop_ids, seeds, top_logprobs, candidates, pad_id,
                              paths), mesh)
 
@@ -305,7 +307,8 @@ def decode(params: Params, state: DecodeState, sp: smp.SamplingParams, max_new_t
 
     def body(s: DecodeState):
         pos = jnp.where(s.done, -1, s.cache.lengths)[:, None]  # finished rows write nothing
-        h, cache = forward_hidden(params, s.last[:, None], pos, s.cache, cfg, paths=paths)
+        h, cache = forward_hidden(params, s.last[:, None], pos, s.cache, cfg, paths=paths,
+                                  stack_shardings=stack_shardings(s.cache, mesh))
         logits = unembed(params, h[:, 0], cfg, paths)
         return _constrain(record(s.replace(cache=cache), logits, sp, max_new_tokens, stop_ids, seeds, top_n,
                                   candidates, pad_id, paths), mesh)

@@ -411,7 +411,8 @@ def _layer(cfg: ModelConfig, carry, xs, ctx):
     """One decoder layer, as a scan step (traced xs) or an unrolled one (Python bool and ints).
     carry: x [B, T, D] and the four cache stacks; xs: this layer's params, whether it is global, and
     its index among the local / global layers."""
-    x, kl, vl, kg, vg = carry
+    x, *stacks = carry
+    kl, vl, kg, vg = ctx["pin"](stacks)
     lp, is_global, li, gi, lo = xs
     eps = cfg.norm_eps
     paths = ctx["paths"]
@@ -452,7 +453,7 @@ def _layer(cfg: ModelConfig, carry, xs, ctx):
             on = is_global if both and not static else True
             kg = _write_layer(kg, gi, rot["global"][1], ctx["slots_global"], on)
             vg = _write_layer(vg, gi, v, ctx["slots_global"], on)
-        return kl, vl, kg, vg
+        return ctx["pin"]((kl, vl, kg, vg))
 
     def local(kl, vl, kg, vg):
         q_l, k_l = rot["local"]
@@ -507,9 +508,21 @@ def _layer(cfg: ModelConfig, carry, xs, ctx):
     return (x + o, kl, vl, kg, vg), None
 
 
+def _pin(stacks: tuple, shardings: tuple | None) -> tuple:
+    """The cache stacks held in their shardings (None: left to the compiler) as they enter each layer
+    and after its write (either pin alone left the gathers in). Why: where the kv heads do not divide
+    the mesh's `model` axis the rules replicate the cache, but GSPMD wrote it split by the kv-head
+    groups of the query heads that attend it, then all-gathered every stack whole where the decode
+    loop's carry pins it: the whole KV cache crossed the mesh every step (2 kv heads, 4 query heads on
+    a data=2,model=4 mesh; tests/test_sharding.py)."""
+    if shardings is None:
+        return tuple(stacks)
+    return jax.tree.map(jax.lax.with_sharding_constraint, tuple(stacks), tuple(shardings))
+
+
 def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache,
-                   cfg: ModelConfig, key_block: int = 0, paths: backend.Paths | None = None
-                   ) -> tuple[jax.Array, KVCache]:
+                   cfg: ModelConfig, key_block: int = 0, paths: backend.Paths | None = None,
+                   stack_shardings: tuple | None = None) -> tuple[jax.Array, KVCache]:
     """Final-normed hidden states [B, T, D] and the updated cache.
 
     tokens, positions: [B, T] int32. Within a row, valid positions are contiguous and ascending
@@ -517,6 +530,8 @@ def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
     key_block > 0 (static): a multi-token call attends global layers `attend_blocked`, one block of
     that many cache slots at a time, when the cache is longer (prefill chunks; see `prefill_hidden`).
     paths (static): jaxgen.backend's implementation choices (None: the default backend's).
+    stack_shardings: on a mesh, the NamedShardings of cache.stacks() (`sharding.stack_shardings`),
+    which the cache keeps from layer to layer (`_pin`); None: as the compiler propagates them.
 
     Stacked layers run as one `lax.scan` with one layer per step; the layer kind (local ring /
     global cache) is then data, chosen by `lax.cond`. (A Python loop over static slices of the
@@ -567,6 +582,7 @@ def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
     global_index = np.maximum(np.cumsum(kinds) - 1, 0)
     xs = (params.layers, jnp.asarray(kinds), jnp.asarray(local_index, jnp.int32),
           jnp.asarray(global_index, jnp.int32), params.lora)
+    ctx["pin"] = lambda stacks: _pin(stacks, stack_shardings)
     carry = (x, *cache.stacks())
     if isinstance(params.layers, tuple):  # one LayerParams per layer: unrolled, layer kinds static
         for i, lp in enumerate(params.layers):
@@ -582,7 +598,8 @@ def forward_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
 
 
 def prefill_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: ModelConfig,
-                   chunk: int = PREFILL_CHUNK, paths: backend.Paths | None = None) -> tuple[jax.Array, KVCache]:
+                   chunk: int = PREFILL_CHUNK, paths: backend.Paths | None = None,
+                   stack_shardings: tuple | None = None) -> tuple[jax.Array, KVCache]:
     """Write right-padded prompts tokens [B, T] at positions [B, T] (as `forward_hidden` takes them)
     into the cache, `chunk` tokens per forward pass, and return the final-normed hidden state at each
     row's last valid position [B, D] (what the first new token is sampled from) with the cache.
@@ -603,21 +620,23 @@ def prefill_hidden(params: Params, tokens: jax.Array, positions: jax.Array, cach
 
     h_shape = jax.eval_shape(lambda: forward_hidden(params, tokens[:, :chunk], positions[:, :chunk], cache, cfg)[0])
     return fold_chunks(params, tokens, positions, cache, cfg, chunk, paths, keep_last,
-                       jnp.zeros((B, h_shape.shape[-1]), h_shape.dtype))
+                       jnp.zeros((B, h_shape.shape[-1]), h_shape.dtype), stack_shardings)
 
 
 def fold_chunks(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache, cfg: ModelConfig,
-                chunk: int, paths: backend.Paths | None, fn, carry):
+                chunk: int, paths: backend.Paths | None, fn, carry, stack_shardings: tuple | None = None):
     """Run right-padded tokens [B, T] (positions as `forward_hidden` takes them) through the model
     `chunk` tokens per forward pass, folding each pass's hidden states into `carry`:
     carry = fn(carry, h [B, t, D], start) for the columns start .. start + t - 1. Returns (carry, cache).
+    stack_shardings: as `forward_hidden` takes them.
 
     The chunks run in a `fori_loop` (one compiled chunk for every bucket above `chunk`) that stops
     after the last chunk holding a valid token of some row (a bucket's padding costs nothing); T <= chunk
     is one pass. `prefill_hidden` keeps each row's last hidden state, `score_spans` the spans' ones."""
     B, T = tokens.shape
     if T <= chunk:
-        h, cache = forward_hidden(params, tokens, positions, cache, cfg, key_block=2 * chunk, paths=paths)
+        h, cache = forward_hidden(params, tokens, positions, cache, cfg, key_block=2 * chunk, paths=paths,
+                                  stack_shardings=stack_shardings)
         return fn(carry, h, 0), cache
     n = -(-T // chunk)
     if n * chunk > T:  # T is a bucket, a multiple of power-of-two chunks; other chunk sizes pad
@@ -628,7 +647,8 @@ def fold_chunks(params: Params, tokens: jax.Array, positions: jax.Array, cache: 
     def run(i, state):
         carry, cache = state
         take = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1)  # [B, chunk]
-        h, cache = forward_hidden(params, take(tokens), take(positions), cache, cfg, key_block=2 * chunk, paths=paths)
+        h, cache = forward_hidden(params, take(tokens), take(positions), cache, cfg, key_block=2 * chunk,
+                                  paths=paths, stack_shardings=stack_shardings)
         return fn(carry, h, i * chunk), cache
 
     return jax.lax.fori_loop(0, used, run, (carry, cache))

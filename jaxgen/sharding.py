@@ -157,6 +157,14 @@ def cache_shardings(cache_shape: KVCache, mesh: Mesh, rules: dict = RULES) -> KV
     return _axes_tree(axes, cache_shape, mesh, rules)
 
 
+def stack_shardings(cache, mesh: Mesh | None, rules: dict = RULES) -> tuple | None:
+    """The NamedShardings of cache.stacks() (a KVCache or its shape) on `mesh`, which model.forward_hidden
+    keeps the stacks in from layer to layer; None without a mesh."""
+    if mesh is None:
+        return None
+    return cache_shardings(jax.eval_shape(lambda: cache), mesh, rules).stacks()
+
+
 def state_shardings(state_shape, mesh: Mesh, rules: dict = RULES):
     """NamedShardings of an engine.DecodeState: every [B, ...] leaf split by rows on `data`, and the
     [B, V] penalty history also by vocabulary on `model`, as the logits it adjusts are (split by rows

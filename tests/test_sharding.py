@@ -47,24 +47,32 @@ def test_sharded_equals_single_device(case, mesh_shape, compile_counter):
     assert compile_counter.count() == before  # same shapes, other knobs and prompts: no recompilation
 
 
-def test_penalty_history_is_never_gathered():
-    """The [B, V] penalty history is split like the logits it adjusts: no collective of the sharded
-    program moves a row's whole vocabulary of it (split by rows only, XLA gathered it every step:
-    "involuntary full rematerialization")."""
+@pytest.mark.parametrize("layers", ["stacked", "unrolled"])
+def test_no_collective_moves_the_cache_or_the_penalty_history(layers):
+    """On a data=2,model=4 mesh with 2 kv heads (which the rules replicate over `model`) and penalties on,
+    no collective of the sharded program moves a KV cache stack ([L, B, S, K, H]: GSPMD split it by
+    kv-head groups inside the layer loop and gathered it whole every decode step) or a row's whole
+    vocabulary of the penalty history (split by rows alone, it was gathered every step too)."""
     import re
 
     from jaxgen.engine import generate_jit
     from jaxgen.generate import place, statics
+    from jaxgen.model import unstack_layers
 
     cfg = CONFIGS["gemma"]
+    assert cfg.n_kv_heads == 2 and cfg.n_heads == 4
     mesh = shd.make_mesh("data=2,model=4")
-    model = Model(cfg, shd.shard_params(random_params(cfg), cfg, mesh), mesh=mesh)
+    params = random_params(cfg)
+    params = unstack_layers(params) if layers == "unrolled" else params
+    model = Model(cfg, shd.shard_params(params, cfg, mesh), mesh=mesh)
     _, args, p = prepare(model, PROMPTS, max_new_tokens=4, stop_ids=[], **KNOBS[1])
     assert p.penalties
     hlo = generate_jit.lower(model.params, **place(model, args), **statics(model, p)).compile().as_text()
-    moved = re.findall(r"= ((?:pred|s32)\[\d+,(\d+)\])\S* (?:all-gather|all-reduce|all-to-all|collective-permute)\(",
-                       hlo)
-    assert not [shape for shape, v in moved if int(v) == cfg.vocab_size], moved
+    moved = re.findall(r"= (\w+)\[([\d,]+)\]\S* (?:all-gather|all-reduce|all-to-all|collective-permute)\(", hlo)
+    dims = [(dtype, tuple(int(d) for d in shape.split(","))) for dtype, shape in moved]
+    assert dims  # the program does communicate (the query heads and the vocabulary are split)
+    assert not [d for d in dims if len(d[1]) == 5], "a cache stack crosses the mesh"
+    assert not [d for d in dims if d[0] in ("pred", "s32") and d[1][1:] == (cfg.vocab_size,)], "penalty history"
 
 
 def test_param_and_cache_shardings_follow_the_rules():
