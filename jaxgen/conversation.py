@@ -137,7 +137,7 @@ def feed(params: Params, ep: Episode, segments: jax.Array, segment_lengths: jax.
         cache=cache)
     if constraints is not None:
         state = state.replace(cons=jax.tree.map(jnp.asarray, constraints), cstate=jnp.asarray(constraint_start, jnp.int32))
-    return _constrain(record(state, logits, sp, cap, stop_ids, seeds, k, candidates, pad_id, paths), mesh)
+    return _constrain(record(state, logits, sp, cap, stop_ids, seeds, k, candidates, pad_id, paths, mesh), mesh)
 
 
 def begin(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: smp.SamplingParams,

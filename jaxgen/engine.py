@@ -128,8 +128,21 @@ def append_tokens(s: DecodeState, cand: jax.Array, avail: jax.Array, logprobs: j
     return state, n_emit
 
 
+def by_rows(f, mesh, B: int):
+    """f over arrays whose leading axis is the B rows, run on each `data` shard's rows by itself
+    (the `model` axis left to the compiler). Why: XLA's partitioner does not split lax.top_k by rows,
+    so sampling on a mesh all-gathered every row's candidates to every device each step (and every
+    device chose every row's token); a row's choice depends on its row alone, so the rows' shards
+    give the same tokens."""
+    data = 1 if mesh is None else mesh.shape.get("data", 1)
+    if data == 1 or B % data:
+        return f
+    rows = jax.sharding.PartitionSpec("data")
+    return jax.shard_map(f, mesh=mesh, in_specs=rows, out_specs=rows, axis_names={"data"})
+
+
 def record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, candidates, pad_id,
-           paths: backend.Paths | None = None):
+           paths: backend.Paths | None = None, mesh=None):
     """Sample one token per row from logits [B, V] and append it (`append_tokens`). Keyed by
     (seed, num_new): rows are independent of their neighbours and of the step at which they joined."""
     B = logits.shape[0]
@@ -138,13 +151,15 @@ def record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, c
     allowed = logits
     if s.cons is not None:  # before every sampling transform: they choose among the allowed tokens
         allowed = jnp.where(con.allowed(s.cons, s.cstate, stop_ids), logits, -jnp.inf)
-    tok = smp.sample(allowed, smp.row_keys(seeds, s.num_new), sp, *hist, candidates, backend.resolve(paths).gates)
+    gates = backend.resolve(paths).gates
+    draw = lambda a, k, p, *h: smp.sample(a, k, p, *(h or (None, None)), candidates, gates)
+    tok = by_rows(draw, mesh, B)(allowed, smp.row_keys(seeds, s.num_new), sp, *(h for h in hist if h is not None))
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B]; no [B, V] log-softmax is materialized
     tok = jnp.where(s.done, pad_id, tok)
     idx = jnp.where(s.done, s.tokens.shape[1], s.num_new)  # done rows write nothing (dropped)
     if top_n:
-        top_lp, top_ids = jax.lax.top_k(logits, top_n)
+        top_lp, top_ids = by_rows(lambda a: jax.lax.top_k(a, top_n), mesh, B)(logits)
         top_lp = top_lp - lse[:, None]
         col = lambda buf, val: buf.at[rows, idx].set(val.astype(buf.dtype), mode="drop")
         s = s.replace(top_ids=col(s.top_ids, top_ids), top_logprobs=col(s.top_logprobs, top_lp))
@@ -234,7 +249,7 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
                           prefix=prefix, prefill_chunk=prefill_chunk, constraints=constraints,
                           constraint_start=constraint_start, paths=paths, adapters=adapters, mesh=mesh)
     return _constrain(record(state, logits, sp, max_new_tokens, stop_ids, seeds, top_logprobs, candidates, pad_id,
-                             paths), mesh)
+                             paths, mesh), mesh)
 
 
 def _paths(paths: backend.Paths | None, mesh) -> backend.Paths:
@@ -311,7 +326,7 @@ def decode(params: Params, state: DecodeState, sp: smp.SamplingParams, max_new_t
                                   stack_shardings=stack_shardings(s.cache, mesh))
         logits = unembed(params, h[:, 0], cfg, paths)
         return _constrain(record(s.replace(cache=cache), logits, sp, max_new_tokens, stop_ids, seeds, top_n,
-                                  candidates, pad_id, paths), mesh)
+                                  candidates, pad_id, paths, mesh), mesh)
 
     return jax.lax.while_loop(cond, body, state)
 

@@ -75,6 +75,26 @@ def test_no_collective_moves_the_cache_or_the_penalty_history(layers):
     assert not [d for d in dims if d[0] in ("pred", "s32") and d[1][1:] == (cfg.vocab_size,)], "penalty history"
 
 
+def test_sampling_runs_on_each_devices_own_rows():
+    """On the default mesh (every device on `data`) sampling's top-k moves nothing between devices:
+    XLA's partitioner does not split lax.top_k by rows, so each step all-gathered every row's
+    candidates to every device, which then chose every row's token (engine.by_rows)."""
+    import re
+
+    from jaxgen.engine import generate_jit
+    from jaxgen.generate import place, statics
+
+    cfg = CONFIGS["qwen"]
+    mesh = shd.make_mesh("data=8")
+    model = Model(cfg, shd.shard_params(random_params(cfg), cfg, mesh), mesh=mesh)
+    _, args, p = prepare(model, PROMPTS, max_new_tokens=4, stop_ids=[], **KNOBS[1])
+    hlo = generate_jit.lower(model.params, **place(model, args), **statics(model, p)).compile().as_text()
+    moved = re.findall(r"= (\w+\[[\d,]*\])\S* (?:all-gather|all-reduce|all-to-all|collective-permute)\(.*"
+                       r"op_name=\"([^\"]*)\"", hlo)
+    assert moved  # the cache writes still exchange each new token's row indices
+    assert not [m for m in moved if "top_k" in m[1] or "sort" in m[1]], moved
+
+
 def test_param_and_cache_shardings_follow_the_rules():
     cfg = CONFIGS["gemma"]  # N=4 query heads, K=2 kv heads, F=64, V=64
     mesh = shd.make_mesh("data=2,model=4")
