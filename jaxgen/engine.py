@@ -144,7 +144,8 @@ def by_rows(f, mesh, B: int):
 def record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, candidates, pad_id,
            paths: backend.Paths | None = None, mesh=None):
     """Sample one token per row from logits [B, V] and append it (`append_tokens`). Keyed by
-    (seed, num_new): rows are independent of their neighbours and of the step at which they joined."""
+    (seed, num_new): rows are independent of their neighbours and of the step at which they joined.
+    On a `mesh`, each `data` shard draws its own rows (`by_rows`)."""
     B = logits.shape[0]
     rows = jnp.arange(B)
     hist = (s.seen, s.counts) if s.seen.shape[1] else (None, None)
@@ -152,8 +153,8 @@ def record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, c
     if s.cons is not None:  # before every sampling transform: they choose among the allowed tokens
         allowed = jnp.where(con.allowed(s.cons, s.cstate, stop_ids), logits, -jnp.inf)
     gates = backend.resolve(paths).gates
-    draw = lambda a, k, p, *h: smp.sample(a, k, p, *(h or (None, None)), candidates, gates)
-    tok = by_rows(draw, mesh, B)(allowed, smp.row_keys(seeds, s.num_new), sp, *(h for h in hist if h is not None))
+    draw = lambda a, keys, p, h: smp.sample(a, keys, p, *h, candidates, gates)
+    tok = by_rows(draw, mesh, B)(allowed, smp.row_keys(seeds, s.num_new), sp, hist)
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B]; no [B, V] log-softmax is materialized
     tok = jnp.where(s.done, pad_id, tok)
@@ -232,7 +233,8 @@ def prefill(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, sp: s
     B = P * n decode rows: with n > 1 each prompt's cache row (and penalty history) is copied in-graph
     to its n rows (prompt-major: rows p * n .. p * n + n - 1), which then sample independently, so n
     samples cost one prefill. The per-row arguments (sp, max_new_tokens, stop_ids, seeds) have B rows.
-    With a `mesh`, the returned state is constrained to `sharding.state_shardings`; kv_quant="int8"
+    With a `mesh`, the returned state is constrained to `sharding.state_shardings` (and the cache held
+    in them through the layers: model.forward_hidden's stack_shardings); kv_quant="int8"
     keeps the KV cache in int8 (see jaxgen.cache); cache_extra adds ring slots (speculative rollback);
     penalties=False builds a state without the [B, V] penalty history (the penalty knobs are then
     ignored: `prepare` sets it from the request). stop_strings: the tables of `jaxgen.stops` with a
