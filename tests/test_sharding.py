@@ -47,16 +47,27 @@ def test_sharded_equals_single_device(case, mesh_shape, compile_counter):
     assert compile_counter.count() == before  # same shapes, other knobs and prompts: no recompilation
 
 
+def _collectives(model, **knobs):
+    """(dtype, shape, op_name or "") of every collective in the compiled generate program for PROMPTS,
+    and the request's Plan."""
+    import re
+
+    from jaxgen.engine import generate_jit
+    from jaxgen.generate import place, statics
+
+    _, args, p = prepare(model, PROMPTS, max_new_tokens=4, stop_ids=[], **knobs)
+    hlo = generate_jit.lower(model.params, **place(model, args), **statics(model, p)).compile().as_text()
+    found = re.findall(r"= (\w+)\[([\d,]*)\]\S* (?:all-gather|all-reduce|all-to-all|collective-permute)\("
+                       r"(?:.*op_name=\"([^\"]*)\")?", hlo)
+    return [(dtype, tuple(int(d) for d in shape.split(",") if d), op) for dtype, shape, op in found], p
+
+
 @pytest.mark.parametrize("layers", ["stacked", "unrolled"])
 def test_no_collective_moves_the_cache_or_the_penalty_history(layers):
     """On a data=2,model=4 mesh with 2 kv heads (which the rules replicate over `model`) and penalties on,
     no collective of the sharded program moves a KV cache stack ([L, B, S, K, H]: GSPMD split it by
     kv-head groups inside the layer loop and gathered it whole every decode step) or a row's whole
     vocabulary of the penalty history (split by rows alone, it was gathered every step too)."""
-    import re
-
-    from jaxgen.engine import generate_jit
-    from jaxgen.generate import place, statics
     from jaxgen.model import unstack_layers
 
     cfg = CONFIGS["gemma"]
@@ -65,11 +76,9 @@ def test_no_collective_moves_the_cache_or_the_penalty_history(layers):
     params = random_params(cfg)
     params = unstack_layers(params) if layers == "unrolled" else params
     model = Model(cfg, shd.shard_params(params, cfg, mesh), mesh=mesh)
-    _, args, p = prepare(model, PROMPTS, max_new_tokens=4, stop_ids=[], **KNOBS[1])
+    moved, p = _collectives(model, **KNOBS[1])
     assert p.penalties
-    hlo = generate_jit.lower(model.params, **place(model, args), **statics(model, p)).compile().as_text()
-    moved = re.findall(r"= (\w+)\[([\d,]+)\]\S* (?:all-gather|all-reduce|all-to-all|collective-permute)\(", hlo)
-    dims = [(dtype, tuple(int(d) for d in shape.split(","))) for dtype, shape in moved]
+    dims = [(dtype, shape) for dtype, shape, _ in moved]
     assert dims  # the program does communicate (the query heads and the vocabulary are split)
     assert not [d for d in dims if len(d[1]) == 5], "a cache stack crosses the mesh"
     assert not [d for d in dims if d[0] in ("pred", "s32") and d[1][1:] == (cfg.vocab_size,)], "penalty history"
@@ -79,20 +88,12 @@ def test_sampling_runs_on_each_devices_own_rows():
     """On the default mesh (every device on `data`) sampling's top-k moves nothing between devices:
     XLA's partitioner does not split lax.top_k by rows, so each step all-gathered every row's
     candidates to every device, which then chose every row's token (engine.by_rows)."""
-    import re
-
-    from jaxgen.engine import generate_jit
-    from jaxgen.generate import place, statics
-
     cfg = CONFIGS["qwen"]
     mesh = shd.make_mesh("data=8")
     model = Model(cfg, shd.shard_params(random_params(cfg), cfg, mesh), mesh=mesh)
-    _, args, p = prepare(model, PROMPTS, max_new_tokens=4, stop_ids=[], **KNOBS[1])
-    hlo = generate_jit.lower(model.params, **place(model, args), **statics(model, p)).compile().as_text()
-    moved = re.findall(r"= (\w+\[[\d,]*\])\S* (?:all-gather|all-reduce|all-to-all|collective-permute)\(.*"
-                       r"op_name=\"([^\"]*)\"", hlo)
+    moved, _ = _collectives(model, **KNOBS[1])
     assert moved  # the cache writes still exchange each new token's row indices
-    assert not [m for m in moved if "top_k" in m[1] or "sort" in m[1]], moved
+    assert not [m for m in moved if "top_k" in m[2] or "sort" in m[2]], moved
 
 
 def test_param_and_cache_shardings_follow_the_rules():
