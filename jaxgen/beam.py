@@ -31,7 +31,7 @@ from jaxgen import constraints as con
 from jaxgen import engine as eng
 from jaxgen import stops as sst
 from jaxgen.model import PREFILL_CHUNK, Params, forward_hidden, unembed
-from jaxgen.sharding import stack_shardings
+from jaxgen.sharding import by_rows, stack_shardings, top_k
 
 EARLY_STOPPING = {False: 0, True: 1, "never": 2}  # HF's early_stopping values -> their code here
 
@@ -98,8 +98,10 @@ def _finishing(s: eng.DecodeState, tok: jax.Array, max_new_tokens: jax.Array, st
     return is_stop | hit | closed | at_budget, code
 
 
-def step(b: BeamState, logits: jax.Array, max_new_tokens: jax.Array, stop_ids: jax.Array) -> BeamState:
-    """One beam-search step from the running rows' next-token logits [B, V] (see the module doc)."""
+def step(b: BeamState, logits: jax.Array, max_new_tokens: jax.Array, stop_ids: jax.Array, mesh=None) -> BeamState:
+    """One beam-search step from the running rows' next-token logits [B, V] (see the module doc). On a
+    `mesh` each `data` shard ranks its own prompts' continuations (`sharding.top_k`, `sharding.by_rows`:
+    a prompt's rows are on one shard)."""
     s = b.run
     P, K = b.score.shape
     B, V = logits.shape
@@ -111,7 +113,7 @@ def step(b: BeamState, logits: jax.Array, max_new_tokens: jax.Array, stop_ids: j
     if s.cons is not None:
         masked = jnp.where(con.allowed(s.cons, s.cstate, stop_ids), logits, -jnp.inf)
     masked = jnp.where(jnp.isnan(masked) | ~jnp.isfinite(lse), -jnp.inf, masked)  # NaN logits: no continuation
-    c_logit, c_tok = jax.lax.top_k(masked, J)  # [B, J] each beam's best continuations
+    c_logit, c_tok = top_k(masked, J, mesh)  # [B, J] each beam's best continuations
     c_lp = c_logit - lse  # raw-model log-probabilities (-inf where not allowed)
     total = (b.score.reshape(B, 1) + c_lp).reshape(P, K * J)
     fin, code = _finishing(s, c_tok, max_new_tokens, stop_ids)
@@ -119,9 +121,10 @@ def step(b: BeamState, logits: jax.Array, max_new_tokens: jax.Array, stop_ids: j
     active = ~s.done.reshape(P, K)[:, 0]  # [P] a prompt's rows are done together
     in_width = jnp.arange(K)[None, :] < b.width[:, None]  # [P, K]
     pick = lambda a, idx: jnp.take_along_axis(a, idx, axis=1)
+    best_k = lambda a: by_rows(lambda x: jax.lax.top_k(x, K), mesh, P)(a)  # [P, K] of a prompt's candidates
 
     # New finished hypotheses: the finishing ones among the prompt's best k continuations.
-    top, idx = jax.lax.top_k(total, K)  # [P, K]
+    top, idx = best_k(total)  # [P, K]
     new = active[:, None] & in_width & pick(fin, idx) & jnp.isfinite(top)
     length = pick(s.num_new.reshape(P, K), idx // J) + 1  # [P, K]
     new_score = jnp.where(new, top / length.astype(jnp.float32) ** b.length_penalty[:, None], -jnp.inf)
@@ -130,14 +133,14 @@ def step(b: BeamState, logits: jax.Array, max_new_tokens: jax.Array, stop_ids: j
     new_tokens = jnp.where(col, pick(c_tok, idx)[:, :, None], parents(s.tokens))
     new_lps = jnp.where(col, pick(c_lp, idx)[:, :, None], parents(s.logprobs))
     scores = jnp.concatenate([b.fin_score, new_score], axis=1)  # [P, 2K]: keep the best K
-    best, keep = jax.lax.top_k(scores, K)
+    best, keep = best_k(scores)
     merge = lambda old, cand: pick(jnp.concatenate([old, cand], axis=1),
                                    keep.reshape(keep.shape + (1,) * (old.ndim - 2)))
     b = b.replace(fin_score=best, fin_tokens=merge(b.fin_tokens, new_tokens), fin_logprobs=merge(b.fin_logprobs, new_lps),
                   fin_len=merge(b.fin_len, length), fin_finish=merge(b.fin_finish, pick(code, idx)))
 
     # Running beams: the best k continuations that do not finish.
-    r_score, r_idx = jax.lax.top_k(jnp.where(fin, -jnp.inf, total), K)  # [P, K]
+    r_score, r_idx = best_k(jnp.where(fin, -jnp.inf, total))  # [P, K]
     r_score = jnp.where(in_width & active[:, None], r_score, -jnp.inf)
     parent = jnp.where(active[:, None], r_idx // J, jnp.arange(K)[None, :])  # a done prompt's rows stay
     s = reorder(s, parent)
@@ -158,7 +161,7 @@ def step(b: BeamState, logits: jax.Array, max_new_tokens: jax.Array, stop_ids: j
 
 
 def init(state: eng.DecodeState, logits: jax.Array, width: jax.Array, length_penalty: jax.Array,
-         early_stopping: jax.Array, max_new_tokens: jax.Array, stop_ids: jax.Array) -> BeamState:
+         early_stopping: jax.Array, max_new_tokens: jax.Array, stop_ids: jax.Array, mesh=None) -> BeamState:
     """The beam state after the first step, from `engine.start`'s state of B = P * K rows and the
     prompts' first-token logits [B, V] (per-prompt knobs [P]; max_new_tokens, stop_ids per row)."""
     B, M = state.tokens.shape
@@ -171,7 +174,7 @@ def init(state: eng.DecodeState, logits: jax.Array, width: jax.Array, length_pen
                   fin_tokens=jnp.zeros((P, K, M), jnp.int32), fin_logprobs=jnp.zeros((P, K, M), jnp.float32),
                   fin_len=jnp.zeros((P, K), jnp.int32), fin_finish=jnp.zeros((P, K), jnp.int32),
                   fin_score=jnp.full((P, K), -jnp.inf, jnp.float32))
-    return step(b, logits, max_new_tokens, stop_ids)
+    return step(b, logits, max_new_tokens, stop_ids, mesh)
 
 
 def _constrain(b: BeamState, mesh) -> BeamState:
@@ -200,7 +203,7 @@ def beam_start(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, ma
                               stop_strings=stop_strings, prefix=prefix, prefill_chunk=prefill_chunk,
                               constraints=constraints, constraint_start=constraint_start, paths=eng._paths(paths, mesh),
                               adapters=adapters, mesh=mesh)
-    return _constrain(init(state, logits, width, length_penalty, early_stopping, max_new_tokens, stop_ids), mesh)
+    return _constrain(init(state, logits, width, length_penalty, early_stopping, max_new_tokens, stop_ids, mesh), mesh)
 
 
 def beam_loop(params: Params, b: BeamState, max_new_tokens: jax.Array, stop_ids: jax.Array, *, cfg, max_new: int,
@@ -217,7 +220,7 @@ def beam_loop(params: Params, b: BeamState, max_new_tokens: jax.Array, stop_ids:
         h, cache = forward_hidden(params, s.last[:, None], pos, s.cache, cfg, paths=paths,
                                   stack_shardings=stack_shardings(s.cache, mesh))
         return _constrain(step(b.replace(run=s.replace(cache=cache)), unembed(params, h[:, 0], cfg, paths),
-                               max_new_tokens, stop_ids), mesh)
+                               max_new_tokens, stop_ids, mesh), mesh)
 
     b = jax.lax.while_loop(cond, body, b)
     return BeamOutput(tokens=b.fin_tokens, num_new=b.fin_len, finish=jnp.where(jnp.isfinite(b.fin_score), b.fin_finish, 0),

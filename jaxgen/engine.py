@@ -27,7 +27,7 @@ from jaxgen import stops as sst
 from jaxgen.cache import KVCache, init_cache, padded_positions, ring_size
 from jaxgen.config import ModelConfig
 from jaxgen.model import PREFILL_CHUNK, Params, forward_hidden, prefill_hidden, unembed
-from jaxgen.sharding import stack_shardings
+from jaxgen.sharding import by_rows, stack_shardings, top_k
 
 STOP, LENGTH, STOP_STRING, CLOSED, ERROR = 1, 2, 3, 4, 5  # finish codes; 0 = still running
 # CLOSED: the row's constraint accepts its text and allows nothing more; ERROR: the row's logits were
@@ -128,19 +128,6 @@ def append_tokens(s: DecodeState, cand: jax.Array, avail: jax.Array, logprobs: j
     return state, n_emit
 
 
-def by_rows(f, mesh, B: int):
-    """f over arrays whose leading axis is the B rows, run on each `data` shard's rows by itself
-    (the `model` axis left to the compiler). Why: XLA's partitioner does not split lax.top_k by rows,
-    so sampling on a mesh all-gathered every row's candidates to every device each step (and every
-    device chose every row's token); a row's choice depends on its row alone, so the rows' shards
-    give the same tokens."""
-    data = 1 if mesh is None else mesh.shape.get("data", 1)
-    if data == 1 or B % data:
-        return f
-    rows = jax.sharding.PartitionSpec("data")
-    return jax.shard_map(f, mesh=mesh, in_specs=rows, out_specs=rows, axis_names={"data"})
-
-
 def record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, candidates, pad_id,
            paths: backend.Paths | None = None, mesh=None):
     """Sample one token per row from logits [B, V] and append it (`append_tokens`). Keyed by
@@ -153,14 +140,16 @@ def record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, c
     if s.cons is not None:  # before every sampling transform: they choose among the allowed tokens
         allowed = jnp.where(con.allowed(s.cons, s.cstate, stop_ids), logits, -jnp.inf)
     gates = backend.resolve(paths).gates
-    draw = lambda a, keys, p, h: smp.sample(a, keys, p, *h, candidates, gates)
+    # each device draws its own rows, and the candidates come from each model shard's own vocabulary
+    top = lambda x, k: top_k(x, k, mesh)
+    draw = lambda a, keys, p, h: smp.sample(a, keys, p, *h, candidates, gates, top)
     tok = by_rows(draw, mesh, B)(allowed, smp.row_keys(seeds, s.num_new), sp, hist)
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B]; no [B, V] log-softmax is materialized
     tok = jnp.where(s.done, pad_id, tok)
     idx = jnp.where(s.done, s.tokens.shape[1], s.num_new)  # done rows write nothing (dropped)
     if top_n:
-        top_lp, top_ids = by_rows(lambda a: jax.lax.top_k(a, top_n), mesh, B)(logits)
+        top_lp, top_ids = top_k(logits, top_n, mesh)
         top_lp = top_lp - lse[:, None]
         col = lambda buf, val: buf.at[rows, idx].set(val.astype(buf.dtype), mode="drop")
         s = s.replace(top_ids=col(s.top_ids, top_ids), top_logprobs=col(s.top_logprobs, top_lp))

@@ -163,18 +163,19 @@ def argmax(logits: jax.Array, block: int = 64) -> jax.Array:
     return (b * block + jnp.argmax(inner, axis=-1)).astype(jnp.int32)
 
 
-def top_candidates(logits: jax.Array, C: int, block: int = 64):
+def top_candidates(logits: jax.Array, C: int, block: int = 64, top=jax.lax.top_k):
     """(values [B, C] descending, ids [B, C]): the C largest logits of [B, V], exactly as a multiset.
     Two-level for a large vocabulary: the C blocks of `block` ids with the largest maxima hold the C
     largest values (a block left out has its maximum <= the C-th largest block maximum, and the C
     chosen blocks hold C values >= that), so lax.top_k runs over C * block ids instead of V
-    (Gemma's 262k vocabulary at batch 32: 17 ms -> ~3 ms)."""
+    (Gemma's 262k vocabulary at batch 32: 17 ms -> ~3 ms). `top`: lax.top_k or a function equal to
+    it (ties included) over the [B, V]-shaped arrays, as sharding.top_k is on a mesh."""
     B, V = logits.shape
     nb = V // block
     if nb < 4 * C or V % block:  # (every vocabulary jaxgen ships is a multiple of 64)
-        return jax.lax.top_k(logits, C)
+        return top(logits, C)
     x = logits.reshape(B, nb, block)
-    _, bi = jax.lax.top_k(jnp.max(x, axis=-1), C)  # [B, C] chosen blocks
+    _, bi = top(jnp.max(x, axis=-1), C)  # [B, C] chosen blocks
     sel = jnp.take_along_axis(x, bi[:, :, None], axis=1).reshape(B, C * block)
     # values gathered by index: a top_k whose indices go unused was rewritten by XLA into a full sort
     _, j = jax.lax.top_k(sel, C)
@@ -294,7 +295,7 @@ def _filtered(logits, sp: SamplingParams, candidates: int, gates: str = "cond"):
     return jnp.where(scaled >= thr[:, None], scaled, -jnp.inf)
 
 
-def _draw(keys, logits, sp: SamplingParams, candidates: int, gates: str = "cond"):
+def _draw(keys, logits, sp: SamplingParams, candidates: int, gates: str = "cond", top=jax.lax.top_k):
     """Stages 4-7 and the draw for sampled rows. A row whose kept set lies inside its C candidates
     (threshold above the last candidate's value, so no id outside them can tie) draws among the
     candidates; other rows (no top-k / top-p / min-p, or a nucleus wider than C) draw over the
@@ -303,7 +304,7 @@ def _draw(keys, logits, sp: SamplingParams, candidates: int, gates: str = "cond"
     filtered = (sp.top_k > 0) | (sp.top_p < 1.0) | (sp.min_p > 0.0)
     # Temperature (> 0) keeps the order: scale the C candidates, not the vocabulary ([B, V] passes
     # that write a new array cost ~15 ms each at batch 32 on CPU).
-    cand, ids = top_candidates(logits, C)  # [B, C]
+    cand, ids = top_candidates(logits, C, top=top)  # [B, C]
     cand = apply_temperature(cand, sp)
     scaled = lambda: apply_temperature(logits, sp)  # [B, V], only on the paths that need it
     thr = jnp.where(filtered, keep_threshold(scaled, sp, candidates, cand=cand, gates=gates), -jnp.inf)  # [B]
@@ -328,16 +329,17 @@ def distribution_logits(logits, sp: SamplingParams, seen=None, counts=None,
 
 
 def sample(logits, keys, sp: SamplingParams, seen=None, counts=None,
-           candidates: int = DEFAULT_CANDIDATES, gates: str = "cond") -> jax.Array:
+           candidates: int = DEFAULT_CANDIDATES, gates: str = "cond", top=jax.lax.top_k) -> jax.Array:
     """Token ids [B] from raw logits [B, V] after every transform in the module docstring's order.
 
     keys: [B] typed PRNG keys (see `row_keys`). seen/counts feed the penalties (None = no history).
-    gates (static): "cond" or "where" (see `_gate`; jaxgen.backend's choice).
+    gates (static): "cond" or "where" (see `_gate`; jaxgen.backend's choice). top: lax.top_k or a
+    function equal to it, for the candidates (`top_candidates`; sharding.top_k on a mesh).
     """
     # Each stage runs only when some row uses it (a traced `cond`, so no recompilation): a greedy
     # batch pays for one argmax, not for penalties, top-k candidates and a draw over 262k ids.
     logits = _biased(logits, sp, seen, counts, gates)
     greedy = argmax(logits)
-    drawn = _gate(jnp.any(sp.temperature > 0), lambda x: _draw(keys, x, sp, candidates, gates),
+    drawn = _gate(jnp.any(sp.temperature > 0), lambda x: _draw(keys, x, sp, candidates, gates, top),
                   lambda x: greedy, (logits,), gates=gates, passes=4, size=logits.size)
     return jnp.where(sp.temperature > 0, drawn, greedy)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -183,6 +184,52 @@ def state_shardings(state_shape, mesh: Mesh, rules: dict = RULES):
         seen=vocab(state_shape.seen), counts=vocab(state_shape.counts),
         step=NamedSharding(mesh, P()), stops=stops, cache=cache_shardings(state_shape.cache, mesh, rules),
         cons=jax.tree.map(full, state_shape.cons))  # constraint tables: read by every row
+
+
+def by_rows(f, mesh: Mesh | None, B: int):
+    """f over arrays whose leading axis is the B rows, run on each `data` shard's rows by itself
+    (the `model` axis left to the compiler). Why: XLA's partitioner does not split lax.top_k by rows,
+    so sampling on a mesh all-gathered every row's candidates to every device each step (and every
+    device chose every row's token); a row's choice depends on its row alone, so the rows' shards
+    give the same tokens."""
+    data = 1 if mesh is None else mesh.shape.get("data", 1)
+    if data == 1 or B % data:
+        return f
+    return jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P("data"), axis_names={"data"})
+
+
+def top_k(x: jax.Array, k: int, mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+    """lax.top_k(x, k) of x [B, V] laid out as the logits (rows on `data`, vocabulary on `model`):
+    each device takes the k best of its own rows' vocabulary slice, and the model shards' k * model
+    candidates are gathered and merged. Why: XLA gathers a split operand whole before a top_k (rows
+    and vocabulary: beam search moved every row's logits, [B, V], every step); this moves
+    [B / data, k * model]. Exact, ties included: lax.top_k prefers the lower index, and the merge
+    sees the shards in vocabulary order. Also inside `by_rows` (rows already split)."""
+    B, V = x.shape
+    data = 1 if mesh is None else mesh.shape.get("data", 1)
+    model = 1 if mesh is None else mesh.shape.get("model", 1)
+    rows = "data" if data > 1 and B % data == 0 else None
+    context = jax.sharding.get_abstract_mesh()
+    if mesh is not None and "data" in getattr(context, "manual_axes", ()):  # inside by_rows: x is a shard's rows
+        mesh, rows = context, None
+    # the merge moves k * model values and ids per row: split only where that is less than the row
+    vocab = "model" if model > 1 and V % model == 0 and 2 * k * model < V else None
+    if rows is None and vocab is None:
+        return jax.lax.top_k(x, k)
+
+    def local(a):  # [B / data, V / model]
+        val, idx = jax.lax.top_k(a, k)
+        if vocab is None:
+            return val, idx
+        idx = idx + jax.lax.axis_index("model") * a.shape[1]  # ids in the whole vocabulary
+        val, idx = (jax.lax.all_gather(t, "model", axis=1, tiled=True) for t in (val, idx))  # [., k * model]
+        val, j = jax.lax.top_k(val, k)
+        return val, jnp.take_along_axis(idx, j, axis=1)
+
+    # check_vma=False: the merged result is the same on every model shard (an all_gather's output is
+    # not inferred replicated), which out_specs without `model` states
+    return jax.shard_map(local, mesh=mesh, in_specs=P(rows, vocab), out_specs=P(rows),
+                         axis_names={a for a in (rows, vocab) if a}, check_vma=False)(x)
 
 
 def shard_params(params: Params, cfg: ModelConfig, mesh: Mesh, rules: dict = RULES) -> Params:

@@ -1,7 +1,11 @@
 """Sharded generation equals single-device generation bit for bit, on meshes of the 8 fake CPU
 devices; every param and cache leaf has the sharding the rules give; no recompilation on a rerun."""
+import dataclasses
+
+import jax
+import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jaxgen
 from jaxgen import sharding as shd
@@ -47,16 +51,25 @@ def test_sharded_equals_single_device(case, mesh_shape, compile_counter):
     assert compile_counter.count() == before  # same shapes, other knobs and prompts: no recompilation
 
 
-def _collectives(model, **knobs):
-    """(dtype, shape, op_name or "") of every collective in the compiled generate program for PROMPTS,
-    and the request's Plan."""
+def _collectives(model, top_logprobs=0, beams=0, **knobs):
+    """(dtype, shape, op_name or "") of every collective in the compiled generate program for PROMPTS
+    (the beam search program with `beams` > 0), and the request's Plan."""
     import re
 
+    from jaxgen.beam import beam_jit
     from jaxgen.engine import generate_jit
     from jaxgen.generate import place, statics
 
-    _, args, p = prepare(model, PROMPTS, max_new_tokens=4, stop_ids=[], **knobs)
-    hlo = generate_jit.lower(model.params, **place(model, args), **statics(model, p)).compile().as_text()
+    _, args, p = prepare(model, PROMPTS, max_new_tokens=4, stop_ids=[], n=max(beams, 1), **knobs)
+    if beams:
+        zeros = np.zeros(p.batch, np.int32)
+        args = {k: v for k, v in args.items() if k not in ("sp", "seeds")}
+        args.update(width=zeros + beams, length_penalty=zeros.astype(np.float32), early_stopping=zeros)
+        lowered = beam_jit.lower(model.params, **place(model, args), cfg=model.cfg, max_new=p.max_new,
+                                 cache_len=p.cache_len, beams=beams, mesh=model.mesh)
+    else:
+        lowered = generate_jit.lower(model.params, **place(model, args), **statics(model, p, top_logprobs))
+    hlo = lowered.compile().as_text()
     found = re.findall(r"= (\w+)\[([\d,]*)\]\S* (?:all-gather|all-reduce|all-to-all|collective-permute)\("
                        r"(?:.*op_name=\"([^\"]*)\")?", hlo)
     return [(dtype, tuple(int(d) for d in shape.split(",") if d), op) for dtype, shape, op in found], p
@@ -87,13 +100,58 @@ def test_no_collective_moves_the_cache_or_the_penalty_history(layers):
 def test_sampling_runs_on_each_devices_own_rows():
     """On the default mesh (every device on `data`) sampling's top-k moves nothing between devices:
     XLA's partitioner does not split lax.top_k by rows, so each step all-gathered every row's
-    candidates to every device, which then chose every row's token (engine.by_rows)."""
+    candidates to every device, which then chose every row's token (sharding.by_rows)."""
     cfg = CONFIGS["qwen"]
     mesh = shd.make_mesh("data=8")
     model = Model(cfg, shd.shard_params(random_params(cfg), cfg, mesh), mesh=mesh)
     moved, _ = _collectives(model, **KNOBS[1])
     assert moved  # the cache writes still exchange each new token's row indices
     assert not [m for m in moved if "top_k" in m[2] or "sort" in m[2]], moved
+
+
+def test_sampling_top_logprobs_and_beam_search_move_no_rows_vocabulary():
+    """On a data=2,model=4 mesh (vocabulary split on `model`), neither sampling's candidates, nor
+    top_logprobs, nor beam search's ranking of each beam's continuations gathers the logits: each device
+    takes the best of its own rows' vocabulary slice and only those cross the mesh (sharding.top_k;
+    before, every step all-gathered [rows, V]). Tokens, top log-probs and beams equal one device's."""
+    cfg = dataclasses.replace(CONFIGS["gemma"], vocab_size=4096)  # 2 k model < V for k = 256 candidates
+    params = random_params(cfg, seed=5)
+    mesh = shd.make_mesh("data=2,model=4")
+    model = Model(cfg, shd.shard_params(params, cfg, mesh), mesh=mesh)
+    sampled = dict(temperature=0.9, top_k=20, seed=4)
+    for request in (dict(beams=4), dict(top_logprobs=5, **sampled)):
+        moved, _ = _collectives(model, **request)
+        assert moved
+        assert not [m for m in moved if cfg.vocab_size in m[1]], (request, moved)
+    base = Model(cfg, params)
+    kw = dict(max_new_tokens=6, stop_ids=[])
+    for request in (dict(top_logprobs=5, **sampled), dict(num_beams=4, return_beams=True)):
+        want, got = (jaxgen.generate(m, PROMPTS[:4], **kw, **request) for m in (base, model))
+        assert [c.tokens for c in got] == [c.tokens for c in want], request
+        top = lambda out: [[i for step in c.top_logprobs for i, _ in step] for c in out if c.top_logprobs]
+        assert top(got) == top(want)
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES + [(2, 2)], ids=[f"{d}x{m}" for d, m in MESHES + [(2, 2)]])
+def test_top_k_on_a_mesh_equals_lax_top_k(mesh_shape):
+    """sharding.top_k (each shard's k best, merged) == lax.top_k, values and ids, ties (lower id first),
+    -inf and NaN included; rows that do not divide `data`, and k whose merge would move more than the
+    row itself (2 k model >= V), fall back to lax.top_k."""
+    devices = np.asarray(jax.devices()[:mesh_shape[0] * mesh_shape[1]])
+    mesh = shd.make_mesh({"data": mesh_shape[0], "model": mesh_shape[1]}, devices=devices)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 6, (16, 256)).astype(np.float32)  # few values: ties everywhere
+    x[8:] = rng.normal(size=(8, 256))  # and rows whose best ids are spread over the shards
+    x[1] = np.nan
+    x[2, ::5] = np.nan
+    x[3, 40:] = -np.inf
+    x[4] = -np.inf
+    for rows, k in ((16, 7), (16, 12), (16, 128 // mesh_shape[1]), (6, 5)):
+        a = jax.device_put(x[:rows], NamedSharding(mesh, P("data" if rows % mesh_shape[0] == 0 else None, "model")))
+        got = jax.jit(lambda a: shd.top_k(a, k, mesh))(a)
+        want = jax.lax.top_k(x[:rows], k)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=f"rows={rows} k={k}")
 
 
 def test_param_and_cache_shardings_follow_the_rules():
