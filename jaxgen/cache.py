@@ -152,13 +152,40 @@ def slots_for(positions: jax.Array, lengths: jax.Array, size: int) -> jax.Array:
     return jnp.where(keep, positions % max(size, 1), size)
 
 
-def write(buf: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+def write(buf: jax.Array, new: jax.Array, slots: jax.Array, by_row: bool = False) -> jax.Array:
     """Scatter new [B, T, ...] into buf [B, W, ...] at slots [B, T]; out-of-range slots are dropped.
-    A quantized buffer is an (int8, scale) pair; `new` is then quantized first."""
+    A quantized buffer is an (int8, scale) pair; `new` is then quantized first. by_row: the row a batch
+    dimension of the scatter (vmapped), not an index: on a mesh each device then writes its own rows
+    (GSPMD all-gathers indexed rows' slots and values to every device; see model._write_layer)."""
     if isinstance(buf, tuple):
-        return tuple(write(b, n, slots) for b, n in zip(buf, quantize_kv(new)))
+        return tuple(write(b, n, slots, by_row) for b, n in zip(buf, quantize_kv(new)))
+    if by_row:
+        return row_scatter(buf, new, slots)
     rows = jnp.arange(buf.shape[0])[:, None]
     return bit_scatter(buf, (rows, slots), new)
+
+
+def row_scatter(buf: jax.Array, new: jax.Array, slots: jax.Array, layer=None) -> jax.Array:
+    """buf [B, W, ...] (or a stack [L, B, W, ...] at `layer`) with new [B, T, ...] set at each row's
+    slots [B, T]; out-of-range slots dropped. One scatter whose rows are a batching dimension (the
+    operand's and the indices'), not indices: GSPMD then keeps each device's rows on it (with rows as
+    indices it all-gathered every row's slots and values to every device), and no axis is moved (a
+    jax.vmap of the indexed form transposed the whole stack, and the transposed copy was gathered
+    across the mesh). As bit_scatter, a bfloat16 buffer goes by its bit pattern where
+    backend.cpu_bf16_normalized()."""
+    new = new.astype(buf.dtype)
+    if buf.dtype == jnp.bfloat16 and backend.cpu_bf16_normalized():
+        bits = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16)
+        return jax.lax.bitcast_convert_type(row_scatter(bits(buf), bits(new), slots, layer), jnp.bfloat16)
+    row = 0 if layer is None else 1  # buf's row axis
+    idx = slots[..., None].astype(jnp.int32)  # [B, T, 1]: the slot
+    if layer is not None:  # [B, T, 2]: (layer, slot)
+        idx = jnp.concatenate([jnp.broadcast_to(jnp.asarray(layer, jnp.int32), idx.shape), idx], axis=-1)
+    inserted = (row + 1,) if layer is None else (0, 2)  # the slot axis (and the layer axis): one element each
+    dims = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=tuple(range(2, new.ndim)), inserted_window_dims=inserted,
+        scatter_dims_to_operand_dims=inserted, operand_batching_dims=(row,), scatter_indices_batching_dims=(0,))
+    return jax.lax.scatter(buf, idx, new, dims, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
 
 def bit_scatter(buf: jax.Array, index: tuple, new: jax.Array) -> jax.Array:

@@ -78,6 +78,15 @@ class GenerateOutput:
     steps: jax.Array  # [] int32 decode-loop iterations run (+1 for the token sampled after prefill)
 
 
+def set_rows(buf: jax.Array, cols: jax.Array, vals: jax.Array, add: bool = False) -> jax.Array:
+    """buf [B, N, ...] with vals [B, J, ...] set (or added) at cols [B, J] of each row; out-of-range
+    columns dropped. Vmapped: the row a batch dimension of the scatter, not an index, so that on a
+    mesh each device writes its own rows (with rows as indices GSPMD all-gathered every row's columns
+    and values to every device, several collectives per decode step)."""
+    one = lambda b, c, v: (b.at[c].add if add else b.at[c].set)(v.astype(b.dtype), mode="drop")
+    return jax.vmap(one)(buf, cols, vals)
+
+
 def append_tokens(s: DecodeState, cand: jax.Array, avail: jax.Array, logprobs: jax.Array,
                   max_new_tokens: jax.Array, stop_ids: jax.Array):
     """Append up to J new tokens per row: the first avail [B] of cand [B, J] (raw-model logprobs
@@ -106,18 +115,16 @@ def append_tokens(s: DecodeState, cand: jax.Array, avail: jax.Array, logprobs: j
     by_id = at_stop(is_stop)  # a stop id that also completes a stop string counts as the id
     by_string = at_stop(str_hit)  # ... and a string completed on a closing token as the string
     hit_len = active & ~hit_stop & (s.num_new + n_emit >= max_new_tokens)
-    r2 = jnp.arange(B)[:, None]
     cols = jnp.where(emit, s.num_new[:, None] + j, M)  # out of range -> dropped
     seen, counts = s.seen, s.counts
     if V:  # penalty history: the emitted tokens become seen and counted
         ids = jnp.where(emit, cand, V)
-        seen = seen.at[r2, ids].set(True, mode="drop")
-        counts = counts.at[r2, ids].add(1, mode="drop")
+        seen = set_rows(seen, ids, jnp.ones_like(emit))
+        counts = set_rows(counts, ids, jnp.ones_like(cand), add=True)
     at_last = lambda a: jnp.take_along_axis(a, jnp.maximum(n_emit - 1, 0)[:, None], 1)[:, 0]
     last = at_last(cand)
     state = s.replace(
-        step=s.step + 1, tokens=s.tokens.at[r2, cols].set(cand, mode="drop"),
-        logprobs=s.logprobs.at[r2, cols].set(logprobs.astype(jnp.float32), mode="drop"),
+        step=s.step + 1, tokens=set_rows(s.tokens, cols, cand), logprobs=set_rows(s.logprobs, cols, logprobs),
         last=jnp.where(n_emit > 0, last, s.last), done=s.done | hit_stop | hit_len,
         finish=jnp.where(hit_stop, jnp.where(by_id, STOP, jnp.where(by_string, STOP_STRING, CLOSED)),
                          jnp.where(hit_len, LENGTH, s.finish)),
@@ -134,7 +141,6 @@ def record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, c
     (seed, num_new): rows are independent of their neighbours and of the step at which they joined.
     On a `mesh`, each `data` shard draws its own rows (`by_rows`)."""
     B = logits.shape[0]
-    rows = jnp.arange(B)
     hist = (s.seen, s.counts) if s.seen.shape[1] else (None, None)
     allowed = logits
     if s.cons is not None:  # before every sampling transform: they choose among the allowed tokens
@@ -151,10 +157,11 @@ def record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, c
     if top_n:
         top_lp, top_ids = top_k(logits, top_n, mesh)
         top_lp = top_lp - lse[:, None]
-        col = lambda buf, val: buf.at[rows, idx].set(val.astype(buf.dtype), mode="drop")
+        col = lambda buf, val: set_rows(buf, idx[:, None], val[:, None])
         s = s.replace(top_ids=col(s.top_ids, top_ids), top_logprobs=col(s.top_logprobs, top_lp))
     broken = ~jnp.isfinite(lse) & ~s.done  # a NaN or +inf logit (or none finite): end the row, emit nothing
-    s, _ = append_tokens(s, tok[:, None], (~broken).astype(jnp.int32), (logits[rows, tok] - lse)[:, None],
+    chosen = jnp.take_along_axis(logits, tok[:, None], 1)[:, 0]  # [B] (not logits[rows, tok]: see set_rows)
+    s, _ = append_tokens(s, tok[:, None], (~broken).astype(jnp.int32), (chosen - lse)[:, None],
                          max_new_tokens, stop_ids)
     return s.replace(done=s.done | broken, finish=jnp.where(broken, ERROR, s.finish))
 
@@ -172,7 +179,6 @@ def start(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, max_new
     P, T = prompts.shape
     B = P * n
     V = cfg.vocab_size
-    rows = jnp.arange(P)
     positions = padded_positions(prompt_lengths, T)  # [P, T]
     if prefix is None:
         cache = init_cache(cfg, P, cache_len, params.embed.dtype, extra=cache_extra, kv_quant=kv_quant)
@@ -186,7 +192,7 @@ def start(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, max_new
     logits = unembed(params, h_last, cfg, paths)  # [P, V]
 
     H = V if penalties else 0
-    seen = jnp.zeros((P, H), bool).at[rows[:, None], jnp.where(positions >= 0, prompts, H)].set(True, mode="drop")
+    seen = set_rows(jnp.zeros((P, H), bool), jnp.where(positions >= 0, prompts, H), jnp.ones(prompts.shape, bool))
     if prefix is not None:
         seen = seen.at[:, jnp.where(prefix.tokens >= 0, prefix.tokens, H)].set(True, mode="drop")
     stop_strings = _no_stop_strings(V, B) if stop_strings is None else jax.tree.map(jnp.asarray, stop_strings)

@@ -63,3 +63,41 @@ def test_bfloat16_scatter_by_bit_pattern():
     want = buf.astype(jnp.float32).at[rows, slots].set(new.astype(jnp.bfloat16).astype(jnp.float32), mode="drop")
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("layer", [None, 2])
+def test_row_scatter_equals_the_indexed_write(dtype, layer, monkeypatch):
+    """The rows-as-a-batching-dimension scatter (cache.row_scatter, the cache writes on a mesh) writes what
+    the indexed one does: each row's new keys at its slots of `layer` (or of a [B, W, ...] buffer), slots
+    out of range dropped; bfloat16 by value and by bit pattern, an int8 (values, scales) pair quantized."""
+    from jaxgen import backend
+    from jaxgen.cache import quantize_kv, row_scatter, write
+
+    rng = np.random.default_rng(0)
+    L, B, T, W, K, H = 3, 4, 3, 7, 2, 5
+    lead = () if layer is None else (L,)
+    slots = np.stack([rng.permutation(W + 3)[:T] for _ in range(B)])  # distinct per row; >= W dropped
+    assert (slots >= W).any() and (slots < W).any()
+    new = jnp.asarray(rng.normal(size=(B, T, K, H)), jnp.float32)
+    idx = ((layer,) if layer is not None else ()) + (np.arange(B)[:, None], jnp.asarray(slots))
+    if dtype == "int8":
+        buf = quantize_kv(jnp.asarray(rng.normal(size=lead + (B, W, K, H)), jnp.float32))
+        if layer is None:
+            got = write(buf, new, jnp.asarray(slots), by_row=True)
+        else:
+            got = tuple(row_scatter(b, n, jnp.asarray(slots), layer) for b, n in zip(buf, quantize_kv(new)))
+        want = tuple(b.at[idx].set(n, mode="drop") for b, n in zip(buf, quantize_kv(new)))
+    else:
+        buf = jnp.asarray(rng.normal(size=lead + (B, W, K, H)), dtype)
+        want = buf.at[idx].set(new.astype(dtype), mode="drop")
+        got = row_scatter(buf, new, jnp.asarray(slots), layer)
+        if dtype == "bfloat16":  # and by the bit pattern (a user's jit on XLA:CPU)
+            monkeypatch.setattr(backend, "cpu_bf16_normalized", lambda: True)
+            bits = row_scatter(buf, new, jnp.asarray(slots), layer)
+            assert bits.dtype == jnp.bfloat16
+            np.testing.assert_array_equal(np.asarray(bits, np.float32), np.asarray(want, np.float32))
+        got, want = (got,), (want,)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))

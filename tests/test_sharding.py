@@ -97,16 +97,19 @@ def test_no_collective_moves_the_cache_or_the_penalty_history(layers):
     assert not [d for d in dims if d[0] in ("pred", "s32") and d[1][1:] == (cfg.vocab_size,)], "penalty history"
 
 
-def test_sampling_runs_on_each_devices_own_rows():
-    """On the default mesh (every device on `data`) sampling's top-k moves nothing between devices:
-    XLA's partitioner does not split lax.top_k by rows, so each step all-gathered every row's
-    candidates to every device, which then chose every row's token (sharding.by_rows)."""
-    cfg = CONFIGS["qwen"]
+@pytest.mark.parametrize("name,beams", [("gemma", 0), ("qwen", 4)])
+def test_data_parallel_programs_move_only_the_done_flag(name, beams):
+    """On the default mesh (every device on `data`) rows are independent, and the compiled program
+    (prefill and decode loop) moves nothing between devices but the loop's "every row done" flag.
+    Before: sampling's and top_logprobs' top-k gathered every row to every device (sharding.by_rows),
+    and every cache, position, token and penalty-history write all-gathered every row's slots and
+    values, with rows as scatter indices (cache.row_scatter, engine.set_rows): 4 collectives per
+    layer per step."""
+    cfg = CONFIGS[name]
     mesh = shd.make_mesh("data=8")
     model = Model(cfg, shd.shard_params(random_params(cfg), cfg, mesh), mesh=mesh)
-    moved, _ = _collectives(model, **KNOBS[1])
-    assert moved  # the cache writes still exchange each new token's row indices
-    assert not [m for m in moved if "top_k" in m[2] or "sort" in m[2]], moved
+    moved, _ = _collectives(model, beams=beams, **({} if beams else dict(top_logprobs=3, **KNOBS[1])))
+    assert moved and all(dtype == "pred" and shape == () for dtype, shape, _ in moved), moved
 
 
 def test_sampling_top_logprobs_and_beam_search_move_no_rows_vocabulary():
