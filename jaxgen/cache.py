@@ -154,9 +154,9 @@ def slots_for(positions: jax.Array, lengths: jax.Array, size: int) -> jax.Array:
 
 def write(buf: jax.Array, new: jax.Array, slots: jax.Array, by_row: bool = False) -> jax.Array:
     """Scatter new [B, T, ...] into buf [B, W, ...] at slots [B, T]; out-of-range slots are dropped.
-    A quantized buffer is an (int8, scale) pair; `new` is then quantized first. by_row: the row a batch
-    dimension of the scatter (vmapped), not an index: on a mesh each device then writes its own rows
-    (GSPMD all-gathers indexed rows' slots and values to every device; see model._write_layer)."""
+    A quantized buffer is an (int8, scale) pair; `new` is then quantized first. by_row: the row a
+    batching dimension of the scatter (`row_scatter`), not an index: on a mesh each device then writes
+    its own rows (GSPMD all-gathers indexed rows' slots and values to every device)."""
     if isinstance(buf, tuple):
         return tuple(write(b, n, slots, by_row) for b, n in zip(buf, quantize_kv(new)))
     if by_row:
