@@ -176,8 +176,12 @@ def _flat_of(node: dict, where: str) -> dict:
     for key in node:
         if key in _REFUSED:
             _fail(where, f"JSON schema keyword {key!r} is not supported ({_REFUSED[key]})")
-    # the node as jsonschema checks values against it (its anyOf / oneOf are distributed, not checked)
-    flat = {"_sources": [{k: v for k, v in node.items() if k not in ("anyOf", "oneOf")}]}
+    # the node as jsonschema checks values against it, less what is merged or distributed with its own
+    # sources: its anyOf / oneOf / if-then-else (choices) and its allOf / $ref (flattened into it). A
+    # oneOf kept in a source decided its own disjointness: a value both branches admit fails the oneOf,
+    # so it "proved" the branches disjoint (oneOf [boolean, enum [true]] under an allOf wrote `true`)
+    distributed = ("anyOf", "oneOf", "if", "then", "else", "allOf", "$ref")
+    flat = {"_sources": [{k: v for k, v in node.items() if k not in distributed}]}
     t = node.get("type")
     if t is not None:
         names = [t] if isinstance(t, str) else t if isinstance(t, list) else _fail(where, f"'type' {t!r:.60}")

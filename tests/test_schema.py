@@ -223,6 +223,24 @@ def test_exact_on_documents(schema, docs):
         assert bool(re.fullmatch(regex, text_of(doc))) == v.is_valid(doc), (schema, doc)
 
 
+@pytest.mark.parametrize("wrap", [
+    lambda o: {"allOf": [o]},
+    lambda o: {"$defs": {"o": o}, "$ref": "#/$defs/o"},
+    lambda o: {"if": {"properties": {"k": {"const": "a"}}}, "then": o},  # if holds for every non-object
+    lambda o: {"type": "object", "patternProperties": {"^x-": o}, "additionalProperties": False},
+], ids=["allOf", "$ref", "then", "patternProperties"])
+def test_overlapping_oneof_is_refused_wherever_it_sits(wrap):
+    """oneOf [boolean, enum [true]]: `true` matches both, so no value written for it may be `true`.
+    Nested in an allOf, a $ref, a `then` or a patternProperties value (compiled as an allOf), the
+    node's own source still held the oneOf, which then "proved" its branches disjoint and wrote `true`
+    (found by test_random_schemas_sound_and_complete): refused, as at the top level."""
+    overlapping = {"oneOf": [{"type": "null"}, {"type": "boolean"}, {"enum": [True]}]}
+    with pytest.raises(ValueError, match="'oneOf' branches 1 and 2 can both match a value"):
+        S.to_regex(overlapping)
+    with pytest.raises(ValueError, match="'oneOf' branches 1 and 2 can both match a value"):
+        S.to_regex(wrap(overlapping))
+
+
 def test_allof_additional_properties_trap_is_exact():
     """allOf branches each closing their keys admit no object with keys from both: refused as empty,
     never written as if the keys merged."""
