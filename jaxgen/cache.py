@@ -165,16 +165,17 @@ def write(buf: jax.Array, new: jax.Array, slots: jax.Array, by_row: bool = False
     return bit_scatter(buf, (rows, slots), new)
 
 
-def row_scatter(buf: jax.Array, new: jax.Array, slots: jax.Array, layer=None) -> jax.Array:
-    """buf [B, W, ...] (or a stack [L, B, W, ...] at `layer`) with new [B, T, ...] set at each row's
-    slots [B, T]; out-of-range slots dropped. One scatter whose rows are a batching dimension (the
-    operand's and the indices'), not indices: GSPMD then keeps each device's rows on it (with rows as
-    indices it all-gathered every row's slots and values to every device), and no axis is moved (a
-    jax.vmap of the indexed form transposed the whole stack, and the transposed copy was gathered
-    across the mesh). As bit_scatter, a bfloat16 buffer goes by its bit pattern where
-    backend.cpu_bf16_normalized()."""
+def row_scatter(buf: jax.Array, new: jax.Array, slots: jax.Array, layer=None, add: bool = False) -> jax.Array:
+    """buf [B, W, ...] (or a stack [L, B, W, ...] at `layer`) with new [B, T, ...] set (add: added,
+    repeated slots accumulating) at each row's slots [B, T]; out-of-range slots dropped. The cache's
+    writes on a mesh and every per-row write of the decode state (tokens, log-probs, penalty history).
+    One scatter whose rows are a batching dimension (the operand's and the indices'), not indices:
+    GSPMD then keeps each device's rows on it (with rows as indices it all-gathered every row's slots
+    and values to every device), and no axis is moved (a jax.vmap of the indexed form transposed the
+    whole stack, and the transposed copy was gathered across the mesh). As bit_scatter, a bfloat16
+    buffer is set by its bit pattern where backend.cpu_bf16_normalized()."""
     new = new.astype(buf.dtype)
-    if buf.dtype == jnp.bfloat16 and backend.cpu_bf16_normalized():
+    if buf.dtype == jnp.bfloat16 and backend.cpu_bf16_normalized() and not add:
         bits = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16)
         return jax.lax.bitcast_convert_type(row_scatter(bits(buf), bits(new), slots, layer), jnp.bfloat16)
     row = 0 if layer is None else 1  # buf's row axis
@@ -185,7 +186,8 @@ def row_scatter(buf: jax.Array, new: jax.Array, slots: jax.Array, layer=None) ->
     dims = jax.lax.ScatterDimensionNumbers(
         update_window_dims=tuple(range(2, new.ndim)), inserted_window_dims=inserted,
         scatter_dims_to_operand_dims=inserted, operand_batching_dims=(row,), scatter_indices_batching_dims=(0,))
-    return jax.lax.scatter(buf, idx, new, dims, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
+    scatter = jax.lax.scatter_add if add else jax.lax.scatter
+    return scatter(buf, idx, new, dims, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
 
 def bit_scatter(buf: jax.Array, index: tuple, new: jax.Array) -> jax.Array:

@@ -24,7 +24,7 @@ from jaxgen import backend
 from jaxgen import constraints as con
 from jaxgen import sampling as smp
 from jaxgen import stops as sst
-from jaxgen.cache import KVCache, init_cache, padded_positions, ring_size
+from jaxgen.cache import KVCache, init_cache, padded_positions, ring_size, row_scatter
 from jaxgen.config import ModelConfig
 from jaxgen.model import PREFILL_CHUNK, Params, forward_hidden, prefill_hidden, unembed
 from jaxgen.sharding import by_rows, stack_shardings, top_k
@@ -78,15 +78,6 @@ class GenerateOutput:
     steps: jax.Array  # [] int32 decode-loop iterations run (+1 for the token sampled after prefill)
 
 
-def set_rows(buf: jax.Array, cols: jax.Array, vals: jax.Array, add: bool = False) -> jax.Array:
-    """buf [B, N, ...] with vals [B, J, ...] set (or added) at cols [B, J] of each row; out-of-range
-    columns dropped. Vmapped: the row a batch dimension of the scatter, not an index, so that on a
-    mesh each device writes its own rows (with rows as indices GSPMD all-gathered every row's columns
-    and values to every device, several collectives per decode step)."""
-    one = lambda b, c, v: (b.at[c].add if add else b.at[c].set)(v.astype(b.dtype), mode="drop")
-    return jax.vmap(one)(buf, cols, vals)
-
-
 def append_tokens(s: DecodeState, cand: jax.Array, avail: jax.Array, logprobs: jax.Array,
                   max_new_tokens: jax.Array, stop_ids: jax.Array):
     """Append up to J new tokens per row: the first avail [B] of cand [B, J] (raw-model logprobs
@@ -119,12 +110,12 @@ def append_tokens(s: DecodeState, cand: jax.Array, avail: jax.Array, logprobs: j
     seen, counts = s.seen, s.counts
     if V:  # penalty history: the emitted tokens become seen and counted
         ids = jnp.where(emit, cand, V)
-        seen = set_rows(seen, ids, jnp.ones_like(emit))
-        counts = set_rows(counts, ids, jnp.ones_like(cand), add=True)
+        seen = row_scatter(seen, jnp.ones_like(emit), ids)
+        counts = row_scatter(counts, jnp.ones_like(cand), ids, add=True)
     at_last = lambda a: jnp.take_along_axis(a, jnp.maximum(n_emit - 1, 0)[:, None], 1)[:, 0]
     last = at_last(cand)
     state = s.replace(
-        step=s.step + 1, tokens=set_rows(s.tokens, cols, cand), logprobs=set_rows(s.logprobs, cols, logprobs),
+        step=s.step + 1, tokens=row_scatter(s.tokens, cand, cols), logprobs=row_scatter(s.logprobs, logprobs, cols),
         last=jnp.where(n_emit > 0, last, s.last), done=s.done | hit_stop | hit_len,
         finish=jnp.where(hit_stop, jnp.where(by_id, STOP, jnp.where(by_string, STOP_STRING, CLOSED)),
                          jnp.where(hit_len, LENGTH, s.finish)),
@@ -157,10 +148,10 @@ def record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, c
     if top_n:
         top_lp, top_ids = top_k(logits, top_n, mesh)
         top_lp = top_lp - lse[:, None]
-        col = lambda buf, val: set_rows(buf, idx[:, None], val[:, None])
+        col = lambda buf, val: row_scatter(buf, val[:, None], idx[:, None])
         s = s.replace(top_ids=col(s.top_ids, top_ids), top_logprobs=col(s.top_logprobs, top_lp))
     broken = ~jnp.isfinite(lse) & ~s.done  # a NaN or +inf logit (or none finite): end the row, emit nothing
-    chosen = jnp.take_along_axis(logits, tok[:, None], 1)[:, 0]  # [B] (not logits[rows, tok]: see set_rows)
+    chosen = jnp.take_along_axis(logits, tok[:, None], 1)[:, 0]  # [B] (not logits[rows, tok]: see cache.row_scatter)
     s, _ = append_tokens(s, tok[:, None], (~broken).astype(jnp.int32), (chosen - lse)[:, None],
                          max_new_tokens, stop_ids)
     return s.replace(done=s.done | broken, finish=jnp.where(broken, ERROR, s.finish))
@@ -192,7 +183,7 @@ def start(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, max_new
     logits = unembed(params, h_last, cfg, paths)  # [P, V]
 
     H = V if penalties else 0
-    seen = set_rows(jnp.zeros((P, H), bool), jnp.where(positions >= 0, prompts, H), jnp.ones(prompts.shape, bool))
+    seen = row_scatter(jnp.zeros((P, H), bool), jnp.ones(prompts.shape, bool), jnp.where(positions >= 0, prompts, H))
     if prefix is not None:
         seen = seen.at[:, jnp.where(prefix.tokens >= 0, prefix.tokens, H)].set(True, mode="drop")
     stop_strings = _no_stop_strings(V, B) if stop_strings is None else jax.tree.map(jnp.asarray, stop_strings)

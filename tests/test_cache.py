@@ -101,3 +101,24 @@ def test_row_scatter_equals_the_indexed_write(dtype, layer, monkeypatch):
     for g, w in zip(got, want):
         assert g.dtype == w.dtype
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["int32", "float32", "bfloat16"])
+def test_row_scatter_add_accumulates_repeated_slots(dtype, monkeypatch):
+    """add=True (the penalty counts: a block of speculative tokens may repeat one) adds every update,
+    repeated slots included, as buf.at[rows, slots].add does; a bfloat16 buffer is added by value even
+    where a set goes by bit pattern (adding bit patterns would be wrong)."""
+    from jaxgen import backend
+    from jaxgen.cache import row_scatter
+
+    rng = np.random.default_rng(1)
+    B, T, W = 4, 6, 5
+    slots = rng.integers(0, W + 2, size=(B, T))  # repeats within a row; >= W dropped
+    assert any(len(set(r)) < T for r in slots.tolist()) and (slots >= W).any()
+    buf = jnp.asarray(rng.integers(0, 3, size=(B, W)), dtype)
+    new = jnp.asarray(rng.integers(1, 4, size=(B, T)), dtype)
+    want = buf.at[np.arange(B)[:, None], jnp.asarray(slots)].add(new, mode="drop")
+    monkeypatch.setattr(backend, "cpu_bf16_normalized", lambda: True)
+    got = row_scatter(buf, new, jnp.asarray(slots), add=True)
+    assert got.dtype == buf.dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

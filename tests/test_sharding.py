@@ -103,7 +103,7 @@ def test_data_parallel_programs_move_only_the_done_flag(name, beams):
     (prefill and decode loop) moves nothing between devices but the loop's "every row done" flag.
     Before: sampling's and top_logprobs' top-k gathered every row to every device (sharding.by_rows),
     and every cache, position, token and penalty-history write all-gathered every row's slots and
-    values, with rows as scatter indices (cache.row_scatter, engine.set_rows): 4 collectives per
+    values, with rows as scatter indices (now cache.row_scatter: rows a batching dimension): 4 collectives per
     layer per step."""
     cfg = CONFIGS[name]
     mesh = shd.make_mesh("data=8")
