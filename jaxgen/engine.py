@@ -138,7 +138,7 @@ def record(s: DecodeState, logits, sp, max_new_tokens, stop_ids, seeds, top_n, c
         allowed = jnp.where(con.allowed(s.cons, s.cstate, stop_ids), logits, -jnp.inf)
     gates = backend.resolve(paths).gates
     # each device draws its own rows, and the candidates come from each model shard's own vocabulary
-    top = lambda x, k: top_k(x, k, mesh)
+    top = lambda x, k: top_k(x, k, mesh, local=smp.top_candidates)
     draw = lambda a, keys, p, h: smp.sample(a, keys, p, *h, candidates, gates, top)
     tok = by_rows(draw, mesh, B)(allowed, smp.row_keys(seeds, s.num_new), sp, hist)
     logits = logits.astype(jnp.float32)

@@ -163,19 +163,24 @@ def argmax(logits: jax.Array, block: int = 64) -> jax.Array:
     return (b * block + jnp.argmax(inner, axis=-1)).astype(jnp.int32)
 
 
-def top_candidates(logits: jax.Array, C: int, block: int = 64, top=jax.lax.top_k):
-    """(values [B, C] descending, ids [B, C]): the C largest logits of [B, V], exactly as a multiset.
-    Two-level for a large vocabulary: the C blocks of `block` ids with the largest maxima hold the C
-    largest values (a block left out has its maximum <= the C-th largest block maximum, and the C
-    chosen blocks hold C values >= that), so lax.top_k runs over C * block ids instead of V
-    (Gemma's 262k vocabulary at batch 32: 17 ms -> ~3 ms). `top`: lax.top_k or a function equal to
-    it (ties included) over the [B, V]-shaped arrays, as sharding.top_k is on a mesh."""
+def top_candidates(logits: jax.Array, C: int, block: int = 64):
+    """lax.top_k(logits, C) of [B, V] (values descending, ties to the lower id), computed in two levels
+    for a large vocabulary: the C blocks of `block` ids with the largest maxima hold the C largest
+    values (a block left out has its maximum <= the C-th largest block maximum, and the C chosen blocks
+    hold C values >= that), so lax.top_k runs over C * block ids instead of V (Gemma's 262k vocabulary
+    at batch 32: 17 ms -> ~3 ms). Ties go to the lower id as in lax.top_k: the chosen blocks are
+    read in vocabulary order, and every tied value lax.top_k keeps is inside them (a block left out
+    that holds one has the C-th block maximum, and the chosen blocks with that maximum, one tied value
+    each and at least as many as lax.top_k keeps, have lower ids: lax.top_k over the maxima keeps the
+    lower). Equal, not just the same multiset, so that a mesh may run it on each device's slice of
+    the vocabulary and merge (sharding.top_k, local=top_candidates) and still draw what one device does."""
     B, V = logits.shape
     nb = V // block
     if nb < 4 * C or V % block:  # (every vocabulary jaxgen ships is a multiple of 64)
-        return top(logits, C)
+        return jax.lax.top_k(logits, C)
     x = logits.reshape(B, nb, block)
-    _, bi = top(jnp.max(x, axis=-1), C)  # [B, C] chosen blocks
+    _, bi = jax.lax.top_k(jnp.max(x, axis=-1), C)  # [B, C] chosen blocks
+    bi = jnp.sort(bi, axis=1)  # in vocabulary order
     sel = jnp.take_along_axis(x, bi[:, :, None], axis=1).reshape(B, C * block)
     # values gathered by index: a top_k whose indices go unused was rewritten by XLA into a full sort
     _, j = jax.lax.top_k(sel, C)
@@ -295,7 +300,7 @@ def _filtered(logits, sp: SamplingParams, candidates: int, gates: str = "cond"):
     return jnp.where(scaled >= thr[:, None], scaled, -jnp.inf)
 
 
-def _draw(keys, logits, sp: SamplingParams, candidates: int, gates: str = "cond", top=jax.lax.top_k):
+def _draw(keys, logits, sp: SamplingParams, candidates: int, gates: str = "cond", top=top_candidates):
     """Stages 4-7 and the draw for sampled rows. A row whose kept set lies inside its C candidates
     (threshold above the last candidate's value, so no id outside them can tie) draws among the
     candidates; other rows (no top-k / top-p / min-p, or a nucleus wider than C) draw over the
@@ -304,7 +309,7 @@ def _draw(keys, logits, sp: SamplingParams, candidates: int, gates: str = "cond"
     filtered = (sp.top_k > 0) | (sp.top_p < 1.0) | (sp.min_p > 0.0)
     # Temperature (> 0) keeps the order: scale the C candidates, not the vocabulary ([B, V] passes
     # that write a new array cost ~15 ms each at batch 32 on CPU).
-    cand, ids = top_candidates(logits, C, top=top)  # [B, C]
+    cand, ids = top(logits, C)  # [B, C]
     cand = apply_temperature(cand, sp)
     scaled = lambda: apply_temperature(logits, sp)  # [B, V], only on the paths that need it
     thr = jnp.where(filtered, keep_threshold(scaled, sp, candidates, cand=cand, gates=gates), -jnp.inf)  # [B]
@@ -329,12 +334,12 @@ def distribution_logits(logits, sp: SamplingParams, seen=None, counts=None,
 
 
 def sample(logits, keys, sp: SamplingParams, seen=None, counts=None,
-           candidates: int = DEFAULT_CANDIDATES, gates: str = "cond", top=jax.lax.top_k) -> jax.Array:
+           candidates: int = DEFAULT_CANDIDATES, gates: str = "cond", top=top_candidates) -> jax.Array:
     """Token ids [B] from raw logits [B, V] after every transform in the module docstring's order.
 
     keys: [B] typed PRNG keys (see `row_keys`). seen/counts feed the penalties (None = no history).
-    gates (static): "cond" or "where" (see `_gate`; jaxgen.backend's choice). top: lax.top_k or a
-    function equal to it, for the candidates (`top_candidates`; sharding.top_k on a mesh).
+    gates (static): "cond" or "where" (see `_gate`; jaxgen.backend's choice). top: the candidates'
+    search, lax.top_k or a function equal to it (`top_candidates`; sharding.top_k on a mesh).
     """
     # Each stage runs only when some row uses it (a traced `cond`, so no recompilation): a greedy
     # batch pays for one argmax, not for penalties, top-k candidates and a draw over 262k ids.

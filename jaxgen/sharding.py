@@ -198,13 +198,14 @@ def by_rows(f, mesh: Mesh | None, B: int):
     return jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P("data"), axis_names={"data"})
 
 
-def top_k(x: jax.Array, k: int, mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+def top_k(x: jax.Array, k: int, mesh: Mesh | None = None, local=jax.lax.top_k) -> tuple[jax.Array, jax.Array]:
     """lax.top_k(x, k) of x [B, V] laid out as the logits (rows on `data`, vocabulary on `model`):
     each device takes the k best of its own rows' vocabulary slice, and the model shards' k * model
     candidates are gathered and merged. Why: XLA gathers a split operand whole before a top_k (rows
     and vocabulary: beam search moved every row's logits, [B, V], every step); this moves
     [B / data, k * model]. Exact, ties included: lax.top_k prefers the lower index, and the merge
-    sees the shards in vocabulary order. Also inside `by_rows` (rows already split)."""
+    sees the shards in vocabulary order. Also inside `by_rows` (rows already split). `local`: each
+    device's search, lax.top_k or a function equal to it (sampling.top_candidates, two-level)."""
     B, V = x.shape
     data = 1 if mesh is None else mesh.shape.get("data", 1)
     model = 1 if mesh is None else mesh.shape.get("model", 1)
@@ -215,10 +216,10 @@ def top_k(x: jax.Array, k: int, mesh: Mesh | None = None) -> tuple[jax.Array, ja
     # the merge moves k * model values and ids per row: split only where that is less than the row
     vocab = "model" if model > 1 and V % model == 0 and 2 * k * model < V else None
     if rows is None and vocab is None:
-        return jax.lax.top_k(x, k)
+        return local(x, k)
 
-    def local(a):  # [B / data, V / model]
-        val, idx = jax.lax.top_k(a, k)
+    def shard(a):  # [B / data, V / model]
+        val, idx = local(a, k)
         if vocab is None:
             return val, idx
         idx = idx + jax.lax.axis_index("model") * a.shape[1]  # ids in the whole vocabulary
@@ -228,7 +229,7 @@ def top_k(x: jax.Array, k: int, mesh: Mesh | None = None) -> tuple[jax.Array, ja
 
     # check_vma=False: the merged result is the same on every model shard (an all_gather's output is
     # not inferred replicated), which out_specs without `model` states
-    return jax.shard_map(local, mesh=mesh, in_specs=P(rows, vocab), out_specs=P(rows),
+    return jax.shard_map(shard, mesh=mesh, in_specs=P(rows, vocab), out_specs=P(rows),
                          axis_names={a for a in (rows, vocab) if a}, check_vma=False)(x)
 
 

@@ -1,6 +1,7 @@
 """Sharded generation equals single-device generation bit for bit, on meshes of the 8 fake CPU
 devices; every param and cache leaf has the sharding the rules give; no recompilation on a rerun."""
 import dataclasses
+import itertools
 
 import jax
 import numpy as np
@@ -51,7 +52,7 @@ def test_sharded_equals_single_device(case, mesh_shape, compile_counter):
     assert compile_counter.count() == before  # same shapes, other knobs and prompts: no recompilation
 
 
-def _collectives(model, top_logprobs=0, beams=0, **knobs):
+def _collectives(model, top_logprobs=0, beams=0, candidates=256, **knobs):
     """(dtype, shape, op_name or "") of every collective in the compiled generate program for PROMPTS
     (the beam search program with `beams` > 0), and the request's Plan."""
     import re
@@ -60,7 +61,7 @@ def _collectives(model, top_logprobs=0, beams=0, **knobs):
     from jaxgen.engine import generate_jit
     from jaxgen.generate import place, statics
 
-    _, args, p = prepare(model, PROMPTS, max_new_tokens=4, stop_ids=[], n=max(beams, 1), **knobs)
+    _, args, p = prepare(model, PROMPTS, max_new_tokens=4, stop_ids=[], n=max(beams, 1), candidates=candidates, **knobs)
     if beams:
         zeros = np.zeros(p.batch, np.int32)
         args = {k: v for k, v in args.items() if k not in ("sp", "seeds")}
@@ -68,7 +69,7 @@ def _collectives(model, top_logprobs=0, beams=0, **knobs):
         lowered = beam_jit.lower(model.params, **place(model, args), cfg=model.cfg, max_new=p.max_new,
                                  cache_len=p.cache_len, beams=beams, mesh=model.mesh)
     else:
-        lowered = generate_jit.lower(model.params, **place(model, args), **statics(model, p, top_logprobs))
+        lowered = generate_jit.lower(model.params, **place(model, args), **statics(model, p, top_logprobs, candidates))
     hlo = lowered.compile().as_text()
     found = re.findall(r"= (\w+)\[([\d,]*)\]\S* (?:all-gather|all-reduce|all-to-all|collective-permute)\("
                        r"(?:.*op_name=\"([^\"]*)\")?", hlo)
@@ -135,11 +136,36 @@ def test_sampling_top_logprobs_and_beam_search_move_no_rows_vocabulary():
         assert top(got) == top(want)
 
 
+def test_two_level_candidates_on_a_mesh_move_each_shards_best_not_its_blocks():
+    """Sampling's candidates where each model shard's vocabulary slice is large enough for the
+    two-level search (V / model >= 4 C blocks of 64): each shard finds its C best and only those cross
+    the mesh. Before, the block maxima were merged and the C chosen blocks of 64 logits gathered from
+    whichever shard held them ([rows, C, 64] all-reduced every step). Tokens equal one device's."""
+    C = 16
+    cfg = dataclasses.replace(CONFIGS["gemma"], vocab_size=4 * 4 * C * 64)  # model = 4 shards of 4 C blocks
+    params = random_params(cfg, seed=6)
+    mesh = shd.make_mesh("data=2,model=4")
+    model = Model(cfg, shd.shard_params(params, cfg, mesh), mesh=mesh)
+    sampled = dict(temperature=0.9, top_k=10, seed=4, candidates=C)
+    moved, _ = _collectives(model, **sampled)
+    rows = len(PROMPTS) // 2
+    assert ("f32", (rows, C * 4)) in [m[:2] for m in moved]  # the merge of each shard's C best
+    assert not [m for m in moved if C * 64 in m[1] or m[1][-2:] == (C, 64)], moved
+    want, got = (jaxgen.generate(m, PROMPTS, max_new_tokens=6, stop_ids=[], **sampled)
+                 for m in (Model(cfg, params), model))
+    assert [c.tokens for c in got] == [c.tokens for c in want]
+
+
 @pytest.mark.parametrize("mesh_shape", MESHES + [(2, 2)], ids=[f"{d}x{m}" for d, m in MESHES + [(2, 2)]])
 def test_top_k_on_a_mesh_equals_lax_top_k(mesh_shape):
     """sharding.top_k (each shard's k best, merged) == lax.top_k, values and ids, ties (lower id first),
     -inf and NaN included; rows that do not divide `data`, and k whose merge would move more than the
-    row itself (2 k model >= V), fall back to lax.top_k."""
+    row itself (2 k model >= V), fall back to lax.top_k. The same with each shard's search two-level
+    (sampling.top_candidates, as sampling's candidates on a mesh) where its slice has >= 4 k blocks."""
+    from functools import partial
+
+    from jaxgen.sampling import top_candidates
+
     devices = np.asarray(jax.devices()[:mesh_shape[0] * mesh_shape[1]])
     mesh = shd.make_mesh({"data": mesh_shape[0], "model": mesh_shape[1]}, devices=devices)
     rng = np.random.default_rng(0)
@@ -149,12 +175,15 @@ def test_top_k_on_a_mesh_equals_lax_top_k(mesh_shape):
     x[2, ::5] = np.nan
     x[3, 40:] = -np.inf
     x[4] = -np.inf
-    for rows, k in ((16, 7), (16, 12), (16, 128 // mesh_shape[1]), (6, 5)):
+    x[5:8, rng.choice(256, 6, replace=False)] = 9.0  # blocks ranked first by one large value, anywhere
+    two_level = partial(top_candidates, block=2)  # a shard of 256 / model ids: 128 / model blocks
+    for (rows, k), local in itertools.product(((16, 7), (16, 12), (16, 128 // mesh_shape[1]), (6, 5), (16, 3)),
+                                              (jax.lax.top_k, two_level)):
         a = jax.device_put(x[:rows], NamedSharding(mesh, P("data" if rows % mesh_shape[0] == 0 else None, "model")))
-        got = jax.jit(lambda a: shd.top_k(a, k, mesh))(a)
+        got = jax.jit(lambda a: shd.top_k(a, k, mesh, local=local))(a)
         want = jax.lax.top_k(x[:rows], k)
         for g, w in zip(got, want):
-            np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=f"rows={rows} k={k}")
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=f"rows={rows} k={k} {local}")
 
 
 def test_param_and_cache_shardings_follow_the_rules():
