@@ -179,36 +179,72 @@ def integer_range(lo: int | None, hi: int | None) -> str | None:
     return alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
 
 
-_ANY_FRAC, _ZERO_FRAC, _NONZERO_FRAC = r"(?:\.[0-9]+)?", r"(?:\.0+)?", r"\.[0-9]*[1-9][0-9]*"
+_ANY_FRAC, _ZERO_FRAC = r"(?:\.[0-9]+)?", r"(?:\.0+)?"
+# A decimal of at most 15 significant digits is the only one of them its float64 stands for (DBL_DIG),
+# so it keeps its strict order with every other such decimal: jsonschema parses a number to a float
+# before comparing it with a bound or asking whether it is an integer, and 2.9999999999999999 parses to
+# 3.0 (not < 3) and 1.0000000000000001 to 1.0 (an integer). Where that can matter, the fraction is cut so
+# that the number has at most 15 significant digits (a narrowing: longer decimals there are not written).
+_DIGITS = 15
 
 
-def _magnitude(a: int, a_excl: bool, b: int | None, b_excl: bool) -> str | None:
-    """Regex of the decimals m (no exponent) with a <(=) m <(=) b, a and b naturals (b None: no bound)."""
-    alts = []
+def _frac(n: int, zero: bool) -> str | None:
+    """Regex of the fractions of a decimal whose integer part is n, at most _DIGITS significant digits
+    in all (the integer part's, or 15 after the point for n = 0); zero: the fraction may be absent or
+    all zeros (else it has a non-zero digit). None: no such fraction (zero=False, n of 15 digits)."""
+    room = _DIGITS - (len(str(n)) if n else 0)
+    if room <= 0:
+        return "" if zero else None
+    return f"(?:\\.[0-9]{{1,{room}}})?" if zero else f"\\.[0-9]{{0,{room - 1}}}[1-9]"
+
+
+def _magnitude(a: int, a_excl: bool, b: int | None, b_excl: bool, fraction: bool = False) -> str | None:
+    """Regex of the decimals m (no exponent) with a <(=) m <(=) b, a and b naturals (b None: no bound);
+    fraction: only the m that are not whole numbers. Inclusive bounds hold whatever the digits (a float
+    rounds monotonically: a <= m <= b gives a <= float(m) <= b); a fraction next to an exclusive bound,
+    and every fraction where only non-integers are wanted, has at most 15 significant digits (_frac)."""
     if b is not None and b < a:
         return None
     if b is not None and b == a:
-        return None if a_excl or b_excl else f"{a}{_ZERO_FRAC}"
-    alts.append(f"{a}{_NONZERO_FRAC}" if a_excl else f"{a}{_ANY_FRAC}")
-    middle = natural_range(a + 1, None if b is None else b - 1)
-    if middle is not None:
-        alts.append(f"{middle}{_ANY_FRAC}")
-    if b is not None and not b_excl:
+        return None if a_excl or b_excl or fraction else f"{a}{_ZERO_FRAC}"
+    alts = []
+    near_b = b_excl and b == a + 1  # a's own fractions could round up to b
+    if a_excl or fraction or near_b:
+        alts.append(None if (f := _frac(a, zero=not (a_excl or fraction))) is None else f"{a}{f}")
+    else:
+        alts.append(f"{a}{_ANY_FRAC}")
+    top = None if b is None else b - 1  # the middle: integer parts a + 1 .. top
+    if fraction:  # by length, each with its cut: no non-integer has an integer part of 15 digits
+        for length in range(len(str(a + 1)), _DIGITS):
+            lo, hi = max(a + 1, 10 ** (length - 1)), 10 ** length - 1 if top is None else min(top, 10 ** length - 1)
+            if lo <= hi:
+                alts.append(f"{natural_range(lo, hi)}{_frac(lo, zero=False)}")
+    else:
+        if b_excl and top is not None and top >= a + 1:  # top's fractions could round up to b: cut them
+            alts.append(f"{top}{_frac(top, zero=True)}")
+            top -= 1
+        middle = natural_range(a + 1, top)
+        if middle is not None:
+            alts.append(f"{middle}{_ANY_FRAC}")
+    if b is not None and not b_excl and not fraction:
         alts.append(f"{b}{_ZERO_FRAC}")
-    return "(?:" + "|".join(alts) + ")"
+    alts = [x for x in alts if x is not None]
+    return None if not alts else "(?:" + "|".join(alts) + ")"
 
 
-def number_range(lo, lo_excl: bool, hi, hi_excl: bool, integer: bool) -> str | None:
-    """Regex of the JSON numbers (integers if `integer`) between the bounds (None: unbounded); None if
-    there are none. A number's bounds must be whole numbers (else Refused): the decimal expansion of
-    an arbitrary bound is not worth its states."""
+def number_range(lo, lo_excl: bool, hi, hi_excl: bool, integer: bool, fraction: bool = False) -> str | None:
+    """Regex of the JSON numbers (integers if `integer`; if `fraction`, the numbers that are not
+    integers, as {"not": {"type": "integer"}} leaves them: 1.0 and 1e2 are integers to JSON Schema, so
+    these are written with a non-zero fractional digit and no exponent) between the bounds (None:
+    unbounded); None if there are none. A number's bounds must be whole numbers (else Refused): the
+    decimal expansion of an arbitrary bound is not worth its states."""
     if integer:
         ilo = None if lo is None else (math.floor(lo) + 1 if lo_excl and float(lo).is_integer() else math.ceil(lo))
         ihi = None if hi is None else (math.ceil(hi) - 1 if hi_excl and float(hi).is_integer() else math.floor(hi))
         if lo is None and hi is None:
             return INTEGER
         return integer_range(ilo, ihi)
-    if lo is None and hi is None:
+    if lo is None and hi is None and not fraction:
         return NUMBER
     for bound in (lo, hi):
         if bound is not None and not float(bound).is_integer():
@@ -219,10 +255,10 @@ def number_range(lo, lo_excl: bool, hi, hi_excl: bool, integer: bool) -> str | N
     alts = []
     if hi is None or hi > 0 or (hi == 0 and not hi_excl):  # x >= 0
         a, ax = (0, False) if lo is None or lo < 0 else (lo, lo_excl)
-        alts.append(_magnitude(a, ax, hi, hi_excl))
+        alts.append(_magnitude(a, ax, hi, hi_excl, fraction))
     if lo is None or lo < 0:  # x < 0: its magnitude
         a, ax = (0, True) if hi is None or hi >= 0 else (-hi, hi_excl)
-        m = _magnitude(a, ax, None if lo is None else -lo, lo_excl)
+        m = _magnitude(a, ax, None if lo is None else -lo, lo_excl, fraction)
         alts.append(None if m is None else "-" + m)
     alts = [a for a in alts if a is not None]
     if not alts:

@@ -495,7 +495,8 @@ def _compile_flat(flat: dict, ctx: _Ctx, where: str, refs: tuple) -> str | None:
         alts.append("(?:true|false)")
     if "integer" in types or "fraction" in types:
         lo, hi = flat.get("_lo", (None, False)), flat.get("_hi", (None, False))
-        alts.append(J.number_range(lo[0], lo[1], hi[0], hi[1], integer="fraction" not in types))
+        alts.append(J.number_range(lo[0], lo[1], hi[0], hi[1], integer="fraction" not in types,
+                                   fraction="integer" not in types))
     if "string" in types:
         alts.append(_string(flat, ctx, where))
     if "array" in types:
