@@ -120,6 +120,25 @@ def repeat(unit: str, lo: int, hi: int | None) -> str:
     return f"{unit}?" if (lo, hi) == (0, 1) else f"{unit}{{{lo},{hi}}}"
 
 
+# A part of a regex tree that matches nothing (an empty character set, or a set of characters jaxgen
+# never writes) is None, and the writers below drop what it makes empty: a sequence holding it, an
+# alternative, a repeat of at least one. Why: outlines-core refuses a regex with a dead end after a
+# prefix (for `a[^\s\S]|b`: "no token sequence satisfies it", though "b" does).
+def _seq(parts: list) -> str | None:
+    return None if None in parts else "".join(parts)
+
+
+def _alt(parts: list) -> str | None:
+    live = [p for p in parts if p is not None]
+    return "(?:" + "|".join(live) + ")" if live else None
+
+
+def _repeat_of(sub: str | None, lo: int, hi: int | None) -> str | None:
+    if sub is None:
+        return "" if lo == 0 else None
+    return repeat("(?:" + sub + ")", lo, hi)
+
+
 # ---- integers and numbers in a range ------------------------------------------------------------
 def _same_length(lo: str, hi: str) -> list[str]:
     """Alternatives matching the digit strings of one length from lo to hi (lo <= hi)."""
@@ -358,7 +377,8 @@ def _charset(items) -> list:
     return _norm([(a, min(b, 127)) for a, b in ranges if a <= 127]) if ascii_only else _norm(ranges)
 
 
-def _translate(items) -> str:
+def _translate(items) -> str | None:
+    """The content regex of a parsed pattern's item list; None if no string jaxgen writes matches it."""
     out = []
     for op, av in items:
         if op is _C.LITERAL:
@@ -374,24 +394,21 @@ def _translate(items) -> str:
         else:
             sets = None
         if sets is not None:
-            enc = encode_set(sets)
-            if enc is None:
-                raise Refused("'pattern' needs a character jaxgen does not write (a control character)")
-            out.append(enc)
+            out.append(encode_set(sets))  # None: only characters jaxgen does not write (or none at all)
         elif op is _C.BRANCH:
-            out.append("(?:" + "|".join(_translate(b) for b in av[1]) + ")")
+            out.append(_alt([_translate(b) for b in av[1]]))
         elif op is _C.SUBPATTERN:
             group, add, _, sub = av
             if add & (_C.SRE_FLAG_IGNORECASE | _C.SRE_FLAG_MULTILINE | _C.SRE_FLAG_DOTALL | _C.SRE_FLAG_VERBOSE):
                 raise Refused("an inline flag ((?i), (?m), (?s), (?x)) in 'pattern'")
-            out.append("(?:" + _translate(sub) + ")")
+            out.append(_alt([_translate(sub)]))
         elif op in (_C.MAX_REPEAT, _C.MIN_REPEAT):  # greedy or lazy: the same set of matches
             lo, hi, sub = av
-            out.append(repeat("(?:" + _translate(sub) + ")", lo, None if hi >= _C.MAXREPEAT else hi))
+            out.append(_repeat_of(_translate(sub), lo, None if hi >= _C.MAXREPEAT else hi))
         else:
             raise Refused(f"{str(op).lower()} in 'pattern' (lookaround, back-references, anchors inside, "
                           "possessive or atomic groups are not regular here)")
-    return "".join(out)
+    return _seq(out)
 
 
 def _branches(tree) -> list:
@@ -441,7 +458,11 @@ def pattern(p: str, lengths: tuple[int, int | None] = (0, None)) -> str:
             continue
         items = ([] if start else [anything]) + items + ([] if end else [anything])
         out.append(_with_length(items, lengths, p, tree.state))
-    return out[0] if len(out) == 1 else "(?:" + "|".join(out) + ")"
+    live = [x for x in out if x is not None]
+    if not live:
+        raise Refused(f"no string jaxgen writes matches 'pattern' {p!r} (it writes no control character "
+                      "other than \\b \\f \\n \\r \\t)")
+    return live[0] if len(live) == 1 else "(?:" + "|".join(live) + ")"
 
 
 def _contains(items, lengths, p, state, any_char) -> str:
@@ -454,8 +475,8 @@ def _contains(items, lengths, p, state, any_char) -> str:
         items = items[1:]  # X{0,n} at an open edge matches the empty string
     while items and items[-1][0] in (_C.MAX_REPEAT, _C.MIN_REPEAT) and items[-1][1][0] == 0:
         items = items[:-1]
-    if len(items) == 1 and items[0][0] in (_C.MAX_REPEAT, _C.MIN_REPEAT) and items[0][1][0] >= 1:
-        items = list(items[0][1][2])  # X{m,n} alone: contains X{m}; with m == 1, X
+    if len(items) == 1 and items[0][0] in (_C.MAX_REPEAT, _C.MIN_REPEAT) and items[0][1][0] == 1:
+        items = list(items[0][1][2])  # X{1,n} alone: a string contains it iff it contains X
         if _P.SubPattern(state, items).getwidth() != (1, 1):
             items = []
     ranges = _single_class(items)
@@ -465,6 +486,8 @@ def _contains(items, lengths, p, state, any_char) -> str:
                       "that has one repeated character class, or an unanchored one that looks for one "
                       "character class; write the lengths into the pattern)")
     x, other, anyc = encode_set(ranges), encode_set(_complement(ranges)), encode_set([(0, MAX_CODE)])
+    if other in _ESCAPES.values():  # one JSON escape (\\"), repeated below: two atoms of regex
+        other = f"(?:{other})"
     if x is None or (hi is not None and hi < max(lo, 1)):
         raise Refused(f"no string matches 'pattern' {p!r} within minLength / maxLength")
     top = hi if hi is not None else max(lo, 1)
@@ -511,8 +534,8 @@ def _with_length(items, lengths, p, state) -> str:
         i = var[0]
         rlo, rhi, body = items[i][1]
         bmin, bmax = _P.SubPattern(state, list(body)).getwidth()
-        if bmin == bmax == 1:
-            fixed = wmin - rlo
+        fixed, fixed_max = _P.SubPattern(state, items[:i] + items[i + 1:]).getwidth()
+        if bmin == bmax == 1 and fixed == fixed_max:  # (an alternation of two widths is not fixed)
             nlo = max(rlo, lo - fixed)
             nhi = (None if rhi >= _C.MAXREPEAT else rhi) if hi is None else min(
                 hi - fixed, rhi if rhi < _C.MAXREPEAT else hi - fixed)
@@ -522,7 +545,7 @@ def _with_length(items, lengths, p, state) -> str:
             new[i] = (items[i][0], (nlo, _C.MAXREPEAT if nhi is None else nhi, body))
             return _translate(new)
     raise Refused(f"'pattern' {p!r} beside minLength / maxLength (jaxgen folds lengths into a pattern with "
-                  "one repeated character class; write the lengths into the pattern)")
+                  "one repeated character class, the rest of one width; write the lengths into the pattern)")
 
 
 # ---- a user's regex (`regex=`), as Python reads it ---------------------------------------------------

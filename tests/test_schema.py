@@ -204,8 +204,31 @@ def test_patterns_are_sound_and_complete(p, lengths):
     complete()
 
 
+# every string over these characters up to 4 long (control, escaped, non-ASCII and quote characters)
+SHORT = ["".join(t) for n in range(5)
+         for t in itertools.product(["a", "b", "7", " ", "\n", '"', "\\", "é", "\x01", "-"], repeat=n)]
+
+
+@pytest.mark.parametrize("p, lengths", [
+    ('[^"]', (3, None)), (".", (0, 3)), ("(\\d){1,3}", (2, None)), ("^(ab|cd)[0-9]*c$", (3, 5)),
+    ("^(\x01|a)$", (0, None)), ("a[^\\s\\S]|b", (0, None)), ("^a(?:[^\\s\\S]|b)*$", (0, 2))])
+def test_patterns_exhaustively(p, lengths):
+    """Sound on every short string, complete on the ASCII ones (\\w \\s \\d are written in ASCII; `$` is
+    the end). Each case broke before: a repeated JSON escape written unbracketed (`\\\\"{2}`: an escaped
+    quote then a raw one, invalid JSON), `\\d{2}` beside a length read as containing one digit, a set of
+    characters jaxgen never writes (or none) refused instead of dropped with its branch."""
+    rx, (lo, hi) = re.compile(J.string_regex(J.pattern(p, lengths))), lengths
+    for s in SHORT:
+        want = re.search(p, s) is not None and lo <= len(s) and (hi is None or len(s) <= hi) and writable(s)
+        got = rx.fullmatch(json.dumps(s, ensure_ascii=False)) is not None
+        assert got <= want, (p, lengths, s)
+        assert got or not want or not s.isascii() or s.endswith("\n"), (p, lengths, s)
+
+
 @pytest.mark.parametrize("p, lengths, message", [
     ("(?i)abc", {}, "inline flag"), ("^(a)\\1$", {}, "groupref"), ("^a(?=b)", {}, "assert"),
+    ("(\\d){2}", {"minLength": 2}, "beside minLength"), ("^(a|bc)x*$", {"maxLength": 3}, "the rest of one width"),
+    ("^\x01$", {}, "no string jaxgen writes matches"),
     ("^a{1,3}$", {"minLength": 5}, "no string matches"),
     ("^v[0-9]+\\.[0-9]+$", {"maxLength": 6}, "write the lengths into the pattern"),
     ("a[0-9]*b", {"maxLength": 5}, "write the lengths into the pattern")])  # unanchored, variable width
