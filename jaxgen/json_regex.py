@@ -425,7 +425,7 @@ def _strip_anchors(items):
     def at(item, kinds):
         return item[0] is _C.AT and item[1] in kinds
 
-    starts, ends = (_C.AT_BEGINNING, _C.AT_BEGINNING_STRING), (_C.AT_END, _C.AT_END_STRING)
+    starts, ends = _STARTS, _ENDS
     start = bool(items) and at(items[0], starts)
     if start:
         items = items[1:]
@@ -563,8 +563,8 @@ _ESCAPE_OF = {_C.CATEGORY_DIGIT: r"\d", _C.CATEGORY_NOT_DIGIT: r"\D", _C.CATEGOR
               _C.CATEGORY_NOT_WORD: r"\W", _C.CATEGORY_SPACE: r"\s", _C.CATEGORY_NOT_SPACE: r"\S"}
 _NOT_REGULAR = {_C.GROUPREF: "a back-reference", _C.GROUPREF_EXISTS: "a conditional group",
                 _C.ASSERT: "a lookahead / lookbehind", _C.ASSERT_NOT: "a lookahead / lookbehind",
-                _C.AT: "an anchor or word boundary inside the regex (only a leading ^ / \\A and a trailing $ / "
-                       "\\Z are taken)",
+                _C.AT: "an anchor or word boundary inside the regex (only ^ / \\A where no character can come "
+                       "before it and $ / \\Z where none can come after it are taken)",
                 **{getattr(_C, name): what for name, what in (("ATOMIC_GROUP", "an atomic group"),
                                                               ("POSSESSIVE_REPEAT", "a possessive repeat"))
                    if hasattr(_C, name)}}  # (Python 3.11+)
@@ -602,34 +602,46 @@ def _python_regex(p: str, label: str) -> tuple[str, list]:
         except FutureWarning as e:
             raise ValueError(f"{label} {p!r:.80}: {e} (Python reads '[', '&&', '--', '~~' or '||' inside a class "
                              "as characters, other engines as a nested class or set operation: escape it)") from None
-    out, used = [], []
-    for branch in _branches(tree):
-        _, items, _ = _strip_anchors(branch)
-        try:
-            out.append(_write(items, tree.state.flags, used))
-        except Refused as e:
-            raise ValueError(f"{label} {p!r:.80}: {e} cannot be enforced as a constraint") from None
-    return (out[0] if len(out) == 1 else "(?:" + "|".join(out) + ")"), _norm(used)
+    used: list = []
+    try:
+        regex = _write(list(tree), tree.state.flags, used, tree.state, head=True, tail=True)
+    except Refused as e:
+        raise ValueError(f"{label} {p!r:.80}: {e} cannot be enforced as a constraint") from None
+    if regex is None:
+        raise ValueError(f"{label} {p!r:.80} matches no text (a character set in it is empty)")
+    return regex, _norm(used)
 
 
-def _write(items, flags: int, used: list) -> str:
-    """The regex of a parsed item list under `flags`; `used` collects the character sets written."""
+_STARTS, _ENDS = (_C.AT_BEGINNING, _C.AT_BEGINNING_STRING), (_C.AT_END, _C.AT_END_STRING)
+
+
+def _write(items, flags: int, used: list, state, head: bool = False, tail: bool = False) -> str | None:
+    """The regex of a parsed item list under `flags` (None: it matches nothing); `used` collects the
+    character sets written. head / tail: no character can come before / after the items in a match,
+    where ^ \\A / $ \\Z always hold under re.fullmatch and are dropped. (Python factors common prefixes
+    out of an alternation, so `ab|ac$` arrives as `a(?:b|c$)`: an end anchor inside a group.)"""
+    empty = [_P.SubPattern(state, [item]).getwidth()[1] == 0 for item in items]
     out = []
-    for op, av in items:
+    for k, (op, av) in enumerate(items):
+        at_head, at_tail = head and all(empty[:k]), tail and all(empty[k + 1:])
         if op in (_C.LITERAL, _C.NOT_LITERAL, _C.ANY, _C.IN):
             chars = _chars(op, av, flags)
             used += chars
-            out.append(_set_regex(chars))
+            out.append(_set_regex(chars) if chars else None)
         elif op is _C.BRANCH:
-            out.append("(?:" + "|".join(_write(b, flags, used) for b in av[1]) + ")")
+            out.append(_alt([_write(b, flags, used, state, at_head, at_tail) for b in av[1]]))
         elif op is _C.SUBPATTERN:  # (group, flags added, flags removed, items)
-            out.append("(?:" + _write(av[3], (flags | av[1]) & ~av[2], used) + ")")
+            out.append(_alt([_write(av[3], (flags | av[1]) & ~av[2], used, state, at_head, at_tail)]))
         elif op in (_C.MAX_REPEAT, _C.MIN_REPEAT):  # greedy or lazy: the same language
             lo, hi, sub = av
-            out.append(repeat("(?:" + _write(sub, flags, used) + ")", lo, None if hi >= _C.MAXREPEAT else hi))
+            once = hi <= 1  # (an anchor inside a repeat of more: refused)
+            out.append(_repeat_of(_write(sub, flags, used, state, at_head and once, at_tail and once), lo,
+                                  None if hi >= _C.MAXREPEAT else hi))
+        elif op is _C.AT and (av in _STARTS and at_head or av in _ENDS and at_tail):
+            out.append("")
         else:
             raise Refused(_NOT_REGULAR.get(op, str(op).lower()))
-    return "".join(out)
+    return _seq(out)
 
 
 def _chars(op, av, flags: int) -> tuple:
@@ -685,6 +697,4 @@ def _set_regex(ranges) -> str:
     letters and digits)."""
     if len(ranges) == 1 and ranges[0][0] == ranges[0][1]:
         return _cp(ranges[0][0])
-    if not ranges:
-        return "[^\\u0000-\\U0010ffff]"  # (a set nothing matches: [^\s\S])
     return "[" + "".join(_cp(a) if a == b else f"{_cp(a)}-{_cp(b)}" for a, b in ranges) + "]"

@@ -271,7 +271,10 @@ PROBE_REGEXES = [r"\w+", r"\W", r"\s*", r"\S", r"\d\D", r"[^\W\d]", r"[\w&]", r"
                  r"^a|b$", r"\Aa\Z", r"(?x) a  7 # a comment [", r"(?a)\w", r"\u00b2|\U0001F600", r"\x2d|-?~",
                  # outlines-core's leftmost-first DFA dropped a later branch past an earlier one's match, a lazy
                  # repeat's longer runs, and (with the end anchor that fixed it) the regexes matching ""
-                 r"a|aB", r"(a|aB)7?", r"a+?", r"(?:a|aB)+", r"a*|B", r"(|a)(B|)", r"B{0,2}?"]
+                 r"a|aB", r"(a|aB)7?", r"a+?", r"(?:a|aB)+", r"a*|B", r"(|a)(B|)", r"B{0,2}?",
+                 # a branch that dies after a prefix (outlines-core refuses such a dead end: "no token
+                 # sequence satisfies it") and anchors Python moves inside a group (`aB|a7$` is `a(?:B|7$)`)
+                 r"a[^\W\w]|B", r"(?:a7[^\s\S]?)+", r"aB|a7$", r"^a$|^aB\Z", r"(?:^a)?B"]
 
 
 def _accepts(table, start, ids) -> bool:
@@ -301,7 +304,7 @@ def test_a_regex_constraint_accepts_what_re_fullmatch_accepts(regex):
     (r"[[:digit:]]", "Possible nested set at position 1"), (r"[a-z&&[^x]]", "Possible set intersection"),
     (r"[+--]", "Possible set difference"), (r"a\bc", "an anchor or word boundary inside"), (r"(?=a)a", "a lookahead"),
     (r"(a)\1", "a back-reference"), (r"a*+", "a possessive repeat"), (r"(?>a)", "an atomic group"),
-    (r"a^b", "an anchor")])
+    (r"a^b", "an anchor"), (r"(?:a$)+", "an anchor"), (r"a[^\s\S]", "matches no text")])
 def test_regexes_read_two_ways_or_not_regular_are_refused(regex, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         con.to_regex("regex", regex)
