@@ -40,6 +40,11 @@ class Refused(ValueError):
     """A keyword jaxgen cannot enforce exactly: the caller names where it is."""
 
 
+class NoMatch(Refused):
+    """No string jaxgen writes satisfies the keyword: the value is impossible (an optional property
+    is then left out, as an unsatisfiable minLength / maxLength leaves it)."""
+
+
 def escape(text: str) -> str:
     """A regex matching `text` literally (Python's re.escape writes `\\ ` for a space: not Rust)."""
     return "".join("\\" + c if c in r".^$*+?()[]{}|\-&~#" else c for c in text)
@@ -460,7 +465,7 @@ def pattern(p: str, lengths: tuple[int, int | None] = (0, None)) -> str:
         out.append(_with_length(items, lengths, p, tree.state))
     live = [x for x in out if x is not None]
     if not live:
-        raise Refused(f"no string jaxgen writes matches 'pattern' {p!r} (it writes no control character "
+        raise NoMatch(f"no string jaxgen writes matches 'pattern' {p!r} (it writes no control character "
                       "other than \\b \\f \\n \\r \\t)")
     return live[0] if len(live) == 1 else "(?:" + "|".join(live) + ")"
 
@@ -489,7 +494,7 @@ def _contains(items, lengths, p, state, any_char) -> str:
     if other in _ESCAPES.values():  # one JSON escape (\\"), repeated below: two atoms of regex
         other = f"(?:{other})"
     if x is None or (hi is not None and hi < max(lo, 1)):
-        raise Refused(f"no string matches 'pattern' {p!r} within minLength / maxLength")
+        raise NoMatch(f"no string matches 'pattern' {p!r} within minLength / maxLength")
     top = hi if hi is not None else max(lo, 1)
     alts = []
     for i in range(top):  # the first X at position i
@@ -540,7 +545,7 @@ def _with_length(items, lengths, p, state) -> str:
             nhi = (None if rhi >= _C.MAXREPEAT else rhi) if hi is None else min(
                 hi - fixed, rhi if rhi < _C.MAXREPEAT else hi - fixed)
             if nhi is not None and nhi < nlo:
-                raise Refused(f"no string matches 'pattern' {p!r} within minLength / maxLength")
+                raise NoMatch(f"no string matches 'pattern' {p!r} within minLength / maxLength")
             new = list(items)
             new[i] = (items[i][0], (nlo, _C.MAXREPEAT if nhi is None else nhi, body))
             return _translate(new)

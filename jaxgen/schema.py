@@ -68,6 +68,7 @@ class _Ctx:
         self.capped = False  # a maxLength was above 32 (a smaller cap would shrink the automaton)
         self.recursed = False  # a $ref was unrolled twice on one path (a smaller depth would)
         self.blame: list = []  # (estimated size, where, keyword) of bounded repetitions
+        self.empty: list = []  # "where: why" of the values no string satisfies (a pattern's)
         self._validator = None
 
     def valid(self, value, sources) -> bool:
@@ -116,7 +117,8 @@ def to_regex(schema, whitespace: str | None = None, ref_depth: int = REF_DEPTH) 
                    min(any_depth, ANY_DEPTH))
         regex = _compile(schema, ctx, "schema", ())
         if regex is None:
-            raise ValueError("schema: no JSON value satisfies it (within jaxgen's written form)")
+            raise ValueError("schema: no JSON value satisfies it (within jaxgen's written form)"
+                             + "".join(f"; {why}" for why in ctx.empty[:1]))
         size = _size(regex)
         if size <= SIZE_BUDGET or not (ctx.capped or ctx.recursed or ctx.opened):
             break
@@ -601,6 +603,9 @@ def _string(flat, ctx, where) -> str | None:
     if pats:
         try:
             content = J.pattern(pats[0], (lo, hi))
+        except J.NoMatch as e:
+            ctx.empty.append(f"{where}: {e}")
+            return None
         except Refused as e:
             _fail(where, str(e))
         _blame(ctx, content, where, "'pattern'")
@@ -807,7 +812,10 @@ def _object(flat, ctx, where, refs) -> str | None:
             _fail(where, "'not' forbids a key that 'patternProperties' admits; jaxgen cannot exclude it")
         for p in pats:
             overlap = [props[n] for n in props if _search(p, n)]
-            key = J.string_regex(J.pattern(p))
+            try:
+                key = J.string_regex(J.pattern(p))
+            except J.NoMatch:  # no key jaxgen writes matches it (only control characters)
+                continue
             groups.append((key, {"allOf": every + overlap}, f"{where}.patternProperties"))
     elif addl is not None and addl is not False:
         key = _free_key(ctx, where, refs, pnames, listed + sorted(forbidden))

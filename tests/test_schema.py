@@ -278,6 +278,11 @@ EXACT = [  # (schema, documents in jaxgen's form): matched exactly when jsonsche
     ({"type": "object", "patternProperties": {"^x-": {"type": "integer"}}, "additionalProperties": False,
       "minProperties": 1, "maxProperties": 2}, [{}, {"x-a": 1}, {"x-a": 1, "x-b": 2}, {"x-a": 1, "x-b": 2, "x-c": 3},
                                                 {"y": 1}]),
+    # a value no string jaxgen writes satisfies: the optional key is left out (was: the schema refused)
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^a{1,3}$", "minLength": 5},
+                                       "b": {"type": "null"}}}, [{}, {"b": None}, {"a": "aa"}]),
+    ({"type": "object", "patternProperties": {"^\x01": {"type": "null"}, "^x": {"type": "null"}},
+      "additionalProperties": False}, [{}, {"x": None}, {"xy": None, "x": None}, {"y": None}]),
 ]
 
 
