@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from jaxgen import json_regex as J
 from jaxgen import schema as S
+from tests.test_constraints import REGEXES
 
 SAMPLE = json.loads((pathlib.Path(__file__).parent / "fixtures" / "jsonschemabench-sample.json").read_text())
 # declared coverage of the best published engine per subset (JSONSchemaBench, Table 4)
@@ -223,6 +224,31 @@ def test_patterns_exhaustively(p, lengths):
         got = rx.fullmatch(json.dumps(s, ensure_ascii=False)) is not None
         assert got <= want, (p, lengths, s)
         assert got or not want or not s.isascii() or s.endswith("\n"), (p, lengths, s)
+
+
+# one class, repeated or not, anchored or not, maybe beside a fixed part: what minLength / maxLength fold into
+SHORT_PATTERNS = st.builds(lambda a, x, q, fixed, z: a + fixed + f"(?:{x}){q}" + z, st.sampled_from(["", "^"]),
+                           st.sampled_from([".", '[^"]', "[^\\\\]", "[^\n]", "\\d", "\\S", "[ab]", "a", "[^a]"]),
+                           st.sampled_from(["", "*", "+", "{2}", "{1,3}", "?"]),
+                           st.sampled_from(["", "a", "(?:a|bc)", "a?"]), st.sampled_from(["", "$"]))
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(p=REGEXES | SHORT_PATTERNS, lo=st.integers(0, 3), span=st.one_of(st.none(), st.integers(0, 3)))
+def test_random_patterns_exhaustively(p, lo, span):
+    """Random patterns (tests.test_constraints.REGEXES, and the short ones lengths fold into) beside
+    random lengths: sound on every short string and complete on the ASCII ones, or refused."""
+    try:
+        re.compile(p)
+        content = J.pattern(p, (lo, None if span is None else lo + span))
+    except (re.error, ValueError):
+        return
+    rx, hi = re.compile(J.string_regex(content)), None if span is None else lo + span
+    for s in SHORT:
+        want = re.search(p, s) is not None and lo <= len(s) and (hi is None or len(s) <= hi) and writable(s)
+        got = rx.fullmatch(json.dumps(s, ensure_ascii=False)) is not None
+        assert got <= want, (p, lo, hi, s)
+        assert got or not want or not s.isascii() or s.endswith("\n"), (p, lo, hi, s)
 
 
 @pytest.mark.parametrize("p, lengths, message", [
