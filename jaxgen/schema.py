@@ -868,7 +868,9 @@ def _not_in(names) -> str:
         if other is not None:
             alts.append(other + J.repeat(J.CHAR, 0, None))
         for c in kids:
-            alts.append(J.encode_set([(ord(c), ord(c))]) + walk(node[c]))
+            char = J.encode_set([(ord(c), ord(c))])
+            if char is not None:  # (a control character jaxgen never writes: no string it writes goes there)
+                alts.append(char + walk(node[c]))
         return "(?:" + "|".join(alts) + ")"
     return walk(trie)
 

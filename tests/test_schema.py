@@ -309,6 +309,10 @@ EXACT = [  # (schema, documents in jaxgen's form): matched exactly when jsonsche
                                        "b": {"type": "null"}}}, [{}, {"b": None}, {"a": "aa"}]),
     ({"type": "object", "patternProperties": {"^\x01": {"type": "null"}, "^x": {"type": "null"}},
       "additionalProperties": False}, [{}, {"x": None}, {"xy": None, "x": None}, {"y": None}]),
+    # names and values with a control character (the other strings never hold one: was a TypeError)
+    ({"type": "string", "not": {"enum": ["\x01", "a\x01b", "ab"]}}, ["\x01", "a\x01b", "ab", "a", "abc", ""]),
+    ({"type": "object", "properties": {"a\x01": {"type": "null"}}, "additionalProperties": {"type": "integer"}},
+     [{"a\x01": None}, {"a\x01": 1}, {"a": 1}, {"a": None}, {"a\x01": None, "b": 2}]),
 ]
 
 
