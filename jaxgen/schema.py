@@ -92,6 +92,37 @@ class _Ctx:
             raise Refused(f"jsonschema cannot check a value against it ({str(e).splitlines()[0][:120]})") from None
 
 
+def _check(schema) -> None:
+    """The schema against its metaschema (jsonschema's check_schema: a keyword's value of the wrong type,
+    a negative minLength ...): its `$schema`'s draft, else 2020-12's, whose errors may only be the
+    forms drafts 4-7 give the keywords _OLD_FORMS names (draft 4's boolean exclusiveMinimum, the tuple
+    `items`: jaxgen reads those as their draft does) where the schema is valid under draft 7 or 4.
+    One line naming the first error."""
+    import jsonschema
+
+    if isinstance(schema, dict) and not isinstance(schema.get("$schema", ""), str):
+        raise ValueError(f"schema.$schema: a metaschema URI must be a string, got {schema['$schema']!r:.80}")
+    named = isinstance(schema, dict) and "$schema" in schema
+    cls = jsonschema.validators.validator_for(schema if named else {}, default=jsonschema.Draft202012Validator)
+    errors = list(cls(cls.META_SCHEMA).iter_errors(schema))
+    if not errors:
+        return
+    keyword = lambda e: next((p for p in reversed(e.absolute_path) if isinstance(p, str)), "")
+    if not named and all(keyword(e) in _OLD_FORMS for e in errors):
+        for old in (jsonschema.Draft7Validator, jsonschema.Draft4Validator):
+            older = list(old(old.META_SCHEMA).iter_errors(schema))
+            if not older:
+                return
+        errors = older  # (draft 4's reading of the same schema: its error names what is wrong there)
+    e = jsonschema.exceptions.best_match(errors)
+    where = "schema" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.absolute_path)
+    raise ValueError(f"{where}: not a valid JSON Schema ({e.message[:160]})")
+
+
+_HUGE = 1 << 32  # a count from here on is refused by Python's and Rust's regex parsers
+_OLD_FORMS = {"exclusiveMinimum", "exclusiveMaximum", "items", "additionalItems", "dependencies", "id"}
+
+
 def _rebase(node):
     """A copy of `node` whose local references point into the root (urn:jaxgen:root#...)."""
     if isinstance(node, dict):
@@ -112,6 +143,7 @@ def to_regex(schema, whitespace: str | None = None, ref_depth: int = REF_DEPTH) 
             raise ValueError(f"json_schema is not valid JSON ({e.msg})") from None
     if not isinstance(schema, (dict, bool)):
         raise ValueError(f"schema: a JSON schema must be an object or a boolean, got {schema!r:.80}")
+    _check(schema)
     for cap, depth, any_depth in SHRINK:  # the longest strings, deepest nesting whose automaton fits
         ctx = _Ctx(schema, "" if whitespace is None else whitespace, min(depth, ref_depth), cap,
                    min(any_depth, ANY_DEPTH))
@@ -220,6 +252,11 @@ def _flat_of(node: dict, where: str) -> dict:
             v = node[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or not float(v).is_integer():
                 _fail(where, f"{key!r} must be a non-negative integer, got {v!r}")
+            if v >= _HUGE:  # past what a regex can count: no value of that type is written that long
+                if key.startswith("min"):
+                    kind = {"minLength": "string", "minItems": "array", "minProperties": "object"}[key]
+                    flat["_types"] = flat.get("_types", _ATOMS) - {kind}
+                continue
             flat[key] = int(v)
     if "pattern" in node:
         flat["_patterns"] = [node["pattern"]]

@@ -130,6 +130,33 @@ def test_number_bounds_that_are_not_whole_are_refused():
     assert re.fullmatch(S.to_regex({"type": "integer", "minimum": 0.5, "exclusiveMaximum": 3.5}), "3")
 
 
+@pytest.mark.parametrize("schema, message", [
+    ({"pattern": 5}, "schema.pattern: not a valid JSON Schema (5 is not of type 'string')"),
+    ({"prefixItems": 3}, "schema.prefixItems: not a valid JSON Schema"),
+    ({"type": [{}]}, "schema.type[0]: not a valid JSON Schema"),
+    ({"properties": {"a": {"minLength": -1}}}, "schema.properties.a.minLength: not a valid JSON Schema"),
+    ({"items": [{"type": 5}]}, "schema.items[0].type: not a valid JSON Schema"),  # draft 4's tuple form, read so
+    ({"$schema": 3}, "schema.$schema: a metaschema URI must be a string"),
+    ({"$schema": "http://json-schema.org/draft-07/schema#", "exclusiveMinimum": True}, "schema.exclusiveMinimum"),
+    ({"type": "string", "minLength": 2 ** 33}, "no JSON value satisfies it")])
+def test_invalid_schemas_are_one_line(schema, message):
+    """Checked against the metaschema first (was: TypeError / OverflowError from inside the compiler, found
+    by an offline run of random schemas: `pattern: 5`, `prefixItems: 3`, `type: [{}]`, minItems 2**70)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        S.to_regex(schema)
+
+
+def test_old_drafts_and_counts_past_a_regex():
+    """Without `$schema`, draft 4's boolean exclusiveMinimum and tuple `items` are read as draft 4 reads
+    them; a count no regex can hold leaves out its type (minItems) or bounds nothing (maxItems)."""
+    regex = S.to_regex({"type": "integer", "minimum": 3, "exclusiveMinimum": True})
+    assert [n for n in range(10) if re.fullmatch(regex, str(n))] == list(range(4, 10))
+    assert re.fullmatch(S.to_regex({"items": [{"type": "integer"}], "type": "array"}), "[7]")
+    assert S.to_regex({"type": ["string", "null"], "minLength": 2 ** 33}) == "null"
+    regex = S.to_regex({"type": "array", "items": {"type": "null"}, "maxItems": 2 ** 70})
+    assert re.fullmatch(regex, "[" + ",".join(["null"] * 40) + "]")
+
+
 # ---- formats ----------------------------------------------------------------------------------------
 VALID_FORMATS = {
     "date-time": ["2024-02-29T23:59:59Z", "1999-12-31T00:00:00.123+05:30"], "date": ["2000-02-29", "2023-11-30"],
