@@ -21,6 +21,7 @@ vocabulary's bytes: a million rows with one schema build it once.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 from typing import Sequence
@@ -37,6 +38,7 @@ STATE_BUCKETS = (16, 64, 256, 1024, 4096, 16384)
 CLASS_BUCKETS = (64, 512, 4096, 32768, 262144)
 MAX_CELLS = 1 << 24  # Q x C table cells per call (int32: 64 MB), before padding
 KINDS = ("regex", "json_schema", "choices")
+_SCHEMAS: dict = {}  # (schema's JSON text, whitespace) -> its regex: a million rows with one schema compile it once
 
 @struct.dataclass
 class Constraints:
@@ -75,7 +77,18 @@ def to_regex(kind: str, value, whitespace: str | None = None) -> Built:
     if kind == "json_schema":
         from jaxgen.schema import to_regex as schema_regex
 
-        return Built(schema_regex(value, None if whitespace is None else json_whitespace(whitespace)))
+        try:  # the schema's text, keys in its order (the order properties are written in)
+            key = (value if isinstance(value, str) else json.dumps(value), whitespace)
+        except (TypeError, ValueError):  # not JSON: to_regex names the problem
+            key = None
+        if key not in _SCHEMAS:
+            built = Built(schema_regex(value, None if whitespace is None else json_whitespace(whitespace)))
+            if key is None:
+                return built
+            if len(_SCHEMAS) >= 256:
+                _SCHEMAS.pop(next(iter(_SCHEMAS)))
+            _SCHEMAS[key] = built
+        return _SCHEMAS[key]
     raise ValueError(f"unknown constraint kind {kind!r}; choose one of {KINDS}")
 
 

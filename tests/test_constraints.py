@@ -231,6 +231,22 @@ def test_bad_constraints(model, kw, message):
         jaxgen.generate(model, [[1], [2]], max_new_tokens=4, **kw)
 
 
+def test_rows_sharing_a_schema_compile_it_once(monkeypatch):
+    """A schema given per row (a batch file's json_schema field) compiles once per distinct JSON text:
+    the same dict, a copy or its JSON string reuse it; the same keys in another order do not (properties
+    are written in the schema's order)."""
+    from jaxgen import schema
+
+    calls, real = [], schema.to_regex
+    monkeypatch.setattr(schema, "to_regex", lambda *a, **k: calls.append(a) or real(*a, **k))
+    monkeypatch.setattr(con, "_SCHEMAS", {})
+    a = {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "null"}}, "required": ["x", "y"]}
+    b = {"type": "object", "properties": {"y": {"type": "null"}, "x": {"type": "integer"}}, "required": ["x", "y"]}
+    rows = con.row_regexes(5, json_schema=[a, dict(a), json.dumps(a), b, a])
+    assert len(calls) == 2 and rows[0] == rows[1] == rows[2] == rows[4] != rows[3]
+    assert re.fullmatch(rows[3], '{"y":null,"x":1}') and re.fullmatch(rows[0], '{"x":1,"y":null}')
+
+
 # what outlines-core alone dropped silently (its regex builder reads one keyword per node) is enforced
 ENFORCED = [
     {"type": "object", "properties": {"a": {"enum": ["x", "yz"]}, "b": {"type": "array", "items": {"enum": [1]},
