@@ -449,7 +449,7 @@ def pattern(p: str, lengths: tuple[int, int | None] = (0, None)) -> str:
     folded into the pattern exactly."""
     try:
         tree = _P.parse(p)
-    except re.error as e:
+    except (re.error, OverflowError) as e:  # (OverflowError: a count past 2**32 - 1)
         raise Refused(f"'pattern' {p!r} is not a valid regex ({e})") from None
     if tree.state.flags & (_C.SRE_FLAG_IGNORECASE | _C.SRE_FLAG_MULTILINE):
         raise Refused(f"an inline flag ((?i), (?m)) in 'pattern' {p!r}")
@@ -602,7 +602,7 @@ def _python_regex(p: str, label: str) -> tuple[str, list]:
         warnings.simplefilter("error", FutureWarning)
         try:
             tree = _P.parse(p)
-        except re.error as e:
+        except (re.error, OverflowError) as e:  # (OverflowError: a count past 2**32 - 1)
             raise ValueError(("" if label == "regex" else f"{label}: ") + f"invalid regex {p!r:.80}: {e}") from None
         except FutureWarning as e:
             raise ValueError(f"{label} {p!r:.80}: {e} (Python reads '[', '&&', '--', '~~' or '||' inside a class "

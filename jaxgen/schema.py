@@ -119,7 +119,7 @@ def _check(schema) -> None:
     raise ValueError(f"{where}: not a valid JSON Schema ({e.message[:160]})")
 
 
-_HUGE = 1 << 32  # a count from here on is refused by Python's and Rust's regex parsers
+_HUGE = 1 << 31  # a count from here on is past what a regex holds (Python's parser stops at 2**32 - 1)
 _OLD_FORMS = {"exclusiveMinimum", "exclusiveMaximum", "items", "additionalItems", "dependencies", "id"}
 
 
@@ -460,7 +460,7 @@ def _schemas_for(flat: dict, name: str) -> list:
 def _search(p: str, text: str) -> bool:
     try:
         return re.search(p, text) is not None
-    except re.error:
+    except (re.error, OverflowError):
         raise Refused(f"'patternProperties' pattern {p!r} is not a valid regex") from None
 
 

@@ -138,7 +138,8 @@ def test_number_bounds_that_are_not_whole_are_refused():
     ({"items": [{"type": 5}]}, "schema.items[0].type: not a valid JSON Schema"),  # draft 4's tuple form, read so
     ({"$schema": 3}, "schema.$schema: a metaschema URI must be a string"),
     ({"$schema": "http://json-schema.org/draft-07/schema#", "exclusiveMinimum": True}, "schema.exclusiveMinimum"),
-    ({"type": "string", "minLength": 2 ** 33}, "no JSON value satisfies it")])
+    ({"type": "string", "minLength": 2 ** 33}, "no JSON value satisfies it"),
+    ({"type": "string", "pattern": "a{99999999999}"}, "is not a valid regex (the repetition number is too large)")])
 def test_invalid_schemas_are_one_line(schema, message):
     """Checked against the metaschema first (was: TypeError / OverflowError from inside the compiler, found
     by an offline run of random schemas: `pattern: 5`, `prefixItems: 3`, `type: [{}]`, minItems 2**70)."""
