@@ -88,6 +88,7 @@ def dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 # ---- reading PEFT directories ---------------------------------------------------------------------
+MAX_LAYERS = 1024  # deeper than any decoder jaxgen loads: a layer index past it is a corrupt file
 # adapter_config.json keys that do not change what the saved weights compute (initialization, training
 # and bookkeeping), or that the tensors in the file already spell out (which modules and layers).
 _BENIGN = {"peft_type", "base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping",
@@ -119,6 +120,8 @@ def load_lora(path, model=None, name: str | None = None) -> Adapter:
     except json.JSONDecodeError as e:
         _fail(p / "adapter_config.json", f"not JSON ({e})")
     where = p / "adapter_config.json"
+    if not isinstance(c, dict):
+        _fail(where, f"must be a JSON object, got {type(c).__name__}")
     if c.get("peft_type", "LORA") != "LORA":
         _fail(where, f"peft_type {c.get('peft_type')!r} is not supported (only LORA)")
     if c.get("init_lora_weights", True) not in _INITS:
@@ -130,15 +133,18 @@ def load_lora(path, model=None, name: str | None = None) -> Adapter:
     r, alpha = c.get("r"), c.get("lora_alpha", c.get("r"))
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         _fail(where, f"r must be a positive integer, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        _fail(where, f"lora_alpha must be a number, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        _fail(where, f"lora_alpha must be a finite number, got {alpha!r}")  # (NaN would make every output NaN)
     scale = alpha / math.sqrt(r) if c.get("use_rslora") else alpha / r
     files = [p / "adapter_model.safetensors"]
     if not files[0].is_file():
         _fail(p, "no adapter_model.safetensors (adapter_model.bin is not read: pickles are never loaded)")
     from safetensors.numpy import load_file
 
-    tensors = load_file(files[0])
+    try:
+        tensors = load_file(files[0])
+    except Exception as e:  # SafetensorError: bad header length, offsets past the end, bad JSON
+        _fail(files[0], f"corrupt safetensors ({str(e).splitlines()[0][:200]})")
     pairs: dict[str, dict[int, dict[str, np.ndarray]]] = {}
     for key, arr in tensors.items():
         if _SKIPPED.search(key):
@@ -147,6 +153,10 @@ def load_lora(path, model=None, name: str | None = None) -> Adapter:
         if not m or m.group(2) not in HF_MODULES:
             _fail(files[0], f"tensor {key} is not a LoRA pair of a decoder layer's q/k/v/o/gate/up/down projection")
         layer, mod, ab = int(m.group(1)), HF_MODULES[m.group(2)], m.group(3)
+        depth = getattr(model, "cfg", model).n_layers if model is not None else MAX_LAYERS
+        if layer >= depth:  # (checked before its [layers, in, r] arrays are allocated below)
+            _fail(files[0], f"tensor {key}: layer {layer} is past " + (f"the model's {depth} layers" if model is not None
+                                                                    else f"any model's depth ({depth} layers)"))
         if arr.ndim != 2 or arr.shape[0 if ab == "A" else 1] != r:
             _fail(files[0], f"{key} has shape {list(arr.shape)}, expected {'[r, in]' if ab == 'A' else '[out, r]'} "
                             f"with r = {r}")

@@ -219,10 +219,22 @@ def test_save_load_round_trip_and_bad_adapters(llama, tmp_path):
         "but not its pair": variant(tensors=lambda t: {k: v for k, v in t.items() if "layers.1.mlp.up_proj.lora_B" not in k}),
         "expected": variant({"r": 8}),
         "no adapter_config.json": tmp_path,
+        # (these four were a NaN scale, an AttributeError, a SafetensorError and a MemoryError)
+        "lora_alpha must be a finite number": variant({"lora_alpha": float("nan")}),
+        "past any model's depth": variant(tensors=lambda t: {k.replace("layers.1.", "layers.99999999."): v
+                                                               for k, v in t.items()}),
     }
+    d = variant()
+    (d / "adapter_config.json").write_text("[]")
+    bad["must be a JSON object"] = d
+    d = variant()
+    (d / "adapter_model.safetensors").write_bytes(b"garbage")
+    bad["corrupt safetensors"] = d
     for words, d in bad.items():
         with pytest.raises(ValueError, match=words):
             L.load_lora(d)
+    with pytest.raises(ValueError, match="past the model's 2 layers"):
+        L.load_lora(variant(tensors=lambda t: {k.replace("layers.1.", "layers.7."): v for k, v in t.items()}), model)
     with pytest.raises(ValueError, match="another model"):  # a qwen2 adapter on the llama
         L.load_lora(FIX / "lora" / "qwen2-rslora", model)
     ps = prompts_of(reference("llama-all"))
