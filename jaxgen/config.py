@@ -38,7 +38,9 @@ ROPE_TYPES = ("default", "llama3")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    name: str
+    # a label (messages, files), not part of equality or the hash: two checkpoints of one architecture
+    # (ckpt-100/, ckpt-200/) share compiled programs, which take the config as a static argument
+    name: str = dataclasses.field(compare=False)
     vocab_size: int  # V
     d_model: int  # D
     n_layers: int  # L

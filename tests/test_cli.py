@@ -48,7 +48,7 @@ def test_convert_round_trip(ckpt):
     gguf_path, toml, ck = ckpt
     a = registry.load(str(gguf_path), config=str(toml))
     b = registry.load(str(ck))
-    assert a.cfg == b.cfg == TINY_LLAMA
+    assert a.cfg == b.cfg == TINY_LLAMA and a.cfg.name == b.cfg.name == TINY_LLAMA.name
     chex.assert_trees_all_equal(a.params, b.params)
 
 
