@@ -33,6 +33,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 CONFIG_DIR = importlib.resources.files("jaxgen") / "configs"  # a Traversable: inside the installed package
 ACTIVATIONS = ("gelu_tanh", "silu")
+_KIND_NAMES = {"int": "an integer", "float": "a finite number", "str": "a string", "bool": "true or false"}
 ROPE_TYPES = ("default", "llama3")
 
 
@@ -82,6 +83,16 @@ class ModelConfig:
             if not ok:
                 raise ValueError(f"ModelConfig {self.name!r}: {msg}")
 
+        # each field's type first (a config file's `max_seq_len = true` or `norm_eps = "x"`), so the range
+        # checks below compare numbers; an int is a float, a bool is neither
+        kinds = {"int": int, "float": (int, float), "str": str, "bool": bool}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            need(isinstance(v, kinds[f.type]) and (f.type == "bool" or not isinstance(v, bool))
+                 and (f.type != "float" or math.isfinite(v)),
+                 f"{f.name} must be {_KIND_NAMES[f.type]}, got {v!r:.40}")
+            if f.type == "float" and not isinstance(v, float):  # (a file's `norm_eps = 1`: traced as a float)
+                object.__setattr__(self, f.name, float(v))
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
                   "max_seq_len", "rope_original_max_len"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f"{f} must be a positive int")

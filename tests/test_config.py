@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 
@@ -53,6 +54,24 @@ def test_missing_and_bad_fields():
         load_config("smollm2-135m").replace(n_kv_heads=4)
     with pytest.raises(ValueError, match="activation"):
         load_config("smollm2-135m").replace(activation="relu")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_seq_len", True, "max_seq_len must be an integer, got True"),  # (was read as 1)
+    ("norm_eps", "x", "norm_eps must be a finite number, got 'x'"),  # (was a TypeError)
+    ("rope_theta", float("inf"), "rope_theta must be a finite number"),
+    ("layer_pattern", 5, "layer_pattern must be a string"), ("qk_norm", 1, "qk_norm must be true or false"),
+    ("sliding_window", 2.5, "sliding_window must be an integer")])
+def test_field_types_are_checked(field, value, message):
+    """Each field's type before its range (a config file edited by hand), one line naming it."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config_from_dict({**dataclasses.asdict(load_config("smollm2-135m")), field: value})
+
+
+def test_integer_floats_are_floats():
+    cfg = config_from_dict({**dataclasses.asdict(load_config("smollm2-135m")), "norm_eps": 1, "rope_theta": 10000})
+    assert isinstance(cfg.norm_eps, float) and isinstance(cfg.rope_theta, float)  # (an int eps was traced as int32)
+    assert cfg == load_config("smollm2-135m").replace(norm_eps=1.0, rope_theta=10000.0)
 
 
 def test_unknown_preset_lists_known():
