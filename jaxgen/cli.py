@@ -284,5 +284,18 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(e).__name__
 
 
+def entry() -> int:
+    """The `jaxgen` command: `main`, and after its one-line error (exit 2) nothing more on stderr while the
+    process ends: a library's background threads may still print (Orbax's other reads of a damaged
+    checkpoint fail alike, each with a page of TensorStore spec)."""
+    rc = main()
+    if rc == 2:
+        import os
+
+        sys.stderr.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    return rc
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -2,6 +2,7 @@
 map, every transpose and the llama q/k permutation are checked against the params that were written;
 bad files and bad names fail with a message naming the problem."""
 import dataclasses
+import re
 
 import chex
 import jax
@@ -187,6 +188,40 @@ def test_orbax_round_trip_with_tokenizer(tiny_file, tmp_path):
     O.save(tmp_path / "old", TINY_LLAMA, params.replace(embed=np.ascontiguousarray(np.asarray(params.embed).T)))
     _, old, _ = O.restore(tmp_path / "old")
     np.testing.assert_array_equal(np.asarray(old.embed), np.asarray(params.embed))
+
+
+def test_damaged_orbax_checkpoint_is_one_line(tiny_file, tmp_path):
+    """A chunk of garbage, a config.toml that asks for weights the checkpoint lacks, a garbled
+    tokenizer.json, a missing one where text needs it: one ValueError line naming the directory (were:
+    Orbax's exception with pages of TensorStore spec, an AttributeError in the forward pass, the
+    tokenizers library's Exception, an AttributeError in the CLI)."""
+    import shutil
+
+    path, params = tiny_file
+    tok = jaxgen.tokenizer.from_gguf_fields(G.tokenizer_fields(G.open_gguf(path)))
+    O.save(tmp_path / "ck", TINY_LLAMA, params, tok)
+
+    def damaged(name, edit):
+        d = tmp_path / name
+        shutil.copytree(tmp_path / "ck", d)
+        edit(d)
+        return d
+
+    chunk = lambda d: max((d / "params").rglob("d/*"), key=lambda f: f.stat().st_size).write_bytes(b"garbage")
+    toml = lambda d: (d / "config.toml").write_text((d / "config.toml").read_text().replace("qk_norm = false",
+                                                                                             "qk_norm = true"))
+    cases = {"cannot read the Orbax checkpoint's params": damaged("chunk", chunk),
+             "config.toml's model has weights the checkpoint does not hold: ['layers.q_norm', 'layers.k_norm']":
+                 damaged("toml", toml),
+             "tokenizer.json: not a tokenizer jaxgen wrote": damaged("tok", lambda d: (d / "tokenizer.json").write_text(
+                 (d / "tokenizer.json").read_text()[:-40]))}
+    for message, d in cases.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            registry.load(str(d))
+    d = damaged("notok", lambda d: (d / "tokenizer.json").unlink())
+    assert registry.load(str(d)).tokenizer is None  # token-id prompts need none
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        registry.load(str(d), need_tokenizer=True)
 
 
 def test_orbax_restore_onto_sharding(tiny_file, tmp_path):

@@ -6,9 +6,12 @@ sharding: pass `shardings`, a Params-shaped tree of jax.sharding.Sharding.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -72,8 +75,11 @@ def restore(path, dtype=jnp.float32, shardings=None, mesh=None):
 
     path = pathlib.Path(path).absolute()
     cfg = load_config(path)  # raises if `path` is not a checkpoint
-    stored = ocp.StandardCheckpointer().metadata(path / "params")
+    with _unreadable(path):
+        stored = ocp.StandardCheckpointer().metadata(path / "params")
     stored = getattr(stored, "item_metadata", stored)
+    if not any(hasattr(x, "dtype") for x in jax.tree.leaves(stored)):
+        raise ValueError(f"{path}: the Orbax checkpoint's params metadata lists no arrays; is it complete?")
     stored_dtype = max((x.dtype for x in jax.tree.leaves(stored)),
                        key=lambda d: jnp.dtype(d).kind == "f")  # a float leaf (norms are never quantized)
     target = param_shapes(cfg, stored_dtype)
@@ -102,8 +108,14 @@ def restore(path, dtype=jnp.float32, shardings=None, mesh=None):
     item = _stored(target)
     item["layers"] = {f.name: getattr(target.layers, f.name) for f in dataclasses.fields(LayerParams)
                       if on_disk is None or f.name in on_disk or getattr(target.layers, f.name) is not None}
-    restored = ocp.StandardCheckpointer().restore(path / "params", item)
+    with _unreadable(path):
+        restored = ocp.StandardCheckpointer().restore(path / "params", item)
     layers = restored["layers"]
+    missing = [f"layers.{f.name}" for f in dataclasses.fields(LayerParams)
+               if getattr(target.layers, f.name) is not None and layers.get(f.name) is None]
+    missing += [k for k, v in _stored(target).items() if k != "layers" and v is not None and restored.get(k) is None]
+    if missing:  # (config.toml edited: qk_norm = true over a checkpoint without q / k norms)
+        raise ValueError(f"{path}: config.toml's model has weights the checkpoint does not hold: {missing}")
     params = Params(**{**restored, "layers": LayerParams(**{f.name: layers.get(f.name) for f in
                                                             dataclasses.fields(LayerParams)})})
     if old_tables:  # T:dv_vd
@@ -112,8 +124,35 @@ def restore(path, dtype=jnp.float32, shardings=None, mesh=None):
         params = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
     tokenizer = None
     if (path / "tokenizer.json").exists():
-        tokenizer = tok_mod.from_dict(json.loads((path / "tokenizer.json").read_text()))
+        try:
+            tokenizer = tok_mod.from_dict(json.loads((path / "tokenizer.json").read_text()))
+        except Exception as e:  # JSON, then the tokenizers library's own parse (a plain Exception)
+            raise ValueError(f"{path / 'tokenizer.json'}: not a tokenizer jaxgen wrote ({_first(e)})") from None
     return cfg, params, tokenizer
+
+
+@contextlib.contextmanager
+def _unreadable(path):
+    """Orbax's and TensorStore's errors on a damaged checkpoint (a truncated chunk, garbage metadata: any
+    exception type, pages of TensorStore spec) as one line naming the directory."""
+    try:
+        yield
+    except Exception as e:
+        first = _first(e.__cause__ or e)  # (TensorStore's own error, under Orbax's "Encountered error while reading")
+        # The restore's other reads fail alike, in coroutines of Orbax's own event loop that are only
+        # collected at exit, each then printing "Exception ignored in <coroutine ...>" and a page of
+        # TensorStore spec after the one line: those repeats of the error reported here are dropped.
+        sys.unraisablehook = functools.partial(_drop_read_errors, sys.unraisablehook)
+        raise ValueError(f"{path}: cannot read the Orbax checkpoint's params ({first}); is it complete?") from None
+
+
+def _first(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _drop_read_errors(hook, unraisable):
+    if not str(unraisable.exc_value).startswith("Encountered error while reading array index"):
+        hook(unraisable)
 
 
 def _stored(params) -> dict:

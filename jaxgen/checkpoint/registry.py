@@ -152,7 +152,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
     decoding on CPU, longer compiles), where jaxgen.backend's `unroll` says so (CPU; accelerators keep
     layers stacked, one compiled layer), unless explicit `shardings` (a stacked Params tree) are given.
     Quantized layers stay stacked (see unstack_layers). need_tokenizer: refuse (before the weights are
-    read) an HF directory without tokenizer files, which otherwise loads for token-id prompts."""
+    read) an HF or Orbax directory without tokenizer files, which otherwise loads for token-id prompts."""
     from jaxgen import backend
     from jaxgen import quant as qmod
     from jaxgen.checkpoint import gguf, hf, orbax
@@ -205,6 +205,9 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="auto", *, config=None, use_ca
     if name_or_path in MODELS and use_cache and orbax.is_checkpoint(_converted_dir(name_or_path, quant)):
         ckpt = _converted_dir(name_or_path, quant)
     if ckpt is not None:
+        if need_tokenizer and not (ckpt / "tokenizer.json").is_file():
+            raise ValueError(f"{ckpt}: no tokenizer.json (the checkpoint was written without a tokenizer); text "
+                             "prompts need one")
         cfg, params, tok = orbax.restore(ckpt, dtype, shardings, mesh=mesh)
         return model(cfg, params, tok)
     if name_or_path in MODELS:
