@@ -23,8 +23,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import math
+import numbers
 import pathlib
 from typing import Any
+
+import numpy as np
 
 try:  # Python >= 3.11
     import tomllib
@@ -84,15 +87,16 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig {self.name!r}: {msg}")
 
         # each field's type first (a config file's `max_seq_len = true` or `norm_eps = "x"`), so the range
-        # checks below compare numbers; an int is a float, a bool is neither
-        kinds = {"int": int, "float": (int, float), "str": str, "bool": bool}
+        # checks below compare numbers; an int is a float, a bool is neither. Numbers become Python's
+        # (`norm_eps = 1` was traced as int32; numpy scalars from a caller's own header reading)
+        kinds = {"int": numbers.Integral, "float": numbers.Real, "str": str, "bool": (bool, np.bool_)}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            need(isinstance(v, kinds[f.type]) and (f.type == "bool" or not isinstance(v, bool))
+            need(isinstance(v, kinds[f.type]) and (f.type == "bool" or not isinstance(v, (bool, np.bool_)))
                  and (f.type != "float" or math.isfinite(v)),
                  f"{f.name} must be {_KIND_NAMES[f.type]}, got {v!r:.40}")
-            if f.type == "float" and not isinstance(v, float):  # (a file's `norm_eps = 1`: traced as a float)
-                object.__setattr__(self, f.name, float(v))
+            if f.type in ("int", "float", "bool"):
+                object.__setattr__(self, f.name, {"int": int, "float": float, "bool": bool}[f.type](v))
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
                   "max_seq_len", "rope_original_max_len"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f"{f} must be a positive int")

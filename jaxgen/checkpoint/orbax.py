@@ -142,7 +142,8 @@ def _unreadable(path):
         # The restore's other reads fail alike, in coroutines of Orbax's own event loop that are only
         # collected at exit, each then printing "Exception ignored in <coroutine ...>" and a page of
         # TensorStore spec after the one line: those repeats of the error reported here are dropped.
-        sys.unraisablehook = functools.partial(_drop_read_errors, sys.unraisablehook)
+        if getattr(sys.unraisablehook, "func", None) is not _drop_read_errors:  # (once per process)
+            sys.unraisablehook = functools.partial(_drop_read_errors, sys.unraisablehook)
         raise ValueError(f"{path}: cannot read the Orbax checkpoint's params ({first}); is it complete?") from None
 
 
