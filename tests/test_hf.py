@@ -17,6 +17,7 @@ import jaxgen
 from jaxgen import cli
 from jaxgen.checkpoint import hf, hf_save
 from jaxgen.sharding import make_mesh, param_shardings
+from tests.test_fuzz import _copy_hf_fixture
 
 HF = pathlib.Path(__file__).parent / "fixtures" / "hf"
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3"]
@@ -199,6 +200,9 @@ BAD = {  # name -> (how to break a copy of the qwen3 fixture, what the one line 
     "index": (lambda d: (d / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}})), "not a file"),
     "tokenizer": (lambda d: (d / "tokenizer.json").write_text("{}"), "not a tokenizers file"),
+    "eos-past-vocab": (lambda d: (_copy_hf_fixture(d),  # (with a tokenizer of its 128 ids)
+                                  (d / "generation_config.json").write_text(json.dumps({"eos_token_id": 10 ** 6}))),
+                       "end-of-sequence id(s) [1000000]"),  # (was: every request refused for "stop_ids")
     "index-types": (lambda d: (d / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"model.norm.weight": 5}})), "not a safetensors index"),
 }

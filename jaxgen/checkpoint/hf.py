@@ -544,5 +544,9 @@ def load(path, dtype=None, mesh=None, name: str | None = None, need_tokenizer: b
                     "prompts work through the Python API)")
     if tok is not None and tok.vocab_size > cfg.vocab_size:
         _fail(path, f"the tokenizer has {tok.vocab_size} tokens, more than vocab_size {cfg.vocab_size}")
+    if tok is not None and (bad := [i for i in tok.stop_ids if not 0 <= i < cfg.vocab_size]):
+        # (else every request failed later on "stop_ids", a knob the user never passed)
+        _fail(path, f"end-of-sequence id(s) {bad} (eos_token_id of generation_config.json / config.json) are "
+                    f"outside the vocabulary of {cfg.vocab_size}")
     params, ckpt_dtype = load_params(path, cfg, dtype, mesh, device, family=text_config(raw)[0])
     return cfg, params, tok, ckpt_dtype
