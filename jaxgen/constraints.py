@@ -63,6 +63,8 @@ def to_regex(kind: str, value, whitespace: str | None = None) -> Built:
     exactly one of them). A `Built` regex is returned as it is."""
     if isinstance(value, Built) and kind == "regex":
         return value
+    if kind == "json_schema" and (key := _schema_key(value, whitespace)) in _SCHEMAS:
+        return _SCHEMAS[key]  # (an equal schema was checked and compiled already: rows share it)
     if kind in KINDS and (problem := text_problem(value, kind)):  # (the tables are built over UTF-8 bytes)
         raise ValueError(problem)
     if kind == "regex":
@@ -77,19 +79,26 @@ def to_regex(kind: str, value, whitespace: str | None = None) -> Built:
     if kind == "json_schema":
         from jaxgen.schema import to_regex as schema_regex
 
-        try:  # the schema's text, keys in its order (the order properties are written in)
-            key = (value if isinstance(value, str) else json.dumps(value), whitespace)
-        except (TypeError, ValueError):  # not JSON: to_regex names the problem
-            key = None
-        if key not in _SCHEMAS:
-            built = Built(schema_regex(value, None if whitespace is None else json_whitespace(whitespace)))
-            if key is None:
-                return built
+        built = Built(schema_regex(value, None if whitespace is None else json_whitespace(whitespace)))
+        if key is not None:
             if len(_SCHEMAS) >= 256:
                 _SCHEMAS.pop(next(iter(_SCHEMAS)))
             _SCHEMAS[key] = built
-        return _SCHEMAS[key]
+        return built
     raise ValueError(f"unknown constraint kind {kind!r}; choose one of {KINDS}")
+
+
+def _schema_key(value, whitespace):
+    """A schema's memo key: its JSON text (keys in order: properties are written in the schema's order)
+    and the whitespace; None where that text would not give the value back (an int key, NaN), so
+    such a schema is compiled, not taken for another one with the same text."""
+    if isinstance(value, str):
+        return value, whitespace
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):  # not JSON: to_regex names the problem
+        return None
+    return (text, whitespace) if json.loads(text) == value else None
 
 
 def row_regexes(rows: int, regex=None, json_schema=None, choices=None, whitespace: str | None = None

@@ -245,6 +245,10 @@ def test_rows_sharing_a_schema_compile_it_once(monkeypatch):
     rows = con.row_regexes(5, json_schema=[a, dict(a), json.dumps(a), b, a])
     assert len(calls) == 2 and rows[0] == rows[1] == rows[2] == rows[4] != rows[3]
     assert re.fullmatch(rows[3], '{"y":null,"x":1}') and re.fullmatch(rows[0], '{"x":1,"y":null}')
+    c = {"type": "object", "properties": {"1": {"type": "null"}}}
+    con.row_regexes(1, json_schema=c)
+    with pytest.raises(ValueError, match="property name 1 is not a string"):  # (the same JSON text as c)
+        con.row_regexes(1, json_schema={"type": "object", "properties": {1: {"type": "null"}}})
 
 
 # what outlines-core alone dropped silently (its regex builder reads one keyword per node) is enforced
