@@ -113,7 +113,7 @@ def restore(path, dtype=jnp.float32, shardings=None, mesh=None):
     layers = restored["layers"]
     missing = [f"layers.{f.name}" for f in dataclasses.fields(LayerParams)
                if getattr(target.layers, f.name) is not None and layers.get(f.name) is None]
-    missing += [k for k, v in _stored(target).items() if k != "layers" and v is not None and restored.get(k) is None]
+    missing += [k for k, v in item.items() if k != "layers" and v is not None and restored.get(k) is None]
     if missing:  # (config.toml edited: qk_norm = true over a checkpoint without q / k norms)
         raise ValueError(f"{path}: config.toml's model has weights the checkpoint does not hold: {missing}")
     params = Params(**{**restored, "layers": LayerParams(**{f.name: layers.get(f.name) for f in
