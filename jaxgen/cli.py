@@ -8,6 +8,7 @@ import sys
 
 from jaxgen import flags
 from jaxgen import knobs as kn
+from jaxgen.errors import first_line
 from jaxgen.flags import build_parser, unescape  # noqa: F401  (the parser and --stop's escapes)
 
 
@@ -263,7 +264,7 @@ def main(argv=None) -> int:
     except (MemoryError, RuntimeError) as e:
         if not _out_of_memory(e):
             raise  # an unexpected failure is a bug, not bad input: keep its traceback
-        print(f"jaxgen {args.command}: out of memory: {_first_line(e)}\n  lower the work per step: "
+        print(f"jaxgen {args.command}: out of memory: {first_line(e, 300)}\n  lower the work per step: "
               f"{_LOWER[args.command]}", file=sys.stderr)
         return 3
 
@@ -277,11 +278,6 @@ def _out_of_memory(e: BaseException) -> bool:
     """XLA reports a failed device allocation as RESOURCE_EXHAUSTED (a RuntimeError); numpy / the
     host allocator as MemoryError."""
     return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def entry() -> int:

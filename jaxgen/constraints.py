@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxgen.errors import first_line
 from jaxgen.json_regex import escape, json_whitespace, python_regex
 from jaxgen.knobs import bucket, text_problem
 
@@ -202,7 +203,7 @@ def _build(regex: str, token_bytes, end_ids) -> dict:
         # start state that outlines-core takes; the automaton starts after it.
         index = Index(f"\\x00(?:{regex})$", vocab)
     except Exception as e:
-        why = str(e).splitlines()[0]
+        why = first_line(e, 2000)  # (the part naming missing tokens may come late in it)
         if "incompatible" in why:  # a character no token can write: outlines-core names it
             why = why[why.find("missing tokens"):].split(". ")[0] if "missing tokens" in why else why
             raise ValueError(f"constraint {regex!r:.80}: no token sequence of this vocabulary satisfies it "

@@ -35,6 +35,7 @@ import numpy as np
 from flax import struct
 
 from jaxgen.config import ModelConfig
+from jaxgen.errors import first_line
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an adapter may target
 HF_MODULES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
@@ -144,7 +145,7 @@ def load_lora(path, model=None, name: str | None = None) -> Adapter:
     try:
         tensors = load_file(files[0])
     except Exception as e:  # SafetensorError: bad header length, offsets past the end, bad JSON
-        _fail(files[0], f"corrupt safetensors ({str(e).splitlines()[0][:200]})")
+        _fail(files[0], f"corrupt safetensors ({first_line(e)})")
     pairs: dict[str, dict[int, dict[str, np.ndarray]]] = {}
     for key, arr in tensors.items():
         if _SKIPPED.search(key):

@@ -29,6 +29,7 @@ import json
 import re
 
 from jaxgen import json_regex as J
+from jaxgen.errors import first_line
 from jaxgen.json_regex import Refused
 
 REF_DEPTH = 3  # a recursive $ref is expanded this many times on one path, then that branch is empty
@@ -89,7 +90,7 @@ class _Ctx:
         try:
             return cls(schema, registry=registry, format_checker=cls.FORMAT_CHECKER).is_valid(value)
         except Exception as e:  # an unresolvable reference, an invalid keyword value
-            raise Refused(f"jsonschema cannot check a value against it ({str(e).splitlines()[0][:120]})") from None
+            raise Refused(f"jsonschema cannot check a value against it ({first_line(e, 120)})") from None
 
 
 def _check(schema) -> None:

@@ -18,6 +18,8 @@ import base64
 import re
 from typing import Protocol, Sequence
 
+from jaxgen.errors import first_line
+
 CONTROL, USER_DEFINED = 3, 4  # SentencePiece / llama.cpp token types
 
 # Pre-tokenizer regexes, as llama.cpp maps `tokenizer.ggml.pre` names.
@@ -371,8 +373,7 @@ def from_hf_dir(path, config: dict) -> Tokenizer | None:
         try:
             tk = HFTokenizer.from_str(text)
         except Exception as e:
-            why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            raise ValueError(f"{path / 'tokenizer.json'}: not a tokenizers file ({why})") from None
+            raise ValueError(f"{path / 'tokenizer.json'}: not a tokenizers file ({first_line(e)})") from None
         to_id = tk.token_to_id
         spec = {"kind": "bpe", "tokenizer_json": text}
     elif (path / "tokenizer.model").is_file():

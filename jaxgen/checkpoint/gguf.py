@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from jaxgen.config import ModelConfig
+from jaxgen.errors import first_line
 
 ARCHS = ("gemma3", "llama", "qwen2")
 _LAYER_MAP = {  # gguf blk.N.<name>.weight|bias -> LayerParams field
@@ -63,7 +64,7 @@ def reading(path):
     except (ValueError, MemoryError, OSError):
         raise
     except Exception as e:
-        raise ValueError(f"{path}: corrupt GGUF ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        raise ValueError(f"{path}: corrupt GGUF ({type(e).__name__}: {first_line(e)})"
                          ) from None
 
 

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from jaxgen.config import ModelConfig
+from jaxgen.errors import first_line
 from jaxgen.model import LayerParams, Params, param_shapes
 
 # transformers 5.12 config-class defaults of the keys read below (ModelConfig fields left to them).
@@ -424,7 +425,7 @@ class Files:
                 h = safe_open(str(f), framework="numpy")
                 keys = list(h.keys())
             except Exception as e:  # SafetensorError: bad header length, offsets past the end, bad JSON
-                _fail(f, f"corrupt safetensors ({str(e).splitlines()[0][:200]})")
+                _fail(f, f"corrupt safetensors ({first_line(e)})")
             self.handles[name] = h
             for k in keys:
                 if k in self.where:

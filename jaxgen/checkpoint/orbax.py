@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.config import ModelConfig, config_from_dict
+from jaxgen.errors import first_line
 
 
 def _toml(cfg: ModelConfig) -> str:
@@ -127,7 +128,7 @@ def restore(path, dtype=jnp.float32, shardings=None, mesh=None):
         try:
             tokenizer = tok_mod.from_dict(json.loads((path / "tokenizer.json").read_text()))
         except Exception as e:  # JSON, then the tokenizers library's own parse (a plain Exception)
-            raise ValueError(f"{path / 'tokenizer.json'}: not a tokenizer jaxgen wrote ({_first(e)})") from None
+            raise ValueError(f"{path / 'tokenizer.json'}: not a tokenizer jaxgen wrote ({first_line(e)})") from None
     return cfg, params, tokenizer
 
 
@@ -138,17 +139,13 @@ def _unreadable(path):
     try:
         yield
     except Exception as e:
-        first = _first(e.__cause__ or e)  # (TensorStore's own error, under Orbax's "Encountered error while reading")
+        first = first_line(e.__cause__ or e)  # (TensorStore's own error, under Orbax's "Encountered error while reading")
         # The restore's other reads fail alike, in coroutines of Orbax's own event loop that are only
         # collected at exit, each then printing "Exception ignored in <coroutine ...>" and a page of
         # TensorStore spec after the one line: those repeats of the error reported here are dropped.
         if getattr(sys.unraisablehook, "func", None) is not _drop_read_errors:  # (once per process)
             sys.unraisablehook = functools.partial(_drop_read_errors, sys.unraisablehook)
         raise ValueError(f"{path}: cannot read the Orbax checkpoint's params ({first}); is it complete?") from None
-
-
-def _first(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _drop_read_errors(hook, unraisable):
