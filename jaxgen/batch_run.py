@@ -10,6 +10,7 @@ import time
 import zlib
 
 from jaxgen import knobs as kn
+from jaxgen.tokenizer import writable_bytes
 
 ROW_FIELDS = tuple(k.name for k in kn.KNOBS.values() if k.row)  # a line's fields besides id, prompt | messages
 # the sampling transforms' knobs, which a static batch passes to `generate` one value per row
@@ -139,7 +140,7 @@ def one_call(model, ends: list[int]):
             return False
         regexes = frozenset(r["constraint"] for r in rows if r.get("constraint"))
         if len(regexes) > 1 and regexes not in memo:
-            memo[regexes] = con.problem(sorted(regexes), model.tokenizer.token_bytes(), model.cfg.vocab_size,
+            memo[regexes] = con.problem(sorted(regexes), writable_bytes(model.tokenizer), model.cfg.vocab_size,
                                         ends) is None
         return len(regexes) <= 1 or memo[regexes]
     return fits
@@ -356,7 +357,7 @@ def run_refill(model, rows: list[dict], defaults: dict, p, chunk: int, top_logpr
         from jaxgen import constraints as con
 
         empty["constraints"], empty["constraint_start"] = con.build(
-            [], model.tokenizer.token_bytes(), cfg.vocab_size, end_ids(model, defaults), rows=B, universe=constrained)
+            [], writable_bytes(model.tokenizer), cfg.vocab_size, end_ids(model, defaults), rows=B, universe=constrained)
     if adapters:
         empty["adapters"] = np.zeros((B,), np.int32)
     state = prefill_jit(model.params, **place(model, empty), **prefill_statics)
@@ -550,7 +551,7 @@ def _constraint_problems(model, defaults: dict):
     @lru_cache(maxsize=None)
     def problem(regex: str) -> str | None:
         try:
-            return con.problem([regex], model.tokenizer.token_bytes(), model.cfg.vocab_size, ends)
+            return con.problem([regex], writable_bytes(model.tokenizer), model.cfg.vocab_size, ends)
         except ValueError as e:  # no token sequence of the vocabulary writes it
             return str(e)
     return problem

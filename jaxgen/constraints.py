@@ -151,7 +151,7 @@ def _outlines_vocab(token_bytes, end_ids):
     ends = set(end_ids)
     groups: dict = {}
     for i, b in enumerate(token_bytes):
-        if b and i not in ends:  # control tokens read as nothing; end ids are the stop ids' business
+        if b and i not in ends:  # special tokens read as nothing (writable_bytes); end ids are the stop ids' business
             groups.setdefault(b, []).append(i)
     eos = min(ends) if ends else len(token_bytes)
     first = len(token_bytes) + 1  # the id of a token written only by the regex's leading "\x00" (`_build`)

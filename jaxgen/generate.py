@@ -34,6 +34,7 @@ from jaxgen.engine import (FINISH_REASONS, STOP, STOP_STRING, GenerateOutput, Pr
 # every shape rounds up to a bucket (the buckets and the one rounding rule live in jaxgen.knobs)
 from jaxgen.knobs import BATCH_BUCKETS, BEAM_BUCKETS, NEW_TOKEN_BUCKETS, PROMPT_BUCKETS, SLOT_BUCKETS, bucket  # noqa: F401
 from jaxgen.model import Model
+from jaxgen.tokenizer import writable_bytes
 
 ROW_ERROR = ("the model's logits became NaN or infinite at this step (corrupt weights, or an overflow in "
              "this dtype); the row ended there")
@@ -351,7 +352,7 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
                 seeds=pad(np.asarray(seeds, np.uint32), 0), stop_strings=table)
     if constrained:  # tables over the tokenizer's bytes; stop ids end a row only in an accepting state
         ends = sorted({t for row in stops for t in row})
-        args["constraints"], start = con.build(regexes, model.tokenizer.token_bytes(), model.cfg.vocab_size, ends,
+        args["constraints"], start = con.build(regexes, writable_bytes(model.tokenizer), model.cfg.vocab_size, ends,
                                                rows=B, universe=constraint_universe)
         args["constraint_start"] = start
     if slot_rows is not None:

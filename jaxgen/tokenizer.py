@@ -21,13 +21,19 @@ from typing import Protocol, Sequence
 from jaxgen.errors import first_line
 
 CONTROL, USER_DEFINED = 3, 4  # SentencePiece / llama.cpp token types
+# Gemma's turn markers: CONTROL in its GGUF, but chat-formatted text must parse to them (user-defined in
+# the SentencePiece model built here) and HF's tokenizer counts them special
+_TURN_MARKERS = ("<start_of_turn>", "<end_of_turn>")
 
 # Pre-tokenizer regexes, as llama.cpp maps `tokenizer.ggml.pre` names.
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 QWEN2_REGEX = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZERS = {"smollm": ("digits", GPT2_REGEX), "gpt2": (None, GPT2_REGEX), "default": (None, GPT2_REGEX),
-                  "qwen2": (None, QWEN2_REGEX)}
+# name -> (split digits first, the regex, Unicode normalization before both). Qwen2's own tokenizer
+# NFC-normalizes its input (transformers' Qwen2Tokenizer; the GGUF does not say so): "e" + U+0301 is the
+# one token of "é" there, and was two tokens here.
+PRE_TOKENIZERS = {"smollm": ("digits", GPT2_REGEX, None), "gpt2": (None, GPT2_REGEX, None),
+                  "default": (None, GPT2_REGEX, None), "qwen2": (None, QWEN2_REGEX, "NFC")}
 
 
 class Tokenizer(Protocol):
@@ -37,12 +43,25 @@ class Tokenizer(Protocol):
     add_bos: bool
     stop_ids: tuple[int, ...]  # ids that end generation by default
     vocab_size: int
+    special_ids: frozenset[int]  # ids HF counts special: never written by a constraint (optional)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]: ...
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str: ...
     def token_bytes(self) -> list[bytes]: ...
     def apply_chat_template(self, messages: list[dict]) -> str: ...
     def to_dict(self) -> dict: ...
+
+
+def writable_bytes(tok: Tokenizer) -> list[bytes]:
+    """`tok.token_bytes()` with the special tokens' entries empty: what constrained decoding may write. A
+    special token is not its text (<|im_start|> in a JSON string would end the turn), so a constraint
+    writes that text with ordinary tokens. (A tokenizer of one's own without `special_ids`: all of it.)"""
+    special = getattr(tok, "special_ids", None)
+    if not special:
+        return tok.token_bytes()
+    if getattr(tok, "_writable", None) is None:
+        tok._writable = [b"" if i in special else b for i, b in enumerate(tok.token_bytes())]
+    return tok._writable
 
 
 def _text(text: str) -> str:
@@ -119,6 +138,23 @@ class SentencePieceTokenizer(_Base):
         self.vocab_size = self.sp.get_piece_size()
         self._spec = spec
         self._finish_init(spec)
+        # HF transformers (and llama.cpp) treat control pieces as special added tokens: their text in the
+        # input is the token, decode spells them, skip_special drops them. SentencePiece itself neither
+        # reads nor writes them, so a second processor has them as user-defined pieces (which it does
+        # read and write) and <unk> spelled as its piece, not " ⁇ ".
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        m = pb.ModelProto()
+        m.ParseFromString(self.proto)
+        unk = self.sp.unk_id()
+        self.special_ids = frozenset(i for i in range(self.vocab_size) if self.sp.is_control(i) or i == unk
+                                     or m.pieces[i].piece in _TURN_MARKERS)
+        for p in m.pieces:
+            if p.type == pb.ModelProto.SentencePiece.CONTROL:
+                p.type = pb.ModelProto.SentencePiece.USER_DEFINED
+        self._unk_text = self.sp.id_to_piece(unk) if unk >= 0 else ""
+        m.trainer_spec.unk_surface = self._unk_text
+        self._spelled = spm.SentencePieceProcessor(model_proto=m.SerializeToString())
 
     @classmethod
     def from_gguf_fields(cls, f: dict) -> "SentencePieceTokenizer":
@@ -135,7 +171,6 @@ class SentencePieceTokenizer(_Base):
         m.normalizer_spec.add_dummy_prefix = f["add_space_prefix"]
         m.normalizer_spec.remove_extra_whitespaces = False
         m.normalizer_spec.escape_whitespaces = True
-        user_defined = {"<start_of_turn>", "<end_of_turn>"}  # must parse from chat-formatted text
         for i, (piece, score, typ) in enumerate(zip(f["tokens"], f["scores"], f["token_type"])):
             p = m.pieces.add()
             p.piece, p.score, p.type = piece, score, typ
@@ -143,7 +178,7 @@ class SentencePieceTokenizer(_Base):
                 p.piece = piece.replace(" ", "\u2581")
             if i == f["unk_id"]:
                 p.type = pb.ModelProto.SentencePiece.UNKNOWN  # the GGUF marks <unk> CONTROL
-            elif piece in user_defined:
+            elif piece in _TURN_MARKERS:
                 p.type = pb.ModelProto.SentencePiece.USER_DEFINED
         tokens = f["tokens"]
         stops = [f["eos_id"]] + [tokens.index(t) for t in ("<end_of_turn>",) if t in tokens]
@@ -153,18 +188,28 @@ class SentencePieceTokenizer(_Base):
                     "chat_template": f.get("chat_template") or None, "special_tokens": _gguf_special(f)})
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = self.sp.encode(_text(text))
+        """The text's ids; a special token's text in it (<eos>, <unk>, <start_of_turn>) is that token, as
+        HF's tokenizer reads it."""
+        text = _text(text)
+        parts = text.split(self._unk_text) if self._unk_text else [text]
+        ids = []
+        for k, part in enumerate(parts):  # (the unknown piece cannot be a user-defined one: split on it)
+            ids += ([self.sp.unk_id()] if k else []) + (self._spelled.encode(part) if part else [])
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
-        # SentencePiece never spells control pieces (BOS / EOS); user-defined ones (<start_of_turn>) are text
-        return self.sp.decode([int(i) for i in ids])
+        """The ids' text, special tokens spelled (<bos>, <unk>); skip_special drops them, as HF's
+        skip_special_tokens=True."""
+        ids = [int(i) for i in ids]
+        if skip_special:
+            return self.sp.decode([i for i in ids if i not in self.special_ids])
+        return self._spelled.decode(ids)
 
     def token_bytes(self) -> list[bytes]:
         """What each id adds to the decoded text, as bytes ('\u2581' -> space, <0xNN> -> that byte,
-        control pieces -> nothing): decode(ids) is the UTF-8 decoding of their concatenation."""
+        special pieces -> their text): decode(ids) is the UTF-8 decoding of their concatenation."""
         if getattr(self, "_token_bytes", None) is not None:
             return self._token_bytes
         out = []
@@ -172,8 +217,6 @@ class SentencePieceTokenizer(_Base):
             piece = self.sp.id_to_piece(i)
             if self.sp.is_byte(i):
                 out.append(bytes([int(piece[3:5], 16)]))
-            elif self.sp.is_control(i) or self.sp.is_unknown(i):
-                out.append(self.sp.decode([i]).encode("utf-8"))
             else:
                 out.append(piece.replace("\u2581", " ").encode("utf-8"))
         self._token_bytes = out
@@ -189,17 +232,19 @@ class BPETokenizer(_Base):
 
         self.tk = HFTokenizer.from_str(spec["tokenizer_json"])
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+        self.special_ids = frozenset(i for i, t in self.tk.get_added_tokens_decoder().items() if t.special)
         self._spec = spec
         self._finish_init(spec)
 
     @classmethod
     def from_gguf_fields(cls, f: dict) -> "BPETokenizer":
-        from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+        from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers
+        from tokenizers import pre_tokenizers
 
         pre = f.get("pre") or "default"
         if pre not in PRE_TOKENIZERS:
             raise ValueError(f"unsupported BPE pre-tokenizer {pre!r}; known: {sorted(PRE_TOKENIZERS)}")
-        digits, regex = PRE_TOKENIZERS[pre]
+        digits, regex, normal = PRE_TOKENIZERS[pre]
         vocab = {t: i for i, t in enumerate(f["tokens"])}
         merges = [tuple(m.split(" ", 1)) for m in f["merges"]]
         tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
@@ -207,11 +252,14 @@ class BPETokenizer(_Base):
         steps += [pre_tokenizers.Split(Regex(regex), behavior="isolated"),
                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         tk.pre_tokenizer = pre_tokenizers.Sequence(steps)
+        if normal == "NFC":
+            tk.normalizer = normalizers.NFC()
         tk.decoder = decoders.ByteLevel()
+        # llama.cpp's converter types an added token CONTROL when it is special, USER_DEFINED when not
+        # (Qwen's <tool_call>): both are read whole from text, only special ones are dropped by skip_special
         types = f.get("token_type") or []
-        special = [AddedToken(t, special=True, normalized=False)
-                   for t, ty in zip(f["tokens"], types) if ty in (CONTROL, USER_DEFINED)]
-        tk.add_special_tokens(special)
+        tk.add_tokens([AddedToken(t, special=ty == CONTROL, normalized=False)
+                       for t, ty in zip(f["tokens"], types) if ty in (CONTROL, USER_DEFINED)])
         template = f.get("chat_template") or ""
         system = re.search(r"<\|im_start\|>system\\?\n(.*?)<\|im_end\|>", template, re.S)
         tokens = f["tokens"]

@@ -20,6 +20,7 @@ from jaxgen import constraints as con
 from jaxgen.beam import beam_jit
 from jaxgen.cache import init_cache, padded_positions
 from jaxgen.model import Model, forward
+from jaxgen.tokenizer import writable_bytes
 from tests.conftest import CONFIGS, TINY_GEMMA, random_params
 from tests.test_constraints import SCHEMA, JsonTokenizer
 
@@ -52,7 +53,7 @@ def reference(model, prompt, k, max_new, stop_ids=(), length_penalty=1.0, early_
     V = model.cfg.vocab_size
     table = None
     if regex is not None:
-        table, start = con.build([regex], model.tokenizer.token_bytes(), V, sorted(stop_ids))
+        table, start = con.build([regex], writable_bytes(model.tokenizer), V, sorted(stop_ids))
     running = [(0.0, [], int(start[0]) if table is not None else 0)]  # (score, tokens, automaton state)
     finished = []
     for t in range(max_new):

@@ -49,7 +49,7 @@ MODELS = {
 }
 DEFAULT_MODEL = "gemma3-270m"
 # Bumped whenever GGUF conversion changes (weights or tokenizer), so stale cached conversions are not used.
-CONVERT_VERSION = 5
+CONVERT_VERSION = 6  # (6: Qwen2's tokenizer NFC-normalizes)
 
 
 class ModelNotInstalledError(RuntimeError):
