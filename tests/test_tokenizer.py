@@ -6,10 +6,12 @@ decode writes, and writable_bytes (what a constraint may write) leaves the speci
 import functools
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
 
+from jaxgen import constraints as con
 from jaxgen.tokenizer import writable_bytes
 
 FIXTURE = json.loads((pathlib.Path(__file__).parent / "fixtures" / "tokenizers.json").read_text())
@@ -47,3 +49,7 @@ def test_token_bytes_spell_decode_and_constraints_write_no_special_token(name):
         assert b"".join(tb[i] for i in ids).decode("utf-8", errors="replace") == tok.decode(ids)
     assert all(wb[i] == b"" and tb[i] for i in special)  # a special token is spelled, and never written
     assert all(wb[i] == tb[i] for i in range(tok.vocab_size) if i not in tok.special_ids)
+    # a constraint whose text is a special token's writes it with ordinary tokens
+    i = next(i for i in special if i not in tok.stop_ids and tb[i].isascii())
+    auto = con.automaton(re.escape(tb[i].decode()) + "x", wb, tok.stop_ids)
+    assert auto["accepting"].any() and i not in set(auto["tok"].tolist())
