@@ -7,12 +7,20 @@ loop-controls extension; `tojson` that keeps non-ASCII text as it is (jinja's ow
 the helpers `raise_exception(msg)` and `strftime_now(fmt)`; a `{% generation %}` block that renders its
 body. Variables: messages, tools, add_generation_prompt and the special-token strings (bos_token,
 eos_token, ...). Any failure, including the sandbox refusing an attribute, is one ValueError line.
+
+The inputs are prepared as transformers prepares them: a message's keys whose value is None are dropped
+(an OpenAI-style tool call's `"content": None` renders as no content, not "None"), a reasoning text under
+`reasoning_content`, `thinking` or `reasoning` is given under the first two as well (the names templates
+read), and the template sees only plain JSON-like data: any other object (an array, an image) becomes a
+placeholder naming its type, since the sandbox lets a template call an object's public methods.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import json
+from collections.abc import Mapping
 
 import jinja2
 from jinja2.ext import Extension
@@ -51,6 +59,39 @@ def _compile(template: str) -> jinja2.Template:
     return env.from_string(template)
 
 
+def _plain(x):
+    """`x` rebuilt from JSON-like types only (dict, list, tuple, str, int, float, bool, None); a subclass
+    (an enum, a numpy scalar) as its base value, a dataclass or pydantic model as a dict of its fields,
+    anything else as "<TypeName>"."""
+    if x is None or type(x) in (str, int, float, bool):
+        return x
+    for base in (str, bool, int, float):
+        if isinstance(x, base):
+            return base(x) if base is not str else str.__str__(x)
+    if isinstance(x, Mapping):
+        return {_plain(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_plain(v) for v in x)
+    if type(x).__module__ == "numpy" and hasattr(x, "item") and getattr(x, "ndim", None) == 0:
+        return _plain(x.item())
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if callable(getattr(x, "model_dump", None)):
+        return _plain(x.model_dump())
+    return f"<{type(x).__name__}>"
+
+
+_REASONING = ("reasoning_content", "thinking", "reasoning")  # the first two are the names templates read
+
+
+def _message(m: dict) -> dict:
+    m = _plain({k: v for k, v in m.items() if v is not None})
+    reasoning = next((m[k] for k in _REASONING if m.get(k) is not None), None)
+    return m if reasoning is None else {"thinking": reasoning, **m, "reasoning_content": reasoning}
+
+
 def render(template: str, messages: list[dict], *, tools: list | None = None, add_generation_prompt: bool = True,
            special_tokens: dict | None = None, **extra) -> str:
     """The template's text for `messages` (dicts with a "role"; content, tool_calls, ... as the
@@ -58,9 +99,9 @@ def render(template: str, messages: list[dict], *, tools: list | None = None, ad
     if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ValueError(f"chat messages must be a list of dicts with a 'role', got {messages!r:.200}")
     try:
-        return _compile(template).render(messages=list(messages), tools=tools,
+        return _compile(template).render(messages=[_message(m) for m in messages], tools=_plain(tools),
                                          add_generation_prompt=add_generation_prompt,
-                                         **(special_tokens or {}), **extra)
+                                         **_plain({**(special_tokens or {}), **extra}))
     except jinja2.exceptions.SecurityError as e:
         raise ValueError(f"chat template refused by the sandbox: {e}") from None
     except jinja2.exceptions.TemplateError as e:

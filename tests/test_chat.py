@@ -60,3 +60,19 @@ def test_template_helpers():
     assert out == f'{datetime.date.today().year}|{{"role": "user", "content": "été"}}|été'
     with pytest.raises(ValueError, match="^chat template"):
         chat.render("{% if %}", [])
+
+
+def test_objects_in_messages_read_as_placeholders(tmp_path):
+    """The sandbox lets a template call an object's public methods (an array's `tofile` writes a file), so
+    as in transformers a template sees JSON-like data only: other objects read as "<TypeName>"."""
+    import numpy as np
+
+    marker = tmp_path / "written"
+    t = "{{ messages[0].content }}|{{ messages[0].n }}|{{ messages[0].content.tofile('" + str(marker) + "') }}"
+    try:
+        chat.render(t, [{"role": "user", "content": np.zeros(3), "n": np.int64(2)}])
+    except ValueError:
+        pass  # (a str has no tofile: the template fails in one line)
+    assert not marker.exists()
+    assert chat.render("{{ messages[0].content }}|{{ messages[0].n }}",
+                       [{"role": "user", "content": np.zeros(3), "n": np.int64(2)}]) == "<ndarray>|2"

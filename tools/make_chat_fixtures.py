@@ -64,6 +64,25 @@ TOOL_CONVERSATIONS = [
 ]
 
 
+# A template written here to show how transformers prepares the messages: keys whose value is None are
+# dropped (an OpenAI-style tool call's "content": None), a reasoning text given under reasoning_content,
+# thinking or reasoning reads under the first two, and an object that is not JSON-like data reads as a
+# placeholder (not used in the fixture: JSON cannot hold one).
+PREPARED_FORMAT = (
+    "{%- for m in messages -%}"
+    "{{ m['role'] }}|{{ m.content is defined }}|{{ m.content }}|{{ m.reasoning_content }}|{{ m.thinking }}|"
+    "{{ m | tojson }}\n"
+    "{%- endfor -%}")
+PREPARED_CONVERSATIONS = [
+    [{"role": "user", "content": "Weather in Paris?", "name": None},
+     {"role": "assistant", "content": None, "tool_calls": [
+         {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+     {"role": "tool", "content": '{"temp_c": 18}'}],
+    [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4", "reasoning": "two and two"},
+     {"role": "user", "content": "3 + 3?"}, {"role": "assistant", "content": "6", "thinking": "three and three",
+                                               "reasoning_content": None}],
+]
+
 # Published templates of families with no model package here (tools/chat_templates/*.jinja, copied as
 # data from their checkpoints' tokenizer_config.json): rendered by HF with their special tokens, text only.
 TEMPLATE_ONLY = {
@@ -90,6 +109,11 @@ def template_only(fixtures):
         fixtures[name] = {"reference": f"transformers {transformers.__version__} apply_chat_template "
                                        f"(add_generation_prompt=True), tools/chat_templates/{file}",
                           "template": template, "special_tokens": special, "cases": cases}
+    cases = [{"messages": m, "text": tok.apply_chat_template(m, tokenize=False, chat_template=PREPARED_FORMAT)}
+             for m in PREPARED_CONVERSATIONS]
+    fixtures["prepared-messages"] = {"reference": f"transformers {transformers.__version__} apply_chat_template, "
+                                                  "PREPARED_FORMAT", "template": PREPARED_FORMAT,
+                                     "special_tokens": {}, "cases": cases}
 
 
 def main():
