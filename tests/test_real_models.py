@@ -234,6 +234,10 @@ def test_hf_directory_equals_gguf(real, tmp_path):
     from jaxgen.checkpoint import hf_save
 
     d = hf_save.save(real.model, tmp_path / real.name)
+    tcfg = json.loads((d / "tokenizer_config.json").read_text())
+    if (d / "tokenizer.model").exists():  # transformers learns which pieces are special from the config only
+        special = {int(i) for i, t in tcfg["added_tokens_decoder"].items() if t["special"]}
+        assert special == real.model.tokenizer.special_ids
     back = load(str(d), "float32")
     assert back.cfg == real.model.cfg
     diff = jax.tree.map(lambda a, b: float(jax.numpy.max(jax.numpy.abs(a - b))), back.params, real.model.params)

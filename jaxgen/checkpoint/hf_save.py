@@ -158,6 +158,10 @@ def _save_tokenizer(tok, path: pathlib.Path):
         (path / "tokenizer.model").write_bytes(base64.b64decode(spec["proto"]))
     special = dict(tok.special_tokens)
     tcfg = {**special, "add_bos_token": bool(tok.add_bos), "add_eos_token": False}
+    if spec["kind"] != "bpe":  # (tokenizer.json carries its added tokens; tokenizer.model cannot say which are special)
+        tcfg["added_tokens_decoder"] = {str(i): {"content": tok.sp.id_to_piece(i), "lstrip": False, "normalized": False,
+                                                 "rstrip": False, "single_word": False, "special": True}
+                                        for i in sorted(tok.special_ids)}
     if tok.chat_template:
         (path / "chat_template.jinja").write_text(tok.chat_template, encoding="utf-8")
     (path / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2, ensure_ascii=False) + "\n")
