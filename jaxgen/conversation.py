@@ -280,6 +280,7 @@ class Conversation:
         prefill_s and decode_s of this turn (device-synchronized) and the compile-inclusive wall_s."""
         import time
 
+        request = kn.host_values(request)
         for k in request:
             if k in FIXED:
                 raise ValueError(f"{k} is fixed for the whole conversation: pass it to Conversation(...)")

@@ -207,6 +207,11 @@ def stop_rows(stop, P: int, n: int = 1) -> list[list[str]]:
 
 
 def _encode_prompts(model: Model, prompts, add_bos: bool | None = None) -> list[list[int]]:
+    try:
+        len(prompts)
+    except TypeError:  # None, a number, a 0-d array
+        raise ValueError(f"prompts must be a list of prompts (strings or lists of token ids), got {prompts!r:.80}"
+                         ) from None
     if isinstance(prompts, (str, bytes)) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
         raise ValueError("prompts must be a list of prompts (strings or lists of token ids), "
                          "not a single prompt; wrap it in a list")
@@ -248,6 +253,10 @@ def prepare(model: Model, prompts, *, max_new_tokens=64, stop_ids=None, seed=0, 
     carry their table (`jaxgen.lora.attach(model, lora, P, lora_universe)`, which the front ends call
     first): each prompt's slot becomes the `adapters` argument."""
     V = model.cfg.vocab_size
+    max_new_tokens, stop_ids, seed, n, stop, prefix, regex, json_schema, choices, top_logprobs, candidates = map(
+        kn.host_value, (max_new_tokens, stop_ids, seed, n, stop, prefix, regex, json_schema, choices, top_logprobs,
+                        candidates))
+    knobs = kn.host_values(knobs)
     kn.check("n", n)
     kn.check("top_logprobs", top_logprobs, vocab_size=V)
     kn.check("candidates", candidates)
@@ -402,9 +411,12 @@ def generate(model: Model, prompts, *, max_new_tokens=64, temperature=0.0, top_k
     adapter or None per prompt; applied unmerged inside the compiled loop, several adapters in one
     batch; another adapter of the same rank bucket and target modules reuses the compiled program.
     """
-    request = {k: v for k, v in locals().items() if k in kn.KNOBS}  # every knob, by its jaxgen.knobs name
+    # every knob, by its jaxgen.knobs name (NumPy / JAX arrays and scalars as Python values)
+    request = kn.host_values({k: v for k, v in locals().items() if k in kn.KNOBS})
+    include_stop, n, stop, lora, top_logprobs, candidates = (
+        request[k] for k in ("include_stop", "n", "stop", "lora", "top_logprobs", "candidates"))
     kn.check("include_stop", include_stop)
-    if _beam_widths(num_beams, len(prompts) if isinstance(prompts, (list, tuple)) else 1) is not None:
+    if _beam_widths(request["num_beams"], len(prompts) if isinstance(prompts, (list, tuple)) else 1) is not None:
         return generate_beams(model, prompts, **request)
     if only := kn.beam_only(request):
         raise ValueError(f"{kn.only_for_beams(only)} (num_beams > 1)")
@@ -443,6 +455,10 @@ def generate_beams(model: Model, prompts, *, num_beams=4, length_penalty=1.0, ea
 
     from jaxgen.beam import EARLY_STOPPING, beam_jit, beam_loop_jit, beam_start_jit
 
+    num_beams, length_penalty, early_stopping, return_beams, include_stop, stop = kn.host_values(dict(
+        num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping, return_beams=return_beams,
+        include_stop=include_stop, stop=stop)).values()
+    request = kn.host_values(request)
     bad = kn.beam_refused(request)
     if bad:
         raise ValueError(f"beam search is deterministic and scores raw log-probabilities: {', '.join(bad)} "
@@ -598,6 +614,8 @@ def stream(model: Model, prompts, *, chunk_steps: int = 8, top_logprobs: int = 0
 
     if isinstance(chunk_steps, bool) or not isinstance(chunk_steps, (int, np.integer)) or chunk_steps < 1:
         raise ValueError(f"chunk_steps must be an integer >= 1, got {chunk_steps!r}")
+    request = kn.host_values(request)
+    top_logprobs, candidates = kn.host_value(top_logprobs), kn.host_value(candidates)
     beam = [k for k in kn.BEAM_KNOBS if not kn.is_off(k, request.pop(k, None))]
     if beam:
         raise ValueError(f"stream() does not run beam search ({', '.join(beam)}): a beam is known only when the "

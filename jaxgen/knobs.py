@@ -273,6 +273,27 @@ def check(name: str, value, label: str | None = None, **limits):
     return value
 
 
+def host_value(value):
+    """A knob value given as a NumPy or JAX array or scalar (a caller inside a JAX program holds its
+    temperatures, seeds or budgets as arrays) as the Python value the checks read: a 0-d array or a
+    NumPy scalar is its number, a 1-d array a list (one value per prompt); lists, tuples and dicts are
+    converted item by item. Anything else is returned as given."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_value(v) for v in value)
+    if isinstance(value, dict):
+        return {host_value(k): host_value(v) for k, v in value.items()}
+    if not isinstance(value, (str, bytes)) and all(hasattr(value, a) for a in ("__array__", "shape", "dtype")):
+        return np.asarray(value).tolist()
+    return value
+
+
+def host_values(request: dict) -> dict:
+    """`host_value` of each knob of a request (the keyword arguments of a front end)."""
+    return {k: host_value(v) if k in KNOBS else v for k, v in request.items()}
+
+
 def per_row(name: str, value, rows: int, dtype, **limits) -> np.ndarray:
     """A per-row numeric knob (one value, or one per row) checked value by value, as a [rows] array."""
     items = np.asarray(value, dtype=object) if isinstance(value, (list, tuple, np.ndarray)) else None

@@ -68,6 +68,9 @@ def make_sampling_params(batch: int, *, temperature=0.0, top_k=0, top_p=1.0, min
     Raises ValueError naming the bad knob before anything is compiled.
     """
     f32, i32 = np.float32, np.int32
+    (temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, logit_bias,
+     banned_ids) = map(kn.host_value, (temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+                                       frequency_penalty, logit_bias, banned_ids))  # (NumPy / JAX values too)
     row = lambda name, value, dtype: kn.per_row(name, value, batch, dtype, candidates=candidates)
     t, k, p, mp, rp = (row(name, value, dtype) for name, value, dtype in (
         ("temperature", temperature, f32), ("top_k", top_k, i32), ("top_p", top_p, f32), ("min_p", min_p, f32),
@@ -82,7 +85,8 @@ def make_sampling_params(batch: int, *, temperature=0.0, top_k=0, top_p=1.0, min
             raise ValueError(f"{name} has {len(spec)} entries but there are {batch} prompts")
         for r in range(batch):
             entry = spec[r] if per_row else spec
-            kn.check(name, entry if as_dict else list(entry), vocab_size=vocab_size)
+            kn.check(name, entry if as_dict or not isinstance(entry, (list, tuple)) else list(entry),
+                     vocab_size=vocab_size)
             items = entry.items() if as_dict else ((i, -np.inf) for i in entry)
             for tok, val in items:
                 tok = int(tok)

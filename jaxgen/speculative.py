@@ -29,6 +29,7 @@ import numpy as np
 from flax import struct
 
 from jaxgen import backend
+from jaxgen import knobs as kn
 from jaxgen import lora as lora_mod
 from jaxgen import sampling as smp
 from jaxgen.cache import KVCache, init_cache, padded_positions
@@ -367,6 +368,7 @@ def generate(model: Model, prompts, proposer: Proposer, *, candidates: int = smp
     `generate.stream`."""
     if model.mesh is not None:
         raise ValueError("speculative decoding runs unsharded for now (give a model without a mesh)")
+    request = kn.host_values(request)
     if request.get("top_logprobs"):
         raise ValueError("top_logprobs is not reported by speculative decoding")
     if request.get("n", 1) != 1:

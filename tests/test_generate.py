@@ -88,6 +88,21 @@ def test_one_compilation_per_bucket(compile_counter):
     assert compile_counter.count(name) == before + 2
 
 
+def test_knobs_as_numpy_and_jax_values_equal_python_values(gemma_model):
+    """A caller inside a JAX program holds knobs as arrays: 0-d arrays and NumPy scalars are numbers,
+    1-d arrays one value per prompt, the same tokens as the Python values (they were refused: "temperature
+    must be a finite number >= 0, got Array(0.8)")."""
+    want = generate(gemma_model, PROMPTS[:2], max_new_tokens=[4, 6], temperature=[0.8, 1.0], top_k=5, seed=[7, 8],
+                    stop_ids=[3], banned_ids=[4, 5], logit_bias={6: 2.0})
+    got = generate(gemma_model, PROMPTS[:2], max_new_tokens=jnp.array([4, 6]), temperature=np.array([0.8, 1.0]),
+                   top_k=jnp.array(5), seed=jnp.asarray([7, 8], jnp.uint32), stop_ids=np.array([3]),
+                   banned_ids=jnp.array([4, 5]), logit_bias={np.int64(6): jnp.array(2.0)})
+    assert [c.tokens for c in got] == [c.tokens for c in want]
+    for x, y in zip(stream(gemma_model, PROMPTS[:2], max_new_tokens=np.int32(4), temperature=jnp.array(0.8)),
+                    stream(gemma_model, PROMPTS[:2], max_new_tokens=4, temperature=0.8)):
+        np.testing.assert_array_equal(x.tokens, y.tokens)
+
+
 def test_row_tokens_independent_of_batch(gemma_model):
     prompts = PROMPTS + [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
     seeds = [101, 202, 303, 404]
@@ -160,6 +175,10 @@ def test_max_new_tokens_per_row(gemma_model):
     (dict(prompts=[[1]], return_beams=True), r"return_beams only applies to beam search"),
     (dict(prompts=[[1]], include_stop="yes"), "include_stop must be true or false"),
     (dict(prompts=["hello"]), "need a model with a tokenizer"),
+    (dict(prompts=None), "prompts must be a list of prompts .*, got None"),
+    (dict(prompts=[[1]], banned_ids=5), r"banned_ids must be a list of token ids in \[0, 64\), got 5"),
+    (dict(prompts=[[1]], num_beams=np.array(0.7)), r"num_beams must be an integer in \[1, 32\] .*, got 0.7"),
+    (dict(prompts=[[1]], temperature=jnp.array([0.5, 0.7])), r"temperature must be a scalar or have one value per"),
 ])
 def test_bad_input_is_a_clear_error_before_compiling(gemma_model, compile_counter, kwargs, msg):
     before = compile_counter.count()
