@@ -280,7 +280,7 @@ def host_value(value):
     converted item by item. Anything else is returned as given."""
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):  # (not a named tuple: rebuilt as its type from the items)
         return type(value)(host_value(v) for v in value)
     if isinstance(value, dict):
         return {host_value(k): host_value(v) for k, v in value.items()}
