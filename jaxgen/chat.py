@@ -65,7 +65,7 @@ def _plain(x):
     anything else as "<TypeName>"."""
     if x is None or type(x) in (str, int, float, bool):
         return x
-    for base in (str, bool, int, float):
+    for base in (str, int, float):  # (bool has no subclasses: the line above took it)
         if isinstance(x, base):
             return base(x) if base is not str else str.__str__(x)
     if isinstance(x, Mapping):

@@ -455,9 +455,8 @@ def generate_beams(model: Model, prompts, *, num_beams=4, length_penalty=1.0, ea
 
     from jaxgen.beam import EARLY_STOPPING, beam_jit, beam_loop_jit, beam_start_jit
 
-    num_beams, length_penalty, early_stopping, return_beams, include_stop, stop = kn.host_values(dict(
-        num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping, return_beams=return_beams,
-        include_stop=include_stop, stop=stop)).values()
+    num_beams, length_penalty, early_stopping, return_beams, include_stop, stop = map(
+        kn.host_value, (num_beams, length_penalty, early_stopping, return_beams, include_stop, stop))
     request = kn.host_values(request)
     bad = kn.beam_refused(request)
     if bad:

@@ -146,12 +146,15 @@ class SentencePieceTokenizer(_Base):
 
         m = pb.ModelProto()
         m.ParseFromString(self.proto)
+        kind = pb.ModelProto.SentencePiece
+        special = set()
+        for i, p in enumerate(m.pieces):
+            if p.type in (kind.CONTROL, kind.UNKNOWN) or p.piece in _TURN_MARKERS:
+                special.add(i)
+            if p.type == kind.CONTROL:
+                p.type = kind.USER_DEFINED
+        self.special_ids = frozenset(special)
         unk = self.sp.unk_id()
-        self.special_ids = frozenset(i for i in range(self.vocab_size) if self.sp.is_control(i) or i == unk
-                                     or m.pieces[i].piece in _TURN_MARKERS)
-        for p in m.pieces:
-            if p.type == pb.ModelProto.SentencePiece.CONTROL:
-                p.type = pb.ModelProto.SentencePiece.USER_DEFINED
         self._unk_text = self.sp.id_to_piece(unk) if unk >= 0 else ""
         m.trainer_spec.unk_surface = self._unk_text
         self._spelled = spm.SentencePieceProcessor(model_proto=m.SerializeToString())
